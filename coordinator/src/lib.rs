@@ -1,0 +1,1 @@
+//! Decoupled DiLoCo syncer (see issue 3).

@@ -1,0 +1,331 @@
+//! Hugging Face checkpoint directories: `config.json` plus `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Reads the `model.` (text-only) and `model.language_model.` /
+//! `language_model.model.` (multimodal) name prefixes, f32/bf16/f16; writes the text-only layout
+//! that `AutoModelForCausalLM.from_pretrained` loads.
+
+use crate::config::GemmaConfig;
+use crate::models::GemmaModel;
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Shard size when saving, as transformers' default `max_shard_size` of 5 GB.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// Maps a checkpoint tensor name to Atoll's text-stack name, or None for tensors outside the text
+/// stack (vision tower, audio/vision embedders, projectors).
+fn canonical_name(name: &str, multimodal: bool) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("model.language_model.") {
+        return Some(format!("model.{rest}"));
+    }
+    if let Some(rest) = name.strip_prefix("language_model.model.") {
+        return Some(format!("model.{rest}"));
+    }
+    if name == "language_model.lm_head.weight" || name == "lm_head.weight" {
+        return Some("lm_head.weight".to_string());
+    }
+    if !multimodal && name.starts_with("model.") {
+        return Some(name.to_string());
+    }
+    None
+}
+
+pub fn kind_from_dtype(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::F64 => Some(Kind::Double),
+        _ => None,
+    }
+}
+
+pub fn dtype_from_kind(kind: Kind) -> Result<Dtype> {
+    match kind {
+        Kind::Float => Ok(Dtype::F32),
+        Kind::BFloat16 => Ok(Dtype::BF16),
+        Kind::Half => Ok(Dtype::F16),
+        Kind::Double => Ok(Dtype::F64),
+        other => bail!("cannot store dtype {other:?} in safetensors here"),
+    }
+}
+
+fn hf_dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// The weight files of a checkpoint directory, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index_path = dir.join(INDEX_FILE);
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path)
+            .with_context(|| format!("cannot read {}", index_path.display()))?;
+        let index: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow!("{}: missing `weight_map` object", index_path.display()))?;
+        let mut files: Vec<String> = map
+            .values()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("{}: weight_map values must be file names", index_path.display()))
+            })
+            .collect::<Result<HashSet<_>>>()?
+            .into_iter()
+            .collect();
+        files.sort();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        for p in &paths {
+            if !p.exists() {
+                bail!("shard {} listed in {} is missing", p.display(), index_path.display());
+            }
+        }
+        return Ok(paths);
+    }
+    let single = dir.join(SINGLE_FILE);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{}: no {SINGLE_FILE} or {INDEX_FILE} found (is this a Hugging Face checkpoint directory?)",
+        dir.display()
+    )
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the map is read-only and lives only while this load runs; a concurrent writer
+    // truncating the file is the same hazard every safetensors reader accepts.
+    unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))
+}
+
+/// Loads a Hugging Face checkpoint directory into a new model on `device` with parameters of `kind`.
+pub fn load_model(dir: &Path, device: Device, kind: Kind) -> Result<GemmaModel> {
+    if !dir.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
+    let config = GemmaConfig::from_file(&dir.join("config.json"))?;
+    let model = GemmaModel::new(config, device, kind)?;
+    load_weights_into(&model, dir)?;
+    Ok(model)
+}
+
+/// Overwrites every variable of `model` with the tensors stored in `dir`.
+pub fn load_weights_into(model: &GemmaModel, dir: &Path) -> Result<()> {
+    let files = weight_files(dir)?;
+    let mut vars: HashMap<String, Tensor> = model.vs.variables().into_iter().collect();
+    let tied = model.config.tie_word_embeddings;
+    let mut filled: HashSet<String> = HashSet::new();
+    let mut skipped_non_text = 0usize;
+
+    let maps = files.iter().map(|p| map_file(p).map(|m| (p, m))).collect::<Result<Vec<_>>>()?;
+    let parsed = maps
+        .iter()
+        .map(|(p, m)| {
+            SafeTensors::deserialize(m)
+                .map(|st| (p, st))
+                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e}); is it truncated?", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let multimodal = parsed.iter().any(|(_, st)| {
+        st.names()
+            .iter()
+            .any(|n| n.starts_with("model.language_model.") || n.starts_with("language_model.model."))
+    });
+
+    let _guard = tch::no_grad_guard();
+    for (path, st) in &parsed {
+        for (name, view) in st.tensors() {
+            let Some(canonical) = canonical_name(&name, multimodal) else {
+                skipped_non_text += 1;
+                continue;
+            };
+            if canonical == "lm_head.weight" && tied {
+                continue; // some writers store the tied head anyway; the embedding is the source of truth
+            }
+            let Some(var) = vars.get_mut(&canonical) else {
+                bail!(
+                    "{}: unexpected tensor `{name}`: not part of a {} model with this config.json",
+                    path.display(),
+                    model.config.architecture.name()
+                );
+            };
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            if shape != var.size() {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?} but config.json implies {:?}",
+                    path.display(),
+                    shape,
+                    var.size()
+                );
+            }
+            let src_kind = kind_from_dtype(view.dtype()).ok_or_else(|| {
+                anyhow!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype())
+            })?;
+            let src = Tensor::from_data_size(view.data(), &shape, src_kind);
+            var.copy_(&src.to_device(var.device()).to_kind(var.kind()));
+            filled.insert(canonical);
+        }
+    }
+    let mut missing: Vec<&String> = vars.keys().filter(|k| !filled.contains(*k)).collect();
+    if !missing.is_empty() {
+        missing.sort();
+        let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
+        bail!(
+            "{}: {} tensor(s) missing from the checkpoint, e.g. {}",
+            dir.display(),
+            missing.len(),
+            shown.join(", ")
+        );
+    }
+    if skipped_non_text > 0 {
+        tracing::info!(
+            "{}: ignored {skipped_non_text} tensors outside the text stack (vision/audio front ends)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut buf = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut buf, numel);
+    buf
+}
+
+/// Writes `model` as a Hugging Face checkpoint directory with weights in `kind`: one
+/// `model.safetensors`, or shards plus an index when larger than `max_shard_bytes`.
+/// Files are written under temporary names and renamed, so a crash never leaves a half file
+/// under a real name.
+pub fn save_model(model: &GemmaModel, dir: &Path, kind: Kind, max_shard_bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dtype = dtype_from_kind(kind)?;
+    let vars: HashMap<String, Tensor> = model.vs.variables().into_iter().collect();
+    let specs = model.config.tensor_specs();
+
+    // Group tensors into shards in layout order.
+    let mut shards: Vec<Vec<(String, Vec<u8>, Vec<usize>)>> = vec![Vec::new()];
+    let mut shard_bytes = 0u64;
+    let mut total_bytes = 0u64;
+    for spec in &specs {
+        let var = vars
+            .get(&spec.name)
+            .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
+        let bytes = tensor_bytes(&var.to_kind(kind));
+        let n = bytes.len() as u64;
+        if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
+            shards.push(Vec::new());
+            shard_bytes = 0;
+        }
+        shard_bytes += n;
+        total_bytes += n;
+        let shape = spec.shape.iter().map(|&d| d as usize).collect();
+        shards.last_mut().expect("at least one shard").push((spec.name.clone(), bytes, shape));
+    }
+
+    let metadata: Option<HashMap<String, String>> =
+        Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file_name = if count == 1 {
+            SINGLE_FILE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
+        };
+        let views = shard
+            .iter()
+            .map(|(name, bytes, shape)| {
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| anyhow!("cannot serialise {name}: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tmp = dir.join(format!(".{file_name}.tmp"));
+        safetensors::serialize_to_file(views, metadata.clone(), &tmp)
+            .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(&file_name))?;
+        for (name, _, _) in shard {
+            weight_map.insert(name.clone(), file_name.clone());
+        }
+    }
+    if count > 1 {
+        let index = json!({
+            "metadata": {"total_size": total_bytes, "total_parameters": model.config.num_parameters()},
+            "weight_map": weight_map,
+        });
+        write_json_atomic(&dir.join(INDEX_FILE), &index)?;
+    } else if dir.join(INDEX_FILE).exists() {
+        std::fs::remove_file(dir.join(INDEX_FILE))?;
+    }
+    let mut config = model.config.to_hf_json();
+    config["dtype"] = json!(hf_dtype_name(kind));
+    write_json_atomic(&dir.join("config.json"), &config)?;
+    Ok(())
+}
+
+pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes named f32 tensors to a safetensors file (used by `atoll logits`).
+pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let owned = tensors
+        .iter()
+        .map(|(name, t)| {
+            let t = t.to_device(Device::Cpu).contiguous();
+            let dtype = dtype_from_kind(t.kind())?;
+            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            Ok((name.to_string(), dtype, shape, tensor_bytes(&t)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow!("cannot serialise {name}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let map = map_file(path)?;
+    let st = SafeTensors::deserialize(&map)
+        .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let kind = match view.dtype() {
+                Dtype::I64 => Kind::Int64,
+                Dtype::I32 => Kind::Int,
+                d => kind_from_dtype(d)
+                    .ok_or_else(|| anyhow!("{}: unsupported dtype {d:?}", path.display()))?,
+            };
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            Ok((name, Tensor::from_data_size(view.data(), &shape, kind)))
+        })
+        .collect()
+}

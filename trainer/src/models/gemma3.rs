@@ -1,0 +1,166 @@
+//! Gemma 3 text decoder (`Gemma3ForCausalLM`, `model_type: gemma3_text`).
+//!
+//! x = E[ids]·sqrt(d); per layer (sandwich norms, (1 + w) RMSNorm):
+//!   h = x + post_attention_layernorm(attn(input_layernorm(x)))
+//!   out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+//! Attention: q/k norms before RoPE (local θ on sliding layers, global θ with linear scaling on full
+//! layers), GQA, scores × query_pre_attn_scalar^-0.5, sliding-window mask.
+//! Output: final norm, tied LM head, optional logit softcap.
+
+use super::layers::{
+    attend, linear_weight, lm_logits, repeat_kv, scaled_embedding, LayerInputs, Mlp, NormScale,
+    RmsNorm,
+};
+use crate::config::{GemmaConfig, LayerType};
+use tch::{nn, Tensor};
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
+        let (h, heads, kv, hd) = (
+            cfg.hidden_size as i64,
+            cfg.num_attention_heads as i64,
+            cfg.num_key_value_heads as i64,
+            cfg.head_dim as i64,
+        );
+        Attention {
+            q_proj: linear_weight(&p / "q_proj", heads * hd, h),
+            k_proj: linear_weight(&p / "k_proj", kv * hd, h),
+            v_proj: linear_weight(&p / "v_proj", kv * hd, h),
+            o_proj: linear_weight(&p / "o_proj", h, heads * hd),
+            q_norm: RmsNorm::new(&p / "q_norm", hd, cfg.rms_norm_eps, NormScale::OnePlusWeight),
+            k_norm: RmsNorm::new(&p / "k_norm", hd, cfg.rms_norm_eps, NormScale::OnePlusWeight),
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hd,
+            // transformers' Gemma 3 never applies `attn_logit_softcapping` (it was Gemma 2's);
+            // parity with it, and with the released checkpoints (null), means ignoring it too.
+            scale: cfg.query_pre_attn_scalar.powf(-0.5),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, layer_type: LayerType, inputs: &LayerInputs) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let rope = match layer_type {
+            LayerType::Sliding => &inputs.rope_sliding,
+            LayerType::Full => &inputs.rope_full,
+        };
+        let project = |w: &Tensor, heads: i64| x.linear::<Tensor>(w, None).view([b, t, heads, self.head_dim]);
+        let q = rope.apply(&self.q_norm.forward(&project(&self.q_proj, self.num_heads)));
+        let k = rope.apply(&self.k_norm.forward(&project(&self.k_proj, self.num_kv_heads)));
+        let v = project(&self.v_proj, self.num_kv_heads);
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let (q, k, v) = (
+            q.transpose(1, 2),
+            repeat_kv(&k.transpose(1, 2), n_rep),
+            repeat_kv(&v.transpose(1, 2), n_rep),
+        );
+        let mask = match layer_type {
+            LayerType::Sliding => inputs.sliding_mask.as_ref(),
+            LayerType::Full => None,
+        };
+        let out = attend(&q, &k, &v, mask, self.scale);
+        out.transpose(1, 2)
+            .reshape([b, t, self.num_heads * self.head_dim])
+            .linear::<Tensor>(&self.o_proj, None)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    layer_type: LayerType,
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(p: nn::Path, cfg: &GemmaConfig, index: usize) -> Self {
+        let norm = |name: &str| {
+            RmsNorm::new(&p / name, cfg.hidden_size as i64, cfg.rms_norm_eps, NormScale::OnePlusWeight)
+        };
+        DecoderLayer {
+            layer_type: cfg.layer_types[index],
+            self_attn: Attention::new(&p / "self_attn", cfg),
+            mlp: Mlp::new(&p / "mlp", cfg.hidden_size as i64, cfg.intermediate_size as i64),
+            input_layernorm: norm("input_layernorm"),
+            post_attention_layernorm: norm("post_attention_layernorm"),
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm"),
+            post_feedforward_layernorm: norm("post_feedforward_layernorm"),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), self.layer_type, inputs);
+        let h = x + self.post_attention_layernorm.forward(&attn);
+        let ffn = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h));
+        &h + self.post_feedforward_layernorm.forward(&ffn)
+    }
+}
+
+#[derive(Debug)]
+pub struct Gemma3 {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    hidden_size: usize,
+    final_softcap: Option<f64>,
+}
+
+impl Gemma3 {
+    /// Creates the variables under `root` with Hugging Face names (`model.layers.N....`).
+    pub fn new(root: &nn::Path, cfg: &GemmaConfig) -> Self {
+        let m = root / "model";
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[cfg.vocab_size as i64, cfg.hidden_size as i64],
+            nn::Init::Randn { mean: 0.0, stdev: super::layers::INIT_STD },
+        );
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&m / "layers" / i, cfg, i))
+            .collect();
+        let norm = RmsNorm::new(&m / "norm", cfg.hidden_size as i64, cfg.rms_norm_eps, NormScale::OnePlusWeight);
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| linear_weight(root / "lm_head", cfg.vocab_size as i64, cfg.hidden_size as i64));
+        Gemma3 {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            hidden_size: cfg.hidden_size,
+            final_softcap: cfg.final_logit_softcapping,
+        }
+    }
+
+    /// ids [B, T] -> final hidden states [B, T, d] (after the final norm).
+    pub fn hidden_states(&self, ids: &Tensor, inputs: &LayerInputs) -> Tensor {
+        let mut x = scaled_embedding(&self.embed_tokens, ids, self.hidden_size);
+        for layer in &self.layers {
+            x = layer.forward(&x, inputs);
+        }
+        self.norm.forward(&x)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        lm_logits(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), self.final_softcap)
+    }
+}

@@ -1,0 +1,186 @@
+//! Building blocks shared by the Gemma architectures: RMSNorm, rotary embeddings, attention masks,
+//! the GeGLU MLP and the attention kernel. Numerics follow transformers: norms, RoPE tables and
+//! softmax in f32, cast back to the activation dtype afterwards.
+
+use crate::config::{LayerType, RopeKind, RopeParams};
+use tch::{nn, Device, Kind, Tensor};
+
+pub const INIT_STD: f64 = 0.02;
+
+/// How the learned norm weight enters: Gemma 3 multiplies by (1 + w), Gemma 4 by w.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormScale {
+    OnePlusWeight,
+    Weight,
+    /// Gemma 4's value norm has no weight at all.
+    None,
+}
+
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Option<Tensor>,
+    scale: NormScale,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: nn::Path, dim: i64, eps: f64, scale: NormScale) -> Self {
+        let weight = match scale {
+            NormScale::OnePlusWeight => Some(p.zeros("weight", &[dim])),
+            NormScale::Weight => Some(p.ones("weight", &[dim])),
+            NormScale::None => None,
+        };
+        RmsNorm { weight, scale, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let normed = &xf * (xf.square().mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
+        let scaled = match (&self.weight, self.scale) {
+            (Some(w), NormScale::OnePlusWeight) => normed * (w.to_kind(Kind::Float) + 1.0),
+            (Some(w), _) => normed * w.to_kind(Kind::Float),
+            (None, _) => normed,
+        };
+        scaled.to_kind(kind)
+    }
+}
+
+pub fn linear_weight(p: nn::Path, out_dim: i64, in_dim: i64) -> Tensor {
+    p.var("weight", &[out_dim, in_dim], nn::Init::Randn { mean: 0.0, stdev: INIT_STD })
+}
+
+/// cos/sin tables [T, head_dim] in f32 for positions 0..T, as transformers builds them:
+/// inv_freq in f32, angles = pos * inv_freq, duplicated over both halves (rotate_half layout).
+#[derive(Debug)]
+pub struct RotaryTable {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+pub fn inverse_frequencies(head_dim: usize, rope: RopeParams, device: Device) -> Tensor {
+    let dim = head_dim as i64;
+    let base = Tensor::from(rope.theta as f32).to_device(device);
+    let (rotated_pairs, factor) = match rope.kind {
+        RopeKind::Default => (dim / 2, 1.0),
+        RopeKind::Linear { factor } => (dim / 2, factor),
+        RopeKind::Proportional { partial_rotary_factor, factor } => {
+            (((partial_rotary_factor * dim as f64) as i64) / 2, factor)
+        }
+    };
+    let exponents = Tensor::arange_start_step(0, 2 * rotated_pairs, 2, (Kind::Float, device)) / dim as f64;
+    let rotated = base.pow(&exponents).reciprocal();
+    let inv_freq = if rotated_pairs < dim / 2 {
+        let identity = Tensor::zeros([dim / 2 - rotated_pairs], (Kind::Float, device));
+        Tensor::cat(&[rotated, identity], 0)
+    } else {
+        rotated
+    };
+    inv_freq / factor
+}
+
+impl RotaryTable {
+    pub fn new(head_dim: usize, rope: RopeParams, seq_len: i64, device: Device) -> Self {
+        let inv_freq = inverse_frequencies(head_dim, rope, device);
+        let positions = Tensor::arange(seq_len, (Kind::Float, device));
+        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        RotaryTable { cos: emb.cos(), sin: emb.sin() }
+    }
+
+    /// x: [B, T, H, D] -> x·cos + rotate_half(x)·sin, in x's dtype.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let d = x.size()[3];
+        let cos = self.cos.to_kind(kind).unsqueeze(1);
+        let sin = self.sin.to_kind(kind).unsqueeze(1);
+        let x1 = x.narrow(-1, 0, d / 2);
+        let x2 = x.narrow(-1, d / 2, d / 2);
+        let rotated = Tensor::cat(&[x2.neg(), x1], -1);
+        x * cos + rotated * sin
+    }
+}
+
+/// Boolean mask [T, T]: true where query q may attend key k (causal, and within the window for
+/// sliding layers: k > q - window, so a window of W covers W positions including q itself).
+pub fn attention_mask(layer_type: LayerType, seq_len: i64, window: usize, device: Device) -> Option<Tensor> {
+    match layer_type {
+        LayerType::Full => None,
+        LayerType::Sliding if seq_len <= window as i64 => None,
+        LayerType::Sliding => {
+            let q = Tensor::arange(seq_len, (Kind::Int64, device)).unsqueeze(1);
+            let k = Tensor::arange(seq_len, (Kind::Int64, device)).unsqueeze(0);
+            let causal = k.le_tensor(&q);
+            let in_window = k.gt_tensor(&(q - window as i64));
+            Some(causal.logical_and(&in_window))
+        }
+    }
+}
+
+/// Per-forward masks and rotary tables, built once and shared by all layers of a type.
+pub struct LayerInputs {
+    pub sliding_mask: Option<Tensor>,
+    pub rope_sliding: RotaryTable,
+    pub rope_full: RotaryTable,
+}
+
+/// GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)).
+#[derive(Debug)]
+pub struct Mlp {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+impl Mlp {
+    pub fn new(p: nn::Path, hidden: i64, intermediate: i64) -> Self {
+        Mlp {
+            gate_proj: linear_weight(&p / "gate_proj", intermediate, hidden),
+            up_proj: linear_weight(&p / "up_proj", intermediate, hidden),
+            down_proj: linear_weight(&p / "down_proj", hidden, intermediate),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let gate = x.linear::<Tensor>(&self.gate_proj, None).gelu("tanh");
+        let up = x.linear::<Tensor>(&self.up_proj, None);
+        (gate * up).linear::<Tensor>(&self.down_proj, None)
+    }
+}
+
+/// Repeats KV heads for grouped-query attention: [B, KV, T, D] -> [B, KV*n, T, D], each KV head
+/// serving n consecutive query heads.
+pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        x.shallow_clone()
+    } else {
+        x.repeat_interleave_self_int(n_rep, 1, None)
+    }
+}
+
+/// Attention over [B, H, T, D] tensors with K/V already expanded to H heads, through libtorch's
+/// fused scaled_dot_product_attention (causal when no mask is given).
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+    match mask {
+        None => Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, false),
+        Some(m) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, false),
+    }
+}
+
+/// Token embedding multiplied by sqrt(hidden), the scale rounded to the weight dtype first as
+/// transformers does (in bf16, sqrt(3840) becomes 62.0).
+pub fn scaled_embedding(weight: &Tensor, ids: &Tensor, hidden: usize) -> Tensor {
+    let scale = Tensor::from((hidden as f64).sqrt() as f32)
+        .to_kind(weight.kind())
+        .to_device(weight.device());
+    Tensor::embedding(weight, ids, -1, false, false) * scale
+}
+
+/// Final logits in f32: tied (or separate) LM head, then the optional tanh softcap.
+pub fn lm_logits(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Tensor {
+    let logits = hidden.linear::<Tensor>(head, None).to_kind(Kind::Float);
+    match softcap {
+        Some(cap) => (logits / cap).tanh() * cap,
+        None => logits,
+    }
+}
