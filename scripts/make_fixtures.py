@@ -172,9 +172,57 @@ def main():
     m = Gemma4UnifiedForConditionalGeneration(cfg); randomize(m, 6)
     save(m, "gemma4-unified-tiny-sharded-bf16", seed=106, dtype=torch.bfloat16, max_shard_size="100KB")
 
+    real_12b_counts()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:
         f.write(f"torch=={torch.__version__}\ntransformers=={transformers.__version__}\n")
 
 
+
+
+def real_12b_counts():
+    """Tensor element counts of the released 12B layouts, built by transformers on the meta device
+    (no weights): every state_dict entry, i.e. what the checkpoint files hold."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    def count(model):
+        sd = model.state_dict()
+        tied = getattr(model.config, "tie_word_embeddings", True)
+        return sum(t.numel() for k, t in sd.items() if not (tied and k.endswith("lm_head.weight")))
+
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
+    g3 = Gemma3Config(
+        text_config=dict(
+            vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+            sliding_window=1024, layer_types=layer_types,
+        ),
+        vision_config=dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+            patch_size=14, image_size=896, vision_use_head=False,
+        ),
+    )
+    g4 = Gemma4UnifiedConfig(
+        text_config=dict(
+            vocab_size=262144, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+            num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=1024,
+            layer_types=layer_types, final_logit_softcapping=30.0,
+        ),
+        vision_config=dict(mm_embed_dim=3840, mm_posemb_size=1120, output_proj_dims=3840),
+        audio_config=dict(audio_embed_dim=640),
+    )
+    with torch.device("meta"):
+        counts = {
+            "gemma3-12b": count(Gemma3ForConditionalGeneration(g3)),
+            "gemma4-12b": count(Gemma4UnifiedForConditionalGeneration(g4)),
+        }
+    with open(os.path.join(OUT, "param_counts_12b.json"), "w") as f:
+        json.dump(counts, f, indent=2)
+    print("12B tensor element counts:", counts)
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("ATOLL_COUNTS_ONLY"):
+        real_12b_counts()
+    else:
+        main()

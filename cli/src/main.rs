@@ -1,1 +1,298 @@
-fn main() {}
+//! `atoll`: train, inspect and probe Gemma models.
+
+use anyhow::{anyhow, bail, Context, Result};
+use atoll_trainer::checkpoint::{load_model, save_model, write_tensors, DEFAULT_MAX_SHARD_BYTES};
+use atoll_trainer::presets::{preset, MultimodalExtras, PRESET_NAMES};
+use atoll_trainer::recipe::Recipe;
+use atoll_trainer::{logging, train, GemmaConfig, GemmaModel};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser)]
+#[command(name = "atoll", version, about = "Train and fine-tune Gemma models across regions with Decoupled DiLoCo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on one learner from a recipe.
+    Train {
+        /// Recipe YAML file (see recipes/).
+        recipe: PathBuf,
+        /// Override a recipe field, e.g. --set train.lr=1e-3 (repeatable).
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Inspect model configurations.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Write the logits of a checkpoint for given token ids (a numerics probe).
+    Logits {
+        /// Hugging Face checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids, e.g. 2,651,1234.
+        #[arg(long)]
+        ids: String,
+        /// Output safetensors file with one f32 tensor `logits` of shape [T, vocab].
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+    },
+    /// Micro-benchmarks (see benchmarks/).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Parameter count, shapes and training memory of a preset or checkpoint directory.
+    Info {
+        /// A preset name (see `atoll model presets`) or a checkpoint directory.
+        model: String,
+    },
+    /// List the built-in presets.
+    Presets,
+    /// Write a randomly initialised checkpoint of a preset (Hugging Face layout).
+    Init {
+        preset: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+        dtype: DtypeArg,
+        /// Override the preset's vocabulary size.
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        /// Split the weights into shards of at most this many bytes.
+        #[arg(long, default_value_t = DEFAULT_MAX_SHARD_BYTES)]
+        max_shard_bytes: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time forward + backward + AdamW steps on a random batch; prints JSON.
+    TrainStep {
+        #[arg(long, default_value = "gemma3-bench")]
+        preset: String,
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        #[arg(long, default_value_t = 256)]
+        seq: i64,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long)]
+        threads: Option<i32>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn kind(self) -> Kind {
+        match self {
+            DtypeArg::F32 => Kind::Float,
+            DtypeArg::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceArg::Cuda => bail!("--device cuda: no CUDA device is visible to libtorch"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Train { recipe, overrides } => {
+            let recipe = Recipe::from_file(&recipe, &overrides)?;
+            let run_dir = train::fresh_run_dir(&recipe)?;
+            logging::log_to_file(&run_dir.join("train.log"))
+                .with_context(|| format!("cannot write {}", run_dir.join("train.log").display()))?;
+            tracing::info!("run directory {}", run_dir.display());
+            let summary = train::train(&recipe, &run_dir)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Model { command } => match command {
+            ModelCommand::Info { model } => model_info(&model),
+            ModelCommand::Presets => {
+                for name in PRESET_NAMES {
+                    let p = preset(name)?;
+                    println!("{name:<14} {:>15} parameters  {}", p.config.num_parameters() + p.extras.vision + p.extras.audio, p.description);
+                }
+                Ok(())
+            }
+            ModelCommand::Init { preset: name, out, seed, dtype, vocab_size, max_shard_bytes } => {
+                let mut config = preset(&name)?.config;
+                if let Some(v) = vocab_size {
+                    config.vocab_size = v;
+                }
+                tch::manual_seed(seed);
+                let model = GemmaModel::new(config, Device::Cpu, Kind::Float)?;
+                save_model(&model, &out, dtype.kind(), max_shard_bytes)?;
+                println!("wrote {}", out.display());
+                Ok(())
+            }
+        },
+        Command::Logits { model, ids, out, device: dev } => logits(&model, &ids, &out, device(dev)?),
+        Command::Bench { command: BenchCommand::TrainStep { preset: name, batch, seq, warmup, steps, threads } } => {
+            bench_train_step(&name, batch, seq, warmup, steps, threads)
+        }
+    }
+}
+
+fn gib(bytes: f64) -> String {
+    format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+}
+
+fn model_info(model: &str) -> Result<()> {
+    let path = Path::new(model);
+    let (label, config, extras) = if path.is_dir() {
+        let config = GemmaConfig::from_file(&path.join("config.json"))?;
+        (path.display().to_string(), config, MultimodalExtras::default())
+    } else if PRESET_NAMES.contains(&model) {
+        let p = preset(model)?;
+        (format!("{} ({})", p.name, p.description), p.config, p.extras)
+    } else {
+        bail!("`{model}` is neither a checkpoint directory nor a preset (presets: {})", PRESET_NAMES.join(", "));
+    };
+    let text = config.num_parameters();
+    let total = text + extras.vision + extras.audio;
+    let embedding = (config.vocab_size * config.hidden_size) as u64;
+    let full = config.layer_types.iter().filter(|t| **t == atoll_trainer::config::LayerType::Full).count();
+    println!("model: {label}");
+    println!("architecture: {}", config.architecture.name());
+    println!("parameters: {total}");
+    println!("  text stack: {text} (embedding {embedding})");
+    if extras.vision + extras.audio > 0 {
+        println!("  vision front end: {}", extras.vision);
+        println!("  audio front end: {}", extras.audio);
+    }
+    println!(
+        "layers: {} ({} sliding, window {}; {} full), hidden {}, ffn {}, heads {} (kv {}), head_dim {}",
+        config.num_hidden_layers,
+        config.num_hidden_layers - full,
+        config.sliding_window,
+        full,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim
+    );
+    if config.architecture == atoll_trainer::Architecture::Gemma4 && full > 0 {
+        println!(
+            "full layers: head_dim {}, kv heads {}, K=V {}",
+            config.global_head_dim, config.num_global_key_value_heads, config.attention_k_eq_v
+        );
+    }
+    let n = total as f64;
+    println!("memory, bf16 weights: {}", gib(2.0 * n));
+    println!("memory, bf16 gradients: {}", gib(2.0 * n));
+    println!("memory, AdamW state (f32 moments ×2): {}", gib(8.0 * n));
+    println!("memory, f32 master weights (bf16 training): {}", gib(4.0 * n));
+    println!("memory, total for bf16 AdamW training (before activations): {}", gib(16.0 * n));
+    Ok(())
+}
+
+fn parse_ids(ids: &str) -> Result<Vec<i64>> {
+    let parsed = ids
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<i64>().map_err(|_| anyhow!("--ids: `{s}` is not an integer token id")))
+        .collect::<Result<Vec<_>>>()?;
+    if parsed.is_empty() {
+        bail!("--ids: give at least one token id, e.g. --ids 2,651,1234");
+    }
+    Ok(parsed)
+}
+
+fn logits(model_dir: &Path, ids: &str, out: &Path, device: Device) -> Result<()> {
+    let ids = parse_ids(ids)?;
+    let model = load_model(model_dir, device, Kind::Float)?;
+    model.check_ids(&ids).map_err(|e| anyhow!("--ids: {e}"))?;
+    let input = Tensor::from_slice(&ids).unsqueeze(0).to_device(device);
+    let logits = tch::no_grad(|| model.forward(&input)).squeeze_dim(0).to_device(Device::Cpu);
+    write_tensors(out, &[("logits", &logits)])?;
+    println!("wrote logits {:?} to {}", logits.size(), out.display());
+    Ok(())
+}
+
+fn bench_train_step(name: &str, batch: i64, seq: i64, warmup: usize, steps: usize, threads: Option<i32>) -> Result<()> {
+    use atoll_trainer::optim::{AdamW, AdamWConfig};
+    if let Some(t) = threads {
+        tch::set_num_threads(t);
+    }
+    tch::manual_seed(0);
+    let config = preset(name)?.config;
+    let vocab = config.vocab_size as i64;
+    let model = GemmaModel::new(config, Device::Cpu, Kind::Float)?;
+    let params = model.named_trainable_parameters().into_iter().map(|(_, t)| t).collect();
+    let mut opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 });
+    let tokens = Tensor::randint(vocab, [batch, seq + 1], (Kind::Int64, Device::Cpu));
+    let (x, y) = (tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq));
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let start = std::time::Instant::now();
+        let loss = model.loss(&x, &y);
+        loss.backward();
+        opt.clip_grad_norm(Some(1.0));
+        opt.step(1e-3);
+        opt.zero_grad();
+        let _ = loss.double_value(&[]);
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "atoll", "preset": name, "batch": batch, "seq": seq, "steps": steps,
+            "threads": tch::get_num_threads(), "median_ms": median,
+            "tokens_per_s": (batch * seq) as f64 / (median / 1000.0),
+        })
+    );
+    Ok(())
+}

@@ -545,7 +545,9 @@ impl GemmaConfig {
             }
             v["per_layer_config"] = Value::Object(per_layer);
         } else {
-            v["query_pre_attn_scalar"] = json!(self.query_pre_attn_scalar);
+            // transformers' strict config wants an int here whenever the value is integral.
+            let scalar = self.query_pre_attn_scalar;
+            v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 { json!(scalar as i64) } else { json!(scalar) };
             v["attn_logit_softcapping"] = json!(self.attn_logit_softcapping);
         }
         v

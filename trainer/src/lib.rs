@@ -3,8 +3,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
+pub mod logging;
 pub mod models;
+pub mod optim;
 pub mod presets;
+pub mod recipe;
+pub mod train;
 
 pub use config::{Architecture, GemmaConfig};
 pub use models::GemmaModel;

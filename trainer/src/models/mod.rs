@@ -53,6 +53,18 @@ impl GemmaModel {
             .unwrap_or(Kind::Float)
     }
 
+    /// Trainable parameters with their names, in checkpoint layout order (stable across runs, so
+    /// optimizer state and fragment plans line up).
+    pub fn named_trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        let vars = self.vs.variables();
+        self.config
+            .tensor_specs()
+            .into_iter()
+            .filter(|s| s.trainable)
+            .filter_map(|s| vars.get(&s.name).map(|t| (s.name, t.shallow_clone())))
+            .collect()
+    }
+
     fn layer_inputs(&self, seq_len: i64) -> LayerInputs {
         let device = self.device();
         let cfg = &self.config;

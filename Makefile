@@ -1,0 +1,54 @@
+# Atoll: `make demo` sets everything up and runs the main job; `make test` runs the whole suite.
+SHELL := /bin/bash
+CARGO ?= cargo
+WITH_LIBTORCH := scripts/with-libtorch.sh
+ATOLL := target/release/atoll
+REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
+
+.PHONY: demo test build setup lint fmt fixtures bench-train-step check-transformers clean-runs help
+
+help:
+	@echo "make demo    install what is missing, build, train a tiny Gemma on Shakespeare (a few minutes)"
+	@echo "make test    format + lint checks and the whole test suite"
+	@echo "make build   build $(ATOLL)"
+	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
+
+setup:
+	@command -v $(CARGO) >/dev/null || { echo "Rust (cargo) is required: https://rustup.rs"; exit 1; }
+	@command -v cc >/dev/null || { echo "a C compiler is required (apt-get install build-essential)"; exit 1; }
+	@$(WITH_LIBTORCH) true
+
+build: setup
+	$(WITH_LIBTORCH) $(CARGO) build --release --locked -p atoll-cli
+	@echo "built $(ATOLL)"
+
+demo: build
+	$(ATOLL) train recipes/tiny-shakespeare.yaml
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(WITH_LIBTORCH) $(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+
+test: build lint
+	ATOLL_BIN=$(CURDIR)/$(ATOLL) $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
+
+fmt:
+	$(CARGO) fmt --all
+
+# --- Python reference stack (transformers/torch pinned in scripts/requirements-reference.txt) ---
+$(REFERENCE_VENV)/.installed: scripts/requirements-reference.txt
+	python3 -m venv $(REFERENCE_VENV)
+	$(REFERENCE_VENV)/bin/pip install --quiet -r scripts/requirements-reference.txt
+	touch $@
+
+fixtures: $(REFERENCE_VENV)/.installed
+	$(REFERENCE_VENV)/bin/python scripts/make_fixtures.py tests/fixtures
+
+bench-train-step: build $(REFERENCE_VENV)/.installed
+	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/train_step.sh
+
+check-transformers: build $(REFERENCE_VENV)/.installed
+	PYTHON=$(REFERENCE_VENV)/bin/python scripts/check_transformers_roundtrip.sh
+
+clean-runs:
+	rm -rf runs

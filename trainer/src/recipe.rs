@@ -1,0 +1,450 @@
+//! Recipes: YAML files mapped to typed structs. Unknown fields are rejected, and every error names
+//! the field path, the bad value and what is allowed, e.g.
+//! `train.lr: expected a positive number, got "fast"`.
+//! `--set path.to.field=value` overrides are applied to the YAML tree before it is typed, so they
+//! are checked exactly like the file.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A YAML scalar of the wrong kind, rendered the way the user wrote it.
+fn describe(unexp: de::Unexpected) -> String {
+    match unexp {
+        de::Unexpected::Str(s) => format!("{s:?}"),
+        de::Unexpected::Float(f) => format!("{f}"),
+        de::Unexpected::Signed(i) => format!("{i}"),
+        de::Unexpected::Unsigned(u) => format!("{u}"),
+        de::Unexpected::Bool(b) => format!("{b}"),
+        de::Unexpected::Unit => "null".to_string(),
+        other => other.to_string(),
+    }
+}
+
+macro_rules! bounded_number {
+    ($name:ident, $inner:ty, $expect:literal, |$v:ident| $ok:expr) => {
+        #[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $inner);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($expect)
+                    }
+                    fn visit_f64<E: de::Error>(self, x: f64) -> Result<$name, E> {
+                        let as_inner = x as $inner;
+                        if (as_inner as f64) != x {
+                            return Err(E::custom(format!("expected {}, got {x}", $expect)));
+                        }
+                        let $v = as_inner;
+                        if $ok {
+                            Ok($name(as_inner))
+                        } else {
+                            Err(E::custom(format!("expected {}, got {x}", $expect)))
+                        }
+                    }
+                    fn visit_i64<E: de::Error>(self, x: i64) -> Result<$name, E> {
+                        self.visit_f64(x as f64)
+                    }
+                    fn visit_u64<E: de::Error>(self, x: u64) -> Result<$name, E> {
+                        self.visit_f64(x as f64)
+                    }
+                    fn visit_str<E: de::Error>(self, s: &str) -> Result<$name, E> {
+                        Err(E::custom(format!("expected {}, got {}", $expect, describe(de::Unexpected::Str(s)))))
+                    }
+                    fn visit_bool<E: de::Error>(self, b: bool) -> Result<$name, E> {
+                        Err(E::custom(format!("expected {}, got {b}", $expect)))
+                    }
+                    fn visit_unit<E: de::Error>(self) -> Result<$name, E> {
+                        Err(E::custom(format!("expected {}, got null", $expect)))
+                    }
+                }
+                d.deserialize_any(V)
+            }
+        }
+    };
+}
+
+bounded_number!(PositiveF64, f64, "a positive number", |v| v > 0.0 && v.is_finite());
+bounded_number!(NonNegativeF64, f64, "a number >= 0", |v| v >= 0.0 && v.is_finite());
+bounded_number!(Fraction, f64, "a number in [0, 1)", |v| (0.0..1.0).contains(&v));
+bounded_number!(OpenFraction, f64, "a number in (0, 1)", |v| v > 0.0 && v < 1.0);
+bounded_number!(PositiveInt, usize, "a positive integer", |v| v > 0);
+bounded_number!(Count, usize, "an integer >= 0", |v| v < usize::MAX);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when a GPU is visible, the CPU otherwise.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A built-in configuration (`atoll model presets`); its vocab_size follows the tokenizer.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A Hugging Face checkpoint directory to start from (fine-tuning / continued pretraining).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    #[serde(default)]
+    pub dtype: ParamDtype,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    /// A `tokenizer.json` to load; when absent a byte-level BPE is trained on the training split.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: PositiveInt,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        TokenizerSection { path: None, vocab_size: defaults::vocab_size() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    #[serde(default = "defaults::corpus")]
+    pub corpus: String,
+    #[serde(default)]
+    pub tokenizer: TokenizerSection,
+    #[serde(default = "defaults::seq_len")]
+    pub seq_len: PositiveInt,
+    #[serde(default = "defaults::eval_fraction")]
+    pub eval_fraction: OpenFraction,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            corpus: defaults::corpus(),
+            tokenizer: TokenizerSection::default(),
+            seq_len: defaults::seq_len(),
+            eval_fraction: defaults::eval_fraction(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    #[serde(default = "defaults::max_steps")]
+    pub max_steps: PositiveInt,
+    /// Sequences per micro-batch.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: PositiveInt,
+    /// Micro-batches accumulated into one optimizer step.
+    #[serde(default = "defaults::grad_accum")]
+    pub grad_accum: PositiveInt,
+    #[serde(default = "defaults::lr")]
+    pub lr: PositiveF64,
+    /// The cosine schedule decays to lr × min_lr_ratio at max_steps.
+    #[serde(default = "defaults::min_lr_ratio")]
+    pub min_lr_ratio: Fraction,
+    #[serde(default = "defaults::warmup_steps")]
+    pub warmup_steps: Count,
+    #[serde(default = "defaults::betas")]
+    pub betas: [Fraction; 2],
+    #[serde(default = "defaults::eps")]
+    pub eps: PositiveF64,
+    /// Decoupled weight decay, applied to matrices only (not norms, scalars or biases).
+    #[serde(default = "defaults::weight_decay")]
+    pub weight_decay: NonNegativeF64,
+    /// Max global gradient L2 norm; absent: no clipping.
+    #[serde(default = "defaults::grad_clip")]
+    pub grad_clip: Option<PositiveF64>,
+    /// Evaluate every N steps (and after the last step); 0 disables periodic eval.
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: Count,
+    #[serde(default = "defaults::eval_batches")]
+    pub eval_batches: PositiveInt,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// CPU threads for libtorch; absent: all cores.
+    #[serde(default)]
+    pub threads: Option<PositiveInt>,
+    /// Plain log line every N steps when stderr is not a terminal.
+    #[serde(default = "defaults::log_every")]
+    pub log_every: PositiveInt,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        // An empty mapping takes every serde default, so the two cannot drift apart.
+        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Run directory; default `runs/<recipe name>`. An existing non-empty directory is never
+    /// overwritten: a numeric suffix is added instead.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Write the final weights as a Hugging Face checkpoint under `<run dir>/final`.
+    #[serde(default = "defaults::yes")]
+    pub save_final: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    pub model: ModelSection,
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub run: RunSection,
+}
+
+mod defaults {
+    use super::*;
+    pub fn vocab_size() -> PositiveInt {
+        PositiveInt(4096)
+    }
+    pub fn corpus() -> String {
+        "builtin:tinyshakespeare".into()
+    }
+    pub fn seq_len() -> PositiveInt {
+        PositiveInt(128)
+    }
+    pub fn eval_fraction() -> OpenFraction {
+        OpenFraction(0.05)
+    }
+    pub fn max_steps() -> PositiveInt {
+        PositiveInt(1000)
+    }
+    pub fn batch_size() -> PositiveInt {
+        PositiveInt(8)
+    }
+    pub fn grad_accum() -> PositiveInt {
+        PositiveInt(1)
+    }
+    pub fn lr() -> PositiveF64 {
+        PositiveF64(3e-3)
+    }
+    pub fn min_lr_ratio() -> Fraction {
+        Fraction(0.1)
+    }
+    pub fn warmup_steps() -> Count {
+        Count(50)
+    }
+    pub fn betas() -> [Fraction; 2] {
+        [Fraction(0.9), Fraction(0.95)]
+    }
+    pub fn eps() -> PositiveF64 {
+        PositiveF64(1e-8)
+    }
+    pub fn weight_decay() -> NonNegativeF64 {
+        NonNegativeF64(0.1)
+    }
+    pub fn grad_clip() -> Option<PositiveF64> {
+        Some(PositiveF64(1.0))
+    }
+    pub fn eval_every() -> Count {
+        Count(100)
+    }
+    pub fn eval_batches() -> PositiveInt {
+        PositiveInt(8)
+    }
+    pub fn log_every() -> PositiveInt {
+        PositiveInt(10)
+    }
+    pub fn seed() -> u64 {
+        1234
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+/// Applies one `path.to.field=value` override; the value is parsed as YAML (`3e-4`, `true`,
+/// `[0.9, 0.99]`, `gemma3-tiny`).
+pub fn apply_override(tree: &mut Value, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {assignment}: expected path.to.field=value"))?;
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(str::is_empty) {
+        bail!("--set {assignment}: `{path}` is not a field path like train.lr");
+    }
+    let value: Value = serde_yaml::from_str(raw)
+        .with_context(|| format!("--set {assignment}: cannot parse value `{raw}`"))?;
+    let mut node = tree;
+    let mut walked = Vec::new();
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        walked.push(*part);
+        if node.is_null() {
+            *node = Value::Mapping(Mapping::new());
+        }
+        let Value::Mapping(map) = node else {
+            bail!("--set {assignment}: `{}` is a value, not a section", walked[..walked.len() - 1].join("."));
+        };
+        let key = Value::String(part.to_string());
+        if i == parts.len() - 1 {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map.entry(key).or_insert(Value::Null);
+    }
+    unreachable!("the path has at least one part")
+}
+
+impl Recipe {
+    /// Parses recipe YAML text, applies `--set` overrides, and types it.
+    pub fn from_yaml(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        let mut tree: Value = serde_yaml::from_str(text).map_err(|e| anyhow!("{origin}: invalid YAML: {e}"))?;
+        if tree.is_null() {
+            tree = Value::Mapping(Mapping::new());
+        }
+        if !tree.is_mapping() {
+            bail!("{origin}: a recipe must be a YAML mapping of sections (model, data, train, run)");
+        }
+        for o in overrides {
+            apply_override(&mut tree, o)?;
+        }
+        let recipe: Recipe = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." {
+                anyhow!("{origin}: {inner}")
+            } else {
+                anyhow!("{origin}: {path}: {inner}")
+            }
+        })?;
+        recipe.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
+        Ok(recipe)
+    }
+
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let mut recipe = Self::from_yaml(&text, &path.display().to_string(), overrides)?;
+        if recipe.name.is_none() {
+            recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        }
+        Ok(recipe)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match (&self.model.preset, &self.model.init_from) {
+            (None, None) => bail!("model: set either model.preset (e.g. gemma3-tiny) or model.init_from (a checkpoint directory)"),
+            (Some(_), Some(_)) => bail!("model: model.preset and model.init_from are mutually exclusive"),
+            _ => {}
+        }
+        if let Some(p) = &self.model.preset {
+            crate::presets::preset(p).map_err(|e| anyhow!("model.preset: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("run")
+    }
+
+    pub fn to_yaml(&self) -> Result<String> {
+        Ok(serde_yaml::to_string(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<Recipe> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::from_yaml(text, "r.yaml", &sets)
+    }
+
+    fn err(text: &str, sets: &[&str]) -> String {
+        format!("{:#}", parse(text, sets).unwrap_err())
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_the_model() {
+        let r = parse("model: {preset: gemma3-tiny}", &[]).unwrap();
+        assert_eq!(r.train, TrainSection::default());
+        assert_eq!(r.train.lr.0, 3e-3);
+        assert_eq!(r.data.corpus, "builtin:tinyshakespeare");
+    }
+
+    #[test]
+    fn errors_name_the_field_the_value_and_what_is_allowed() {
+        let e = err("model: {preset: gemma3-tiny}\ntrain: {lr: fast}", &[]);
+        assert!(e.contains("train.lr: expected a positive number, got \"fast\""), "{e}");
+        let e = err("model: {preset: gemma3-tiny}\ntrain: {batch_size: -2}", &[]);
+        assert!(e.contains("train.batch_size: expected a positive integer, got -2"), "{e}");
+        let e = err("model: {preset: gemma3-tiny}\ntrain: {betas: [0.9, 1.5]}", &[]);
+        assert!(e.contains("train.betas[1]: expected a number in [0, 1), got 1.5"), "{e}");
+        let e = err("model: {preset: gemma3-tiny, dtype: f8}", &[]);
+        assert!(e.contains("model.dtype: unknown variant `f8`, expected `f32` or `bf16`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_path() {
+        let e = err("model: {preset: gemma3-tiny}\ntrain: {lrr: 0.1}", &[]);
+        assert!(e.contains("train.lrr: unknown field `lrr`, expected one of"), "{e}");
+        let e = err("model: {preset: gemma3-tiny}\ntrian: {}", &[]);
+        assert!(e.contains("unknown field `trian`"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_are_typed_like_the_file() {
+        let r = parse("model: {preset: gemma3-tiny}", &["train.lr=1e-4", "train.max_steps=30", "data.tokenizer.vocab_size=512"]).unwrap();
+        assert_eq!(r.train.lr.0, 1e-4);
+        assert_eq!(r.train.max_steps.0, 30);
+        assert_eq!(r.data.tokenizer.vocab_size.0, 512);
+        let e = err("model: {preset: gemma3-tiny}", &["train.lr=fast"]);
+        assert!(e.contains("train.lr: expected a positive number, got \"fast\""), "{e}");
+        let e = err("model: {preset: gemma3-tiny}\ntrain: {lr: 0.1}", &["train.lr.x=1"]);
+        assert!(e.contains("`train.lr` is a value, not a section"), "{e}");
+        let e = err("model: {preset: gemma3-tiny}", &["train.lr.x=1"]);
+        assert!(e.contains("train.lr: invalid type: map, expected a positive number"), "{e}");
+        assert!(err("model: {preset: gemma3-tiny}", &["novalue"]).contains("expected path.to.field=value"));
+    }
+
+    #[test]
+    fn model_choice_is_checked() {
+        assert!(err("seed: 1", &[]).contains("missing field `model`"));
+        assert!(err("model: {}", &[]).contains("set either model.preset"));
+        assert!(err("model: {preset: gemma9}", &[]).contains("unknown model preset `gemma9`"));
+    }
+
+    #[test]
+    fn resolved_recipe_round_trips_through_yaml() {
+        let r = parse("model: {preset: gemma3-tiny}\ntrain: {lr: 0.01}", &[]).unwrap();
+        let again = parse(&r.to_yaml().unwrap(), &[]).unwrap();
+        assert_eq!(r, again);
+    }
+}
