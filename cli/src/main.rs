@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
-#[command(name = "atoll", version, about = "Train and fine-tune Gemma models across regions with Decoupled DiLoCo")]
+#[command(
+    name = "atoll",
+    version,
+    about = "Train and fine-tune Gemma models across regions with Decoupled DiLoCo"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -157,11 +161,22 @@ fn run(command: Command) -> Result<()> {
             ModelCommand::Presets => {
                 for name in PRESET_NAMES {
                     let p = preset(name)?;
-                    println!("{name:<14} {:>15} parameters  {}", p.config.num_parameters() + p.extras.vision + p.extras.audio, p.description);
+                    println!(
+                        "{name:<14} {:>15} parameters  {}",
+                        p.config.num_parameters() + p.extras.vision + p.extras.audio,
+                        p.description
+                    );
                 }
                 Ok(())
             }
-            ModelCommand::Init { preset: name, out, seed, dtype, vocab_size, max_shard_bytes } => {
+            ModelCommand::Init {
+                preset: name,
+                out,
+                seed,
+                dtype,
+                vocab_size,
+                max_shard_bytes,
+            } => {
                 let mut config = preset(&name)?.config;
                 if let Some(v) = vocab_size {
                     config.vocab_size = v;
@@ -173,10 +188,23 @@ fn run(command: Command) -> Result<()> {
                 Ok(())
             }
         },
-        Command::Logits { model, ids, out, device: dev } => logits(&model, &ids, &out, device(dev)?),
-        Command::Bench { command: BenchCommand::TrainStep { preset: name, batch, seq, warmup, steps, threads } } => {
-            bench_train_step(&name, batch, seq, warmup, steps, threads)
-        }
+        Command::Logits {
+            model,
+            ids,
+            out,
+            device: dev,
+        } => logits(&model, &ids, &out, device(dev)?),
+        Command::Bench {
+            command:
+                BenchCommand::TrainStep {
+                    preset: name,
+                    batch,
+                    seq,
+                    warmup,
+                    steps,
+                    threads,
+                },
+        } => bench_train_step(&name, batch, seq, warmup, steps, threads),
     }
 }
 
@@ -188,17 +216,32 @@ fn model_info(model: &str) -> Result<()> {
     let path = Path::new(model);
     let (label, config, extras) = if path.is_dir() {
         let config = GemmaConfig::from_file(&path.join("config.json"))?;
-        (path.display().to_string(), config, MultimodalExtras::default())
+        (
+            path.display().to_string(),
+            config,
+            MultimodalExtras::default(),
+        )
     } else if PRESET_NAMES.contains(&model) {
         let p = preset(model)?;
-        (format!("{} ({})", p.name, p.description), p.config, p.extras)
+        (
+            format!("{} ({})", p.name, p.description),
+            p.config,
+            p.extras,
+        )
     } else {
-        bail!("`{model}` is neither a checkpoint directory nor a preset (presets: {})", PRESET_NAMES.join(", "));
+        bail!(
+            "`{model}` is neither a checkpoint directory nor a preset (presets: {})",
+            PRESET_NAMES.join(", ")
+        );
     };
     let text = config.num_parameters();
     let total = text + extras.vision + extras.audio;
     let embedding = (config.vocab_size * config.hidden_size) as u64;
-    let full = config.layer_types.iter().filter(|t| **t == atoll_trainer::config::LayerType::Full).count();
+    let full = config
+        .layer_types
+        .iter()
+        .filter(|t| **t == atoll_trainer::config::LayerType::Full)
+        .count();
     println!("model: {label}");
     println!("architecture: {}", config.architecture.name());
     println!("parameters: {total}");
@@ -229,8 +272,14 @@ fn model_info(model: &str) -> Result<()> {
     println!("memory, bf16 weights: {}", gib(2.0 * n));
     println!("memory, bf16 gradients: {}", gib(2.0 * n));
     println!("memory, AdamW state (f32 moments ×2): {}", gib(8.0 * n));
-    println!("memory, f32 master weights (bf16 training): {}", gib(4.0 * n));
-    println!("memory, total for bf16 AdamW training (before activations): {}", gib(16.0 * n));
+    println!(
+        "memory, f32 master weights (bf16 training): {}",
+        gib(4.0 * n)
+    );
+    println!(
+        "memory, total for bf16 AdamW training (before activations): {}",
+        gib(16.0 * n)
+    );
     Ok(())
 }
 
@@ -239,7 +288,10 @@ fn parse_ids(ids: &str) -> Result<Vec<i64>> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<i64>().map_err(|_| anyhow!("--ids: `{s}` is not an integer token id")))
+        .map(|s| {
+            s.parse::<i64>()
+                .map_err(|_| anyhow!("--ids: `{s}` is not an integer token id"))
+        })
         .collect::<Result<Vec<_>>>()?;
     if parsed.is_empty() {
         bail!("--ids: give at least one token id, e.g. --ids 2,651,1234");
@@ -252,13 +304,22 @@ fn logits(model_dir: &Path, ids: &str, out: &Path, device: Device) -> Result<()>
     let model = load_model(model_dir, device, Kind::Float)?;
     model.check_ids(&ids).map_err(|e| anyhow!("--ids: {e}"))?;
     let input = Tensor::from_slice(&ids).unsqueeze(0).to_device(device);
-    let logits = tch::no_grad(|| model.forward(&input)).squeeze_dim(0).to_device(Device::Cpu);
+    let logits = tch::no_grad(|| model.forward(&input))
+        .squeeze_dim(0)
+        .to_device(Device::Cpu);
     write_tensors(out, &[("logits", &logits)])?;
     println!("wrote logits {:?} to {}", logits.size(), out.display());
     Ok(())
 }
 
-fn bench_train_step(name: &str, batch: i64, seq: i64, warmup: usize, steps: usize, threads: Option<i32>) -> Result<()> {
+fn bench_train_step(
+    name: &str,
+    batch: i64,
+    seq: i64,
+    warmup: usize,
+    steps: usize,
+    threads: Option<i32>,
+) -> Result<()> {
     use atoll_trainer::optim::{AdamW, AdamWConfig};
     if let Some(t) = threads {
         tch::set_num_threads(t);
@@ -267,21 +328,40 @@ fn bench_train_step(name: &str, batch: i64, seq: i64, warmup: usize, steps: usiz
     let config = preset(name)?.config;
     let vocab = config.vocab_size as i64;
     let model = GemmaModel::new(config, Device::Cpu, Kind::Float)?;
-    let params = model.named_trainable_parameters().into_iter().map(|(_, t)| t).collect();
-    let mut opt = AdamW::new(params, AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 });
+    let params = model
+        .named_trainable_parameters()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+    );
     let tokens = Tensor::randint(vocab, [batch, seq + 1], (Kind::Int64, Device::Cpu));
     let (x, y) = (tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq));
     let mut times = Vec::new();
+    let mut phases = [0.0f64; 3];
     for i in 0..warmup + steps {
         let start = std::time::Instant::now();
         let loss = model.loss(&x, &y);
+        let _ = loss.double_value(&[]);
+        let forward = start.elapsed().as_secs_f64();
         loss.backward();
+        let backward = start.elapsed().as_secs_f64();
         opt.clip_grad_norm(Some(1.0));
         opt.step(1e-3);
         opt.zero_grad();
-        let _ = loss.double_value(&[]);
+        let total = start.elapsed().as_secs_f64();
         if i >= warmup {
-            times.push(start.elapsed().as_secs_f64() * 1000.0);
+            times.push(total * 1000.0);
+            phases[0] += forward * 1000.0 / steps as f64;
+            phases[1] += (backward - forward) * 1000.0 / steps as f64;
+            phases[2] += (total - backward) * 1000.0 / steps as f64;
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -291,6 +371,7 @@ fn bench_train_step(name: &str, batch: i64, seq: i64, warmup: usize, steps: usiz
         serde_json::json!({
             "impl": "atoll", "preset": name, "batch": batch, "seq": seq, "steps": steps,
             "threads": tch::get_num_threads(), "median_ms": median,
+            "mean_forward_ms": phases[0], "mean_backward_ms": phases[1], "mean_optimizer_ms": phases[2],
             "tokens_per_s": (batch * seq) as f64 / (median / 1000.0),
         })
     );

@@ -79,9 +79,12 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<String> = map
             .values()
             .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("{}: weight_map values must be file names", index_path.display()))
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    anyhow!(
+                        "{}: weight_map values must be file names",
+                        index_path.display()
+                    )
+                })
             })
             .collect::<Result<HashSet<_>>>()?
             .into_iter()
@@ -90,7 +93,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         for p in &paths {
             if !p.exists() {
-                bail!("shard {} listed in {} is missing", p.display(), index_path.display());
+                bail!(
+                    "shard {} listed in {} is missing",
+                    p.display(),
+                    index_path.display()
+                );
             }
         }
         return Ok(paths);
@@ -131,19 +138,25 @@ pub fn load_weights_into(model: &GemmaModel, dir: &Path) -> Result<()> {
     let mut filled: HashSet<String> = HashSet::new();
     let mut skipped_non_text = 0usize;
 
-    let maps = files.iter().map(|p| map_file(p).map(|m| (p, m))).collect::<Result<Vec<_>>>()?;
+    let maps = files
+        .iter()
+        .map(|p| map_file(p).map(|m| (p, m)))
+        .collect::<Result<Vec<_>>>()?;
     let parsed = maps
         .iter()
         .map(|(p, m)| {
-            SafeTensors::deserialize(m)
-                .map(|st| (p, st))
-                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e}); is it truncated?", p.display()))
+            SafeTensors::deserialize(m).map(|st| (p, st)).map_err(|e| {
+                anyhow!(
+                    "{}: not a valid safetensors file ({e}); is it truncated?",
+                    p.display()
+                )
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let multimodal = parsed.iter().any(|(_, st)| {
-        st.names()
-            .iter()
-            .any(|n| n.starts_with("model.language_model.") || n.starts_with("language_model.model."))
+        st.names().iter().any(|n| {
+            n.starts_with("model.language_model.") || n.starts_with("language_model.model.")
+        })
     });
 
     let _guard = tch::no_grad_guard();
@@ -173,7 +186,11 @@ pub fn load_weights_into(model: &GemmaModel, dir: &Path) -> Result<()> {
                 );
             }
             let src_kind = kind_from_dtype(view.dtype()).ok_or_else(|| {
-                anyhow!("{}: tensor `{name}` has unsupported dtype {:?}", path.display(), view.dtype())
+                anyhow!(
+                    "{}: tensor `{name}` has unsupported dtype {:?}",
+                    path.display(),
+                    view.dtype()
+                )
             })?;
             let src = Tensor::from_data_size(view.data(), &shape, src_kind);
             var.copy_(&src.to_device(var.device()).to_kind(var.kind()));
@@ -219,7 +236,12 @@ pub fn save_model(model: &GemmaModel, dir: &Path, kind: Kind, max_shard_bytes: u
     let specs = model.config.tensor_specs();
 
     // Group tensors into shards in layout order.
-    let mut shards: Vec<Vec<(String, Vec<u8>, Vec<usize>)>> = vec![Vec::new()];
+    struct Stored {
+        name: String,
+        bytes: Vec<u8>,
+        shape: Vec<usize>,
+    }
+    let mut shards: Vec<Vec<Stored>> = vec![Vec::new()];
     let mut shard_bytes = 0u64;
     let mut total_bytes = 0u64;
     for spec in &specs {
@@ -235,7 +257,11 @@ pub fn save_model(model: &GemmaModel, dir: &Path, kind: Kind, max_shard_bytes: u
         shard_bytes += n;
         total_bytes += n;
         let shape = spec.shape.iter().map(|&d| d as usize).collect();
-        shards.last_mut().expect("at least one shard").push((spec.name.clone(), bytes, shape));
+        shards.last_mut().expect("at least one shard").push(Stored {
+            name: spec.name.clone(),
+            bytes,
+            shape,
+        });
     }
 
     let metadata: Option<HashMap<String, String>> =
@@ -250,18 +276,18 @@ pub fn save_model(model: &GemmaModel, dir: &Path, kind: Kind, max_shard_bytes: u
         };
         let views = shard
             .iter()
-            .map(|(name, bytes, shape)| {
-                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| anyhow!("cannot serialise {name}: {e}"))
+            .map(|t| {
+                safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.bytes)
+                    .map(|v| (t.name.clone(), v))
+                    .map_err(|e| anyhow!("cannot serialise {}: {e}", t.name))
             })
             .collect::<Result<Vec<_>>>()?;
         let tmp = dir.join(format!(".{file_name}.tmp"));
         safetensors::serialize_to_file(views, metadata.clone(), &tmp)
             .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
         std::fs::rename(&tmp, dir.join(&file_name))?;
-        for (name, _, _) in shard {
-            weight_map.insert(name.clone(), file_name.clone());
+        for t in shard {
+            weight_map.insert(t.name.clone(), file_name.clone());
         }
     }
     if count > 1 {

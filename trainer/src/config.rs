@@ -46,10 +46,15 @@ impl LayerType {
 pub enum RopeKind {
     Default,
     /// Frequencies divided by `factor` (Gemma 3 global layers: 8).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Only the first `partial_rotary_factor` of the frequency pairs rotate; the rest are identity
     /// (Gemma 4 global layers: 0.25).
-    Proportional { partial_rotary_factor: f64, factor: f64 },
+    Proportional {
+        partial_rotary_factor: f64,
+        factor: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,8 +229,14 @@ impl GemmaConfig {
         if opt_bool(obj, "attention_bias")?.unwrap_or(false) {
             bail!("config.json: attention_bias=true is not supported by Gemma");
         }
-        if get(obj, "num_kv_shared_layers").and_then(Value::as_u64).unwrap_or(0) > 0 {
-            bail!("config.json: num_kv_shared_layers > 0 (KV sharing) is not supported by Atoll yet");
+        if get(obj, "num_kv_shared_layers")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            > 0
+        {
+            bail!(
+                "config.json: num_kv_shared_layers > 0 (KV sharing) is not supported by Atoll yet"
+            );
         }
         if gemma4 && opt_bool(obj, "use_double_wide_mlp")?.unwrap_or(false) {
             bail!("config.json: use_double_wide_mlp is not supported by Atoll yet");
@@ -288,7 +299,10 @@ impl GemmaConfig {
                 let full = parse_rope(&rp["full_attention"], default_full, "full_attention")?;
                 let sliding = match get(rp, "sliding_attention") {
                     Some(s) => parse_rope(s, default_sliding, "sliding_attention")?,
-                    None => RopeParams { theta: default_sliding, kind: RopeKind::Default },
+                    None => RopeParams {
+                        theta: default_sliding,
+                        kind: RopeKind::Default,
+                    },
                 };
                 (full, sliding)
             }
@@ -297,18 +311,33 @@ impl GemmaConfig {
                 // sliding layers keep the local base frequency.
                 let full = parse_rope(single, default_full, "all layers")?;
                 let local = opt_f64(obj, "rope_local_base_freq")?.unwrap_or(default_sliding);
-                (full, RopeParams { theta: local, kind: RopeKind::Default })
+                (
+                    full,
+                    RopeParams {
+                        theta: local,
+                        kind: RopeKind::Default,
+                    },
+                )
             }
             Some(other) => bail!("config.json: `rope_parameters` must be an object, got {other}"),
             None => {
                 let theta = opt_f64(obj, "rope_theta")?.unwrap_or(default_full);
                 let full = match get(obj, "rope_scaling") {
                     Some(s) => parse_rope(s, theta, "rope_scaling")?,
-                    None => RopeParams { theta, kind: RopeKind::Default },
+                    None => RopeParams {
+                        theta,
+                        kind: RopeKind::Default,
+                    },
                 };
                 let full = RopeParams { theta, ..full };
                 let local = opt_f64(obj, "rope_local_base_freq")?.unwrap_or(default_sliding);
-                (full, RopeParams { theta: local, kind: RopeKind::Default })
+                (
+                    full,
+                    RopeParams {
+                        theta: local,
+                        kind: RopeKind::Default,
+                    },
+                )
             }
         };
 
@@ -385,21 +414,27 @@ impl GemmaConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.num_attention_heads % self.num_global_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_global_key_value_heads)
+        {
             bail!(
                 "config: num_attention_heads ({}) must be a multiple of the full layers' KV heads ({})",
                 self.num_attention_heads,
                 self.num_global_key_value_heads
             );
         }
-        if self.head_dim % 2 != 0 || self.global_head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) || !self.global_head_dim.is_multiple_of(2) {
             bail!("config: head dimensions must be even for RoPE");
         }
         if self.architecture == Architecture::Gemma3 && self.query_pre_attn_scalar <= 0.0 {
@@ -437,18 +472,41 @@ impl GemmaConfig {
     pub fn tensor_specs(&self) -> Vec<TensorSpec> {
         let h = self.hidden_size as i64;
         let ffn = self.intermediate_size as i64;
-        let spec = |name: String, shape: Vec<i64>| TensorSpec { name, shape, trainable: true };
-        let mut specs = vec![spec("model.embed_tokens.weight".into(), vec![self.vocab_size as i64, h])];
+        let spec = |name: String, shape: Vec<i64>| TensorSpec {
+            name,
+            shape,
+            trainable: true,
+        };
+        let mut specs = vec![spec(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab_size as i64, h],
+        )];
         for i in 0..self.num_hidden_layers {
             let a = self.layer_attention(i);
-            let (hd, kv, heads) = (a.head_dim as i64, a.num_kv_heads as i64, self.num_attention_heads as i64);
+            let (hd, kv, heads) = (
+                a.head_dim as i64,
+                a.num_kv_heads as i64,
+                self.num_attention_heads as i64,
+            );
             let p = format!("model.layers.{i}");
-            specs.push(spec(format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, h]));
-            specs.push(spec(format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, h]));
+            specs.push(spec(
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![heads * hd, h],
+            ));
+            specs.push(spec(
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![kv * hd, h],
+            ));
             if !a.k_eq_v {
-                specs.push(spec(format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, h]));
+                specs.push(spec(
+                    format!("{p}.self_attn.v_proj.weight"),
+                    vec![kv * hd, h],
+                ));
             }
-            specs.push(spec(format!("{p}.self_attn.o_proj.weight"), vec![h, heads * hd]));
+            specs.push(spec(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, heads * hd],
+            ));
             specs.push(spec(format!("{p}.self_attn.q_norm.weight"), vec![hd]));
             specs.push(spec(format!("{p}.self_attn.k_norm.weight"), vec![hd]));
             specs.push(spec(format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]));
@@ -472,7 +530,10 @@ impl GemmaConfig {
         }
         specs.push(spec("model.norm.weight".into(), vec![h]));
         if !self.tie_word_embeddings {
-            specs.push(spec("lm_head.weight".into(), vec![self.vocab_size as i64, h]));
+            specs.push(spec(
+                "lm_head.weight".into(),
+                vec![self.vocab_size as i64, h],
+            ));
         }
         specs
     }
@@ -493,7 +554,10 @@ impl GemmaConfig {
                 RopeKind::Linear { factor } => {
                     json!({"rope_type": "linear", "factor": factor, "rope_theta": r.theta})
                 }
-                RopeKind::Proportional { partial_rotary_factor, factor } => {
+                RopeKind::Proportional {
+                    partial_rotary_factor,
+                    factor,
+                } => {
                     let mut v = json!({"rope_type": "proportional", "partial_rotary_factor": partial_rotary_factor, "rope_theta": r.theta});
                     if factor != 1.0 {
                         v["factor"] = json!(factor);
@@ -547,7 +611,11 @@ impl GemmaConfig {
         } else {
             // transformers' strict config wants an int here whenever the value is integral.
             let scalar = self.query_pre_attn_scalar;
-            v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 { json!(scalar as i64) } else { json!(scalar) };
+            v["query_pre_attn_scalar"] = if scalar.fract() == 0.0 {
+                json!(scalar as i64)
+            } else {
+                json!(scalar)
+            };
             v["attn_logit_softcapping"] = json!(self.attn_logit_softcapping);
         }
         v

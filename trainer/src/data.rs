@@ -31,9 +31,15 @@ pub fn load_corpus(spec: &str) -> Result<String> {
         };
     }
     let path = Path::new(spec);
-    let bytes = std::fs::read(path).with_context(|| format!("data.corpus: cannot read {}", path.display()))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| anyhow!("data.corpus: {} is not UTF-8 text (invalid byte at offset {})", path.display(), e.utf8_error().valid_up_to()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("data.corpus: cannot read {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "data.corpus: {} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     if text.trim().is_empty() {
         bail!("data.corpus: {} is empty", path.display());
     }
@@ -42,12 +48,18 @@ pub fn load_corpus(spec: &str) -> Result<String> {
 
 /// Documents are blank-line-separated blocks of text.
 pub fn split_documents(text: &str) -> Vec<&str> {
-    text.split("\n\n").map(str::trim).filter(|d| !d.is_empty()).collect()
+    text.split("\n\n")
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect()
 }
 
 /// Holds out the last `eval_fraction` of the documents (a contiguous tail, so no eval text sits
 /// between training documents).
-pub fn train_eval_split<'a>(docs: &[&'a str], eval_fraction: f64) -> Result<(Vec<&'a str>, Vec<&'a str>)> {
+pub fn train_eval_split<'a>(
+    docs: &[&'a str],
+    eval_fraction: f64,
+) -> Result<(Vec<&'a str>, Vec<&'a str>)> {
     let n_eval = ((docs.len() as f64) * eval_fraction).ceil() as usize;
     if docs.len() < 2 || n_eval == 0 || n_eval >= docs.len() {
         bail!(
@@ -63,13 +75,21 @@ pub fn train_eval_split<'a>(docs: &[&'a str], eval_fraction: f64) -> Result<(Vec
 /// Trains a byte-level BPE tokenizer of `vocab_size` entries (specials included) on `docs`.
 pub fn train_tokenizer(docs: &[&str], vocab_size: usize) -> Result<Tokenizer> {
     if vocab_size < 256 + SPECIAL_TOKENS.len() {
-        bail!("data.tokenizer.vocab_size: must be at least {} for a byte-level BPE, got {vocab_size}", 256 + SPECIAL_TOKENS.len());
+        bail!(
+            "data.tokenizer.vocab_size: must be at least {} for a byte-level BPE, got {vocab_size}",
+            256 + SPECIAL_TOKENS.len()
+        );
     }
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
@@ -88,11 +108,17 @@ pub fn train_tokenizer(docs: &[&str], vocab_size: usize) -> Result<Tokenizer> {
 }
 
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    Tokenizer::from_file(path).map_err(|e| anyhow!("data.tokenizer.path: cannot load {}: {e}", path.display()))
+    Tokenizer::from_file(path)
+        .map_err(|e| anyhow!("data.tokenizer.path: cannot load {}: {e}", path.display()))
 }
 
 /// Concatenates `<bos> doc <eos>` for every document.
-pub fn pack_documents(tokenizer: &Tokenizer, docs: &[&str], bos: i64, eos: i64) -> Result<Vec<i64>> {
+pub fn pack_documents(
+    tokenizer: &Tokenizer,
+    docs: &[&str],
+    bos: i64,
+    eos: i64,
+) -> Result<Vec<i64>> {
     let encodings = tokenizer
         .encode_batch(docs.to_vec(), false)
         .map_err(|e| anyhow!("tokenization failed: {e}"))?;
@@ -148,8 +174,14 @@ impl PackedSequences {
         }
         let shape = [windows.len() as i64, t as i64];
         (
-            Tensor::from_slice(&inputs).view(shape).to_kind(Kind::Int64).to_device(device),
-            Tensor::from_slice(&targets).view(shape).to_kind(Kind::Int64).to_device(device),
+            Tensor::from_slice(&inputs)
+                .view(shape)
+                .to_kind(Kind::Int64)
+                .to_device(device),
+            Tensor::from_slice(&targets)
+                .view(shape)
+                .to_kind(Kind::Int64)
+                .to_device(device),
         )
     }
 }
@@ -170,14 +202,23 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(num_windows: usize, seed: u64) -> Self {
-        let mut b = Batcher { seed, order: (0..num_windows).collect(), cursor: DataCursor { epoch: 0, position: 0 } };
+        let mut b = Batcher {
+            seed,
+            order: (0..num_windows).collect(),
+            cursor: DataCursor {
+                epoch: 0,
+                position: 0,
+            },
+        };
         b.shuffle();
         b
     }
 
     fn shuffle(&mut self) {
         self.order.sort_unstable();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.cursor.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.seed ^ self.cursor.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         self.order.shuffle(&mut rng);
     }
 
@@ -189,7 +230,10 @@ impl Batcher {
         let mut out = Vec::with_capacity(batch_size);
         while out.len() < batch_size {
             if self.cursor.position == self.order.len() {
-                self.cursor = DataCursor { epoch: self.cursor.epoch + 1, position: 0 };
+                self.cursor = DataCursor {
+                    epoch: self.cursor.epoch + 1,
+                    position: 0,
+                };
                 self.shuffle();
             }
             out.push(self.order[self.cursor.position]);
@@ -214,13 +258,25 @@ mod tests {
         let mut a = Batcher::new(10, 7);
         let mut b = Batcher::new(10, 7);
         let mut seen: Vec<usize> = (0..5).flat_map(|_| a.next_windows(2)).collect();
-        assert_eq!(seen, (0..5).flat_map(|_| b.next_windows(2)).collect::<Vec<_>>());
+        assert_eq!(
+            seen,
+            (0..5).flat_map(|_| b.next_windows(2)).collect::<Vec<_>>()
+        );
         seen.sort();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
-        assert_eq!(a.cursor(), DataCursor { epoch: 0, position: 10 });
+        assert_eq!(
+            a.cursor(),
+            DataCursor {
+                epoch: 0,
+                position: 10
+            }
+        );
         a.next_windows(1);
         assert_eq!(a.cursor().epoch, 1);
-        assert_ne!(Batcher::new(10, 8).next_windows(10), Batcher::new(10, 7).next_windows(10));
+        assert_ne!(
+            Batcher::new(10, 8).next_windows(10),
+            Batcher::new(10, 7).next_windows(10)
+        );
     }
 
     #[test]
@@ -228,8 +284,14 @@ mod tests {
         let p = PackedSequences::new((0..11).collect(), 5, "train").unwrap();
         assert_eq!(p.len(), 2);
         let (x, y) = p.batch(&[1], Device::Cpu);
-        assert_eq!(Vec::<i64>::try_from(x.view([-1])).unwrap(), vec![5, 6, 7, 8, 9]);
-        assert_eq!(Vec::<i64>::try_from(y.view([-1])).unwrap(), vec![6, 7, 8, 9, 10]);
+        assert_eq!(
+            Vec::<i64>::try_from(x.view([-1])).unwrap(),
+            vec![5, 6, 7, 8, 9]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(y.view([-1])).unwrap(),
+            vec![6, 7, 8, 9, 10]
+        );
     }
 
     #[test]
@@ -239,7 +301,9 @@ mod tests {
         let tok = train_tokenizer(&docs[..2000], 600).unwrap();
         assert_eq!(tok.get_vocab_size(true), 600);
         assert_eq!(tok.token_to_id("<bos>"), Some(BOS_ID as u32));
-        let enc = tok.encode("To be, or not to be: that is the question.", false).unwrap();
+        let enc = tok
+            .encode("To be, or not to be: that is the question.", false)
+            .unwrap();
         let decoded = tok.decode(enc.get_ids(), true).unwrap();
         assert_eq!(decoded.trim(), "To be, or not to be: that is the question.");
     }

@@ -83,12 +83,18 @@ pub fn init() {
         .with_ansi(false)
         .with_target(false)
         .with_filter(filter());
-    let _ = tracing_subscriber::registry().with(stderr).with(file).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
+        .try_init();
 }
 
 /// Starts copying log lines into `path` (appending).
 pub fn log_to_file(path: &Path) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     if let Some(Ok(mut slot)) = LOG_FILE.get().map(|m| m.lock()) {
         *slot = Some(file);
     }

@@ -37,11 +37,22 @@ impl AdamW {
             .into_iter()
             .map(|param| {
                 let zeros = || Tensor::zeros_like(&param).to_kind(Kind::Float);
-                let master = (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
-                ParamState { decay: param.dim() >= 2, exp_avg: zeros(), exp_avg_sq: zeros(), master, param }
+                let master =
+                    (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
+                ParamState {
+                    decay: param.dim() >= 2,
+                    exp_avg: zeros(),
+                    exp_avg_sq: zeros(),
+                    master,
+                    param,
+                }
             })
             .collect();
-        AdamW { config, params, step: 0 }
+        AdamW {
+            config,
+            params,
+            step: 0,
+        }
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -113,7 +124,7 @@ impl AdamW {
             let denom = (p.exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
             let _ = target.addcdiv_(&(&p.exp_avg * (-lr / bias1)), &denom);
             if p.master.is_some() {
-                let _ = p.param.copy_(&target);
+                p.param.copy_(&target);
             }
         }
     }
@@ -150,19 +161,31 @@ mod tests {
     #[test]
     fn adamw_matches_a_float64_reference() {
         let w0 = [0.5f64, -1.0, 2.0, 0.25];
-        let param = Tensor::from_slice(&w0.map(|x| x as f32)).view([2, 2]).set_requires_grad(true);
+        let param = Tensor::from_slice(&w0.map(|x| x as f32))
+            .view([2, 2])
+            .set_requires_grad(true);
         let bias = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(vec![param.shallow_clone(), bias.shallow_clone()], cfg);
         let lr = 0.01;
         let (mut w, mut m, mut v) = (w0.to_vec(), vec![0.0; 4], vec![0.0; 4]);
         let (mut b, mut bm, mut bv) = (vec![1.0f64, -2.0], vec![0.0; 2], vec![0.0; 2]);
         for t in 1..=3 {
             opt.zero_grad();
-            let loss = (&param * &param).sum(Kind::Float) * 1.5 + (&bias * &bias * &bias).sum(Kind::Float);
+            let loss =
+                (&param * &param).sum(Kind::Float) * 1.5 + (&bias * &bias * &bias).sum(Kind::Float);
             loss.backward();
             opt.step(lr);
-            let update = |x: &mut Vec<f64>, m: &mut Vec<f64>, v: &mut Vec<f64>, grads: Vec<f64>, decay: bool| {
+            let update = |x: &mut Vec<f64>,
+                          m: &mut Vec<f64>,
+                          v: &mut Vec<f64>,
+                          grads: Vec<f64>,
+                          decay: bool| {
                 for i in 0..x.len() {
                     if decay {
                         x[i] *= 1.0 - lr * cfg.weight_decay;
@@ -179,8 +202,16 @@ mod tests {
             update(&mut w, &mut m, &mut v, gw, true);
             update(&mut b, &mut bm, &mut bv, gb, false);
         }
-        let got: Vec<f64> = Vec::<f32>::try_from(param.view([-1])).unwrap().iter().map(|&x| x as f64).collect();
-        let got_b: Vec<f64> = Vec::<f32>::try_from(&bias).unwrap().iter().map(|&x| x as f64).collect();
+        let got: Vec<f64> = Vec::<f32>::try_from(param.view([-1]))
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let got_b: Vec<f64> = Vec::<f32>::try_from(&bias)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
         for (a, e) in got.iter().chain(&got_b).zip(w.iter().chain(&b)) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
         }
@@ -189,7 +220,15 @@ mod tests {
     #[test]
     fn clipping_scales_gradients_to_the_max_norm() {
         let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
-        let mut opt = AdamW::new(vec![p.shallow_clone()], AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 });
+        let mut opt = AdamW::new(
+            vec![p.shallow_clone()],
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        );
         (&p * &p).sum(Kind::Float).backward(); // grad = (6, 8), norm 10
         let norm = opt.clip_grad_norm(Some(1.0));
         assert!((norm - 10.0).abs() < 1e-5);

@@ -32,7 +32,13 @@ pub const PRESET_NAMES: &[&str] = &[
 
 fn five_to_one(layers: usize) -> Vec<&'static str> {
     (0..layers)
-        .map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })
+        .map(|i| {
+            if (i + 1) % 6 == 0 {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            }
+        })
         .collect()
 }
 
@@ -56,7 +62,10 @@ fn gemma4_12b_extras() -> MultimodalExtras {
         + posemb * 2 * d // pos_embedding
         + 2 * d // pos_norm
         + d * d; // embed_vision.embedding_projection
-    MultimodalExtras { vision, audio: 640 * d }
+    MultimodalExtras {
+        vision,
+        audio: 640 * d,
+    }
 }
 
 fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
@@ -74,7 +83,10 @@ fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
                 }
             }),
             "Gemma 3 12B (text stack; vision tower counted separately)",
-            MultimodalExtras { vision: gemma3_12b_vision(), audio: 0 },
+            MultimodalExtras {
+                vision: gemma3_12b_vision(),
+                audio: 0,
+            },
         ),
         "gemma4-12b" => (
             json!({
@@ -147,9 +159,21 @@ fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
 
 pub fn preset(name: &str) -> Result<Preset> {
     let Some((value, description, extras)) = preset_json(name) else {
-        bail!("unknown model preset `{name}` (available: {})", PRESET_NAMES.join(", "));
+        bail!(
+            "unknown model preset `{name}` (available: {})",
+            PRESET_NAMES.join(", ")
+        );
     };
     let config = GemmaConfig::from_hf_json(&value)?;
-    let name = PRESET_NAMES.iter().copied().find(|n| *n == name).unwrap_or("custom");
-    Ok(Preset { name, description, config, extras })
+    let name = PRESET_NAMES
+        .iter()
+        .copied()
+        .find(|n| *n == name)
+        .unwrap_or("custom");
+    Ok(Preset {
+        name,
+        description,
+        config,
+        extras,
+    })
 }

@@ -57,7 +57,11 @@ macro_rules! bounded_number {
                         self.visit_f64(x as f64)
                     }
                     fn visit_str<E: de::Error>(self, s: &str) -> Result<$name, E> {
-                        Err(E::custom(format!("expected {}, got {}", $expect, describe(de::Unexpected::Str(s)))))
+                        Err(E::custom(format!(
+                            "expected {}, got {}",
+                            $expect,
+                            describe(de::Unexpected::Str(s))
+                        )))
                     }
                     fn visit_bool<E: de::Error>(self, b: bool) -> Result<$name, E> {
                         Err(E::custom(format!("expected {}, got {b}", $expect)))
@@ -72,10 +76,14 @@ macro_rules! bounded_number {
     };
 }
 
-bounded_number!(PositiveF64, f64, "a positive number", |v| v > 0.0 && v.is_finite());
-bounded_number!(NonNegativeF64, f64, "a number >= 0", |v| v >= 0.0 && v.is_finite());
-bounded_number!(Fraction, f64, "a number in [0, 1)", |v| (0.0..1.0).contains(&v));
-bounded_number!(OpenFraction, f64, "a number in (0, 1)", |v| v > 0.0 && v < 1.0);
+bounded_number!(PositiveF64, f64, "a positive number", |v| v > 0.0
+    && v.is_finite());
+bounded_number!(NonNegativeF64, f64, "a number >= 0", |v| v >= 0.0
+    && v.is_finite());
+bounded_number!(Fraction, f64, "a number in [0, 1)", |v| (0.0..1.0)
+    .contains(&v));
+bounded_number!(OpenFraction, f64, "a number in (0, 1)", |v| v > 0.0
+    && v < 1.0);
 bounded_number!(PositiveInt, usize, "a positive integer", |v| v > 0);
 bounded_number!(Count, usize, "an integer >= 0", |v| v < usize::MAX);
 
@@ -122,7 +130,10 @@ pub struct TokenizerSection {
 
 impl Default for TokenizerSection {
     fn default() -> Self {
-        TokenizerSection { path: None, vocab_size: defaults::vocab_size() }
+        TokenizerSection {
+            path: None,
+            vocab_size: defaults::vocab_size(),
+        }
     }
 }
 
@@ -200,7 +211,7 @@ impl Default for TrainSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
     /// Run directory; default `runs/<recipe name>`. An existing non-empty directory is never
@@ -210,6 +221,12 @@ pub struct RunSection {
     /// Write the final weights as a Hugging Face checkpoint under `<run dir>/final`.
     #[serde(default = "defaults::yes")]
     pub save_final: bool,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,7 +327,10 @@ pub fn apply_override(tree: &mut Value, assignment: &str) -> Result<()> {
             *node = Value::Mapping(Mapping::new());
         }
         let Value::Mapping(map) = node else {
-            bail!("--set {assignment}: `{}` is a value, not a section", walked[..walked.len() - 1].join("."));
+            bail!(
+                "--set {assignment}: `{}` is a value, not a section",
+                walked[..walked.len() - 1].join(".")
+            );
         };
         let key = Value::String(part.to_string());
         if i == parts.len() - 1 {
@@ -325,12 +345,15 @@ pub fn apply_override(tree: &mut Value, assignment: &str) -> Result<()> {
 impl Recipe {
     /// Parses recipe YAML text, applies `--set` overrides, and types it.
     pub fn from_yaml(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
-        let mut tree: Value = serde_yaml::from_str(text).map_err(|e| anyhow!("{origin}: invalid YAML: {e}"))?;
+        let mut tree: Value =
+            serde_yaml::from_str(text).map_err(|e| anyhow!("{origin}: invalid YAML: {e}"))?;
         if tree.is_null() {
             tree = Value::Mapping(Mapping::new());
         }
         if !tree.is_mapping() {
-            bail!("{origin}: a recipe must be a YAML mapping of sections (model, data, train, run)");
+            bail!(
+                "{origin}: a recipe must be a YAML mapping of sections (model, data, train, run)"
+            );
         }
         for o in overrides {
             apply_override(&mut tree, o)?;
@@ -349,7 +372,8 @@ impl Recipe {
     }
 
     pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
         let mut recipe = Self::from_yaml(&text, &path.display().to_string(), overrides)?;
         if recipe.name.is_none() {
             recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -395,6 +419,10 @@ mod tests {
     fn defaults_fill_everything_but_the_model() {
         let r = parse("model: {preset: gemma3-tiny}", &[]).unwrap();
         assert_eq!(r.train, TrainSection::default());
+        assert!(
+            r.run.save_final,
+            "an absent run section keeps the field defaults"
+        );
         assert_eq!(r.train.lr.0, 3e-3);
         assert_eq!(r.data.corpus, "builtin:tinyshakespeare");
     }
@@ -402,36 +430,72 @@ mod tests {
     #[test]
     fn errors_name_the_field_the_value_and_what_is_allowed() {
         let e = err("model: {preset: gemma3-tiny}\ntrain: {lr: fast}", &[]);
-        assert!(e.contains("train.lr: expected a positive number, got \"fast\""), "{e}");
+        assert!(
+            e.contains("train.lr: expected a positive number, got \"fast\""),
+            "{e}"
+        );
         let e = err("model: {preset: gemma3-tiny}\ntrain: {batch_size: -2}", &[]);
-        assert!(e.contains("train.batch_size: expected a positive integer, got -2"), "{e}");
-        let e = err("model: {preset: gemma3-tiny}\ntrain: {betas: [0.9, 1.5]}", &[]);
-        assert!(e.contains("train.betas[1]: expected a number in [0, 1), got 1.5"), "{e}");
+        assert!(
+            e.contains("train.batch_size: expected a positive integer, got -2"),
+            "{e}"
+        );
+        let e = err(
+            "model: {preset: gemma3-tiny}\ntrain: {betas: [0.9, 1.5]}",
+            &[],
+        );
+        assert!(
+            e.contains("train.betas[1]: expected a number in [0, 1), got 1.5"),
+            "{e}"
+        );
         let e = err("model: {preset: gemma3-tiny, dtype: f8}", &[]);
-        assert!(e.contains("model.dtype: unknown variant `f8`, expected `f32` or `bf16`"), "{e}");
+        assert!(
+            e.contains("model.dtype: unknown variant `f8`, expected `f32` or `bf16`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_fields_are_rejected_with_their_path() {
         let e = err("model: {preset: gemma3-tiny}\ntrain: {lrr: 0.1}", &[]);
-        assert!(e.contains("train.lrr: unknown field `lrr`, expected one of"), "{e}");
+        assert!(
+            e.contains("train.lrr: unknown field `lrr`, expected one of"),
+            "{e}"
+        );
         let e = err("model: {preset: gemma3-tiny}\ntrian: {}", &[]);
         assert!(e.contains("unknown field `trian`"), "{e}");
     }
 
     #[test]
     fn set_overrides_are_typed_like_the_file() {
-        let r = parse("model: {preset: gemma3-tiny}", &["train.lr=1e-4", "train.max_steps=30", "data.tokenizer.vocab_size=512"]).unwrap();
+        let r = parse(
+            "model: {preset: gemma3-tiny}",
+            &[
+                "train.lr=1e-4",
+                "train.max_steps=30",
+                "data.tokenizer.vocab_size=512",
+            ],
+        )
+        .unwrap();
         assert_eq!(r.train.lr.0, 1e-4);
         assert_eq!(r.train.max_steps.0, 30);
         assert_eq!(r.data.tokenizer.vocab_size.0, 512);
         let e = err("model: {preset: gemma3-tiny}", &["train.lr=fast"]);
-        assert!(e.contains("train.lr: expected a positive number, got \"fast\""), "{e}");
-        let e = err("model: {preset: gemma3-tiny}\ntrain: {lr: 0.1}", &["train.lr.x=1"]);
+        assert!(
+            e.contains("train.lr: expected a positive number, got \"fast\""),
+            "{e}"
+        );
+        let e = err(
+            "model: {preset: gemma3-tiny}\ntrain: {lr: 0.1}",
+            &["train.lr.x=1"],
+        );
         assert!(e.contains("`train.lr` is a value, not a section"), "{e}");
         let e = err("model: {preset: gemma3-tiny}", &["train.lr.x=1"]);
-        assert!(e.contains("train.lr: invalid type: map, expected a positive number"), "{e}");
-        assert!(err("model: {preset: gemma3-tiny}", &["novalue"]).contains("expected path.to.field=value"));
+        assert!(
+            e.contains("train.lr: invalid type: map, expected a positive number"),
+            "{e}"
+        );
+        assert!(err("model: {preset: gemma3-tiny}", &["novalue"])
+            .contains("expected path.to.field=value"));
     }
 
     #[test]

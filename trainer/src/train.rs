@@ -59,7 +59,9 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => Ok(Device::cuda_if_available()),
         DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        DeviceChoice::Cuda => bail!("train.device: cuda requested but no CUDA device is visible to libtorch"),
+        DeviceChoice::Cuda => {
+            bail!("train.device: cuda requested but no CUDA device is visible to libtorch")
+        }
     }
 }
 
@@ -82,15 +84,25 @@ fn device_name(d: Device) -> String {
 
 /// Picks `runs/<name>` (or `run.dir`), adding `-2`, `-3`, … instead of touching an existing run.
 pub fn fresh_run_dir(recipe: &Recipe) -> Result<PathBuf> {
-    let base = recipe.run.dir.clone().unwrap_or_else(|| Path::new("runs").join(recipe.name()));
-    let is_free = |p: &Path| !p.exists() || p.read_dir().map(|mut d| d.next().is_none()).unwrap_or(false);
+    let base = recipe
+        .run
+        .dir
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(recipe.name()));
+    let is_free = |p: &Path| {
+        !p.exists()
+            || p.read_dir()
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+    };
     let mut candidate = base.clone();
     let mut n = 2;
     while !is_free(&candidate) {
         candidate = PathBuf::from(format!("{}-{n}", base.display()));
         n += 1;
     }
-    std::fs::create_dir_all(&candidate).with_context(|| format!("cannot create run directory {}", candidate.display()))?;
+    std::fs::create_dir_all(&candidate)
+        .with_context(|| format!("cannot create run directory {}", candidate.display()))?;
     Ok(candidate)
 }
 
@@ -117,15 +129,27 @@ pub fn prepare_data(recipe: &Recipe, bos: i64, eos: i64) -> Result<PreparedData>
         }
     };
     let seq_len = recipe.data.seq_len.0;
-    let train = PackedSequences::new(data::pack_documents(&tokenizer, &train_docs, bos, eos)?, seq_len, "train")?;
-    let eval = PackedSequences::new(data::pack_documents(&tokenizer, &eval_docs, bos, eos)?, seq_len, "eval")?;
+    let train = PackedSequences::new(
+        data::pack_documents(&tokenizer, &train_docs, bos, eos)?,
+        seq_len,
+        "train",
+    )?;
+    let eval = PackedSequences::new(
+        data::pack_documents(&tokenizer, &eval_docs, bos, eos)?,
+        seq_len,
+        "eval",
+    )?;
     tracing::info!(
         "data: {} train tokens ({} sequences of {seq_len}), {} eval tokens",
         train.num_tokens(),
         train.len(),
         eval.num_tokens()
     );
-    Ok(PreparedData { tokenizer, train, eval })
+    Ok(PreparedData {
+        tokenizer,
+        train,
+        eval,
+    })
 }
 
 /// Builds the model a recipe asks for; a preset's vocabulary is sized to the tokenizer.
@@ -135,7 +159,8 @@ pub fn build_model(recipe: &Recipe, tokenizer_vocab: usize, device: Device) -> R
         ParamDtype::Bf16 => Kind::BFloat16,
     };
     if let Some(dir) = &recipe.model.init_from {
-        let model = load_model(dir, device, kind).with_context(|| format!("model.init_from: {}", dir.display()))?;
+        let model = load_model(dir, device, kind)
+            .with_context(|| format!("model.init_from: {}", dir.display()))?;
         if tokenizer_vocab > model.config.vocab_size {
             bail!(
                 "the tokenizer has {tokenizer_vocab} tokens but the checkpoint's vocabulary has {}",
@@ -151,7 +176,12 @@ pub fn build_model(recipe: &Recipe, tokenizer_vocab: usize, device: Device) -> R
 }
 
 /// Mean loss over the first `batches` eval batches (fixed, so evals are comparable across steps).
-pub fn evaluate(model: &GemmaModel, eval: &PackedSequences, batch_size: usize, batches: usize) -> f64 {
+pub fn evaluate(
+    model: &GemmaModel,
+    eval: &PackedSequences,
+    batch_size: usize,
+    batches: usize,
+) -> f64 {
     let _guard = tch::no_grad_guard();
     let windows: Vec<usize> = (0..eval.len()).collect();
     let mut total = 0.0;
@@ -175,9 +205,11 @@ impl Progress {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             crate::logging::set_active_bar(Some(bar.clone()));
             Progress::Bar(bar)
@@ -187,14 +219,20 @@ impl Progress {
     }
 
     fn update(&self, m: &StepMetrics, total: usize) {
-        let eval = m.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
+        let eval = m
+            .eval_loss
+            .map(|e| format!(" eval {e:.4}"))
+            .unwrap_or_default();
         match self {
             Progress::Bar(bar) => {
                 bar.set_position(m.step as u64);
-                bar.set_message(format!("loss {:.4}{eval} {:.0} tok/s", m.loss, m.tokens_per_s));
+                bar.set_message(format!(
+                    "loss {:.4}{eval} {:.0} tok/s",
+                    m.loss, m.tokens_per_s
+                ));
             }
             Progress::Lines { every } => {
-                if m.step % every == 0 || m.step == total || m.eval_loss.is_some() {
+                if m.step.is_multiple_of(*every) || m.step == total || m.eval_loss.is_some() {
                     tracing::info!(
                         "step {}/{total} loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
                         m.step,
@@ -241,17 +279,30 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     let params = model.config.num_parameters();
     tracing::info!(
         "model: {} ({}), {params} parameters, {} on {}",
-        recipe.model.preset.clone().unwrap_or_else(|| "checkpoint".into()),
+        recipe
+            .model
+            .preset
+            .clone()
+            .unwrap_or_else(|| "checkpoint".into()),
         model.config.architecture.name(),
         dtype_name(model.kind()),
         device_name(device)
     );
 
     let t = &recipe.train;
-    let trainable: Vec<Tensor> = model.named_trainable_parameters().into_iter().map(|(_, t)| t).collect();
+    let trainable: Vec<Tensor> = model
+        .named_trainable_parameters()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
     let mut optimizer = AdamW::new(
         trainable,
-        AdamWConfig { beta1: t.betas[0].0, beta2: t.betas[1].0, eps: t.eps.0, weight_decay: t.weight_decay.0 },
+        AdamWConfig {
+            beta1: t.betas[0].0,
+            beta2: t.betas[1].0,
+            eps: t.eps.0,
+            weight_decay: t.weight_decay.0,
+        },
     );
     let mut batcher = Batcher::new(prepared.train.len(), recipe.seed);
     let total_steps = t.max_steps.0;
@@ -269,7 +320,13 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     let mut final_eval = initial_eval;
 
     for step in 0..total_steps {
-        let lr = learning_rate(step, t.lr.0, t.warmup_steps.0, total_steps, t.min_lr_ratio.0);
+        let lr = learning_rate(
+            step,
+            t.lr.0,
+            t.warmup_steps.0,
+            total_steps,
+            t.min_lr_ratio.0,
+        );
         let mut loss_sum = 0.0;
         for _ in 0..accum {
             let (x, y) = prepared.train.batch(&batcher.next_windows(batch), device);
@@ -330,11 +387,15 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     let last = last.expect("max_steps is positive");
     let summary = Summary {
         name: recipe.name().to_string(),
-        model: recipe
-            .model
-            .preset
-            .clone()
-            .unwrap_or_else(|| recipe.model.init_from.clone().unwrap_or_default().display().to_string()),
+        model: recipe.model.preset.clone().unwrap_or_else(|| {
+            recipe
+                .model
+                .init_from
+                .clone()
+                .unwrap_or_default()
+                .display()
+                .to_string()
+        }),
         architecture: model.config.architecture.name().into(),
         parameters: params,
         device: device_name(device),

@@ -1,13 +1,17 @@
 //! Hugging Face checkpoint reading and writing: round trips, shards, dtypes and bad files.
 
-use atoll_trainer::checkpoint::{load_model, save_model, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE};
+use atoll_trainer::checkpoint::{
+    load_model, save_model, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE,
+};
 use atoll_trainer::presets::preset;
 use atoll_trainer::GemmaModel;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 fn tiny(name: &str, seed: i64) -> GemmaModel {
@@ -64,12 +68,19 @@ fn sharded_bf16_save_writes_an_index_and_loads_back() {
     let dir = tempfile::tempdir().unwrap();
     save_model(&model, dir.path(), Kind::BFloat16, 300_000).unwrap();
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join(INDEX_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(INDEX_FILE)).unwrap())
+            .unwrap();
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map.len(), model.config.tensor_specs().len());
-    let shards: std::collections::BTreeSet<_> = map.values().map(|v| v.as_str().unwrap().to_string()).collect();
+    let shards: std::collections::BTreeSet<_> = map
+        .values()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     assert!(shards.len() > 1);
-    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), 2 * model.config.num_parameters());
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap(),
+        2 * model.config.num_parameters()
+    );
     let loaded = load_model(dir.path(), Device::Cpu, Kind::Float).unwrap();
     // Every weight comes back as exactly its bf16 rounding.
     let original = model.vs.variables();
@@ -78,7 +89,8 @@ fn sharded_bf16_save_writes_an_index_and_loads_back() {
         assert_eq!(max_diff(&t, &expected), 0.0, "{name}");
     }
     let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(config["dtype"], "bfloat16");
     assert_eq!(config["architectures"][0], "Gemma4UnifiedForCausalLM");
 }
@@ -91,7 +103,10 @@ fn truncated_safetensors_is_a_clear_error() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("not a valid safetensors file") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("not a valid safetensors file") && err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -105,7 +120,10 @@ fn missing_weights_and_missing_shards_are_reported() {
     copy_dir(&fixture("gemma4-unified-tiny-sharded-bf16"), dir.path());
     std::fs::remove_file(dir.path().join("model-00003-of-00007.safetensors")).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("model-00003-of-00007.safetensors") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model-00003-of-00007.safetensors") && err.contains("missing"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -113,11 +131,15 @@ fn shape_disagreeing_with_the_config_is_reported_with_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("gemma3-tiny"), dir.path());
     let path = dir.path().join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["intermediate_size"] = serde_json::json!(96);
     std::fs::write(&path, config.to_string()).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("has shape [160, 64] but config.json implies [96, 64]"), "{err}");
+    assert!(
+        err.contains("has shape [160, 64] but config.json implies [96, 64]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -127,12 +149,19 @@ fn a_missing_tensor_is_named() {
     save_model(&model, dir.path(), Kind::Float, DEFAULT_MAX_SHARD_BYTES).unwrap();
     // Declare one more layer than the file holds.
     let path = dir.path().join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["num_hidden_layers"] = serde_json::json!(5);
-    config["layer_types"].as_array_mut().unwrap().push(serde_json::json!("full_attention"));
+    config["layer_types"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!("full_attention"));
     std::fs::write(&path, config.to_string()).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("missing from the checkpoint") && err.contains("model.layers.4."), "{err}");
+    assert!(
+        err.contains("missing from the checkpoint") && err.contains("model.layers.4."),
+        "{err}"
+    );
 }
 
 #[test]
@@ -140,7 +169,9 @@ fn unknown_model_type_is_rejected_by_name() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("gemma3-tiny"), dir.path());
     let path = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&path).unwrap().replace("gemma3_text", "llama");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("gemma3_text", "llama");
     std::fs::write(&path, text).unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("unknown model_type `llama`"), "{err}");

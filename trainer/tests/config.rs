@@ -19,7 +19,10 @@ fn twelve_b_presets_count_what_the_real_checkpoints_hold() {
         let ours = p.config.num_parameters() + p.extras.vision + p.extras.audio;
         assert_eq!(ours, reference[name].as_u64().unwrap(), "{name}");
     }
-    assert_eq!(preset("gemma3-12b").unwrap().config.num_parameters(), 11_766_034_176);
+    assert_eq!(
+        preset("gemma3-12b").unwrap().config.num_parameters(),
+        11_766_034_176
+    );
 }
 
 #[test]
@@ -29,17 +32,30 @@ fn gemma4_12b_shapes_follow_the_released_layout() {
     // 48 layers × 13 tensors + 40 sliding v_proj + embedding + final norm.
     assert_eq!(specs.len(), 48 * 13 + 40 + 2);
     let shape = |n: &str| specs.iter().find(|s| s.name == n).map(|s| s.shape.clone());
-    assert_eq!(shape("model.layers.5.self_attn.q_proj.weight"), Some(vec![8192, 3840]));
-    assert_eq!(shape("model.layers.5.self_attn.k_proj.weight"), Some(vec![512, 3840]));
+    assert_eq!(
+        shape("model.layers.5.self_attn.q_proj.weight"),
+        Some(vec![8192, 3840])
+    );
+    assert_eq!(
+        shape("model.layers.5.self_attn.k_proj.weight"),
+        Some(vec![512, 3840])
+    );
     assert_eq!(shape("model.layers.5.self_attn.v_proj.weight"), None);
-    assert_eq!(shape("model.layers.4.self_attn.v_proj.weight"), Some(vec![2048, 3840]));
-    assert_eq!(shape("model.layers.47.self_attn.q_norm.weight"), Some(vec![512]));
+    assert_eq!(
+        shape("model.layers.4.self_attn.v_proj.weight"),
+        Some(vec![2048, 3840])
+    );
+    assert_eq!(
+        shape("model.layers.47.self_attn.q_norm.weight"),
+        Some(vec![512])
+    );
 }
 
 #[test]
 fn legacy_and_v5_spellings_parse_to_the_same_config() {
     let v5 = GemmaConfig::from_file(&fixtures().join("gemma3-tiny/config.json")).unwrap();
-    let legacy = GemmaConfig::from_file(&fixtures().join("gemma3-tiny-legacy-config/config.json")).unwrap();
+    let legacy =
+        GemmaConfig::from_file(&fixtures().join("gemma3-tiny-legacy-config/config.json")).unwrap();
     assert_eq!(v5, legacy);
     assert_eq!(v5.layer_types[2], LayerType::Full);
     assert_eq!(v5.rope_full.kind, RopeKind::Linear { factor: 8.0 });
@@ -64,7 +80,9 @@ fn gemma4_legacy_global_fields_match_per_layer_config() {
 
 #[test]
 fn nested_text_config_of_multimodal_wrappers_is_read() {
-    let cfg = GemmaConfig::from_file(&fixtures().join("gemma4-unified-tiny-sharded-bf16/config.json")).unwrap();
+    let cfg =
+        GemmaConfig::from_file(&fixtures().join("gemma4-unified-tiny-sharded-bf16/config.json"))
+            .unwrap();
     assert_eq!(cfg.hidden_size, 64);
     assert_eq!(cfg.final_logit_softcapping, Some(30.0));
 }
@@ -73,15 +91,22 @@ fn nested_text_config_of_multimodal_wrappers_is_read() {
 fn written_config_parses_back_identically() {
     for name in ["gemma3-12b", "gemma4-12b", "gemma3-tiny", "gemma4-tiny"] {
         let cfg = preset(name).unwrap().config;
-        assert_eq!(GemmaConfig::from_hf_json(&cfg.to_hf_json()).unwrap(), cfg, "{name}");
+        assert_eq!(
+            GemmaConfig::from_hf_json(&cfg.to_hf_json()).unwrap(),
+            cfg,
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn bad_configs_get_clear_errors() {
     let err = |v: serde_json::Value| format!("{:#}", GemmaConfig::from_hf_json(&v).unwrap_err());
-    assert!(err(serde_json::json!({"model_type": "mistral"})).contains("unknown model_type `mistral`"));
-    assert!(err(serde_json::json!({"model_type": "gemma3_text"})).contains("missing required field `num_hidden_layers`"));
+    assert!(
+        err(serde_json::json!({"model_type": "mistral"})).contains("unknown model_type `mistral`")
+    );
+    assert!(err(serde_json::json!({"model_type": "gemma3_text"}))
+        .contains("missing required field `num_hidden_layers`"));
     let mut v = preset("gemma3-tiny").unwrap().config.to_hf_json();
     v["num_attention_heads"] = serde_json::json!(3);
     assert!(err(v).contains("must be a multiple of num_key_value_heads"));

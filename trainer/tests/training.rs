@@ -19,14 +19,22 @@ fn losses(dir: &std::path::Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect()
 }
 
 #[test]
 fn thirty_steps_reduce_the_loss_and_one_seed_gives_one_curve() {
     let root = tempfile::tempdir().unwrap();
-    let (a, b, c) = (root.path().join("a"), root.path().join("b"), root.path().join("c"));
+    let (a, b, c) = (
+        root.path().join("a"),
+        root.path().join("b"),
+        root.path().join("c"),
+    );
     for d in [&a, &b, &c] {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -35,21 +43,49 @@ fn thirty_steps_reduce_the_loss_and_one_seed_gives_one_curve() {
     assert_eq!(curve.len(), 30);
     let head: f64 = curve[..5].iter().sum::<f64>() / 5.0;
     let tail: f64 = curve[25..].iter().sum::<f64>() / 5.0;
-    assert!(tail < head - 0.8, "loss did not fall enough: first five {head:.3}, last five {tail:.3}");
-    assert!(summary.final_eval_loss < summary.initial_eval_loss - 0.8, "{summary:?}");
+    assert!(
+        tail < head - 0.8,
+        "loss did not fall enough: first five {head:.3}, last five {tail:.3}"
+    );
+    assert!(
+        summary.final_eval_loss < summary.initial_eval_loss - 0.8,
+        "{summary:?}"
+    );
 
     train(&recipe(7, &b), &b).unwrap();
-    assert_eq!(curve, losses(&b), "same seed must give bit-identical losses");
+    assert_eq!(
+        curve,
+        losses(&b),
+        "same seed must give bit-identical losses"
+    );
 
     train(&recipe(8, &c), &c).unwrap();
-    assert_ne!(curve, losses(&c), "a different seed should change the curve");
+    assert_ne!(
+        curve,
+        losses(&c),
+        "a different seed should change the curve"
+    );
 
-    for file in ["recipe.yaml", "tokenizer.json", "summary.json", "metrics.jsonl"] {
+    for file in [
+        "recipe.yaml",
+        "tokenizer.json",
+        "summary.json",
+        "metrics.jsonl",
+    ] {
         assert!(a.join(file).exists(), "{file} missing");
     }
-    let first: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(a.join("metrics.jsonl")).unwrap().lines().nth(14).unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(a.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .nth(14)
+            .unwrap(),
+    )
+    .unwrap();
     for key in ["step", "loss", "lr", "tokens", "tokens_per_s", "eval_loss"] {
-        assert!(first.get(key).is_some(), "metrics line lacks {key}: {first}");
+        assert!(
+            first.get(key).is_some(),
+            "metrics line lacks {key}: {first}"
+        );
     }
 }

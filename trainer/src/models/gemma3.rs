@@ -8,8 +8,7 @@
 //! Output: final norm, tied LM head, optional logit softcap.
 
 use super::layers::{
-    attend, linear_weight, lm_logits, repeat_kv, scaled_embedding, LayerInputs, Mlp, NormScale,
-    RmsNorm,
+    attend, linear_weight, lm_logits, scaled_embedding, LayerInputs, Mlp, NormScale, RmsNorm,
 };
 use crate::config::{GemmaConfig, LayerType};
 use tch::{nn, Tensor};
@@ -41,8 +40,18 @@ impl Attention {
             k_proj: linear_weight(&p / "k_proj", kv * hd, h),
             v_proj: linear_weight(&p / "v_proj", kv * hd, h),
             o_proj: linear_weight(&p / "o_proj", h, heads * hd),
-            q_norm: RmsNorm::new(&p / "q_norm", hd, cfg.rms_norm_eps, NormScale::OnePlusWeight),
-            k_norm: RmsNorm::new(&p / "k_norm", hd, cfg.rms_norm_eps, NormScale::OnePlusWeight),
+            q_norm: RmsNorm::new(
+                &p / "q_norm",
+                hd,
+                cfg.rms_norm_eps,
+                NormScale::OnePlusWeight,
+            ),
+            k_norm: RmsNorm::new(
+                &p / "k_norm",
+                hd,
+                cfg.rms_norm_eps,
+                NormScale::OnePlusWeight,
+            ),
             num_heads: heads,
             num_kv_heads: kv,
             head_dim: hd,
@@ -58,16 +67,18 @@ impl Attention {
             LayerType::Sliding => &inputs.rope_sliding,
             LayerType::Full => &inputs.rope_full,
         };
-        let project = |w: &Tensor, heads: i64| x.linear::<Tensor>(w, None).view([b, t, heads, self.head_dim]);
+        let project = |w: &Tensor, heads: i64| {
+            x.linear::<Tensor>(w, None)
+                .view([b, t, heads, self.head_dim])
+        };
         let q = rope.apply(&self.q_norm.forward(&project(&self.q_proj, self.num_heads)));
-        let k = rope.apply(&self.k_norm.forward(&project(&self.k_proj, self.num_kv_heads)));
-        let v = project(&self.v_proj, self.num_kv_heads);
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let (q, k, v) = (
-            q.transpose(1, 2),
-            repeat_kv(&k.transpose(1, 2), n_rep),
-            repeat_kv(&v.transpose(1, 2), n_rep),
+        let k = rope.apply(
+            &self
+                .k_norm
+                .forward(&project(&self.k_proj, self.num_kv_heads)),
         );
+        let v = project(&self.v_proj, self.num_kv_heads);
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let mask = match layer_type {
             LayerType::Sliding => inputs.sliding_mask.as_ref(),
             LayerType::Full => None,
@@ -93,12 +104,21 @@ struct DecoderLayer {
 impl DecoderLayer {
     fn new(p: nn::Path, cfg: &GemmaConfig, index: usize) -> Self {
         let norm = |name: &str| {
-            RmsNorm::new(&p / name, cfg.hidden_size as i64, cfg.rms_norm_eps, NormScale::OnePlusWeight)
+            RmsNorm::new(
+                &p / name,
+                cfg.hidden_size as i64,
+                cfg.rms_norm_eps,
+                NormScale::OnePlusWeight,
+            )
         };
         DecoderLayer {
             layer_type: cfg.layer_types[index],
             self_attn: Attention::new(&p / "self_attn", cfg),
-            mlp: Mlp::new(&p / "mlp", cfg.hidden_size as i64, cfg.intermediate_size as i64),
+            mlp: Mlp::new(
+                &p / "mlp",
+                cfg.hidden_size as i64,
+                cfg.intermediate_size as i64,
+            ),
             input_layernorm: norm("input_layernorm"),
             post_attention_layernorm: norm("post_attention_layernorm"),
             pre_feedforward_layernorm: norm("pre_feedforward_layernorm"),
@@ -107,11 +127,13 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
-        let attn = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), self.layer_type, inputs);
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x), self.layer_type, inputs);
         let h = x + self.post_attention_layernorm.forward(&attn);
-        let ffn = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h));
+        let ffn = self
+            .mlp
+            .forward(&self.pre_feedforward_layernorm.forward(&h));
         &h + self.post_feedforward_layernorm.forward(&ffn)
     }
 }
@@ -133,14 +155,27 @@ impl Gemma3 {
         let embed_tokens = (&m / "embed_tokens").var(
             "weight",
             &[cfg.vocab_size as i64, cfg.hidden_size as i64],
-            nn::Init::Randn { mean: 0.0, stdev: super::layers::INIT_STD },
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: super::layers::INIT_STD,
+            },
         );
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(&m / "layers" / i, cfg, i))
             .collect();
-        let norm = RmsNorm::new(&m / "norm", cfg.hidden_size as i64, cfg.rms_norm_eps, NormScale::OnePlusWeight);
-        let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| linear_weight(root / "lm_head", cfg.vocab_size as i64, cfg.hidden_size as i64));
+        let norm = RmsNorm::new(
+            &m / "norm",
+            cfg.hidden_size as i64,
+            cfg.rms_norm_eps,
+            NormScale::OnePlusWeight,
+        );
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            linear_weight(
+                root / "lm_head",
+                cfg.vocab_size as i64,
+                cfg.hidden_size as i64,
+            )
+        });
         Gemma3 {
             embed_tokens,
             layers,
@@ -161,6 +196,10 @@ impl Gemma3 {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        lm_logits(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), self.final_softcap)
+        lm_logits(
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            self.final_softcap,
+        )
     }
 }

@@ -10,8 +10,7 @@
 //! - Final logits are soft-capped (30 in the 12B).
 
 use super::layers::{
-    attend, linear_weight, lm_logits, repeat_kv, scaled_embedding, LayerInputs, Mlp, NormScale,
-    RmsNorm,
+    attend, linear_weight, lm_logits, scaled_embedding, LayerInputs, Mlp, NormScale, RmsNorm,
 };
 use crate::config::{GemmaConfig, LayerType};
 use tch::{nn, Tensor};
@@ -63,7 +62,10 @@ impl Attention {
             LayerType::Sliding => (&inputs.rope_sliding, inputs.sliding_mask.as_ref()),
             LayerType::Full => (&inputs.rope_full, None),
         };
-        let project = |w: &Tensor, heads: i64| x.linear::<Tensor>(w, None).view([b, t, heads, self.head_dim]);
+        let project = |w: &Tensor, heads: i64| {
+            x.linear::<Tensor>(w, None)
+                .view([b, t, heads, self.head_dim])
+        };
         let q = rope.apply(&self.q_norm.forward(&project(&self.q_proj, self.num_heads)));
         let k_raw = project(&self.k_proj, self.num_kv_heads);
         let v_raw = match &self.v_proj {
@@ -72,12 +74,7 @@ impl Attention {
         };
         let k = rope.apply(&self.k_norm.forward(&k_raw));
         let v = self.v_norm.forward(&v_raw);
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let (q, k, v) = (
-            q.transpose(1, 2),
-            repeat_kv(&k.transpose(1, 2), n_rep),
-            repeat_kv(&v.transpose(1, 2), n_rep),
-        );
+        let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let out = attend(&q, &k, &v, mask, 1.0);
         out.transpose(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim])
@@ -100,11 +97,20 @@ struct DecoderLayer {
 impl DecoderLayer {
     fn new(p: nn::Path, cfg: &GemmaConfig, index: usize) -> Self {
         let norm = |name: &str| {
-            RmsNorm::new(&p / name, cfg.hidden_size as i64, cfg.rms_norm_eps, NormScale::Weight)
+            RmsNorm::new(
+                &p / name,
+                cfg.hidden_size as i64,
+                cfg.rms_norm_eps,
+                NormScale::Weight,
+            )
         };
         DecoderLayer {
             self_attn: Attention::new(&p / "self_attn", cfg, index),
-            mlp: Mlp::new(&p / "mlp", cfg.hidden_size as i64, cfg.intermediate_size as i64),
+            mlp: Mlp::new(
+                &p / "mlp",
+                cfg.hidden_size as i64,
+                cfg.intermediate_size as i64,
+            ),
             input_layernorm: norm("input_layernorm"),
             post_attention_layernorm: norm("post_attention_layernorm"),
             pre_feedforward_layernorm: norm("pre_feedforward_layernorm"),
@@ -114,9 +120,13 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x), inputs);
+        let attn = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), inputs);
         let h = x + self.post_attention_layernorm.forward(&attn);
-        let ffn = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h));
+        let ffn = self
+            .mlp
+            .forward(&self.pre_feedforward_layernorm.forward(&h));
         (&h + self.post_feedforward_layernorm.forward(&ffn)) * &self.layer_scalar
     }
 }
@@ -138,14 +148,27 @@ impl Gemma4 {
         let embed_tokens = (&m / "embed_tokens").var(
             "weight",
             &[cfg.vocab_size as i64, cfg.hidden_size as i64],
-            nn::Init::Randn { mean: 0.0, stdev: super::layers::INIT_STD },
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: super::layers::INIT_STD,
+            },
         );
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(&m / "layers" / i, cfg, i))
             .collect();
-        let norm = RmsNorm::new(&m / "norm", cfg.hidden_size as i64, cfg.rms_norm_eps, NormScale::Weight);
-        let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| linear_weight(root / "lm_head", cfg.vocab_size as i64, cfg.hidden_size as i64));
+        let norm = RmsNorm::new(
+            &m / "norm",
+            cfg.hidden_size as i64,
+            cfg.rms_norm_eps,
+            NormScale::Weight,
+        );
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            linear_weight(
+                root / "lm_head",
+                cfg.vocab_size as i64,
+                cfg.hidden_size as i64,
+            )
+        });
         Gemma4 {
             embed_tokens,
             layers,
@@ -166,6 +189,10 @@ impl Gemma4 {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        lm_logits(hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), self.final_softcap)
+        lm_logits(
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            self.final_softcap,
+        )
     }
 }

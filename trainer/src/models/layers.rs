@@ -47,7 +47,14 @@ impl RmsNorm {
 }
 
 pub fn linear_weight(p: nn::Path, out_dim: i64, in_dim: i64) -> Tensor {
-    p.var("weight", &[out_dim, in_dim], nn::Init::Randn { mean: 0.0, stdev: INIT_STD })
+    p.var(
+        "weight",
+        &[out_dim, in_dim],
+        nn::Init::Randn {
+            mean: 0.0,
+            stdev: INIT_STD,
+        },
+    )
 }
 
 /// cos/sin tables [T, head_dim] in f32 for positions 0..T, as transformers builds them:
@@ -64,11 +71,13 @@ pub fn inverse_frequencies(head_dim: usize, rope: RopeParams, device: Device) ->
     let (rotated_pairs, factor) = match rope.kind {
         RopeKind::Default => (dim / 2, 1.0),
         RopeKind::Linear { factor } => (dim / 2, factor),
-        RopeKind::Proportional { partial_rotary_factor, factor } => {
-            (((partial_rotary_factor * dim as f64) as i64) / 2, factor)
-        }
+        RopeKind::Proportional {
+            partial_rotary_factor,
+            factor,
+        } => (((partial_rotary_factor * dim as f64) as i64) / 2, factor),
     };
-    let exponents = Tensor::arange_start_step(0, 2 * rotated_pairs, 2, (Kind::Float, device)) / dim as f64;
+    let exponents =
+        Tensor::arange_start_step(0, 2 * rotated_pairs, 2, (Kind::Float, device)) / dim as f64;
     let rotated = base.pow(&exponents).reciprocal();
     let inv_freq = if rotated_pairs < dim / 2 {
         let identity = Tensor::zeros([dim / 2 - rotated_pairs], (Kind::Float, device));
@@ -85,7 +94,10 @@ impl RotaryTable {
         let positions = Tensor::arange(seq_len, (Kind::Float, device));
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        RotaryTable { cos: emb.cos(), sin: emb.sin() }
+        RotaryTable {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
     }
 
     /// x: [B, T, H, D] -> x·cos + rotate_half(x)·sin, in x's dtype.
@@ -103,7 +115,12 @@ impl RotaryTable {
 
 /// Boolean mask [T, T]: true where query q may attend key k (causal, and within the window for
 /// sliding layers: k > q - window, so a window of W covers W positions including q itself).
-pub fn attention_mask(layer_type: LayerType, seq_len: i64, window: usize, device: Device) -> Option<Tensor> {
+pub fn attention_mask(
+    layer_type: LayerType,
+    seq_len: i64,
+    window: usize,
+    device: Device,
+) -> Option<Tensor> {
     match layer_type {
         LayerType::Full => None,
         LayerType::Sliding if seq_len <= window as i64 => None,
@@ -148,22 +165,17 @@ impl Mlp {
     }
 }
 
-/// Repeats KV heads for grouped-query attention: [B, KV, T, D] -> [B, KV*n, T, D], each KV head
-/// serving n consecutive query heads.
-pub fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
-    if n_rep == 1 {
-        x.shallow_clone()
-    } else {
-        x.repeat_interleave_self_int(n_rep, 1, None)
-    }
-}
-
-/// Attention over [B, H, T, D] tensors with K/V already expanded to H heads, through libtorch's
-/// fused scaled_dot_product_attention (causal when no mask is given).
+/// Attention of q [B, H, T, D] over k, v [B, KV, T, D] through libtorch's fused
+/// scaled_dot_product_attention (causal when no mask is given). Grouped-query attention is done by
+/// the kernel (`enable_gqa`), which serves query head h from KV head h / (H / KV) as transformers'
+/// repeat_kv does, without materialising the repeated K/V.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+    let gqa = q.size()[1] != k.size()[1];
     match mask {
-        None => Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, false),
-        Some(m) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, false),
+        None => {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, gqa)
+        }
+        Some(m) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa),
     }
 }
 

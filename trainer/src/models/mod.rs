@@ -38,7 +38,11 @@ impl GemmaModel {
             Kind::Half => vs.half(),
             other => bail!("unsupported parameter dtype {other:?} (use f32, bf16 or f16)"),
         }
-        Ok(GemmaModel { config, vs, network })
+        Ok(GemmaModel {
+            config,
+            vs,
+            network,
+        })
     }
 
     pub fn device(&self) -> Device {
@@ -108,8 +112,8 @@ impl GemmaModel {
         let logits = self.forward(inputs);
         let vocab = logits.size()[2];
         logits
-            .view([-1, vocab])
-            .cross_entropy_for_logits(&targets.view([-1]))
+            .reshape([-1, vocab])
+            .cross_entropy_for_logits(&targets.reshape([-1]))
     }
 
     /// Checks that token ids are inside the vocabulary before they reach an embedding lookup.

@@ -1,0 +1,241 @@
+//! `atoll` as a user runs it: training, model info, the logits probe and bad input.
+
+use atoll_system_tests::{assert_clean_error, atoll, repo_root, stdout};
+use std::path::Path;
+
+fn fixture(name: &str) -> String {
+    repo_root()
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn model_info_prints_the_real_12b_parameter_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (preset, count) in [("gemma3-12b", "12187325040"), ("gemma4-12b", "11959730224")] {
+        let o = atoll(&["model", "info", preset], dir.path());
+        assert!(o.status.success());
+        let out = stdout(&o);
+        assert!(
+            out.lines().any(|l| l == format!("parameters: {count}")),
+            "{out}"
+        );
+        assert!(
+            out.contains("memory, bf16 weights:") && out.contains("AdamW state"),
+            "{out}"
+        );
+    }
+    let o = atoll(&["model", "info", &fixture("gemma4-tiny")], dir.path());
+    assert!(stdout(&o).contains("K=V true"));
+}
+
+#[test]
+fn logits_probe_writes_t_by_vocab_f32_matching_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.safetensors");
+    let o = atoll(
+        &[
+            "logits",
+            "--model",
+            &fixture("gemma4-tiny"),
+            "--ids",
+            "2,65,123",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", atoll_system_tests::stderr(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header["logits"]["dtype"], "F32");
+    assert_eq!(header["logits"]["shape"], serde_json::json!([3, 256]));
+    assert_eq!(
+        header.as_object().unwrap().len(),
+        1 + header.get("__metadata__").is_some() as usize
+    );
+}
+
+#[test]
+fn train_writes_a_complete_run_directory_and_never_overwrites_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = repo_root().join("recipes/tiny-shakespeare.yaml");
+    let args = [
+        "train",
+        recipe.to_str().unwrap(),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.eval_every=3",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "data.tokenizer.vocab_size=400",
+        "--set",
+        "train.device=cpu",
+    ];
+    let o = atoll(&args, dir.path());
+    assert!(o.status.success(), "{}", atoll_system_tests::stderr(&o));
+    let run = dir.path().join("runs/tiny-shakespeare");
+    for f in [
+        "recipe.yaml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "summary.json",
+        "train.log",
+        "final/config.json",
+        "final/model.safetensors",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 6);
+    assert_eq!(summary["tokens"], 6 * 4 * 128);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert!(lines[2]["eval_loss"].is_number() && lines[1].get("eval_loss").is_none());
+    // Not a terminal: plain log lines, no progress bar escapes.
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("step 6/6 loss"), "{log}");
+
+    // A second run of the same recipe goes to a new directory.
+    let o = atoll(&args, dir.path());
+    assert!(o.status.success());
+    assert!(dir
+        .path()
+        .join("runs/tiny-shakespeare-2/summary.json")
+        .exists());
+    assert!(run.join("summary.json").exists());
+
+    // The final checkpoint is a model `atoll logits` reads.
+    let o = atoll(
+        &[
+            "logits",
+            "--model",
+            run.join("final").to_str().unwrap(),
+            "--ids",
+            "2,10,11",
+            "--out",
+            "l.safetensors",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success());
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn bad_recipes_get_one_clear_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bad_type = write(
+        d,
+        "a.yaml",
+        "model: {preset: gemma3-tiny}\ntrain: {lr: fast}\n",
+    );
+    assert_clean_error(
+        &atoll(&["train", &bad_type], d),
+        "train.lr: expected a positive number, got \"fast\"",
+    );
+    let unknown = write(
+        d,
+        "b.yaml",
+        "model: {preset: gemma3-tiny}\ntrain: {learning_rate: 0.1}\n",
+    );
+    assert_clean_error(
+        &atoll(&["train", &unknown], d),
+        "train.learning_rate: unknown field `learning_rate`",
+    );
+    let malformed = write(d, "c.yaml", "model: {preset: gemma3-tiny\ntrain: [\n");
+    assert_clean_error(&atoll(&["train", &malformed], d), "invalid YAML");
+    let ok = write(d, "d.yaml", "model: {preset: gemma3-tiny}\n");
+    assert_clean_error(
+        &atoll(&["train", &ok, "--set", "train.max_steps=-5"], d),
+        "train.max_steps: expected a positive integer, got -5",
+    );
+    assert_clean_error(
+        &atoll(&["train", "missing.yaml"], d),
+        "cannot read recipe missing.yaml",
+    );
+    let corpus = write(
+        d,
+        "e.yaml",
+        "model: {preset: gemma3-tiny}\ndata: {corpus: /no/such/corpus.txt}\n",
+    );
+    assert_clean_error(
+        &atoll(&["train", &corpus], d),
+        "data.corpus: cannot read /no/such/corpus.txt",
+    );
+    // Nothing was created for runs that failed validation before they started.
+    assert!(!d.join("runs/a").exists());
+}
+
+#[test]
+fn bad_checkpoints_and_ids_get_one_clear_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let probe = |model: &str, ids: &str| {
+        atoll(
+            &[
+                "logits",
+                "--model",
+                model,
+                "--ids",
+                ids,
+                "--out",
+                "x.safetensors",
+            ],
+            d,
+        )
+    };
+    assert_clean_error(
+        &probe(&fixture("gemma3-tiny"), "2,256"),
+        "token id 256 is outside the vocabulary (0..256)",
+    );
+    assert_clean_error(
+        &probe(&fixture("gemma3-tiny"), "2,x"),
+        "`x` is not an integer token id",
+    );
+    assert_clean_error(&probe(d.to_str().unwrap(), "2"), "config.json");
+
+    let broken = d.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    let src = repo_root().join("tests/fixtures/gemma3-tiny");
+    let config = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(
+        broken.join("config.json"),
+        config.replace("gemma3_text", "gpt2"),
+    )
+    .unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        broken.join("model.safetensors"),
+    )
+    .unwrap();
+    assert_clean_error(
+        &probe(broken.to_str().unwrap(), "2"),
+        "unknown model_type `gpt2`",
+    );
+
+    std::fs::write(broken.join("config.json"), &config).unwrap();
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), &weights[..1000]).unwrap();
+    assert_clean_error(
+        &probe(broken.to_str().unwrap(), "2"),
+        "not a valid safetensors file",
+    );
+    assert!(!d.join("x.safetensors").exists());
+}
