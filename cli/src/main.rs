@@ -72,7 +72,7 @@ enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
-        seed: i64,
+        seed: u64,
         #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
         dtype: DtypeArg,
         /// Override the preset's vocabulary size.
@@ -181,8 +181,7 @@ fn run(command: Command) -> Result<()> {
                 if let Some(v) = vocab_size {
                     config.vocab_size = v;
                 }
-                tch::manual_seed(seed);
-                let model = GemmaModel::new(config, Device::Cpu, Kind::Float)?;
+                let model = GemmaModel::new_seeded(config, Device::Cpu, Kind::Float, seed)?;
                 save_model(&model, &out, dtype.kind(), max_shard_bytes)?;
                 println!("wrote {}", out.display());
                 Ok(())
@@ -324,10 +323,9 @@ fn bench_train_step(
     if let Some(t) = threads {
         tch::set_num_threads(t);
     }
-    tch::manual_seed(0);
     let config = preset(name)?.config;
     let vocab = config.vocab_size as i64;
-    let model = GemmaModel::new(config, Device::Cpu, Kind::Float)?;
+    let model = GemmaModel::new_seeded(config, Device::Cpu, Kind::Float, 0)?;
     let params = model
         .named_trainable_parameters()
         .into_iter()

@@ -115,6 +115,34 @@ fn train_writes_a_complete_run_directory_and_never_overwrites_one() {
         .exists());
     assert!(run.join("summary.json").exists());
 
+    // A given tokenizer.json is used as is, and fine-tuning starts from the final checkpoint.
+    let tokenizer = run.join("tokenizer.json");
+    let init = run.join("final");
+    let o = atoll(
+        &[
+            "train",
+            recipe.to_str().unwrap(),
+            "--set",
+            "model.preset=null",
+            "--set",
+            &format!("model.init_from={}", init.display()),
+            "--set",
+            &format!("data.tokenizer.path={}", tokenizer.display()),
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "run.dir=finetune",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", atoll_system_tests::stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("finetune/tokenizer.json")).unwrap(),
+        std::fs::read_to_string(&tokenizer).unwrap()
+    );
+
     // The final checkpoint is a model `atoll logits` reads.
     let o = atoll(
         &[

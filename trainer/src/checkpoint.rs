@@ -161,7 +161,9 @@ pub fn load_weights_into(model: &GemmaModel, dir: &Path) -> Result<()> {
 
     let _guard = tch::no_grad_guard();
     for (path, st) in &parsed {
-        for (name, view) in st.tensors() {
+        let mut tensors = st.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0)); // deterministic error messages
+        for (name, view) in tensors {
             let Some(canonical) = canonical_name(&name, multimodal) else {
                 skipped_non_text += 1;
                 continue;

@@ -3,7 +3,7 @@
 
 use indicatif::ProgressBar;
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use tracing_subscriber::fmt::MakeWriter;
@@ -76,6 +76,7 @@ pub fn init() {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = fmt::layer()
         .with_writer(StderrAroundBar)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .with_filter(filter());
     let file = fmt::layer()

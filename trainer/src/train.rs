@@ -154,6 +154,7 @@ pub fn prepare_data(recipe: &Recipe, bos: i64, eos: i64) -> Result<PreparedData>
 
 /// Builds the model a recipe asks for; a preset's vocabulary is sized to the tokenizer.
 pub fn build_model(recipe: &Recipe, tokenizer_vocab: usize, device: Device) -> Result<GemmaModel> {
+    // Weights of a fresh model depend on the recipe seed only.
     let kind = match recipe.model.dtype {
         ParamDtype::F32 => Kind::Float,
         ParamDtype::Bf16 => Kind::BFloat16,
@@ -172,7 +173,7 @@ pub fn build_model(recipe: &Recipe, tokenizer_vocab: usize, device: Device) -> R
     let name = recipe.model.preset.as_deref().unwrap_or_default();
     let mut config = preset(name)?.config;
     config.vocab_size = tokenizer_vocab;
-    GemmaModel::new(config, device, kind)
+    GemmaModel::new_seeded(config, device, kind, recipe.seed)
 }
 
 /// Mean loss over the first `batches` eval batches (fixed, so evals are comparable across steps).
@@ -247,7 +248,8 @@ impl Progress {
 
     fn finish(&self) {
         if let Progress::Bar(bar) = self {
-            bar.finish();
+            // The summary line that follows repeats the final figures.
+            bar.finish_and_clear();
             crate::logging::set_active_bar(None);
         }
     }
@@ -261,7 +263,6 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     }
     let device = resolve_device(recipe.train.device)?;
     std::fs::write(run_dir.join("recipe.yaml"), recipe.to_yaml()?)?;
-    tch::manual_seed(recipe.seed as i64);
 
     let (bos, eos) = match &recipe.model.init_from {
         Some(dir) => {

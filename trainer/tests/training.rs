@@ -89,3 +89,21 @@ fn thirty_steps_reduce_the_loss_and_one_seed_gives_one_curve() {
         );
     }
 }
+
+#[test]
+fn bf16_parameters_train_with_f32_optimizer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "model: {{preset: gemma4-tiny, dtype: bf16}}\n\
+         data: {{tokenizer: {{vocab_size: 300}}, seq_len: 32}}\n\
+         train: {{max_steps: 4, batch_size: 2, warmup_steps: 1, eval_batches: 1, device: cpu}}\n\
+         run: {{dir: {}, save_final: true}}\n",
+        dir.path().display()
+    );
+    let recipe = Recipe::from_yaml(&text, "bf16 recipe", &[]).unwrap();
+    let summary = train(&recipe, dir.path()).unwrap();
+    assert_eq!(summary.dtype, "bf16");
+    assert!(losses(dir.path()).iter().all(|l| l.is_finite()));
+    let config = std::fs::read_to_string(dir.path().join("final/config.json")).unwrap();
+    assert!(config.contains("\"dtype\": \"bfloat16\""), "{config}");
+}

@@ -23,7 +23,7 @@ pub struct GemmaModel {
 
 impl GemmaModel {
     /// A randomly initialised model (HF initialisation: N(0, 0.02) matrices, identity norms).
-    /// Call `tch::manual_seed` first for reproducible weights.
+    /// Draws from libtorch's global generator; use `new_seeded` for reproducible weights.
     pub fn new(config: GemmaConfig, device: Device, kind: Kind) -> Result<Self> {
         config.validate()?;
         let mut vs = nn::VarStore::new(device);
@@ -43,6 +43,18 @@ impl GemmaModel {
             vs,
             network,
         })
+    }
+
+    /// A randomly initialised model whose weights depend only on `seed`. libtorch's generator is
+    /// process-wide, so seeding and drawing happen under one lock: two models built concurrently
+    /// (tests, several simulated learners) cannot interleave their draws.
+    pub fn new_seeded(config: GemmaConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
+        static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = INIT_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tch::manual_seed(seed as i64);
+        Self::new(config, device, kind)
     }
 
     pub fn device(&self) -> Device {
