@@ -3,24 +3,33 @@
 # transformers eager, same weights, same thread count, same machine, one run. Prints both and
 # the ratio (transformers time / Atoll time; >= 1.0 means Atoll is at least as fast).
 # Usage: PYTHON=/path/to/venv/python benchmarks/train_step.sh   (or `make bench-train-step`)
-# Env: THREADS (default: all cores), BATCH (8), SEQ (256), STEPS (10), PRESET (gemma3-bench).
+# Env: THREADS (default: all cores), BATCH (8), SEQ (256), STEPS (10), PRESET (gemma3-bench),
+# ROUNDS (3): the two implementations run alternately ROUNDS times and each keeps its best median,
+# so a background hiccup on a shared machine does not decide the ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 ATOLL="${ATOLL:-target/release/atoll}"
 THREADS="${THREADS:-$(nproc)}"
-BATCH="${BATCH:-8}"; SEQ="${SEQ:-256}"; STEPS="${STEPS:-10}"; PRESET="${PRESET:-gemma3-bench}"
+BATCH="${BATCH:-8}"; SEQ="${SEQ:-256}"; STEPS="${STEPS:-10}"; PRESET="${PRESET:-gemma3-bench}"; ROUNDS="${ROUNDS:-3}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 "$ATOLL" model init "$PRESET" --out "$WORK/model" --seed 0 >/dev/null
-ours="$("$ATOLL" bench train-step --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null)"
-theirs="$("$PYTHON" benchmarks/train_step.py --model "$WORK/model" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | tail -1)"
+for round in $(seq "$ROUNDS"); do
+    "$ATOLL" bench train-step --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null >> "$WORK/ours.jsonl"
+    "$PYTHON" benchmarks/train_step.py --model "$WORK/model" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | tail -1 >> "$WORK/theirs.jsonl"
+done
 
-"$PYTHON" - "$ours" "$theirs" "$PRESET" <<'PY'
-import json, platform, sys
-ours, theirs, preset = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-print(f"training step, preset {preset}: batch {ours['batch']} x seq {ours['seq']}, {ours['threads']} threads, median of {ours['steps']} steps")
+"$PYTHON" - "$WORK/ours.jsonl" "$WORK/theirs.jsonl" "$PRESET" <<'PY'
+import json, sys
+def best(path):
+    runs = [json.loads(l) for l in open(path)]
+    return min(runs, key=lambda r: r["median_ms"]), [round(r["median_ms"]) for r in runs]
+(ours, ours_all), (theirs, theirs_all), preset = best(sys.argv[1]), best(sys.argv[2]), sys.argv[3]
+print(f"training step, preset {preset}: batch {ours['batch']} x seq {ours['seq']}, {ours['threads']} threads,"
+      f" best of {len(ours_all)} alternating rounds of {ours['steps']} timed steps (median per round)")
+print(f"  per-round medians, ms: atoll {ours_all}, transformers {theirs_all}")
 print(f"  {'implementation':<50} {'ms/step':>10} {'tokens/s':>10}")
 print(f"  {'atoll (tch, libtorch 2.11)':<50} {ours['median_ms']:>10.1f} {ours['tokens_per_s']:>10.0f}")
 print(f"  {theirs['impl']:<50} {theirs['median_ms']:>10.1f} {theirs['tokens_per_s']:>10.0f}")

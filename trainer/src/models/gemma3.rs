@@ -8,7 +8,7 @@
 //! Output: final norm, tied LM head, optional logit softcap.
 
 use super::layers::{
-    attend, linear_weight, lm_logits, scaled_embedding, LayerInputs, Mlp, NormScale, RmsNorm,
+    attend, linear_weight, DecoderLayerForward, DecoderStack, LayerInputs, Mlp, NormScale, RmsNorm,
 };
 use crate::config::{GemmaConfig, LayerType};
 use tch::{nn, Tensor};
@@ -91,7 +91,7 @@ impl Attention {
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
+pub struct DecoderLayer {
     layer_type: LayerType,
     self_attn: Attention,
     mlp: Mlp,
@@ -99,6 +99,12 @@ struct DecoderLayer {
     post_attention_layernorm: RmsNorm,
     pre_feedforward_layernorm: RmsNorm,
     post_feedforward_layernorm: RmsNorm,
+}
+
+impl DecoderLayerForward for DecoderLayer {
+    fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
+        DecoderLayer::forward(self, x, inputs)
+    }
 }
 
 impl DecoderLayer {
@@ -138,68 +144,11 @@ impl DecoderLayer {
     }
 }
 
-#[derive(Debug)]
-pub struct Gemma3 {
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Option<Tensor>,
-    hidden_size: usize,
-    final_softcap: Option<f64>,
-}
+/// The full decoder: scaled embedding, the layers above, final norm, tied LM head.
+pub type Gemma3 = DecoderStack<DecoderLayer>;
 
-impl Gemma3 {
-    /// Creates the variables under `root` with Hugging Face names (`model.layers.N....`).
-    pub fn new(root: &nn::Path, cfg: &GemmaConfig) -> Self {
-        let m = root / "model";
-        let embed_tokens = (&m / "embed_tokens").var(
-            "weight",
-            &[cfg.vocab_size as i64, cfg.hidden_size as i64],
-            nn::Init::Randn {
-                mean: 0.0,
-                stdev: super::layers::INIT_STD,
-            },
-        );
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&m / "layers" / i, cfg, i))
-            .collect();
-        let norm = RmsNorm::new(
-            &m / "norm",
-            cfg.hidden_size as i64,
-            cfg.rms_norm_eps,
-            NormScale::OnePlusWeight,
-        );
-        let lm_head = (!cfg.tie_word_embeddings).then(|| {
-            linear_weight(
-                root / "lm_head",
-                cfg.vocab_size as i64,
-                cfg.hidden_size as i64,
-            )
-        });
-        Gemma3 {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            hidden_size: cfg.hidden_size,
-            final_softcap: cfg.final_logit_softcapping,
-        }
-    }
-
-    /// ids [B, T] -> final hidden states [B, T, d] (after the final norm).
-    pub fn hidden_states(&self, ids: &Tensor, inputs: &LayerInputs) -> Tensor {
-        let mut x = scaled_embedding(&self.embed_tokens, ids, self.hidden_size);
-        for layer in &self.layers {
-            x = layer.forward(&x, inputs);
-        }
-        self.norm.forward(&x)
-    }
-
-    pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        lm_logits(
-            hidden,
-            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
-            self.final_softcap,
-        )
-    }
+pub fn new(root: &nn::Path, cfg: &GemmaConfig) -> Gemma3 {
+    DecoderStack::new(root, cfg, NormScale::OnePlusWeight, |p, i| {
+        DecoderLayer::new(p, cfg, i)
+    })
 }

@@ -2,7 +2,7 @@
 //! the GeGLU MLP and the attention kernel. Numerics follow transformers: norms, RoPE tables and
 //! softmax in f32, cast back to the activation dtype afterwards.
 
-use crate::config::{LayerType, RopeKind, RopeParams};
+use crate::config::{GemmaConfig, LayerType, RopeKind, RopeParams};
 use tch::{nn, Device, Kind, Tensor};
 
 pub const INIT_STD: f64 = 0.02;
@@ -34,15 +34,17 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        // libtorch's fused rms_norm computes in the input dtype, so the input is upcast first;
+        // (1 + w) and w are tiny vectors, built in f32 before the call.
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
-        let normed = &xf * (xf.square().mean_dim(-1, true, Kind::Float) + self.eps).rsqrt();
-        let scaled = match (&self.weight, self.scale) {
-            (Some(w), NormScale::OnePlusWeight) => normed * (w.to_kind(Kind::Float) + 1.0),
-            (Some(w), _) => normed * w.to_kind(Kind::Float),
-            (None, _) => normed,
+        let dim = *x.size().last().expect("at least one dimension");
+        let weight = match (&self.weight, self.scale) {
+            (Some(w), NormScale::OnePlusWeight) => Some(w.to_kind(Kind::Float) + 1.0),
+            (Some(w), _) => Some(w.to_kind(Kind::Float)),
+            (None, _) => None,
         };
-        scaled.to_kind(kind)
+        xf.rms_norm(&[dim], weight.as_ref(), self.eps).to_kind(kind)
     }
 }
 
@@ -194,5 +196,71 @@ pub fn lm_logits(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Tensor
     match softcap {
         Some(cap) => (logits / cap).tanh() * cap,
         None => logits,
+    }
+}
+
+/// One decoder layer of an architecture.
+pub trait DecoderLayerForward {
+    fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor;
+}
+
+/// What every Gemma decoder shares around its layers: x = E[ids]·sqrt(d), the layers, the final
+/// norm, and the (tied by default) LM head with the optional logit softcap.
+#[derive(Debug)]
+pub struct DecoderStack<L> {
+    embed_tokens: Tensor,
+    layers: Vec<L>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    hidden_size: usize,
+    final_softcap: Option<f64>,
+}
+
+impl<L: DecoderLayerForward> DecoderStack<L> {
+    /// Creates the variables under `root` with Hugging Face names (`model.layers.N....`).
+    pub fn new(
+        root: &nn::Path,
+        cfg: &GemmaConfig,
+        norm_scale: NormScale,
+        make_layer: impl Fn(nn::Path, usize) -> L,
+    ) -> Self {
+        let m = root / "model";
+        let (vocab, hidden) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[vocab, hidden],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: INIT_STD,
+            },
+        );
+        DecoderStack {
+            embed_tokens,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| make_layer(&m / "layers" / i, i))
+                .collect(),
+            norm: RmsNorm::new(&m / "norm", hidden, cfg.rms_norm_eps, norm_scale),
+            lm_head: (!cfg.tie_word_embeddings)
+                .then(|| linear_weight(root / "lm_head", vocab, hidden)),
+            hidden_size: cfg.hidden_size,
+            final_softcap: cfg.final_logit_softcapping,
+        }
+    }
+
+    /// ids [B, T] -> final hidden states [B, T, d] (after the final norm).
+    pub fn hidden_states(&self, ids: &Tensor, inputs: &LayerInputs) -> Tensor {
+        let mut x = scaled_embedding(&self.embed_tokens, ids, self.hidden_size);
+        for layer in &self.layers {
+            x = layer.forward(&x, inputs);
+        }
+        self.norm.forward(&x)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        lm_logits(
+            hidden,
+            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            self.final_softcap,
+        )
     }
 }

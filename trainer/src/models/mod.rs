@@ -29,8 +29,8 @@ impl GemmaModel {
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
         let network = match config.architecture {
-            Architecture::Gemma3 => Network::Gemma3(gemma3::Gemma3::new(&root, &config)),
-            Architecture::Gemma4 => Network::Gemma4(gemma4::Gemma4::new(&root, &config)),
+            Architecture::Gemma3 => Network::Gemma3(gemma3::new(&root, &config)),
+            Architecture::Gemma4 => Network::Gemma4(gemma4::new(&root, &config)),
         };
         match kind {
             Kind::Float => {}
