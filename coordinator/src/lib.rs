@@ -1,4 +1,14 @@
-//! The Decoupled DiLoCo syncer: a sans-IO state machine (no sockets, threads or tch) that takes
-//! learner events with timestamps and returns actions. Its implementation is the subject of the
-//! Decoupled DiLoCo core issue; the crate is in the workspace so the CLI and the network service
-//! have one place to depend on.
+//! Decoupled DiLoCo as pure logic: the fragment plan, merge rules and outer optimizer, the
+//! syncer state machine and the learner protocol. No sockets, threads, clocks or tch: drivers
+//! (the deterministic simulation, the network service) feed timestamped events and carry out the
+//! returned actions.
+
+pub mod learner;
+pub mod merge;
+pub mod plan;
+pub mod syncer;
+
+pub use learner::{ApplyRule, LearnerProtocol};
+pub use merge::{MergeRule, OuterOptimizer};
+pub use plan::{FragmentPlan, TensorInfo};
+pub use syncer::{Action, Contribution, Event, LearnerId, Progress, Syncer, SyncerConfig, TimerId};

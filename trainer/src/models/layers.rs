@@ -44,7 +44,7 @@ impl RmsNorm {
             (Some(w), _) => Some(w.to_kind(Kind::Float)),
             (None, _) => None,
         };
-        xf.rms_norm(&[dim], weight.as_ref(), self.eps).to_kind(kind)
+        xf.rms_norm([dim], weight.as_ref(), self.eps).to_kind(kind)
     }
 }
 

@@ -1,0 +1,148 @@
+//! The learner's side of the protocol, as pure logic: per-fragment progress counters, the anchor
+//! (last applied Θ_p) each outer gradient is measured from, and broadcasts applied only at step
+//! boundaries, so the inner loop never waits for the network.
+
+use crate::syncer::{FragmentValues, Progress};
+use serde::{Deserialize, Serialize};
+
+/// How a received fragment replaces the local one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "rule")]
+pub enum ApplyRule {
+    /// θ_p ← Θ_p (Decoupled DiLoCo).
+    #[default]
+    Overwrite,
+    /// θ_p ← α·θ_p + (1 − α)·Θ_p (Streaming DiLoCo).
+    Mix { alpha: f32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub fragment: usize,
+    pub version: u64,
+    pub values: FragmentValues,
+}
+
+#[derive(Debug, Clone)]
+pub struct LearnerProtocol {
+    progress: Vec<Progress>,
+    anchors: Vec<(u64, FragmentValues)>,
+    pending: Vec<Option<Received>>,
+    step: u64,
+}
+
+impl LearnerProtocol {
+    /// Starts from the syncer's catch-up: every fragment's version and values.
+    pub fn new(catch_up: Vec<(usize, u64, FragmentValues)>) -> Self {
+        let n = catch_up.len();
+        let mut anchors = vec![(0, FragmentValues::default()); n];
+        for (p, v, values) in catch_up {
+            anchors[p] = (v, values);
+        }
+        LearnerProtocol {
+            progress: vec![Progress::default(); n],
+            anchors,
+            pending: vec![None; n],
+            step: 0,
+        }
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Records one finished inner step of `tokens` tokens; returns the metadata to report.
+    pub fn on_step(&mut self, tokens: u64) -> Vec<Progress> {
+        self.step += 1;
+        for p in &mut self.progress {
+            p.c_steps += 1;
+            p.c_tokens += tokens;
+        }
+        self.progress.clone()
+    }
+
+    /// Queues a broadcast; a newer version replaces an older queued one, stale ones are dropped.
+    pub fn on_broadcast(&mut self, fragment: usize, version: u64, values: FragmentValues) {
+        let current = self.pending[fragment]
+            .as_ref()
+            .map_or(self.anchors[fragment].0, |r| r.version);
+        if version > current {
+            self.pending[fragment] = Some(Received {
+                fragment,
+                version,
+                values,
+            });
+        }
+    }
+
+    /// At a step boundary: the fragments to apply now. Their anchors move and counters reset.
+    pub fn take_due(&mut self) -> Vec<Received> {
+        let mut due = Vec::new();
+        for (p, slot) in self.pending.iter_mut().enumerate() {
+            if let Some(r) = slot.take() {
+                self.anchors[p] = (r.version, r.values.clone());
+                self.progress[p] = Progress::default();
+                due.push(r);
+            }
+        }
+        due
+    }
+
+    /// What a pull needs besides Δ = anchor − θ_local: the anchor's version and the counters.
+    pub fn on_pull(&self, fragment: usize) -> (u64, Progress) {
+        (self.anchors[fragment].0, self.progress[fragment])
+    }
+
+    pub fn anchor(&self, fragment: usize) -> &FragmentValues {
+        &self.anchors[fragment].1
+    }
+
+    pub fn versions(&self) -> Vec<u64> {
+        self.anchors.iter().map(|(v, _)| *v).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn broadcasts_wait_for_a_step_boundary_and_reset_counters() {
+        let v = |x: f32| Arc::new(vec![vec![x]]);
+        let mut l = LearnerProtocol::new(vec![(0, 0, v(0.0)), (1, 0, v(0.0))]);
+        l.on_step(10);
+        l.on_step(10);
+        l.on_broadcast(1, 1, v(1.0));
+        l.on_broadcast(1, 3, v(3.0));
+        l.on_broadcast(1, 2, v(2.0)); // older than the queued one: dropped
+        assert_eq!(
+            l.on_pull(1),
+            (
+                0,
+                Progress {
+                    c_steps: 2,
+                    c_tokens: 20
+                }
+            ),
+            "not applied before the boundary"
+        );
+        let due = l.take_due();
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].fragment, due[0].version), (1, 3));
+        assert_eq!(l.on_pull(1), (3, Progress::default()));
+        assert_eq!(
+            l.on_pull(0),
+            (
+                0,
+                Progress {
+                    c_steps: 2,
+                    c_tokens: 20
+                }
+            )
+        );
+        l.on_broadcast(1, 3, v(9.0)); // a duplicate of the applied version
+        assert!(l.take_due().is_empty());
+        assert_eq!(l.versions(), vec![0, 3]);
+    }
+}

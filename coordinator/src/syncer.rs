@@ -1,0 +1,735 @@
+//! The Decoupled DiLoCo syncer as a sans-IO state machine.
+//!
+//! It owns the global fragments Θ_p and their outer momentum (f32), the learners' vector clocks
+//! and the merge log. It never reads a clock or touches a socket: the driver (a simulation on a
+//! virtual clock, or the network service) feeds it timestamped [`Event`]s and carries out the
+//! [`Action`]s it returns.
+//!
+//! Per fragment p, rounds r = 1, 2, … are scheduled at global steps offset_p + r·H with
+//! offset_p = p·H/P (staggered), the global step being the furthest step any active learner has
+//! reported. A round then:
+//! 1. collects responders: active learners that report progress on p after the round opened;
+//! 2. on reaching quorum K, waits a grace window γ·(τ·t_step − t_quorum − t_sync), clamped to
+//!    [0, cap] (cap: one step unless configured), for more responders, unless all already answered;
+//! 3. pulls each responder's outer gradient Δ_m = Θ_base − θ_m, re-anchored at the current Θ_p;
+//! 4. merges with weights c_tokens²/c_steps (RDA, or weighted mean for embeddings), applies the
+//!    Nesterov outer step, bumps the version and broadcasts Θ_p.
+//!
+//! Contributions are keyed by (learner, fragment, round): a duplicate, a late one (round closed),
+//! one nobody asked for, or one holding NaN/Inf is rejected and counted, never merged.
+
+use crate::merge::{learner_weight, rda, weighted_mean, MergeRule, OuterOptimizer};
+use crate::plan::FragmentPlan;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+pub type LearnerId = u32;
+pub type FragmentValues = Arc<Vec<Vec<f32>>>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncerConfig {
+    pub h: u64,
+    pub tau: u64,
+    pub quorum: usize,
+    pub grace_gamma: f64,
+    /// Upper bound of the grace window in seconds; None: one (fastest) step time.
+    pub grace_cap_s: Option<f64>,
+    pub outer: OuterOptimizer,
+    pub merge: MergeRule,
+    /// A pulled learner that has not delivered after this long is dropped from the round.
+    pub pull_timeout_s: f64,
+    /// A learner silent for this long is marked absent (weight 0) until it reports or rejoins.
+    pub heartbeat_timeout_s: f64,
+    /// Past versions kept per fragment to re-anchor contributions made against them.
+    pub version_history: usize,
+}
+
+impl Default for SyncerConfig {
+    fn default() -> Self {
+        SyncerConfig {
+            h: 24,
+            tau: 2,
+            quorum: 1,
+            grace_gamma: 0.5,
+            grace_cap_s: None,
+            outer: OuterOptimizer {
+                lr: 0.7,
+                momentum: 0.9,
+            },
+            merge: MergeRule::Rda,
+            pull_timeout_s: 600.0,
+            heartbeat_timeout_s: 60.0,
+            version_history: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Progress {
+    pub c_steps: u64,
+    pub c_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub learner: LearnerId,
+    pub fragment: usize,
+    pub round: u64,
+    /// The fragment version the learner's anchor holds (Δ = Θ_base − θ_local).
+    pub base_version: u64,
+    pub progress: Progress,
+    /// One vector per tensor of the fragment, in plan order.
+    pub delta: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Join {
+        learner: LearnerId,
+    },
+    Leave {
+        learner: LearnerId,
+    },
+    /// Per-step metadata; doubles as the heartbeat. `progress[p]` counts steps and tokens since the
+    /// learner last applied fragment p.
+    Report {
+        learner: LearnerId,
+        step: u64,
+        progress: Vec<Progress>,
+    },
+    Contribution(Contribution),
+    Timer(TimerId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerId {
+    Grace { fragment: usize, round: u64 },
+    PullTimeout { fragment: usize, round: u64 },
+    Heartbeat { learner: LearnerId, seq: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum RejectReason {
+    Duplicate,
+    Late,
+    NotRequested,
+    NonFinite,
+    WrongShape,
+    StaleBase,
+    UnknownFragment,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Ask a learner for its outer gradient of `fragment` in `round`.
+    Pull {
+        learner: LearnerId,
+        fragment: usize,
+        round: u64,
+    },
+    /// Send the new Θ_p to these learners.
+    Broadcast {
+        fragment: usize,
+        version: u64,
+        values: FragmentValues,
+        to: Vec<LearnerId>,
+    },
+    /// A (re)joining learner receives every current fragment and the vector clock.
+    CatchUp {
+        learner: LearnerId,
+        fragments: Vec<(usize, u64, FragmentValues)>,
+    },
+    ArmTimer {
+        id: TimerId,
+        at: f64,
+    },
+    Rejected {
+        learner: LearnerId,
+        fragment: usize,
+        round: u64,
+        reason: RejectReason,
+    },
+    MarkedAbsent {
+        learner: LearnerId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MergeRecord {
+    pub fragment: usize,
+    pub round: u64,
+    pub version: u64,
+    pub at: f64,
+    /// (learner, weight, c_steps, c_tokens, base_version)
+    pub contributors: Vec<(LearnerId, f64, u64, u64, u64)>,
+    pub quorum_wait_s: f64,
+    pub grace_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    Collecting,
+    Grace,
+    Pulling,
+}
+
+#[derive(Debug, Clone)]
+struct Round {
+    round: u64,
+    opened_at: f64,
+    quorum_at: Option<f64>,
+    grace_s: f64,
+    pulled_at: f64,
+    phase: Phase,
+    responders: BTreeSet<LearnerId>,
+    awaiting: BTreeSet<LearnerId>,
+    received: BTreeMap<LearnerId, Contribution>,
+}
+
+#[derive(Debug, Clone)]
+struct FragmentState {
+    theta: FragmentValues,
+    momentum: Vec<Vec<f32>>,
+    version: u64,
+    history: VecDeque<(u64, FragmentValues)>,
+    next_round: u64,
+    open: Option<Round>,
+}
+
+#[derive(Debug, Clone)]
+struct LearnerState {
+    active: bool,
+    step: u64,
+    last_report: Option<(f64, u64)>,
+    step_time_s: Option<f64>,
+    heartbeat_seq: u64,
+    /// Vector clock: the version of each fragment last sent to this learner.
+    clock: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SyncerStats {
+    pub merges: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub pull_timeouts: u64,
+}
+
+pub struct Syncer {
+    config: SyncerConfig,
+    plan: FragmentPlan,
+    fragments: Vec<FragmentState>,
+    learners: BTreeMap<LearnerId, LearnerState>,
+    sync_time_s: Option<f64>,
+    merge_log: Vec<MergeRecord>,
+    stats: SyncerStats,
+}
+
+const EMA: f64 = 0.3;
+
+fn ema(old: Option<f64>, sample: f64) -> Option<f64> {
+    Some(old.map_or(sample, |o| (1.0 - EMA) * o + EMA * sample))
+}
+
+impl Syncer {
+    /// `initial[t]` holds tensor t of the plan (flattened, f32): the starting global parameters.
+    pub fn new(config: SyncerConfig, plan: FragmentPlan, initial: &[Vec<f32>]) -> Self {
+        let fragments = plan
+            .fragments
+            .iter()
+            .map(|f| {
+                let theta: Vec<Vec<f32>> = f.tensors.iter().map(|&t| initial[t].clone()).collect();
+                let momentum = theta.iter().map(|v| vec![0.0; v.len()]).collect();
+                FragmentState {
+                    theta: Arc::new(theta),
+                    momentum,
+                    version: 0,
+                    history: VecDeque::new(),
+                    next_round: 1,
+                    open: None,
+                }
+            })
+            .collect();
+        Syncer {
+            config,
+            plan,
+            fragments,
+            learners: BTreeMap::new(),
+            sync_time_s: None,
+            merge_log: Vec::new(),
+            stats: SyncerStats::default(),
+        }
+    }
+
+    pub fn plan(&self) -> &FragmentPlan {
+        &self.plan
+    }
+    pub fn stats(&self) -> &SyncerStats {
+        &self.stats
+    }
+    pub fn merge_log(&self) -> &[MergeRecord] {
+        &self.merge_log
+    }
+    pub fn version(&self, fragment: usize) -> u64 {
+        self.fragments[fragment].version
+    }
+    pub fn fragment_values(&self, fragment: usize) -> FragmentValues {
+        self.fragments[fragment].theta.clone()
+    }
+    pub fn vector_clock(&self, learner: LearnerId) -> Option<Vec<u64>> {
+        self.learners.get(&learner).map(|l| l.clock.clone())
+    }
+    pub fn is_active(&self, learner: LearnerId) -> bool {
+        self.learners.get(&learner).is_some_and(|l| l.active)
+    }
+    pub fn active_learners(&self) -> Vec<LearnerId> {
+        self.learners
+            .iter()
+            .filter(|(_, l)| l.active)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn offset(&self, fragment: usize) -> u64 {
+        fragment as u64 * self.config.h / self.plan.len() as u64
+    }
+
+    /// The fastest active learner's smoothed step time.
+    fn step_time(&self) -> Option<f64> {
+        self.learners
+            .values()
+            .filter(|l| l.active)
+            .filter_map(|l| l.step_time_s)
+            .min_by(f64::total_cmp)
+    }
+
+    pub fn handle(&mut self, now: f64, event: Event) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Join { learner } => self.on_join(now, learner, &mut actions),
+            Event::Leave { learner } => self.mark_absent(now, learner, &mut actions, false),
+            Event::Report {
+                learner,
+                step,
+                progress,
+            } => self.on_report(now, learner, step, &progress, &mut actions),
+            Event::Contribution(c) => self.on_contribution(now, c, &mut actions),
+            Event::Timer(id) => self.on_timer(now, id, &mut actions),
+        }
+        actions
+    }
+
+    fn arm_heartbeat(&mut self, now: f64, learner: LearnerId, actions: &mut Vec<Action>) {
+        let timeout = self.config.heartbeat_timeout_s;
+        if let Some(l) = self.learners.get_mut(&learner) {
+            l.heartbeat_seq += 1;
+            actions.push(Action::ArmTimer {
+                id: TimerId::Heartbeat {
+                    learner,
+                    seq: l.heartbeat_seq,
+                },
+                at: now + timeout,
+            });
+        }
+    }
+
+    fn on_join(&mut self, now: f64, learner: LearnerId, actions: &mut Vec<Action>) {
+        let clock: Vec<u64> = self.fragments.iter().map(|f| f.version).collect();
+        let entry = self.learners.entry(learner).or_insert(LearnerState {
+            active: true,
+            step: 0,
+            last_report: None,
+            step_time_s: None,
+            heartbeat_seq: 0,
+            clock: clock.clone(),
+        });
+        entry.active = true;
+        entry.clock = clock;
+        entry.last_report = None;
+        let fragments = self
+            .fragments
+            .iter()
+            .enumerate()
+            .map(|(p, f)| (p, f.version, f.theta.clone()))
+            .collect();
+        actions.push(Action::CatchUp { learner, fragments });
+        self.arm_heartbeat(now, learner, actions);
+    }
+
+    fn on_report(
+        &mut self,
+        now: f64,
+        learner: LearnerId,
+        step: u64,
+        progress: &[Progress],
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(l) = self.learners.get_mut(&learner) else {
+            return; // unknown learners must Join first; the driver refuses them
+        };
+        if !l.active {
+            // Back after a partition: it keeps its state but is caught up like a rejoin.
+            self.on_join(now, learner, actions);
+        }
+        let l = self.learners.get_mut(&learner).expect("present");
+        if let Some((t0, s0)) = l.last_report {
+            if step > s0 && now > t0 {
+                l.step_time_s = ema(l.step_time_s, (now - t0) / (step - s0) as f64);
+            }
+        }
+        l.last_report = Some((now, step));
+        l.step = l.step.max(step);
+        self.arm_heartbeat(now, learner, actions);
+
+        let global_step = self
+            .learners
+            .values()
+            .filter(|l| l.active)
+            .map(|l| l.step)
+            .max()
+            .unwrap_or(0);
+        for p in 0..self.fragments.len() {
+            let offset = self.offset(p);
+            let frag = &mut self.fragments[p];
+            if frag.open.is_none() && global_step >= offset + frag.next_round * self.config.h {
+                frag.open = Some(Round {
+                    round: frag.next_round,
+                    opened_at: now,
+                    quorum_at: None,
+                    grace_s: 0.0,
+                    pulled_at: 0.0,
+                    phase: Phase::Collecting,
+                    responders: BTreeSet::new(),
+                    awaiting: BTreeSet::new(),
+                    received: BTreeMap::new(),
+                });
+            }
+            let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);
+            if let Some(round) = self.fragments[p].open.as_mut() {
+                if matches!(round.phase, Phase::Collecting | Phase::Grace) && has_progress {
+                    round.responders.insert(learner);
+                }
+            }
+            self.advance_collection(now, p, actions);
+        }
+    }
+
+    /// Moves a collecting round to grace or pulling when its quorum allows.
+    fn advance_collection(&mut self, now: f64, p: usize, actions: &mut Vec<Action>) {
+        let active: BTreeSet<LearnerId> = self.active_learners().into_iter().collect();
+        let step_time = self.step_time();
+        let sync_time = self.sync_time_s.unwrap_or(0.0);
+        let cfg = self.config.clone();
+        let Some(round) = self.fragments[p].open.as_mut() else {
+            return;
+        };
+        round.responders.retain(|l| active.contains(l));
+        match round.phase {
+            Phase::Collecting if round.responders.len() >= cfg.quorum.max(1) => {
+                round.quorum_at = Some(now);
+                let everyone = active.iter().all(|l| round.responders.contains(l));
+                let t_step = step_time.unwrap_or(0.0);
+                let cap = cfg.grace_cap_s.unwrap_or(t_step);
+                let wanted = cfg.grace_gamma
+                    * (cfg.tau as f64 * t_step - (now - round.opened_at) - sync_time);
+                round.grace_s = if everyone {
+                    0.0
+                } else {
+                    wanted.clamp(0.0, cap.max(0.0))
+                };
+                if round.grace_s > 0.0 {
+                    round.phase = Phase::Grace;
+                    actions.push(Action::ArmTimer {
+                        id: TimerId::Grace {
+                            fragment: p,
+                            round: round.round,
+                        },
+                        at: now + round.grace_s,
+                    });
+                } else {
+                    self.start_pull(now, p, actions);
+                }
+            }
+            Phase::Grace if active.iter().all(|l| round.responders.contains(l)) => {
+                self.start_pull(now, p, actions); // nobody left to wait for
+            }
+            _ => {}
+        }
+    }
+
+    fn start_pull(&mut self, now: f64, p: usize, actions: &mut Vec<Action>) {
+        let timeout = self.config.pull_timeout_s;
+        let Some(round) = self.fragments[p].open.as_mut() else {
+            return;
+        };
+        round.phase = Phase::Pulling;
+        round.pulled_at = now;
+        round.awaiting = round.responders.clone();
+        for &learner in &round.responders {
+            actions.push(Action::Pull {
+                learner,
+                fragment: p,
+                round: round.round,
+            });
+        }
+        actions.push(Action::ArmTimer {
+            id: TimerId::PullTimeout {
+                fragment: p,
+                round: round.round,
+            },
+            at: now + timeout,
+        });
+        if round.awaiting.is_empty() {
+            self.finish_round(now, p, actions);
+        }
+    }
+
+    fn reject(&mut self, c: &Contribution, reason: RejectReason, actions: &mut Vec<Action>) {
+        self.stats.rejected += 1;
+        *self
+            .stats
+            .rejected_by_reason
+            .entry(format!("{reason:?}"))
+            .or_default() += 1;
+        actions.push(Action::Rejected {
+            learner: c.learner,
+            fragment: c.fragment,
+            round: c.round,
+            reason,
+        });
+    }
+
+    /// Checks a contribution against the open round and re-anchors it at the current Θ_p.
+    fn admit(&self, c: &mut Contribution) -> Result<(), RejectReason> {
+        let frag = self
+            .fragments
+            .get(c.fragment)
+            .ok_or(RejectReason::UnknownFragment)?;
+        match &frag.open {
+            Some(r) if r.round == c.round && r.phase == Phase::Pulling => {
+                if r.received.contains_key(&c.learner) {
+                    return Err(RejectReason::Duplicate);
+                }
+                if !r.awaiting.contains(&c.learner) {
+                    return Err(RejectReason::NotRequested);
+                }
+            }
+            _ if c.round < frag.next_round => return Err(RejectReason::Late),
+            _ => return Err(RejectReason::NotRequested),
+        }
+        let shapes_ok = c.delta.len() == frag.theta.len()
+            && c.delta
+                .iter()
+                .zip(frag.theta.iter())
+                .all(|(d, t)| d.len() == t.len());
+        if !shapes_ok {
+            return Err(RejectReason::WrongShape);
+        }
+        if c.delta.iter().any(|d| d.iter().any(|x| !x.is_finite())) {
+            return Err(RejectReason::NonFinite);
+        }
+        if c.base_version == frag.version {
+            return Ok(());
+        }
+        let (_, base) = frag
+            .history
+            .iter()
+            .find(|(v, _)| *v == c.base_version)
+            .ok_or(RejectReason::StaleBase)?;
+        // Re-anchor at the current Θ: Θ_cur − θ_m = Δ_m + (Θ_cur − Θ_base).
+        for ((d, cur), old) in c.delta.iter_mut().zip(frag.theta.iter()).zip(base.iter()) {
+            for ((x, a), b) in d.iter_mut().zip(cur).zip(old) {
+                *x += a - b;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_contribution(&mut self, now: f64, mut c: Contribution, actions: &mut Vec<Action>) {
+        let verdict = self.admit(&mut c);
+        let (p, learner) = (c.fragment, c.learner);
+        let in_round = |r: &Round| {
+            r.round == c.round && r.phase == Phase::Pulling && r.awaiting.contains(&learner)
+        };
+        match verdict {
+            Err(reason) => {
+                // A bad payload from a pulled learner still ends its part in the round.
+                if matches!(
+                    reason,
+                    RejectReason::NonFinite | RejectReason::WrongShape | RejectReason::StaleBase
+                ) {
+                    if let Some(r) = self.fragments[p].open.as_mut().filter(|r| in_round(r)) {
+                        r.awaiting.remove(&learner);
+                    }
+                }
+                self.reject(&c, reason, actions);
+            }
+            Ok(()) => {
+                if let Some(r) = self.fragments[p].open.as_mut() {
+                    r.awaiting.remove(&learner);
+                    r.received.insert(learner, c);
+                }
+            }
+        }
+        let done = self
+            .fragments
+            .get(p)
+            .and_then(|f| f.open.as_ref())
+            .is_some_and(|r| r.phase == Phase::Pulling && r.awaiting.is_empty());
+        if done {
+            self.finish_round(now, p, actions);
+        }
+    }
+
+    fn finish_round(&mut self, now: f64, p: usize, actions: &mut Vec<Action>) {
+        let Some(round) = self.fragments[p].open.take() else {
+            return;
+        };
+        let frag_meta = &self.plan.fragments[p];
+        let contributions: Vec<&Contribution> = round.received.values().collect();
+        let weights: Vec<f64> = contributions
+            .iter()
+            .map(|c| learner_weight(c.progress.c_tokens, c.progress.c_steps))
+            .collect();
+        let offset = self.offset(p);
+        let global_step = self
+            .learners
+            .values()
+            .filter(|l| l.active)
+            .map(|l| l.step)
+            .max()
+            .unwrap_or(0);
+        let h = self.config.h;
+        let frag = &mut self.fragments[p];
+        // Rounds whose step already passed while this one ran are folded into the next.
+        frag.next_round = (round.round + 1).max(global_step.saturating_sub(offset) / h);
+        if weights.iter().sum::<f64>() <= 0.0 {
+            return; // nothing usable arrived: Θ_p stays, no broadcast
+        }
+        let mut theta: Vec<Vec<f32>> = (*frag.theta).clone();
+        for (k, values) in theta.iter_mut().enumerate() {
+            let deltas: Vec<&[f32]> = contributions
+                .iter()
+                .map(|c| c.delta[k].as_slice())
+                .collect();
+            let name = &self.plan.tensors[frag_meta.tensors[k]].name;
+            let merged = if self.config.merge == MergeRule::Mean || crate::plan::is_embedding(name)
+            {
+                weighted_mean(&deltas, &weights)
+            } else {
+                rda(&deltas, &weights)
+            };
+            self.config
+                .outer
+                .step(values, &mut frag.momentum[k], &merged);
+        }
+        frag.history.push_front((frag.version, frag.theta.clone()));
+        frag.history.truncate(self.config.version_history);
+        frag.version += 1;
+        frag.theta = Arc::new(theta);
+        let version = frag.version;
+        let values = frag.theta.clone();
+        self.sync_time_s = ema(self.sync_time_s, now - round.pulled_at);
+        self.stats.merges += 1;
+        self.merge_log.push(MergeRecord {
+            fragment: p,
+            round: round.round,
+            version,
+            at: now,
+            contributors: contributions
+                .iter()
+                .zip(&weights)
+                .map(|(c, w)| {
+                    (
+                        c.learner,
+                        *w,
+                        c.progress.c_steps,
+                        c.progress.c_tokens,
+                        c.base_version,
+                    )
+                })
+                .collect(),
+            quorum_wait_s: round.quorum_at.map_or(0.0, |q| q - round.opened_at),
+            grace_s: round.grace_s,
+        });
+        let to = self.active_learners();
+        for l in &to {
+            if let Some(state) = self.learners.get_mut(l) {
+                state.clock[p] = version;
+            }
+        }
+        actions.push(Action::Broadcast {
+            fragment: p,
+            version,
+            values,
+            to,
+        });
+    }
+
+    fn mark_absent(
+        &mut self,
+        now: f64,
+        learner: LearnerId,
+        actions: &mut Vec<Action>,
+        timed_out: bool,
+    ) {
+        let Some(l) = self.learners.get_mut(&learner) else {
+            return;
+        };
+        if !l.active {
+            return;
+        }
+        l.active = false;
+        if timed_out {
+            actions.push(Action::MarkedAbsent { learner });
+        }
+        for p in 0..self.fragments.len() {
+            let done = match self.fragments[p].open.as_mut() {
+                Some(r) if r.phase == Phase::Pulling => {
+                    r.awaiting.remove(&learner);
+                    r.awaiting.is_empty()
+                }
+                _ => false,
+            };
+            if done {
+                self.finish_round(now, p, actions);
+            } else {
+                self.advance_collection(now, p, actions);
+            }
+        }
+    }
+
+    fn on_timer(&mut self, now: f64, id: TimerId, actions: &mut Vec<Action>) {
+        match id {
+            TimerId::Grace { fragment, round } => {
+                if self.fragments[fragment]
+                    .open
+                    .as_ref()
+                    .is_some_and(|r| r.round == round && r.phase == Phase::Grace)
+                {
+                    self.start_pull(now, fragment, actions);
+                }
+            }
+            TimerId::PullTimeout { fragment, round } => {
+                let pending = match &self.fragments[fragment].open {
+                    Some(r) if r.round == round && r.phase == Phase::Pulling => {
+                        r.awaiting.len() as u64
+                    }
+                    _ => return,
+                };
+                self.stats.pull_timeouts += pending;
+                self.finish_round(now, fragment, actions);
+            }
+            TimerId::Heartbeat { learner, seq } => {
+                if self
+                    .learners
+                    .get(&learner)
+                    .is_some_and(|l| l.active && l.heartbeat_seq == seq)
+                {
+                    self.mark_absent(now, learner, actions, true);
+                }
+            }
+        }
+    }
+}
