@@ -31,6 +31,15 @@ enum Command {
         #[arg(long = "set", value_name = "PATH=VALUE")]
         overrides: Vec<String>,
     },
+    /// Simulate a multi-learner run (DP, DiLoCo, Streaming or Decoupled DiLoCo) in one process on
+    /// a virtual clock; deterministic for a given seed.
+    Simulate {
+        /// Recipe YAML file with a `sync` section.
+        recipe: PathBuf,
+        /// Override a recipe field, e.g. --set sync.learners=2 (repeatable).
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Inspect model configurations.
     Model {
         #[command(subcommand)]
@@ -153,6 +162,17 @@ fn run(command: Command) -> Result<()> {
                 .with_context(|| format!("cannot write {}", run_dir.join("train.log").display()))?;
             tracing::info!("run directory {}", run_dir.display());
             let summary = train::train(&recipe, &run_dir)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Simulate { recipe, overrides } => {
+            let recipe = Recipe::from_file(&recipe, &overrides)?;
+            let run_dir = train::fresh_run_dir(&recipe)?;
+            logging::log_to_file(&run_dir.join("simulate.log")).with_context(|| {
+                format!("cannot write {}", run_dir.join("simulate.log").display())
+            })?;
+            tracing::info!("run directory {}", run_dir.display());
+            let summary = atoll_trainer::simulate::simulate(&recipe, &run_dir)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }

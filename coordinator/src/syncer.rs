@@ -43,6 +43,10 @@ pub struct SyncerConfig {
     pub heartbeat_timeout_s: f64,
     /// Past versions kept per fragment to re-anchor contributions made against them.
     pub version_history: usize,
+    /// Broadcasts carry the outer update Θ_new − Θ_old in this codec (None: exact f32). The
+    /// syncer applies the same quantised update to its own Θ, so learners and syncer agree bit
+    /// for bit on every version.
+    pub broadcast_codec: Option<atoll_wire::Codec>,
 }
 
 impl Default for SyncerConfig {
@@ -61,6 +65,7 @@ impl Default for SyncerConfig {
             pull_timeout_s: 600.0,
             heartbeat_timeout_s: 60.0,
             version_history: 4,
+            broadcast_codec: None,
         }
     }
 }

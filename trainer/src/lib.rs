@@ -9,6 +9,7 @@ pub mod models;
 pub mod optim;
 pub mod presets;
 pub mod recipe;
+pub mod simulate;
 pub mod train;
 
 pub use config::{Architecture, GemmaConfig};

@@ -229,6 +229,134 @@ impl Default for RunSection {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Gradients averaged every step (data parallel).
+    Ddp,
+    /// Classic DiLoCo: every H steps all learners stop and sync the whole model.
+    Diloco,
+    /// Streaming DiLoCo: fragments with overlap, all learners per round, α-mixing.
+    Streaming,
+    /// Decoupled DiLoCo: quorum, grace window, never-blocking learners.
+    #[default]
+    Decoupled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecChoice {
+    F32,
+    Bf16,
+    Int8,
+    #[default]
+    E3m0,
+    Int2,
+}
+
+impl CodecChoice {
+    pub fn codec(self) -> atoll_wire::Codec {
+        match self {
+            CodecChoice::F32 => atoll_wire::Codec::F32,
+            CodecChoice::Bf16 => atoll_wire::Codec::Bf16,
+            CodecChoice::Int8 => atoll_wire::Codec::Int8,
+            CodecChoice::E3m0 => atoll_wire::Codec::E3M0,
+            CodecChoice::Int2 => atoll_wire::Codec::Int2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSection {
+    #[serde(default = "defaults::bandwidth_gbps")]
+    pub bandwidth_gbps: PositiveF64,
+    #[serde(default = "defaults::latency_ms")]
+    pub latency_ms: NonNegativeF64,
+}
+
+impl Default for LinkSection {
+    fn default() -> Self {
+        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureSection {
+    /// Mean time between failures of one learner, in simulated seconds; absent: no failures.
+    #[serde(default)]
+    pub mtbf_s: Option<PositiveF64>,
+    #[serde(default = "defaults::recovery_s")]
+    pub recovery_s: NonNegativeF64,
+}
+
+impl Default for FailureSection {
+    fn default() -> Self {
+        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    #[serde(default)]
+    pub mode: SyncMode,
+    /// M: learners (regions).
+    #[serde(default = "defaults::learners")]
+    pub learners: PositiveInt,
+    /// P: fragments (the embedding gets one of its own when P ≥ 2).
+    #[serde(default = "defaults::fragments")]
+    pub fragments: PositiveInt,
+    /// H: inner steps between two syncs of the same fragment.
+    #[serde(default = "defaults::h")]
+    pub h: PositiveInt,
+    /// τ: steps a learner keeps training while a fragment is in flight.
+    #[serde(default = "defaults::tau")]
+    pub tau: Count,
+    /// K: learners needed before a fragment round may close.
+    #[serde(default = "defaults::quorum")]
+    pub quorum: PositiveInt,
+    #[serde(default = "defaults::grace_gamma")]
+    pub grace_gamma: NonNegativeF64,
+    #[serde(default = "defaults::outer_lr")]
+    pub outer_lr: PositiveF64,
+    #[serde(default = "defaults::outer_momentum")]
+    pub outer_momentum: Fraction,
+    #[serde(default)]
+    pub merge: atoll_coordinator::MergeRule,
+    /// Codec of the outer gradients sent up.
+    #[serde(default)]
+    pub codec: CodecChoice,
+    /// Codec of the outer updates broadcast down; absent: the same as `codec`.
+    #[serde(default)]
+    pub down_codec: Option<CodecChoice>,
+    /// zstd level on top of the codec (0: off).
+    #[serde(default)]
+    pub zstd_level: i32,
+    #[serde(default)]
+    pub error_feedback: bool,
+    /// Streaming DiLoCo's α (θ ← α·θ_local + (1 − α)·Θ); absent: overwrite.
+    #[serde(default)]
+    pub mix_alpha: Option<Fraction>,
+    /// Simulated compute time of one inner step at speed 1.
+    #[serde(default = "defaults::step_time_s")]
+    pub step_time_s: PositiveF64,
+    /// Per-learner speed factors (1.0 = nominal); missing entries are 1.0.
+    #[serde(default)]
+    pub speeds: Vec<PositiveF64>,
+    #[serde(default)]
+    pub link: LinkSection,
+    #[serde(default)]
+    pub failures: FailureSection,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
@@ -243,6 +371,9 @@ pub struct Recipe {
     pub train: TrainSection,
     #[serde(default)]
     pub run: RunSection,
+    /// Multi-learner synchronisation (`atoll simulate`, later `atoll run`).
+    #[serde(default)]
+    pub sync: SyncSection,
 }
 
 mod defaults {
@@ -303,6 +434,42 @@ mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn bandwidth_gbps() -> PositiveF64 {
+        PositiveF64(2.0)
+    }
+    pub fn latency_ms() -> NonNegativeF64 {
+        NonNegativeF64(20.0)
+    }
+    pub fn recovery_s() -> NonNegativeF64 {
+        NonNegativeF64(60.0)
+    }
+    pub fn learners() -> PositiveInt {
+        PositiveInt(4)
+    }
+    pub fn fragments() -> PositiveInt {
+        PositiveInt(4)
+    }
+    pub fn h() -> PositiveInt {
+        PositiveInt(24)
+    }
+    pub fn tau() -> Count {
+        Count(2)
+    }
+    pub fn quorum() -> PositiveInt {
+        PositiveInt(1)
+    }
+    pub fn grace_gamma() -> NonNegativeF64 {
+        NonNegativeF64(0.5)
+    }
+    pub fn outer_lr() -> PositiveF64 {
+        PositiveF64(0.7)
+    }
+    pub fn outer_momentum() -> Fraction {
+        Fraction(0.9)
+    }
+    pub fn step_time_s() -> PositiveF64 {
+        PositiveF64(1.0)
     }
 }
 
@@ -386,6 +553,26 @@ impl Recipe {
             (None, None) => bail!("model: set either model.preset (e.g. gemma3-tiny) or model.init_from (a checkpoint directory)"),
             (Some(_), Some(_)) => bail!("model: model.preset and model.init_from are mutually exclusive"),
             _ => {}
+        }
+        if self.sync.quorum.0 > self.sync.learners.0 {
+            bail!(
+                "sync.quorum: expected at most sync.learners ({}), got {}",
+                self.sync.learners.0,
+                self.sync.quorum.0
+            );
+        }
+        if self.sync.speeds.len() > self.sync.learners.0 {
+            bail!(
+                "sync.speeds: {} speeds given for {} learners",
+                self.sync.speeds.len(),
+                self.sync.learners.0
+            );
+        }
+        if !(0..=22).contains(&self.sync.zstd_level) {
+            bail!(
+                "sync.zstd_level: expected 0 (off) to 22, got {}",
+                self.sync.zstd_level
+            );
         }
         if let Some(p) = &self.model.preset {
             crate::presets::preset(p).map_err(|e| anyhow!("model.preset: {e}"))?;
@@ -496,6 +683,21 @@ mod tests {
         );
         assert!(err("model: {preset: gemma3-tiny}", &["novalue"])
             .contains("expected path.to.field=value"));
+    }
+
+    #[test]
+    fn sync_values_are_checked() {
+        let base = "model: {preset: gemma3-tiny}";
+        assert!(err(base, &["sync.quorum=5", "sync.learners=4"])
+            .contains("sync.quorum: expected at most sync.learners (4), got 5"));
+        assert!(err(base, &["sync.h=0"]).contains("sync.h: expected a positive integer, got 0"));
+        assert!(err(base, &["sync.codec=int3"]).contains("sync.codec: unknown variant `int3`"));
+        assert!(err(base, &["sync.outer_lr=-0.7"])
+            .contains("sync.outer_lr: expected a positive number, got -0.7"));
+        assert!(err(base, &["sync.mode=async"]).contains("sync.mode: unknown variant `async`"));
+        let r = parse(base, &["sync.mode=ddp", "sync.speeds=[1.0, 0.5]"]).unwrap();
+        assert_eq!(r.sync.mode, SyncMode::Ddp);
+        assert_eq!(r.sync.speeds.len(), 2);
     }
 
     #[test]

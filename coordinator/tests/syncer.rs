@@ -1,0 +1,315 @@
+//! The syncer state machine driven by hand on a virtual clock.
+
+use atoll_coordinator::syncer::RejectReason;
+use atoll_coordinator::{
+    Action, Contribution, Event, FragmentPlan, MergeRule, OuterOptimizer, Progress, Syncer,
+    SyncerConfig, TensorInfo, TimerId,
+};
+
+/// One fragment holding one 2-element tensor, Θ = [1, 1]; H = 4.
+fn syncer(quorum: usize, grace_gamma: f64) -> Syncer {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 4,
+        tau: 2,
+        quorum,
+        grace_gamma,
+        outer: OuterOptimizer {
+            lr: 0.7,
+            momentum: 0.9,
+        },
+        merge: MergeRule::Mean,
+        heartbeat_timeout_s: 100.0,
+        pull_timeout_s: 50.0,
+        ..SyncerConfig::default()
+    };
+    Syncer::new(config, plan, &[vec![1.0, 1.0]])
+}
+
+fn progress(steps: u64) -> Vec<Progress> {
+    vec![Progress {
+        c_steps: steps,
+        c_tokens: steps * 100,
+    }]
+}
+
+fn report(s: &mut Syncer, now: f64, learner: u32, step: u64) -> Vec<Action> {
+    s.handle(
+        now,
+        Event::Report {
+            learner,
+            step,
+            progress: progress(step),
+        },
+    )
+}
+
+/// A report where the learner's counters restarted at its last applied broadcast.
+fn report_since(s: &mut Syncer, now: f64, learner: u32, step: u64, since_sync: u64) -> Vec<Action> {
+    s.handle(
+        now,
+        Event::Report {
+            learner,
+            step,
+            progress: progress(since_sync),
+        },
+    )
+}
+
+fn pulls(actions: &[Action]) -> Vec<u32> {
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Pull { learner, .. } = a {
+                Some(*learner)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn grace_timer(actions: &[Action]) -> Option<f64> {
+    actions.iter().find_map(|a| match a {
+        Action::ArmTimer {
+            id: TimerId::Grace { .. },
+            at,
+        } => Some(*at),
+        _ => None,
+    })
+}
+
+fn contribution(learner: u32, round: u64, base: u64, delta: [f32; 2], steps: u64) -> Event {
+    Event::Contribution(Contribution {
+        learner,
+        fragment: 0,
+        round,
+        base_version: base,
+        progress: Progress {
+            c_steps: steps,
+            c_tokens: steps * 100,
+        },
+        delta: vec![delta.to_vec()],
+    })
+}
+
+fn broadcast(actions: &[Action]) -> Option<(u64, Vec<f32>)> {
+    actions.iter().find_map(|a| match a {
+        Action::Broadcast {
+            version, values, ..
+        } => Some((*version, values[0].clone())),
+        _ => None,
+    })
+}
+
+fn join_all(s: &mut Syncer, learners: &[u32]) {
+    for &l in learners {
+        let a = s.handle(0.0, Event::Join { learner: l });
+        assert!(matches!(a[0], Action::CatchUp { .. }));
+    }
+}
+
+#[test]
+fn quorum_not_reached_means_no_pull_and_reached_means_pull() {
+    let mut s = syncer(2, 0.0);
+    join_all(&mut s, &[1, 2, 3]);
+    for step in 1..4 {
+        assert!(
+            pulls(&report(&mut s, step as f64, 1, step)).is_empty(),
+            "round not due before H"
+        );
+    }
+    assert!(
+        pulls(&report(&mut s, 4.0, 1, 4)).is_empty(),
+        "one responder, K = 2"
+    );
+    let a = report(&mut s, 4.1, 2, 4);
+    assert_eq!(
+        pulls(&a),
+        vec![1, 2],
+        "quorum of 2 reached; no grace with γ = 0"
+    );
+}
+
+#[test]
+fn the_grace_window_waits_for_stragglers_up_to_its_cap() {
+    let mut s = syncer(1, 0.5);
+    join_all(&mut s, &[1, 2]);
+    // Learner 1 steps every 1.0 s; learner 2 is slower.
+    for step in 1..=3 {
+        report(&mut s, step as f64, 1, step);
+    }
+    report(&mut s, 2.5, 2, 1);
+    let a = report(&mut s, 4.0, 1, 4);
+    assert!(pulls(&a).is_empty());
+    // grace = γ·(τ·t_step − t_quorum − t_sync) = 0.5·(2·1 − 0 − 0) = 1.0 s, within the 1-step cap.
+    let at = grace_timer(&a).expect("grace armed");
+    assert!((at - 5.0).abs() < 1e-9, "{at}");
+    // Learner 2 reports progress inside the window: everyone answered, pull at once.
+    let a = report(&mut s, 4.5, 2, 2);
+    assert_eq!(pulls(&a), vec![1, 2]);
+    // The stale grace timer is ignored.
+    assert!(s
+        .handle(
+            5.0,
+            Event::Timer(TimerId::Grace {
+                fragment: 0,
+                round: 1
+            })
+        )
+        .is_empty());
+}
+
+#[test]
+fn the_grace_window_is_capped_at_one_step() {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 4,
+        tau: 8,
+        quorum: 1,
+        grace_gamma: 1.0,
+        ..SyncerConfig::default()
+    };
+    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+    join_all(&mut s, &[1, 2]);
+    for step in 1..=3 {
+        report(&mut s, step as f64, 1, step);
+    }
+    let a = report(&mut s, 4.0, 1, 4);
+    // Uncapped it would be 1·(8·1 − 0 − 0) = 8 s; the cap is one step (1 s).
+    assert!((grace_timer(&a).unwrap() - 5.0).abs() < 1e-9);
+    let a = s.handle(
+        5.0,
+        Event::Timer(TimerId::Grace {
+            fragment: 0,
+            round: 1,
+        }),
+    );
+    assert_eq!(pulls(&a), vec![1], "the straggler gets weight 0 this round");
+}
+
+#[test]
+fn merge_applies_nesterov_and_broadcasts_a_new_version() {
+    let mut s = syncer(1, 0.0);
+    join_all(&mut s, &[1]);
+    for step in 1..=4 {
+        report(&mut s, step as f64, 1, step);
+    }
+    let a = s.handle(4.5, contribution(1, 1, 0, [1.0, -0.5], 4));
+    let (version, values) = broadcast(&a).expect("broadcast");
+    assert_eq!(version, 1);
+    // First outer step: Θ − 0.7·(1 + 0.9)·Δ = Θ − 1.33·Δ.
+    assert!(
+        (values[0] - (1.0 - 1.33)).abs() < 1e-6 && (values[1] - (1.0 + 0.665)).abs() < 1e-6,
+        "{values:?}"
+    );
+    assert_eq!(s.vector_clock(1), Some(vec![1]));
+    assert_eq!(s.merge_log().len(), 1);
+}
+
+#[test]
+fn duplicate_late_unrequested_and_non_finite_contributions_are_rejected() {
+    let mut s = syncer(2, 0.0);
+    join_all(&mut s, &[1, 2, 3]);
+    for step in 1..=4 {
+        report(&mut s, step as f64, 1, step);
+        report(&mut s, step as f64 + 0.1, 2, step);
+    }
+    let reason = |a: &[Action]| {
+        a.iter().find_map(|x| {
+            if let Action::Rejected { reason, .. } = x {
+                Some(*reason)
+            } else {
+                None
+            }
+        })
+    };
+    // Learner 3 was not pulled.
+    assert_eq!(
+        reason(&s.handle(5.0, contribution(3, 1, 0, [1.0, 1.0], 4))),
+        Some(RejectReason::NotRequested)
+    );
+    assert!(reason(&s.handle(5.0, contribution(1, 1, 0, [1.0, 1.0], 4))).is_none());
+    assert_eq!(
+        reason(&s.handle(5.1, contribution(1, 1, 0, [9.0, 9.0], 4))),
+        Some(RejectReason::Duplicate)
+    );
+    let a = s.handle(5.2, contribution(2, 1, 0, [f32::NAN, 1.0], 4));
+    assert_eq!(reason(&a), Some(RejectReason::NonFinite));
+    // The round completes with learner 1 alone: the NaN sender ended its part.
+    let (_, values) = broadcast(&a).expect("merged without the NaN contribution");
+    assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6);
+    assert_eq!(
+        reason(&s.handle(6.0, contribution(2, 1, 0, [1.0, 1.0], 4))),
+        Some(RejectReason::Late)
+    );
+    assert_eq!(s.stats().rejected, 4);
+    assert_eq!(s.merge_log()[0].contributors.len(), 1);
+}
+
+#[test]
+fn a_learner_that_dies_mid_fragment_is_dropped_and_the_round_completes() {
+    let mut s = syncer(2, 0.0);
+    join_all(&mut s, &[1, 2]);
+    for step in 1..=4 {
+        report(&mut s, step as f64, 1, step);
+        report(&mut s, step as f64, 2, step);
+    }
+    assert!(
+        broadcast(&s.handle(4.5, contribution(1, 1, 0, [0.5, 0.5], 4))).is_none(),
+        "waiting for learner 2"
+    );
+    // Learner 2 goes silent; its heartbeat timer fires.
+    let seq = 5; // one Join plus four Reports armed heartbeats 1..=5
+    let a = s.handle(104.0, Event::Timer(TimerId::Heartbeat { learner: 2, seq }));
+    assert!(a.contains(&Action::MarkedAbsent { learner: 2 }));
+    assert!(broadcast(&a).is_some(), "merged with the survivor");
+    assert!(!s.is_active(2));
+}
+
+#[test]
+fn a_returning_learner_catches_up_on_every_version_it_missed() {
+    let mut s = syncer(1, 0.0);
+    join_all(&mut s, &[1, 2]);
+    s.handle(0.5, Event::Leave { learner: 2 });
+    for round in 1..=3u64 {
+        for step in (round - 1) * 4 + 1..=round * 4 {
+            report_since(&mut s, step as f64, 1, step, step - (round - 1) * 4);
+        }
+        assert!(broadcast(&s.handle(
+            round as f64 * 4.0 + 0.5,
+            contribution(1, round, round - 1, [0.1, 0.1], 4)
+        ))
+        .is_some());
+        // Absent learners are not sent broadcasts.
+    }
+    assert_eq!(s.version(0), 3);
+    assert_eq!(s.vector_clock(2), Some(vec![0]));
+    let a = s.handle(20.0, Event::Join { learner: 2 });
+    match &a[0] {
+        Action::CatchUp { fragments, .. } => assert_eq!(fragments[0].1, 3),
+        other => panic!("expected a catch-up, got {other:?}"),
+    }
+    assert_eq!(s.vector_clock(2), Some(vec![3]));
+}
+
+#[test]
+fn contributions_against_an_older_version_are_re_anchored() {
+    let mut s = syncer(1, 0.0);
+    join_all(&mut s, &[1]);
+    for step in 1..=4 {
+        report(&mut s, step as f64, 1, step);
+    }
+    let (_, v1) = broadcast(&s.handle(4.5, contribution(1, 1, 0, [1.0, 0.0], 4))).unwrap();
+    for step in 5..=8 {
+        report_since(&mut s, step as f64, 1, step, step - 4);
+    }
+    // Measured against version 0 (Θ0 = [1, 1]) although version 1 is current: the syncer re-anchors
+    // Δ at Θ1, i.e. Δ' = Δ + Θ1 − Θ0.
+    let a = s.handle(8.5, contribution(1, 2, 0, [0.0, 0.0], 4));
+    let (version, _) = broadcast(&a).unwrap();
+    assert_eq!(version, 2);
+    let record = &s.merge_log()[1];
+    assert_eq!(record.contributors[0].4, 0, "base version logged");
+    assert!(v1[0] < 0.0);
+}

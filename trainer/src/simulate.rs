@@ -1,0 +1,830 @@
+//! `atoll simulate`: M learners in one process, each with its own Gemma model, optimizer and
+//! data shard, synchronised by the real syncer state machine over simulated links, on a virtual
+//! clock. Same seed, same results, bit for bit: events are ordered by (virtual time, sequence
+//! number), and every random draw comes from seeded generators.
+//!
+//! Time model: an inner step takes `sync.step_time_s / speed` virtual seconds; a transfer of b
+//! bytes on a learner's link starts when the link is free, takes 8·b / bandwidth, then arrives
+//! after the one-way latency. Metadata reports cost latency only. Up-link outer gradients go
+//! through the real wire codec and frame (so quantisation is what a real run sends); down-link
+//! updates are quantised by the syncer itself (`broadcast_codec`) and accounted at their encoded
+//! size.
+
+use crate::data::{Batcher, PackedSequences};
+use crate::models::GemmaModel;
+use crate::optim::{learning_rate, AdamW, AdamWConfig};
+use crate::recipe::{Recipe, SyncMode};
+use crate::train::{build_model, dtype_name, evaluate, prepare_data, resolve_device};
+use anyhow::{anyhow, Context, Result};
+use atoll_coordinator::syncer::{Contribution, Event, FragmentValues, Progress};
+use atoll_coordinator::{
+    Action, ApplyRule, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
+    TensorInfo,
+};
+use atoll_wire::{decode_frame, encode_frame, ErrorFeedback, FrameLimits, DEFAULT_BLOCK};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::io::Write;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SimSummary {
+    pub name: String,
+    pub mode: String,
+    pub learners: usize,
+    pub codec: String,
+    pub parameters: u64,
+    pub dtype: String,
+    pub seed: u64,
+    pub initial_eval_loss: f64,
+    pub final_eval_loss: f64,
+    pub tokens: u64,
+    /// Bytes sent up / down, summed over learners.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub bytes_per_learner: f64,
+    pub sim_wall_clock_s: f64,
+    /// Tokens that reached the global model / what M learners at full speed would process.
+    pub goodput: f64,
+    /// Time learners spent computing / (M × wall clock).
+    pub compute_utilization: f64,
+    pub rejected_contributions: u64,
+    pub merges: u64,
+    pub failures: u64,
+}
+
+fn sim_time(seconds: f64) -> u64 {
+    (seconds * 1e9).round() as u64
+}
+
+enum SimEvent {
+    StepDone(usize),
+    ToSyncer(Event),
+    PullArrives {
+        learner: usize,
+        fragment: usize,
+        round: u64,
+    },
+    BroadcastArrives {
+        learner: usize,
+        fragment: usize,
+        version: u64,
+        values: FragmentValues,
+    },
+    CatchUpArrives {
+        learner: usize,
+        fragments: Vec<(usize, u64, FragmentValues)>,
+    },
+    Fail(usize),
+    Recover(usize),
+}
+
+struct Queue {
+    heap: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, SimEvent>,
+    seq: u64,
+}
+
+impl Queue {
+    fn push(&mut self, at: f64, event: SimEvent) {
+        self.seq += 1;
+        self.heap.push(Reverse((sim_time(at), self.seq)));
+        self.events.insert(self.seq, event);
+    }
+    fn pop(&mut self) -> Option<(f64, SimEvent)> {
+        let Reverse((t, seq)) = self.heap.pop()?;
+        Some((t as f64 / 1e9, self.events.remove(&seq).expect("queued")))
+    }
+}
+
+struct Link {
+    bandwidth_bps: f64,
+    latency_s: f64,
+    up_free_at: f64,
+    down_free_at: f64,
+}
+
+impl Link {
+    /// Arrival time of `bytes` sent at `now` on the up (true) or down link.
+    fn send(&mut self, now: f64, bytes: u64, up: bool) -> f64 {
+        let free = if up {
+            &mut self.up_free_at
+        } else {
+            &mut self.down_free_at
+        };
+        let start = now.max(*free);
+        let done = start + 8.0 * bytes as f64 / self.bandwidth_bps;
+        *free = done;
+        done + self.latency_s
+    }
+}
+
+struct Learner {
+    model: GemmaModel,
+    params: Vec<Tensor>,
+    optimizer: AdamW,
+    shard: Vec<usize>,
+    batcher: Batcher,
+    protocol: Option<LearnerProtocol>,
+    feedback: Vec<Vec<ErrorFeedback>>,
+    speed: f64,
+    alive: bool,
+    waiting_for_sync: bool,
+    steps: u64,
+    compute_s: f64,
+    link: Link,
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).expect("f32 tensor")
+}
+
+fn set_flat(t: &mut Tensor, values: &[f32]) {
+    let src = Tensor::from_slice(values)
+        .view(t.size().as_slice())
+        .to_kind(t.kind())
+        .to_device(t.device());
+    tch::no_grad(|| t.copy_(&src));
+}
+
+pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
+    let sync = &recipe.sync;
+    let m_count = sync.learners.0;
+    if let Some(t) = recipe.train.threads {
+        tch::set_num_threads(t.0 as i32);
+    }
+    let device = resolve_device(recipe.train.device)?;
+    std::fs::write(run_dir.join("recipe.yaml"), recipe.to_yaml()?)?;
+    let prepared = prepare_data(recipe, crate::data::BOS_ID, crate::data::EOS_ID)?;
+    let vocab = prepared.tokenizer.get_vocab_size(true);
+    let t = &recipe.train;
+    let (batch, seq_len) = (t.batch_size.0, recipe.data.seq_len.0);
+    let tokens_per_step = (batch * t.grad_accum.0 * seq_len) as u64;
+    let budget = t.max_steps.0 as u64 * tokens_per_step * m_count as u64;
+    let adam = AdamWConfig {
+        beta1: t.betas[0].0,
+        beta2: t.betas[1].0,
+        eps: t.eps.0,
+        weight_decay: t.weight_decay.0,
+    };
+    let mut metrics =
+        std::io::BufWriter::new(std::fs::File::create(run_dir.join("metrics.jsonl"))?);
+
+    // One model per learner, all starting from the same seeded weights.
+    let mut learners = Vec::with_capacity(m_count);
+    for m in 0..m_count {
+        let model = build_model(recipe, vocab, device)?;
+        let params: Vec<Tensor> = model
+            .named_trainable_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let optimizer = AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), adam);
+        let shard: Vec<usize> = (0..prepared.train.len())
+            .filter(|w| w % m_count == m)
+            .collect();
+        if shard.is_empty() {
+            return Err(anyhow!(
+                "data: {} training sequences cannot feed {m_count} learners",
+                prepared.train.len()
+            ));
+        }
+        let batcher = Batcher::new(shard.len(), recipe.seed.wrapping_add(m as u64));
+        let speed = sync.speeds.get(m).map_or(1.0, |s| s.0);
+        let link = Link {
+            bandwidth_bps: sync.link.bandwidth_gbps.0 * 1e9,
+            latency_s: sync.link.latency_ms.0 / 1000.0,
+            up_free_at: 0.0,
+            down_free_at: 0.0,
+        };
+        learners.push(Learner {
+            model,
+            params,
+            optimizer,
+            shard,
+            batcher,
+            protocol: None,
+            feedback: Vec::new(),
+            speed,
+            alive: true,
+            waiting_for_sync: false,
+            steps: 0,
+            compute_s: 0.0,
+            link,
+        });
+    }
+    let initial_eval = evaluate(&learners[0].model, &prepared.eval, batch, t.eval_batches.0);
+    tracing::info!(
+        "{} learners, mode {:?}, initial eval loss {initial_eval:.4}",
+        m_count,
+        sync.mode
+    );
+
+    let names: Vec<(String, Vec<i64>)> = learners[0]
+        .model
+        .named_trainable_parameters()
+        .into_iter()
+        .map(|(n, t)| (n, t.size()))
+        .collect();
+    let parameters: u64 = names
+        .iter()
+        .map(|(_, s)| s.iter().product::<i64>() as u64)
+        .sum();
+
+    let summary = if sync.mode == SyncMode::Ddp {
+        simulate_ddp(
+            recipe,
+            &mut learners,
+            &prepared.train,
+            tokens_per_step,
+            parameters,
+            &mut metrics,
+        )?
+    } else {
+        simulate_diloco_family(
+            recipe,
+            &mut learners,
+            &prepared.train,
+            tokens_per_step,
+            budget,
+            &names,
+            &mut metrics,
+        )?
+    };
+    let Outcome {
+        wall_s: wall,
+        bytes_up,
+        bytes_down,
+        merged_tokens,
+        rejected,
+        merges,
+        failures,
+        global,
+    } = summary;
+
+    // The global model: learner 0's network loaded with Θ.
+    let eval_model = &mut learners[0];
+    for (p, values) in eval_model.params.iter_mut().zip(&global) {
+        set_flat(p, values);
+    }
+    let final_eval = evaluate(&eval_model.model, &prepared.eval, batch, t.eval_batches.0);
+    let tokens: u64 = learners.iter().map(|l| l.steps * tokens_per_step).sum();
+    let compute: f64 = learners.iter().map(|l| l.compute_s).sum();
+    let ideal_tokens_per_s = m_count as f64 * tokens_per_step as f64 / sync.step_time_s.0;
+    let summary = SimSummary {
+        name: recipe.name().to_string(),
+        mode: format!("{:?}", sync.mode).to_lowercase(),
+        learners: m_count,
+        codec: if sync.mode == SyncMode::Ddp {
+            "f32".into()
+        } else {
+            format!("{:?}", sync.codec).to_lowercase()
+        },
+        parameters,
+        dtype: dtype_name(learners[0].model.kind()).into(),
+        seed: recipe.seed,
+        initial_eval_loss: initial_eval,
+        final_eval_loss: final_eval,
+        tokens,
+        bytes_up,
+        bytes_down,
+        bytes_per_learner: (bytes_up + bytes_down) as f64 / m_count as f64,
+        sim_wall_clock_s: wall,
+        goodput: merged_tokens as f64 / (ideal_tokens_per_s * wall).max(1e-9),
+        compute_utilization: compute / (m_count as f64 * wall).max(1e-9),
+        rejected_contributions: rejected,
+        merges,
+        failures,
+    };
+    crate::checkpoint::write_json_atomic(
+        &run_dir.join("summary.json"),
+        &serde_json::to_value(&summary)?,
+    )?;
+    tracing::info!(
+        "done: eval {:.4} -> {:.4}, {} tokens, {:.1} MB per learner, {:.0} simulated s",
+        initial_eval,
+        final_eval,
+        tokens,
+        summary.bytes_per_learner / 1e6,
+        wall
+    );
+    Ok(summary)
+}
+
+/// What a mode's event loop hands back for the summary.
+struct Outcome {
+    wall_s: f64,
+    bytes_up: u64,
+    bytes_down: u64,
+    merged_tokens: u64,
+    rejected: u64,
+    merges: u64,
+    failures: u64,
+    /// The global parameters, in trainable-parameter order.
+    global: Vec<Vec<f32>>,
+}
+
+fn train_step(
+    learner: &mut Learner,
+    data: &PackedSequences,
+    batch: usize,
+    accum: usize,
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<f64> {
+    let mut loss_sum = 0.0;
+    for _ in 0..accum {
+        let windows: Vec<usize> = learner
+            .batcher
+            .next_windows(batch)
+            .into_iter()
+            .map(|i| learner.shard[i])
+            .collect();
+        let (x, y) = data.batch(&windows, learner.model.device());
+        let loss = learner.model.loss(&x, &y) / accum as f64;
+        loss.backward();
+        loss_sum += loss.double_value(&[]);
+    }
+    if !loss_sum.is_finite() {
+        return Err(anyhow!(
+            "a learner diverged: loss is {loss_sum}; lower train.lr"
+        ));
+    }
+    learner.optimizer.clip_grad_norm(clip);
+    learner.optimizer.step(lr);
+    learner.optimizer.zero_grad();
+    learner.steps += 1;
+    Ok(loss_sum)
+}
+
+/// Data parallel: gradients of all M learners averaged every step. Equivalent to one model on
+/// the M micro-batches; the step waits for the slowest learner and a ring all-reduce.
+fn simulate_ddp(
+    recipe: &Recipe,
+    learners: &mut [Learner],
+    data: &PackedSequences,
+    tokens_per_step: u64,
+    parameters: u64,
+    metrics: &mut impl Write,
+) -> Result<Outcome> {
+    let sync = &recipe.sync;
+    let t = &recipe.train;
+    let m_count = learners.len();
+    let slowest = learners
+        .iter()
+        .map(|l| l.speed)
+        .fold(f64::INFINITY, f64::min);
+    // Ring all-reduce of f32 gradients: each learner sends and receives 2(M−1)/M of the model.
+    let ring_bytes = if m_count > 1 {
+        (2 * (m_count as u64 - 1) * 4 * parameters) / m_count as u64
+    } else {
+        0
+    };
+    let link = &learners[0].link;
+    let comm_s = 8.0 * ring_bytes as f64 / link.bandwidth_bps
+        + 2.0 * (m_count as f64 - 1.0) * link.latency_s;
+    let step_s = sync.step_time_s.0 / slowest;
+    let mut wall = 0.0;
+    let total_steps = t.max_steps.0;
+    let accum = t.grad_accum.0 * m_count;
+    for step in 0..total_steps {
+        let lr = learning_rate(
+            step,
+            t.lr.0,
+            t.warmup_steps.0,
+            total_steps,
+            t.min_lr_ratio.0,
+        );
+        // Every learner draws its micro-batches from its own shard...
+        let mut batches = Vec::with_capacity(accum);
+        for l in learners.iter_mut() {
+            for _ in 0..t.grad_accum.0 {
+                batches.push(
+                    l.batcher
+                        .next_windows(t.batch_size.0)
+                        .into_iter()
+                        .map(|i| l.shard[i])
+                        .collect::<Vec<_>>(),
+                );
+            }
+            l.steps += 1;
+            l.compute_s += sync.step_time_s.0 / l.speed;
+        }
+        // ...and their gradients, averaged, drive one model: learner 0's.
+        let first = &mut learners[0];
+        let mut loss_sum = 0.0;
+        for windows in &batches {
+            let (x, y) = data.batch(windows, first.model.device());
+            let loss = first.model.loss(&x, &y) / accum as f64;
+            loss.backward();
+            loss_sum += loss.double_value(&[]);
+        }
+        first.optimizer.clip_grad_norm(t.grad_clip.map(|c| c.0));
+        first.optimizer.step(lr);
+        first.optimizer.zero_grad();
+        wall += step_s + comm_s;
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": step + 1, "loss": loss_sum, "lr": lr, "sim_time_s": wall})
+        )?;
+    }
+    let first = &learners[0];
+    let global: Vec<Vec<f32>> = first.params.iter().map(flat).collect();
+    let merged_tokens = total_steps as u64 * tokens_per_step * m_count as u64;
+    let bytes = ring_bytes * total_steps as u64 * m_count as u64;
+    Ok(Outcome {
+        wall_s: wall,
+        bytes_up: bytes,
+        bytes_down: bytes,
+        merged_tokens,
+        rejected: 0,
+        merges: total_steps as u64,
+        failures: 0,
+        global,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn simulate_diloco_family(
+    recipe: &Recipe,
+    learners: &mut [Learner],
+    data: &PackedSequences,
+    tokens_per_step: u64,
+    budget: u64,
+    names: &[(String, Vec<i64>)],
+    metrics: &mut impl Write,
+) -> Result<Outcome> {
+    let sync = &recipe.sync;
+    let t = &recipe.train;
+    let m_count = learners.len();
+    let (classic, streaming) = (
+        sync.mode == SyncMode::Diloco,
+        sync.mode == SyncMode::Streaming,
+    );
+    let fragments = if classic { 1 } else { sync.fragments.0 };
+    let tensors: Vec<TensorInfo> = names
+        .iter()
+        .map(|(n, s)| TensorInfo::new(n.clone(), &s.iter().map(|&d| d as u64).collect::<Vec<_>>()))
+        .collect();
+    let plan = FragmentPlan::new(tensors, fragments).map_err(|e| anyhow!("sync.fragments: {e}"))?;
+    let initial: Vec<Vec<f32>> = learners[0].params.iter().map(flat).collect();
+    let codec = sync.codec.codec();
+    let down_codec = sync.down_codec.unwrap_or(sync.codec).codec();
+    let config = SyncerConfig {
+        h: sync.h.0 as u64,
+        tau: sync.tau.0 as u64,
+        // Classic and Streaming DiLoCo wait for every learner; Decoupled merges what arrived.
+        quorum: if classic || streaming {
+            m_count
+        } else {
+            sync.quorum.0
+        },
+        grace_gamma: if classic || streaming {
+            0.0
+        } else {
+            sync.grace_gamma.0
+        },
+        grace_cap_s: None,
+        outer: OuterOptimizer {
+            lr: sync.outer_lr.0,
+            momentum: sync.outer_momentum.0,
+        },
+        merge: sync.merge,
+        pull_timeout_s: 100.0 * sync.step_time_s.0 * sync.h.0 as f64,
+        heartbeat_timeout_s: 10.0 * sync.step_time_s.0
+            / learners
+                .iter()
+                .map(|l| l.speed)
+                .fold(f64::INFINITY, f64::min),
+        version_history: 4,
+        broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
+    };
+    let apply_rule = match (streaming, sync.mix_alpha) {
+        (_, Some(a)) => ApplyRule::Mix { alpha: a.0 as f32 },
+        (true, None) => ApplyRule::Mix { alpha: 0.5 },
+        (false, None) => ApplyRule::Overwrite,
+    };
+    let mut syncer = Syncer::new(config, plan.clone(), &initial);
+    let mut queue = Queue {
+        heap: BinaryHeap::new(),
+        events: BTreeMap::new(),
+        seq: 0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(recipe.seed ^ 0x5eed_fa11);
+    let failure_draw = |rng: &mut ChaCha8Rng| -> Option<f64> {
+        sync.failures
+            .mtbf_s
+            .map(|mtbf| -mtbf.0 * (1.0 - rng.random::<f64>()).ln())
+    };
+    for m in 0..m_count {
+        queue.push(0.0, SimEvent::ToSyncer(Event::Join { learner: m as u32 }));
+        if let Some(dt) = failure_draw(&mut rng) {
+            queue.push(dt, SimEvent::Fail(m));
+        }
+    }
+    let limits = FrameLimits::default();
+    let (mut bytes_up, mut bytes_down, mut failures) = (0u64, 0u64, 0u64);
+    let mut tokens_done = 0u64;
+    let mut last_step_at = 0.0;
+    let total_steps = t.max_steps.0;
+    let fragment_bytes = |c: atoll_wire::Codec, p: usize| -> u64 {
+        plan.fragments[p]
+            .tensors
+            .iter()
+            .map(|&i| c.encoded_len(plan.tensors[i].elements() as usize, DEFAULT_BLOCK) as u64 + 64)
+            .sum()
+    };
+
+    while let Some((now, event)) = queue.pop() {
+        match event {
+            SimEvent::ToSyncer(e) => {
+                for action in syncer.handle(now, e) {
+                    match action {
+                        Action::Pull {
+                            learner,
+                            fragment,
+                            round,
+                        } => {
+                            let l = &learners[learner as usize];
+                            queue.push(
+                                now + l.link.latency_s,
+                                SimEvent::PullArrives {
+                                    learner: learner as usize,
+                                    fragment,
+                                    round,
+                                },
+                            );
+                        }
+                        Action::Broadcast {
+                            fragment,
+                            version,
+                            values,
+                            to,
+                        } => {
+                            for m in to {
+                                let bytes = fragment_bytes(down_codec, fragment);
+                                bytes_down += bytes;
+                                let arrive = learners[m as usize].link.send(now, bytes, false);
+                                queue.push(
+                                    arrive,
+                                    SimEvent::BroadcastArrives {
+                                        learner: m as usize,
+                                        fragment,
+                                        version,
+                                        values: values.clone(),
+                                    },
+                                );
+                            }
+                        }
+                        Action::CatchUp { learner, fragments } => {
+                            let bytes: u64 = (0..fragments.len())
+                                .map(|p| fragment_bytes(atoll_wire::Codec::F32, p))
+                                .sum();
+                            // The initial download is the same for every mode; count only re-joins.
+                            if learners[learner as usize].protocol.is_some() {
+                                bytes_down += bytes;
+                            }
+                            let arrive = learners[learner as usize].link.send(now, bytes, false);
+                            queue.push(
+                                arrive,
+                                SimEvent::CatchUpArrives {
+                                    learner: learner as usize,
+                                    fragments,
+                                },
+                            );
+                        }
+                        Action::ArmTimer { id, at } => {
+                            queue.push(at, SimEvent::ToSyncer(Event::Timer(id)))
+                        }
+                        Action::Rejected { .. } | Action::MarkedAbsent { .. } => {}
+                    }
+                }
+            }
+            SimEvent::CatchUpArrives {
+                learner: m,
+                fragments,
+            } => {
+                let l = &mut learners[m];
+                if !l.alive {
+                    continue;
+                }
+                for (p, _, values) in &fragments {
+                    for (k, &ti) in plan.fragments[*p].tensors.iter().enumerate() {
+                        set_flat(&mut l.params[ti], &values[k]);
+                    }
+                }
+                l.feedback = plan
+                    .fragments
+                    .iter()
+                    .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
+                    .collect();
+                l.protocol = Some(LearnerProtocol::new(fragments));
+                l.waiting_for_sync = false;
+                queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
+            }
+            SimEvent::StepDone(m) => {
+                if !learners[m].alive || tokens_done >= budget {
+                    continue;
+                }
+                let progress = (tokens_done as f64 / budget as f64).min(1.0);
+                let step_index = ((progress * total_steps as f64) as usize).min(total_steps - 1);
+                let lr = learning_rate(
+                    step_index,
+                    t.lr.0,
+                    t.warmup_steps.0,
+                    total_steps,
+                    t.min_lr_ratio.0,
+                );
+                let l = &mut learners[m];
+                let loss = train_step(
+                    l,
+                    data,
+                    t.batch_size.0,
+                    t.grad_accum.0,
+                    lr,
+                    t.grad_clip.map(|c| c.0),
+                )?;
+                l.compute_s += sync.step_time_s.0 / l.speed;
+                tokens_done += tokens_per_step;
+                last_step_at = now;
+                let protocol = l
+                    .protocol
+                    .as_mut()
+                    .expect("stepping learners have caught up");
+                let reported: Vec<Progress> = protocol.on_step(tokens_per_step);
+                let step = protocol.step();
+                queue.push(
+                    now + l.link.latency_s,
+                    SimEvent::ToSyncer(Event::Report {
+                        learner: m as u32,
+                        step,
+                        progress: reported,
+                    }),
+                );
+                apply_due(l, &plan, apply_rule);
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"learner": m, "step": step, "loss": loss, "lr": lr, "sim_time_s": now, "tokens": tokens_done})
+                )?;
+                if classic && step.is_multiple_of(sync.h.0 as u64) {
+                    l.waiting_for_sync = true; // resumes when the merged model arrives
+                } else if tokens_done < budget {
+                    queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
+                }
+            }
+            SimEvent::PullArrives {
+                learner: m,
+                fragment,
+                round,
+            } => {
+                let l = &mut learners[m];
+                let Some(protocol) = l.protocol.as_ref() else {
+                    continue;
+                };
+                if !l.alive {
+                    continue;
+                }
+                let (base_version, progress) = protocol.on_pull(fragment);
+                let anchor = protocol.anchor(fragment).clone();
+                let mut delta = Vec::new();
+                let mut bytes = 0u64;
+                for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
+                    let local = flat(&l.params[ti]);
+                    let raw: Vec<f32> = anchor[k].iter().zip(&local).map(|(a, x)| a - x).collect();
+                    let values = if sync.error_feedback {
+                        let mut buf = Vec::new();
+                        l.feedback[fragment][k]
+                            .encode(codec, &raw, DEFAULT_BLOCK, &mut buf)
+                            .context("encoding an outer gradient")?;
+                        let mut out = vec![0.0; raw.len()];
+                        atoll_wire::decode(codec, &buf, DEFAULT_BLOCK, &mut out)?;
+                        out
+                    } else {
+                        raw
+                    };
+                    let frame = encode_frame(
+                        codec,
+                        DEFAULT_BLOCK as u32,
+                        &[values.len() as u64],
+                        &values,
+                        sync.zstd_level,
+                    )
+                    .context("encoding an outer gradient")?;
+                    bytes += frame.len() as u64;
+                    delta.push(decode_frame(&frame, limits)?.values);
+                }
+                bytes_up += bytes;
+                let arrive = l.link.send(now, bytes, true);
+                let c = Contribution {
+                    learner: m as u32,
+                    fragment,
+                    round,
+                    base_version,
+                    progress,
+                    delta,
+                };
+                queue.push(arrive, SimEvent::ToSyncer(Event::Contribution(c)));
+            }
+            SimEvent::BroadcastArrives {
+                learner: m,
+                fragment,
+                version,
+                values,
+            } => {
+                let l = &mut learners[m];
+                let Some(protocol) = l.protocol.as_mut() else {
+                    continue;
+                };
+                if !l.alive {
+                    continue;
+                }
+                protocol.on_broadcast(fragment, version, values);
+                if l.waiting_for_sync {
+                    apply_due(l, &plan, apply_rule);
+                    l.waiting_for_sync = false;
+                    if tokens_done < budget {
+                        queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
+                    }
+                }
+            }
+            SimEvent::Fail(m) => {
+                if tokens_done >= budget {
+                    continue;
+                }
+                failures += 1;
+                learners[m].alive = false;
+                learners[m].waiting_for_sync = false;
+                queue.push(now + sync.failures.recovery_s.0, SimEvent::Recover(m));
+            }
+            SimEvent::Recover(m) => {
+                if tokens_done >= budget {
+                    continue;
+                }
+                learners[m].alive = true;
+                queue.push(now, SimEvent::ToSyncer(Event::Join { learner: m as u32 }));
+                if let Some(dt) = failure_draw(&mut rng) {
+                    queue.push(now + dt, SimEvent::Fail(m));
+                }
+            }
+        }
+    }
+    let global: Vec<Vec<f32>> = {
+        let mut g = initial.clone();
+        for (p, f) in plan.fragments.iter().enumerate() {
+            let values = syncer.fragment_values(p);
+            for (k, &ti) in f.tensors.iter().enumerate() {
+                g[ti] = values[k].clone();
+            }
+        }
+        g
+    };
+    let merged_tokens: u64 = {
+        // Tokens count once per learner contribution, averaged over fragments.
+        let per_fragment: u64 = syncer
+            .merge_log()
+            .iter()
+            .flat_map(|r| r.contributors.iter().map(|c| c.3))
+            .sum();
+        per_fragment / plan.len() as u64
+    };
+    let stats = syncer.stats();
+    Ok(Outcome {
+        wall_s: last_step_at,
+        bytes_up,
+        bytes_down,
+        merged_tokens,
+        rejected: stats.rejected,
+        merges: stats.merges,
+        failures,
+        global,
+    })
+}
+
+fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
+    let Some(protocol) = l.protocol.as_mut() else {
+        return;
+    };
+    for received in protocol.take_due() {
+        for (k, &ti) in plan.fragments[received.fragment].tensors.iter().enumerate() {
+            let values = &received.values[k];
+            match rule {
+                ApplyRule::Overwrite => set_flat(&mut l.params[ti], values),
+                ApplyRule::Mix { alpha } => {
+                    let local = flat(&l.params[ti]);
+                    let mixed: Vec<f32> = local
+                        .iter()
+                        .zip(values)
+                        .map(|(x, g)| alpha * x + (1.0 - alpha) * g)
+                        .collect();
+                    set_flat(&mut l.params[ti], &mixed);
+                }
+            }
+        }
+    }
+}
