@@ -95,6 +95,14 @@ enum ModelCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Encode and decode throughput of each wire codec on one core, in GB/s of f32 input.
+    Codecs {
+        /// Values per tensor (f32).
+        #[arg(long, default_value_t = 16 << 20)]
+        values: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Time forward + backward + AdamW steps on a random batch; prints JSON.
     TrainStep {
         #[arg(long, default_value = "gemma3-bench")]
@@ -224,6 +232,9 @@ fn run(command: Command) -> Result<()> {
                     threads,
                 },
         } => bench_train_step(&name, batch, seq, warmup, steps, threads),
+        Command::Bench {
+            command: BenchCommand::Codecs { values, repeats },
+        } => bench_codecs(values, repeats),
     }
 }
 
@@ -393,5 +404,47 @@ fn bench_train_step(
             "tokens_per_s": (batch * seq) as f64 / (median / 1000.0),
         })
     );
+    Ok(())
+}
+
+fn bench_codecs(n: usize, repeats: usize) -> Result<()> {
+    use atoll_wire::{decode, encode, ALL_CODECS, DEFAULT_BLOCK};
+    // Outer-gradient-like values: a deterministic heavy-tailed mix.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+            ((u - 0.5) * if state % 64 == 0 { 1.0 } else { 0.01 }) as f32
+        })
+        .collect();
+    let gb = (n * 4) as f64 / 1e9;
+    println!(
+        "{:<6} {:>10} {:>14} {:>14}",
+        "codec", "bits/value", "encode GB/s", "decode GB/s"
+    );
+    for codec in ALL_CODECS {
+        let mut buf = Vec::new();
+        let mut out = vec![0.0f32; n];
+        let (mut enc, mut dec) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..repeats.max(1) {
+            buf.clear();
+            let start = std::time::Instant::now();
+            encode(codec, &values, DEFAULT_BLOCK, &mut buf)?;
+            enc = enc.min(start.elapsed().as_secs_f64());
+            let start = std::time::Instant::now();
+            decode(codec, &buf, DEFAULT_BLOCK, &mut out)?;
+            dec = dec.min(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "{:<6} {:>10.3} {:>14.2} {:>14.2}",
+            codec.name(),
+            codec.bits_per_value(DEFAULT_BLOCK),
+            gb / enc,
+            gb / dec
+        );
+    }
     Ok(())
 }

@@ -325,6 +325,49 @@ impl Syncer {
         actions
     }
 
+    /// Ends a job: every fragment without a round in flight gets one now, pulling every active
+    /// learner with progress, so the final global model holds all the work done.
+    pub fn flush(
+        &mut self,
+        now: f64,
+        progress: &BTreeMap<LearnerId, Vec<Progress>>,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let active = self.active_learners();
+        for p in 0..self.fragments.len() {
+            if self.fragments[p].open.is_some() {
+                continue;
+            }
+            let responders: BTreeSet<LearnerId> = active
+                .iter()
+                .copied()
+                .filter(|l| {
+                    progress
+                        .get(l)
+                        .and_then(|g| g.get(p))
+                        .is_some_and(|g| g.c_steps > 0)
+                })
+                .collect();
+            if responders.is_empty() {
+                continue;
+            }
+            let frag = &mut self.fragments[p];
+            frag.open = Some(Round {
+                round: frag.next_round,
+                opened_at: now,
+                quorum_at: Some(now),
+                grace_s: 0.0,
+                pulled_at: now,
+                phase: Phase::Collecting,
+                responders,
+                awaiting: BTreeSet::new(),
+                received: BTreeMap::new(),
+            });
+            self.start_pull(now, p, &mut actions);
+        }
+        actions
+    }
+
     fn arm_heartbeat(&mut self, now: f64, learner: LearnerId, actions: &mut Vec<Action>) {
         let timeout = self.config.heartbeat_timeout_s;
         if let Some(l) = self.learners.get_mut(&learner) {

@@ -207,6 +207,23 @@ fn bad_recipes_get_one_clear_error_line() {
         &atoll(&["train", &corpus], d),
         "data.corpus: cannot read /no/such/corpus.txt",
     );
+    let sync = write(
+        d,
+        "f.yaml",
+        "model: {preset: gemma3-tiny}\nsync: {learners: 2, quorum: 3}\n",
+    );
+    assert_clean_error(
+        &atoll(&["simulate", &sync], d),
+        "sync.quorum: expected at most sync.learners (2), got 3",
+    );
+    assert_clean_error(
+        &atoll(&["simulate", &ok, "--set", "sync.codec=int4"], d),
+        "sync.codec: unknown variant `int4`",
+    );
+    assert_clean_error(
+        &atoll(&["simulate", &ok, "--set", "sync.h=0"], d),
+        "sync.h: expected a positive integer, got 0",
+    );
     // Nothing was created for runs that failed validation before they started.
     assert!(!d.join("runs/a").exists());
 }

@@ -206,8 +206,7 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        // An empty mapping takes every serde default, so the two cannot drift apart.
-        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+        field_defaults()
     }
 }
 
@@ -225,7 +224,7 @@ pub struct RunSection {
 
 impl Default for RunSection {
     fn default() -> Self {
-        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+        field_defaults()
     }
 }
 
@@ -277,7 +276,7 @@ pub struct LinkSection {
 
 impl Default for LinkSection {
     fn default() -> Self {
-        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+        field_defaults()
     }
 }
 
@@ -293,7 +292,7 @@ pub struct FailureSection {
 
 impl Default for FailureSection {
     fn default() -> Self {
-        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+        field_defaults()
     }
 }
 
@@ -353,7 +352,7 @@ pub struct SyncSection {
 
 impl Default for SyncSection {
     fn default() -> Self {
-        serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("defaults are valid")
+        field_defaults()
     }
 }
 
@@ -374,6 +373,12 @@ pub struct Recipe {
     /// Multi-learner synchronisation (`atoll simulate`, later `atoll run`).
     #[serde(default)]
     pub sync: SyncSection,
+}
+
+/// A section with every field at its serde default: deserialising an empty mapping means the
+/// `Default` impls and the `#[serde(default = ...)]` attributes cannot drift apart.
+fn field_defaults<T: serde::de::DeserializeOwned>() -> T {
+    serde_yaml::from_value(Value::Mapping(Mapping::new())).expect("every field has a default")
 }
 
 mod defaults {

@@ -540,70 +540,57 @@ fn simulate_diloco_family(
             .sum()
     };
 
-    while let Some((now, event)) = queue.pop() {
+    let mut flushed = false;
+    loop {
+        let Some((now, event)) = queue.pop() else {
+            // The budget is spent and everything in flight has landed: one last round per
+            // fragment with every learner, so the global model holds all the work done.
+            if flushed {
+                break;
+            }
+            flushed = true;
+            let progress = learners
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.alive)
+                .filter_map(|(m, l)| {
+                    l.protocol
+                        .as_ref()
+                        .map(|p| (m as u32, (0..plan.len()).map(|f| p.on_pull(f).1).collect()))
+                })
+                .collect();
+            let actions = syncer.flush(last_step_at, &progress);
+            bytes_down += carry_out(
+                actions,
+                last_step_at,
+                learners,
+                &mut queue,
+                &fragment_bytes,
+                down_codec,
+            );
+            continue;
+        };
         match event {
             SimEvent::ToSyncer(e) => {
-                for action in syncer.handle(now, e) {
-                    match action {
-                        Action::Pull {
-                            learner,
-                            fragment,
-                            round,
-                        } => {
-                            let l = &learners[learner as usize];
-                            queue.push(
-                                now + l.link.latency_s,
-                                SimEvent::PullArrives {
-                                    learner: learner as usize,
-                                    fragment,
-                                    round,
-                                },
-                            );
-                        }
-                        Action::Broadcast {
-                            fragment,
-                            version,
-                            values,
-                            to,
-                        } => {
-                            for m in to {
-                                let bytes = fragment_bytes(down_codec, fragment);
-                                bytes_down += bytes;
-                                let arrive = learners[m as usize].link.send(now, bytes, false);
-                                queue.push(
-                                    arrive,
-                                    SimEvent::BroadcastArrives {
-                                        learner: m as usize,
-                                        fragment,
-                                        version,
-                                        values: values.clone(),
-                                    },
-                                );
-                            }
-                        }
-                        Action::CatchUp { learner, fragments } => {
-                            let bytes: u64 = (0..fragments.len())
-                                .map(|p| fragment_bytes(atoll_wire::Codec::F32, p))
-                                .sum();
-                            // The initial download is the same for every mode; count only re-joins.
-                            if learners[learner as usize].protocol.is_some() {
-                                bytes_down += bytes;
-                            }
-                            let arrive = learners[learner as usize].link.send(now, bytes, false);
-                            queue.push(
-                                arrive,
-                                SimEvent::CatchUpArrives {
-                                    learner: learner as usize,
-                                    fragments,
-                                },
-                            );
-                        }
-                        Action::ArmTimer { id, at } => {
-                            queue.push(at, SimEvent::ToSyncer(Event::Timer(id)))
-                        }
-                        Action::Rejected { .. } | Action::MarkedAbsent { .. } => {}
-                    }
+                // Once the budget is spent learners stop on purpose: silence is not a failure.
+                let job_over = tokens_done >= budget;
+                if job_over
+                    && matches!(
+                        e,
+                        Event::Timer(atoll_coordinator::TimerId::Heartbeat { .. })
+                    )
+                {
+                    continue;
                 }
+                let actions = syncer.handle(now, e);
+                bytes_down += carry_out(
+                    actions,
+                    now,
+                    learners,
+                    &mut queue,
+                    &fragment_bytes,
+                    down_codec,
+                );
             }
             SimEvent::CatchUpArrives {
                 learner: m,
@@ -804,6 +791,78 @@ fn simulate_diloco_family(
         failures,
         global,
     })
+}
+
+/// Carries out the syncer's actions on the simulated network; returns the bytes sent down.
+fn carry_out(
+    actions: Vec<Action>,
+    now: f64,
+    learners: &mut [Learner],
+    queue: &mut Queue,
+    fragment_bytes: &dyn Fn(atoll_wire::Codec, usize) -> u64,
+    down_codec: atoll_wire::Codec,
+) -> u64 {
+    let mut bytes_down = 0;
+    for action in actions {
+        match action {
+            Action::Pull {
+                learner,
+                fragment,
+                round,
+            } => {
+                let l = &learners[learner as usize];
+                queue.push(
+                    now + l.link.latency_s,
+                    SimEvent::PullArrives {
+                        learner: learner as usize,
+                        fragment,
+                        round,
+                    },
+                );
+            }
+            Action::Broadcast {
+                fragment,
+                version,
+                values,
+                to,
+            } => {
+                for m in to {
+                    let bytes = fragment_bytes(down_codec, fragment);
+                    bytes_down += bytes;
+                    let arrive = learners[m as usize].link.send(now, bytes, false);
+                    queue.push(
+                        arrive,
+                        SimEvent::BroadcastArrives {
+                            learner: m as usize,
+                            fragment,
+                            version,
+                            values: values.clone(),
+                        },
+                    );
+                }
+            }
+            Action::CatchUp { learner, fragments } => {
+                let bytes: u64 = (0..fragments.len())
+                    .map(|p| fragment_bytes(atoll_wire::Codec::F32, p))
+                    .sum();
+                // The initial download is the same for every mode; count only re-joins.
+                if learners[learner as usize].protocol.is_some() {
+                    bytes_down += bytes;
+                }
+                let arrive = learners[learner as usize].link.send(now, bytes, false);
+                queue.push(
+                    arrive,
+                    SimEvent::CatchUpArrives {
+                        learner: learner as usize,
+                        fragments,
+                    },
+                );
+            }
+            Action::ArmTimer { id, at } => queue.push(at, SimEvent::ToSyncer(Event::Timer(id))),
+            Action::Rejected { .. } | Action::MarkedAbsent { .. } => {}
+        }
+    }
+    bytes_down
 }
 
 fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {

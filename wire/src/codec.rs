@@ -100,7 +100,20 @@ fn check_finite(values: &[f32]) -> Result<(), WireError> {
 }
 
 fn absmax(values: &[f32]) -> f32 {
-    values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    // Eight independent lanes so the compiler can vectorise (f32::max is not reassociated).
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = values.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            let a = v.abs();
+            *l = if a > *l { a } else { *l };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    lanes.iter().fold(tail, |m, l| m.max(*l))
 }
 
 pub fn f32_to_bf16(x: f32) -> u16 {
@@ -114,20 +127,24 @@ pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// Magnitude code (0 = zero, 1..=7 = 2^(m-7)) of y = |x| / absmax in [0, 1].
-#[inline]
-fn e3m0_magnitude(y: f32) -> u8 {
+/// 4-bit code of x scaled by `inv` (= 1 / absmax): sign bit 8, magnitude m (0 = zero,
+/// 1..=7 = 2^(m−7)), nearest level in the linear domain. Branch-free so blocks vectorise.
+#[inline(always)]
+fn e3m0_code(x: f32, inv: f32) -> u8 {
+    let y = (x * inv).abs().min(1.0);
     let bits = y.to_bits();
     let exponent = ((bits >> 23) & 0xff) as i32 - 127;
-    if exponent < -7 {
-        return 0; // below 2^-7: nearer to 0 than to 2^-6
-    }
-    if exponent == -7 {
-        return 1; // [2^-7, 2^-6): at or past the midpoint between 0 and 2^-6
-    }
-    // Between 2^e and 2^(e+1) the linear midpoint is 1.5·2^e: the first mantissa bit.
+    // Between 2^e and 2^(e+1) the linear midpoint is 1.5·2^e: the first mantissa bit rounds up.
+    // In [2^-7, 2^-6) every value is at or past the midpoint between 0 and 2^-6 (clamp to 1);
+    // below 2^-7 it rounds to zero.
     let level = exponent + ((bits >> 22) & 1) as i32;
-    (level.min(0) + 7) as u8
+    let magnitude = if exponent >= -7 {
+        (level + 7).clamp(1, 7)
+    } else {
+        0
+    } as u8;
+    let negative = ((x.to_bits() >> 31) as u8) & (magnitude != 0) as u8;
+    magnitude | (negative << 3)
 }
 
 fn e3m0_table(scale: f32) -> [f32; 16] {
@@ -174,24 +191,21 @@ pub fn encode(
             }
         }
         Codec::E3M0 => {
+            let mut codes = vec![0u8; block];
             for chunk in values.chunks(block) {
                 let scale = absmax(chunk);
                 out.extend_from_slice(&scale.to_le_bytes());
                 let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                let code = |v: f32| {
-                    let m = e3m0_magnitude((v * inv).abs().min(1.0));
-                    if m != 0 && v < 0.0 {
-                        m | 8
-                    } else {
-                        m
-                    }
-                };
-                let mut pairs = chunk.chunks_exact(2);
+                let codes = &mut codes[..chunk.len()];
+                for (c, v) in codes.iter_mut().zip(chunk) {
+                    *c = e3m0_code(*v, inv);
+                }
+                let mut pairs = codes.chunks_exact(2);
                 for pair in &mut pairs {
-                    out.push(code(pair[0]) | (code(pair[1]) << 4));
+                    out.push(pair[0] | (pair[1] << 4));
                 }
                 if let [last] = pairs.remainder() {
-                    out.push(code(*last));
+                    out.push(*last);
                 }
             }
         }
