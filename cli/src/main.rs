@@ -417,7 +417,7 @@ fn bench_codecs(n: usize, repeats: usize) -> Result<()> {
             state ^= state >> 7;
             state ^= state << 17;
             let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-            ((u - 0.5) * if state % 64 == 0 { 1.0 } else { 0.01 }) as f32
+            ((u - 0.5) * if state.is_multiple_of(64) { 1.0 } else { 0.01 }) as f32
         })
         .collect();
     let gb = (n * 4) as f64 / 1e9;
