@@ -5,12 +5,13 @@ WITH_LIBTORCH := scripts/with-libtorch.sh
 ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 
-.PHONY: demo test build setup lint fmt fixtures bench-train-step check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures bench-train-step bench-codecs bench-diloco check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, train a tiny Gemma on Shakespeare (a few minutes)"
 	@echo "make test    format + lint checks and the whole test suite"
 	@echo "make build   build $(ATOLL)"
+	@echo "make bench-codecs | bench-diloco                       benchmarks (see benchmarks/README.md)"
 	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
 
 setup:
@@ -46,6 +47,12 @@ fixtures: $(REFERENCE_VENV)/.installed
 
 bench-train-step: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/train_step.sh
+
+bench-codecs: build
+	$(ATOLL) bench codecs
+
+bench-diloco: build
+	benchmarks/diloco_headline.sh
 
 check-transformers: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python scripts/check_transformers_roundtrip.sh

@@ -14,6 +14,9 @@ pub enum ApplyRule {
     Overwrite,
     /// θ_p ← α·θ_p + (1 − α)·Θ_p (Streaming DiLoCo).
     Mix { alpha: f32 },
+    /// θ_p ← Θ_p + (θ_p − θ_p at the pull): the steps taken while the fragment was in flight are
+    /// kept instead of overwritten, and flow into the next outer gradient.
+    Rebase,
 }
 
 #[derive(Debug, Clone)]

@@ -265,6 +265,14 @@ impl CodecChoice {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyChoice {
+    Overwrite,
+    #[default]
+    Rebase,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkSection {
@@ -335,9 +343,13 @@ pub struct SyncSection {
     pub zstd_level: i32,
     #[serde(default)]
     pub error_feedback: bool,
-    /// Streaming DiLoCo's α (θ ← α·θ_local + (1 − α)·Θ); absent: overwrite.
+    /// Streaming DiLoCo's α (θ ← α·θ_local + (1 − α)·Θ); absent: `apply` decides.
     #[serde(default)]
     pub mix_alpha: Option<Fraction>,
+    /// How a learner applies a merged fragment: `overwrite` (the paper) or `rebase` (keep the
+    /// steps taken since the pull on top of the new Θ).
+    #[serde(default)]
+    pub apply: ApplyChoice,
     /// Simulated compute time of one inner step at speed 1.
     #[serde(default = "defaults::step_time_s")]
     pub step_time_s: PositiveF64,

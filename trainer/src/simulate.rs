@@ -131,6 +131,8 @@ struct Learner {
     batcher: Batcher,
     protocol: Option<LearnerProtocol>,
     feedback: Vec<Vec<ErrorFeedback>>,
+    /// Local values of each fragment when it was last pulled (for `ApplyRule::Rebase`).
+    at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
     speed: f64,
     alive: bool,
     waiting_for_sync: bool,
@@ -209,6 +211,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
             batcher,
             protocol: None,
             feedback: Vec::new(),
+            at_pull: BTreeMap::new(),
             speed,
             alive: true,
             waiting_for_sync: false,
@@ -504,10 +507,11 @@ fn simulate_diloco_family(
         version_history: 4,
         broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
     };
-    let apply_rule = match (streaming, sync.mix_alpha) {
-        (_, Some(a)) => ApplyRule::Mix { alpha: a.0 as f32 },
-        (true, None) => ApplyRule::Mix { alpha: 0.5 },
-        (false, None) => ApplyRule::Overwrite,
+    let apply_rule = match (streaming, sync.mix_alpha, sync.apply) {
+        (_, Some(a), _) => ApplyRule::Mix { alpha: a.0 as f32 },
+        (true, None, _) => ApplyRule::Mix { alpha: 0.5 },
+        (false, None, crate::recipe::ApplyChoice::Overwrite) => ApplyRule::Overwrite,
+        (false, None, crate::recipe::ApplyChoice::Rebase) => ApplyRule::Rebase,
     };
     let mut syncer = Syncer::new(config, plan.clone(), &initial);
     let mut queue = Queue {
@@ -611,6 +615,7 @@ fn simulate_diloco_family(
                     .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
                     .collect();
                 l.protocol = Some(LearnerProtocol::new(fragments));
+                l.at_pull.clear();
                 l.waiting_for_sync = false;
                 queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
             }
@@ -681,6 +686,7 @@ fn simulate_diloco_family(
                 let anchor = protocol.anchor(fragment).clone();
                 let mut delta = Vec::new();
                 let mut bytes = 0u64;
+                let mut snapshot = Vec::new();
                 for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
                     let local = flat(&l.params[ti]);
                     let raw: Vec<f32> = anchor[k].iter().zip(&local).map(|(a, x)| a - x).collect();
@@ -705,7 +711,9 @@ fn simulate_diloco_family(
                     .context("encoding an outer gradient")?;
                     bytes += frame.len() as u64;
                     delta.push(decode_frame(&frame, limits)?.values);
+                    snapshot.push(local);
                 }
+                l.at_pull.insert(fragment, snapshot);
                 bytes_up += bytes;
                 let arrive = l.link.send(now, bytes, true);
                 let c = Contribution {
@@ -870,7 +878,8 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
         return;
     };
     for received in protocol.take_due() {
-        for (k, &ti) in plan.fragments[received.fragment].tensors.iter().enumerate() {
+        let fragment = received.fragment;
+        for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
             let values = &received.values[k];
             match rule {
                 ApplyRule::Overwrite => set_flat(&mut l.params[ti], values),
@@ -883,7 +892,21 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
                         .collect();
                     set_flat(&mut l.params[ti], &mixed);
                 }
+                ApplyRule::Rebase => match l.at_pull.get(&received.fragment) {
+                    Some(snapshot) => {
+                        let local = flat(&l.params[ti]);
+                        let rebased: Vec<f32> = values
+                            .iter()
+                            .zip(&local)
+                            .zip(&snapshot[k])
+                            .map(|((g, x), s)| g + (x - s))
+                            .collect();
+                        set_flat(&mut l.params[ti], &rebased);
+                    }
+                    None => set_flat(&mut l.params[ti], values),
+                },
             }
         }
+        l.at_pull.remove(&fragment);
     }
 }
