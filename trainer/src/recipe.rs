@@ -268,8 +268,8 @@ impl CodecChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ApplyChoice {
-    Overwrite,
     #[default]
+    Overwrite,
     Rebase,
 }
 
