@@ -2,7 +2,8 @@
 # The headline experiment: the same tiny Gemma, the same token budget and seed, trained by
 # data-parallel, classic DiLoCo and Decoupled DiLoCo (M = 4, 4-bit wire), plus ablations, all in
 # `atoll simulate` over simulated 2 Gbps / 20 ms links. Prints one table.
-# Usage: benchmarks/diloco_headline.sh            (about 20 minutes on 2 cores)
+# Usage: benchmarks/diloco_headline.sh            (about 20 minutes on 2 cores; WORK=DIR reuses
+#                                                  the finished runs in DIR)
 #        STEPS=100 benchmarks/diloco_headline.sh  (a quicker, noisier look)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,27 +13,31 @@ WORK="${WORK:-$(mktemp -d)}"
 EXTRA=()
 [[ -n "${STEPS:-}" ]] && EXTRA+=(--set "train.max_steps=$STEPS")
 
-run() {  # name, then --set arguments
-    local name="$1"; shift
-    "$ATOLL" simulate "$RECIPE" "${EXTRA[@]}" --set "run.dir=$WORK/$name" "$@" >/dev/null 2>"$WORK/$name.log" \
-        || { echo "run $name failed, see $WORK/$name.log" >&2; exit 1; }
-    echo "$name" >> "$WORK/order"
+run() {  # directory slug, display name, then --set arguments; a finished run in WORK is reused
+    local slug="$1" name="$2"; shift 2
+    if [[ ! -f "$WORK/$slug/summary.json" ]]; then
+        rm -rf "${WORK:?}/$slug"
+        "$ATOLL" simulate "$RECIPE" "${EXTRA[@]}" --set "run.dir=$WORK/$slug" "$@" >/dev/null 2>"$WORK/$slug.log" \
+            || { echo "run $name failed, see $WORK/$slug.log" >&2; exit 1; }
+    fi
+    printf '%s\t%s\n' "$slug" "$name" >> "$WORK/order"
 }
 
 rm -f "$WORK/order"
-run "data-parallel"               --set sync.mode=ddp
-run "classic DiLoCo (f32)"        --set sync.mode=diloco --set sync.codec=f32
-run "Decoupled M=4, e3m0"         --set sync.mode=decoupled
-run "  ablation: mean merge"      --set sync.merge=mean
-run "  ablation: bf16 wire"       --set sync.codec=bf16
-run "  ablation: int2 wire"       --set sync.codec=int2
-run "  ablation: 1 learner 0.5x"  --set "sync.speeds=[1.0, 1.0, 1.0, 0.5]"
+run dp          "data-parallel"              --set sync.mode=ddp
+run diloco      "classic DiLoCo (f32)"       --set sync.mode=diloco --set sync.codec=f32
+run decoupled   "Decoupled M=4, e3m0"        --set sync.mode=decoupled
+run mean-merge  "  ablation: mean merge"     --set sync.merge=mean
+run bf16        "  ablation: bf16 wire"      --set sync.codec=bf16
+run int2        "  ablation: int2 wire"      --set sync.codec=int2
+run half-speed  "  ablation: 1 learner 0.5x" --set "sync.speeds=[1.0, 1.0, 1.0, 0.5]"
 
 python3 - "$WORK" <<'PY'
 import json, sys
 work = sys.argv[1]
-names = [l.rstrip("\n") for l in open(f"{work}/order")]
-rows = {n: json.load(open(f"{work}/{n}/summary.json")) for n in names}
+order = [l.rstrip("\n").split("\t") for l in open(f"{work}/order")]
+names = [name for _, name in order]
+rows = {name: json.load(open(f"{work}/{slug}/summary.json")) for slug, name in order}
 dp = rows[names[0]]
 print(f"{'run':<28} {'eval loss':>9} {'gap to DP':>9} {'MB/learner':>11} {'bytes vs DP':>11} {'wall @2Gbps':>11} {'goodput':>8}")
 for n in names:

@@ -300,6 +300,16 @@ impl Syncer {
         fragment as u64 * self.config.h / self.plan.len() as u64
     }
 
+    /// The furthest step any active learner has reported: it drives the fragment schedule.
+    fn global_step(&self) -> u64 {
+        self.learners
+            .values()
+            .filter(|l| l.active)
+            .map(|l| l.step)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The fastest active learner's smoothed step time.
     fn step_time(&self) -> Option<f64> {
         self.learners
@@ -430,13 +440,7 @@ impl Syncer {
         l.step = l.step.max(step);
         self.arm_heartbeat(now, learner, actions);
 
-        let global_step = self
-            .learners
-            .values()
-            .filter(|l| l.active)
-            .map(|l| l.step)
-            .max()
-            .unwrap_or(0);
+        let global_step = self.global_step();
         for p in 0..self.fragments.len() {
             let offset = self.offset(p);
             let frag = &mut self.fragments[p];
@@ -641,13 +645,7 @@ impl Syncer {
             .map(|c| learner_weight(c.progress.c_tokens, c.progress.c_steps))
             .collect();
         let offset = self.offset(p);
-        let global_step = self
-            .learners
-            .values()
-            .filter(|l| l.active)
-            .map(|l| l.step)
-            .max()
-            .unwrap_or(0);
+        let global_step = self.global_step();
         let h = self.config.h;
         let frag = &mut self.fragments[p];
         // Rounds whose step already passed while this one ran are folded into the next.
