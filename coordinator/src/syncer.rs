@@ -233,6 +233,22 @@ pub struct Syncer {
 
 const EMA: f64 = 0.3;
 
+/// Replaces `new` by `old + Q(new − old)`, Q being the codec's round trip: what learners
+/// reconstruct from the broadcast update, so both sides hold the same Θ.
+fn quantise_update(codec: atoll_wire::Codec, old: &[f32], new: &mut [f32]) {
+    let update: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
+    let mut bytes = Vec::new();
+    let mut quantised = vec![0.0f32; update.len()];
+    // The update is finite (contributions with NaN/Inf were rejected), so the codec accepts it.
+    if atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes).is_ok()
+        && atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised).is_ok()
+    {
+        for ((v, o), q) in new.iter_mut().zip(old).zip(&quantised) {
+            *v = o + q;
+        }
+    }
+}
+
 fn ema(old: Option<f64>, sample: f64) -> Option<f64> {
     Some(old.map_or(sample, |o| (1.0 - EMA) * o + EMA * sample))
 }
@@ -669,6 +685,9 @@ impl Syncer {
             self.config
                 .outer
                 .step(values, &mut frag.momentum[k], &merged);
+            if let Some(codec) = self.config.broadcast_codec {
+                quantise_update(codec, &frag.theta[k], values);
+            }
         }
         frag.history.push_front((frag.version, frag.theta.clone()));
         frag.history.truncate(self.config.version_history);

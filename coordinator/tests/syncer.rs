@@ -313,3 +313,25 @@ fn contributions_against_an_older_version_are_re_anchored() {
     assert_eq!(record.contributors[0].4, 0, "base version logged");
     assert!(v1[0] < 0.0);
 }
+
+#[test]
+fn quantised_broadcasts_move_theta_by_the_decoded_update() {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 4,
+        quorum: 1,
+        grace_gamma: 0.0,
+        broadcast_codec: Some(atoll_wire::Codec::E3M0),
+        ..SyncerConfig::default()
+    };
+    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+    join_all(&mut s, &[1]);
+    for step in 1..=4 {
+        report(&mut s, step as f64, 1, step);
+    }
+    let (_, values) = broadcast(&s.handle(4.5, contribution(1, 1, 0, [1.0, 0.3], 4))).unwrap();
+    // Exact update: −1.33·[1.0, 0.3] = [−1.33, −0.399]; E3M0 with scale 1.33 keeps −1.33 and
+    // rounds 0.399/1.33 = 0.3 to the level 0.25: −0.3325.
+    assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6, "{values:?}");
+    assert!((values[1] - (1.0 - 0.3325)).abs() < 1e-6, "{values:?}");
+}
