@@ -357,11 +357,7 @@ fn bench_train_step(
     let config = preset(name)?.config;
     let vocab = config.vocab_size as i64;
     let model = GemmaModel::new_seeded(config, Device::Cpu, Kind::Float, 0)?;
-    let params = model
-        .named_trainable_parameters()
-        .into_iter()
-        .map(|(_, t)| t)
-        .collect();
+    let params = model.trainable_parameters();
     let mut opt = AdamW::new(
         params,
         AdamWConfig {
@@ -382,9 +378,7 @@ fn bench_train_step(
         let forward = start.elapsed().as_secs_f64();
         loss.backward();
         let backward = start.elapsed().as_secs_f64();
-        opt.clip_grad_norm(Some(1.0));
-        opt.step(1e-3);
-        opt.zero_grad();
+        opt.clipped_step(1e-3, Some(1.0));
         let total = start.elapsed().as_secs_f64();
         if i >= warmup {
             times.push(total * 1000.0);

@@ -98,6 +98,15 @@ impl AdamW {
         total
     }
 
+    /// The end of a training step: clip the gradients, update, zero them. Returns the
+    /// gradient norm before clipping.
+    pub fn clipped_step(&mut self, lr: f64, max_norm: Option<f64>) -> f64 {
+        let norm = self.clip_grad_norm(max_norm);
+        self.step(lr);
+        self.zero_grad();
+        norm
+    }
+
     /// One AdamW update at learning rate `lr` (torch.optim.AdamW semantics).
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();

@@ -204,6 +204,32 @@ pub struct TrainSection {
     pub log_every: PositiveInt,
 }
 
+impl TrainSection {
+    /// The learning rate at optimizer step `step` (from 0) of this section's schedule.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        crate::optim::learning_rate(
+            step,
+            self.lr.0,
+            self.warmup_steps.0,
+            self.max_steps.0,
+            self.min_lr_ratio.0,
+        )
+    }
+
+    pub fn adamw(&self) -> crate::optim::AdamWConfig {
+        crate::optim::AdamWConfig {
+            beta1: self.betas[0].0,
+            beta2: self.betas[1].0,
+            eps: self.eps.0,
+            weight_decay: self.weight_decay.0,
+        }
+    }
+
+    pub fn clip(&self) -> Option<f64> {
+        self.grad_clip.map(|c| c.0)
+    }
+}
+
 impl Default for TrainSection {
     fn default() -> Self {
         field_defaults()

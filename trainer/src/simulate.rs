@@ -12,9 +12,11 @@
 
 use crate::data::{Batcher, PackedSequences};
 use crate::models::GemmaModel;
-use crate::optim::{learning_rate, AdamW, AdamWConfig};
-use crate::recipe::{Recipe, SyncMode};
-use crate::train::{build_model, dtype_name, evaluate, prepare_data, resolve_device};
+use crate::optim::AdamW;
+use crate::recipe::{Recipe, SyncMode, TrainSection};
+use crate::train::{
+    backward_micro_batches, build_model, dtype_name, evaluate, prepare_data, resolve_device,
+};
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::syncer::{Contribution, Event, FragmentValues, Progress};
 use atoll_coordinator::{
@@ -167,12 +169,6 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
     let (batch, seq_len) = (t.batch_size.0, recipe.data.seq_len.0);
     let tokens_per_step = (batch * t.grad_accum.0 * seq_len) as u64;
     let budget = t.max_steps.0 as u64 * tokens_per_step * m_count as u64;
-    let adam = AdamWConfig {
-        beta1: t.betas[0].0,
-        beta2: t.betas[1].0,
-        eps: t.eps.0,
-        weight_decay: t.weight_decay.0,
-    };
     let mut metrics =
         std::io::BufWriter::new(std::fs::File::create(run_dir.join("metrics.jsonl"))?);
 
@@ -180,12 +176,11 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
     let mut learners = Vec::with_capacity(m_count);
     for m in 0..m_count {
         let model = build_model(recipe, vocab, device)?;
-        let params: Vec<Tensor> = model
-            .named_trainable_parameters()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
-        let optimizer = AdamW::new(params.iter().map(Tensor::shallow_clone).collect(), adam);
+        let params = model.trainable_parameters();
+        let optimizer = AdamW::new(
+            params.iter().map(Tensor::shallow_clone).collect(),
+            t.adamw(),
+        );
         let shard: Vec<usize> = (0..prepared.train.len())
             .filter(|w| w % m_count == m)
             .collect();
@@ -331,35 +326,35 @@ struct Outcome {
     global: Vec<Vec<f32>>,
 }
 
+impl Learner {
+    /// The window indices of one step's micro-batches, drawn from this learner's shard.
+    fn next_micro_batches(&mut self, batch: usize, accum: usize) -> Vec<Vec<usize>> {
+        (0..accum)
+            .map(|_| {
+                self.batcher
+                    .next_windows(batch)
+                    .into_iter()
+                    .map(|i| self.shard[i])
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 fn train_step(
     learner: &mut Learner,
     data: &PackedSequences,
-    batch: usize,
-    accum: usize,
+    t: &TrainSection,
     lr: f64,
-    clip: Option<f64>,
 ) -> Result<f64> {
-    let mut loss_sum = 0.0;
-    for _ in 0..accum {
-        let windows: Vec<usize> = learner
-            .batcher
-            .next_windows(batch)
-            .into_iter()
-            .map(|i| learner.shard[i])
-            .collect();
-        let (x, y) = data.batch(&windows, learner.model.device());
-        let loss = learner.model.loss(&x, &y) / accum as f64;
-        loss.backward();
-        loss_sum += loss.double_value(&[]);
-    }
+    let micro_batches = learner.next_micro_batches(t.batch_size.0, t.grad_accum.0);
+    let loss_sum = backward_micro_batches(&learner.model, data, &micro_batches);
     if !loss_sum.is_finite() {
         return Err(anyhow!(
             "a learner diverged: loss is {loss_sum}; lower train.lr"
         ));
     }
-    learner.optimizer.clip_grad_norm(clip);
-    learner.optimizer.step(lr);
-    learner.optimizer.zero_grad();
+    learner.optimizer.clipped_step(lr, t.clip());
     learner.steps += 1;
     Ok(loss_sum)
 }
@@ -393,42 +388,19 @@ fn simulate_ddp(
     let step_s = sync.step_time_s.0 / slowest;
     let mut wall = 0.0;
     let total_steps = t.max_steps.0;
-    let accum = t.grad_accum.0 * m_count;
     for step in 0..total_steps {
-        let lr = learning_rate(
-            step,
-            t.lr.0,
-            t.warmup_steps.0,
-            total_steps,
-            t.min_lr_ratio.0,
-        );
+        let lr = t.lr_at(step);
         // Every learner draws its micro-batches from its own shard...
-        let mut batches = Vec::with_capacity(accum);
+        let mut batches = Vec::with_capacity(t.grad_accum.0 * m_count);
         for l in learners.iter_mut() {
-            for _ in 0..t.grad_accum.0 {
-                batches.push(
-                    l.batcher
-                        .next_windows(t.batch_size.0)
-                        .into_iter()
-                        .map(|i| l.shard[i])
-                        .collect::<Vec<_>>(),
-                );
-            }
+            batches.extend(l.next_micro_batches(t.batch_size.0, t.grad_accum.0));
             l.steps += 1;
             l.compute_s += sync.step_time_s.0 / l.speed;
         }
         // ...and their gradients, averaged, drive one model: learner 0's.
         let first = &mut learners[0];
-        let mut loss_sum = 0.0;
-        for windows in &batches {
-            let (x, y) = data.batch(windows, first.model.device());
-            let loss = first.model.loss(&x, &y) / accum as f64;
-            loss.backward();
-            loss_sum += loss.double_value(&[]);
-        }
-        first.optimizer.clip_grad_norm(t.grad_clip.map(|c| c.0));
-        first.optimizer.step(lr);
-        first.optimizer.zero_grad();
+        let loss_sum = backward_micro_batches(&first.model, data, &batches);
+        first.optimizer.clipped_step(lr, t.clip());
         wall += step_s + comm_s;
         writeln!(
             metrics,
@@ -625,22 +597,9 @@ fn simulate_diloco_family(
                 }
                 let progress = (tokens_done as f64 / budget as f64).min(1.0);
                 let step_index = ((progress * total_steps as f64) as usize).min(total_steps - 1);
-                let lr = learning_rate(
-                    step_index,
-                    t.lr.0,
-                    t.warmup_steps.0,
-                    total_steps,
-                    t.min_lr_ratio.0,
-                );
+                let lr = t.lr_at(step_index);
                 let l = &mut learners[m];
-                let loss = train_step(
-                    l,
-                    data,
-                    t.batch_size.0,
-                    t.grad_accum.0,
-                    lr,
-                    t.grad_clip.map(|c| c.0),
-                )?;
+                let loss = train_step(l, data, t, lr)?;
                 l.compute_s += sync.step_time_s.0 / l.speed;
                 tokens_done += tokens_per_step;
                 last_step_at = now;
@@ -834,8 +793,8 @@ fn carry_out(
                 values,
                 to,
             } => {
+                let bytes = fragment_bytes(down_codec, fragment);
                 for m in to {
-                    let bytes = fragment_bytes(down_codec, fragment);
                     bytes_down += bytes;
                     let arrive = learners[m as usize].link.send(now, bytes, false);
                     queue.push(

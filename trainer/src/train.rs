@@ -8,7 +8,7 @@
 use crate::checkpoint::{load_model, save_model, write_json_atomic, DEFAULT_MAX_SHARD_BYTES};
 use crate::data::{self, Batcher, PackedSequences};
 use crate::models::GemmaModel;
-use crate::optim::{learning_rate, AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::presets::preset;
 use crate::recipe::{DeviceChoice, ParamDtype, Recipe};
 use anyhow::{bail, Context, Result};
@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepMetrics {
@@ -176,6 +176,23 @@ pub fn build_model(recipe: &Recipe, tokenizer_vocab: usize, device: Device) -> R
     GemmaModel::new_seeded(config, device, kind, recipe.seed)
 }
 
+/// Forward and backward over the micro-batches (lists of window indices) of one optimizer step:
+/// gradients accumulate as the mean over all of them. Returns the step's mean loss.
+pub fn backward_micro_batches(
+    model: &GemmaModel,
+    data: &PackedSequences,
+    micro_batches: &[Vec<usize>],
+) -> f64 {
+    let mut loss_sum = 0.0;
+    for windows in micro_batches {
+        let (x, y) = data.batch(windows, model.device());
+        let loss = model.loss(&x, &y) / micro_batches.len() as f64;
+        loss.backward();
+        loss_sum += loss.double_value(&[]);
+    }
+    loss_sum
+}
+
 /// Mean loss over the first `batches` eval batches (fixed, so evals are comparable across steps).
 pub fn evaluate(
     model: &GemmaModel,
@@ -291,20 +308,7 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     );
 
     let t = &recipe.train;
-    let trainable: Vec<Tensor> = model
-        .named_trainable_parameters()
-        .into_iter()
-        .map(|(_, t)| t)
-        .collect();
-    let mut optimizer = AdamW::new(
-        trainable,
-        AdamWConfig {
-            beta1: t.betas[0].0,
-            beta2: t.betas[1].0,
-            eps: t.eps.0,
-            weight_decay: t.weight_decay.0,
-        },
-    );
+    let mut optimizer = AdamW::new(model.trainable_parameters(), t.adamw());
     let mut batcher = Batcher::new(prepared.train.len(), recipe.seed);
     let total_steps = t.max_steps.0;
     let (batch, accum) = (t.batch_size.0, t.grad_accum.0);
@@ -321,27 +325,15 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     let mut final_eval = initial_eval;
 
     for step in 0..total_steps {
-        let lr = learning_rate(
-            step,
-            t.lr.0,
-            t.warmup_steps.0,
-            total_steps,
-            t.min_lr_ratio.0,
-        );
-        let mut loss_sum = 0.0;
-        for _ in 0..accum {
-            let (x, y) = prepared.train.batch(&batcher.next_windows(batch), device);
-            let loss = model.loss(&x, &y) / accum as f64;
-            loss.backward();
-            loss_sum += loss.double_value(&[]);
-        }
+        let lr = t.lr_at(step);
+        let micro_batches: Vec<Vec<usize>> =
+            (0..accum).map(|_| batcher.next_windows(batch)).collect();
+        let loss_sum = backward_micro_batches(&model, &prepared.train, &micro_batches);
         if !loss_sum.is_finite() {
             progress.finish();
             bail!("training diverged at step {}: loss is {loss_sum}; lower train.lr or set train.grad_clip", step + 1);
         }
-        let grad_norm = optimizer.clip_grad_norm(t.grad_clip.map(|c| c.0));
-        optimizer.step(lr);
-        optimizer.zero_grad();
+        let grad_norm = optimizer.clipped_step(lr, t.clip());
         tokens += tokens_per_step;
         if step == 0 {
             first_loss = loss_sum;

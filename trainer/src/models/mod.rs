@@ -81,6 +81,14 @@ impl GemmaModel {
             .collect()
     }
 
+    /// The trainable tensors alone, in the same order.
+    pub fn trainable_parameters(&self) -> Vec<Tensor> {
+        self.named_trainable_parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    }
+
     fn layer_inputs(&self, seq_len: i64) -> LayerInputs {
         let device = self.device();
         let cfg = &self.config;
