@@ -6,6 +6,7 @@ use atoll_trainer::presets::{preset, MultimodalExtras, PRESET_NAMES};
 use atoll_trainer::recipe::Recipe;
 use atoll_trainer::{logging, train, GemmaConfig, GemmaModel};
 use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::{Device, Kind, Tensor};
@@ -37,6 +38,72 @@ enum Command {
         /// Recipe YAML file with a `sync` section.
         recipe: PathBuf,
         /// Override a recipe field, e.g. --set sync.learners=2 (repeatable).
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Run the coordinator of a multi-region job: the syncer behind gRPC (TLS) and QUIC.
+    Coordinator {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        overrides: Vec<String>,
+        /// Address for gRPC (TCP) and the QUIC data plane (UDP, same port).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// State, TLS material, logs and the final model; an existing state is resumed.
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// File holding the job secret (else ATOLL_SECRET, else sync.secret).
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// Prometheus endpoint; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics: SocketAddr,
+        /// Extra host names or addresses for the server certificate (repeatable), for learners
+        /// that dial it by a name other than the listen address.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Largest data-plane frame accepted, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        max_frame_mib: u64,
+    },
+    /// Run one region's learner against a coordinator.
+    Learner {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        overrides: Vec<String>,
+        /// Region name (one learner per region).
+        #[arg(long)]
+        region: String,
+        /// Coordinator address HOST:PORT.
+        #[arg(long)]
+        coordinator: String,
+        /// The job CA certificate (the coordinator's <run dir>/tls/ca.pem); nothing else is trusted.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        run_dir: PathBuf,
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// Prometheus endpoint; port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        metrics: SocketAddr,
+        /// Give up when the coordinator stays unreachable this many seconds.
+        #[arg(long, default_value_t = 600)]
+        give_up_after_s: u64,
+    },
+    /// Show a running job: membership, steps, fragment versions, bytes per link, goodput.
+    Status {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+    },
+    /// Run a whole multi-region job on this machine: a coordinator and one learner process per
+    /// region, with a live display; every process is stopped at the end or on Ctrl-C.
+    Run {
+        recipe: PathBuf,
         #[arg(long = "set", value_name = "PATH=VALUE")]
         overrides: Vec<String>,
     },
@@ -149,6 +216,13 @@ fn device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
@@ -181,6 +255,98 @@ fn run(command: Command) -> Result<()> {
             })?;
             tracing::info!("run directory {}", run_dir.display());
             let summary = atoll_trainer::simulate::simulate(&recipe, &run_dir)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Coordinator {
+            recipe,
+            overrides,
+            listen,
+            run_dir,
+            secret_file,
+            metrics,
+            hosts,
+            max_frame_mib,
+        } => {
+            let recipe = Recipe::from_file(&recipe, &overrides)?;
+            let secret =
+                atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file.as_deref())?;
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            logging::log_to_file(&run_dir.join("coordinator.log"))?;
+            runtime()?.block_on(atoll_node::coordinator::run(
+                atoll_node::coordinator::CoordinatorOptions {
+                    recipe,
+                    listen,
+                    run_dir,
+                    secret,
+                    metrics: Some(metrics),
+                    hosts,
+                    max_frame_bytes: max_frame_mib << 20,
+                },
+            ))
+        }
+        Command::Learner {
+            recipe,
+            overrides,
+            region,
+            coordinator,
+            ca,
+            run_dir,
+            secret_file,
+            metrics,
+            give_up_after_s,
+        } => {
+            let recipe = Recipe::from_file(&recipe, &overrides)?;
+            let secret =
+                atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file.as_deref())?;
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            logging::log_to_file(&run_dir.join("learner.log"))?;
+            atoll_node::learner::run(atoll_node::learner::LearnerOptions {
+                recipe,
+                region,
+                coordinator,
+                ca,
+                secret,
+                run_dir,
+                metrics: Some(metrics),
+                max_frame_bytes: 1 << 30,
+                give_up_after: std::time::Duration::from_secs(give_up_after_s),
+            })
+        }
+        Command::Status {
+            coordinator,
+            ca,
+            secret_file,
+        } => {
+            atoll_link::tls::install_crypto_provider();
+            let secret = atoll_node::resolve_secret(None, secret_file.as_deref())?;
+            let status =
+                runtime()?.block_on(atoll_node::status::fetch(&coordinator, &ca, &secret))?;
+            println!("{}", atoll_node::status::headline(&status));
+            for line in atoll_node::status::learner_lines(&status) {
+                println!("  {line}");
+            }
+            Ok(())
+        }
+        Command::Run {
+            recipe: path,
+            overrides,
+        } => {
+            let recipe = Recipe::from_file(&path, &overrides)?;
+            let run_dir = train::fresh_run_dir(&recipe)?;
+            std::fs::write(run_dir.join("recipe.yaml"), recipe.to_yaml()?)?;
+            let exe = std::env::current_exe().context("locating the atoll executable")?;
+            let summary = runtime()?.block_on(atoll_node::launcher::run(
+                atoll_node::launcher::LaunchOptions {
+                    recipe_path: std::fs::canonicalize(&path)?,
+                    overrides,
+                    recipe,
+                    run_dir,
+                    exe,
+                },
+            ))?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }

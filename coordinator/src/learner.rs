@@ -96,6 +96,20 @@ impl LearnerProtocol {
         (self.anchors[fragment].0, self.progress[fragment])
     }
 
+    /// The newest version received (queued or applied): what the next broadcast update of this
+    /// fragment is relative to.
+    pub fn latest(&self, fragment: usize) -> (u64, &FragmentValues) {
+        match &self.pending[fragment] {
+            Some(r) => (r.version, &r.values),
+            None => (self.anchors[fragment].0, &self.anchors[fragment].1),
+        }
+    }
+
+    /// Continues the step count of an earlier life of this learner (after a restart).
+    pub fn resume_at(&mut self, step: u64) {
+        self.step = step;
+    }
+
     pub fn anchor(&self, fragment: usize) -> &FragmentValues {
         &self.anchors[fragment].1
     }

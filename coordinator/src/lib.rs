@@ -11,4 +11,7 @@ pub mod syncer;
 pub use learner::{ApplyRule, LearnerProtocol};
 pub use merge::{MergeRule, OuterOptimizer};
 pub use plan::{FragmentPlan, TensorInfo};
-pub use syncer::{Action, Contribution, Event, LearnerId, Progress, Syncer, SyncerConfig, TimerId};
+pub use syncer::{
+    apply_update, Action, Contribution, EncodedUpdate, Event, FragmentSnapshot, LearnerId,
+    LearnerSnapshot, MergeRecord, Progress, Syncer, SyncerConfig, SyncerStats, TimerId,
+};

@@ -70,7 +70,7 @@ impl Default for SyncerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 pub struct Progress {
     pub c_steps: u64,
     pub c_tokens: u64,
@@ -160,7 +160,7 @@ pub enum Action {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct MergeRecord {
     pub fragment: usize,
     pub round: u64,
@@ -200,6 +200,7 @@ struct FragmentState {
     history: VecDeque<(u64, FragmentValues)>,
     next_round: u64,
     open: Option<Round>,
+    last_update: Option<EncodedUpdate>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,7 +214,7 @@ struct LearnerState {
     clock: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct SyncerStats {
     pub merges: u64,
     pub rejected: u64,
@@ -235,18 +236,51 @@ const EMA: f64 = 0.3;
 
 /// Replaces `new` by `old + Q(new − old)`, Q being the codec's round trip: what learners
 /// reconstruct from the broadcast update, so both sides hold the same Θ.
-fn quantise_update(codec: atoll_wire::Codec, old: &[f32], new: &mut [f32]) {
+/// Returns the encoded update, which is what goes on the wire: a learner holding `old` decodes it
+/// and adds it with [`apply_update`], landing on the same bits.
+fn quantise_update(codec: atoll_wire::Codec, old: &[f32], new: &mut [f32]) -> Option<Vec<u8>> {
     let update: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
     let mut bytes = Vec::new();
-    let mut quantised = vec![0.0f32; update.len()];
     // The update is finite (contributions with NaN/Inf were rejected), so the codec accepts it.
-    if atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes).is_ok()
-        && atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised).is_ok()
-    {
-        for ((v, o), q) in new.iter_mut().zip(old).zip(&quantised) {
-            *v = o + q;
-        }
+    atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes).ok()?;
+    let mut quantised = vec![0.0f32; update.len()];
+    atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised).ok()?;
+    apply_update(old, &quantised, new);
+    Some(bytes)
+}
+
+/// Θ_new = Θ_old + Q(update), element by element in f32: the one rule both the syncer and the
+/// learners use, so they agree bit for bit.
+pub fn apply_update(old: &[f32], quantised: &[f32], new: &mut [f32]) {
+    for ((v, o), q) in new.iter_mut().zip(old).zip(quantised) {
+        *v = o + q;
     }
+}
+
+/// The encoded outer update that turned version `base_version` of a fragment into the next one
+/// (one buffer per tensor, in the broadcast codec).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedUpdate {
+    pub base_version: u64,
+    pub codec: atoll_wire::Codec,
+    pub tensors: Arc<Vec<Vec<u8>>>,
+}
+
+/// What survives a coordinator restart, per fragment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FragmentSnapshot {
+    pub version: u64,
+    pub next_round: u64,
+    pub theta: FragmentValues,
+    pub momentum: Vec<Vec<f32>>,
+}
+
+/// What survives a coordinator restart, per learner: it comes back absent and rejoins.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct LearnerSnapshot {
+    pub learner: LearnerId,
+    pub step: u64,
+    pub clock: Vec<u64>,
 }
 
 fn ema(old: Option<f64>, sample: f64) -> Option<f64> {
@@ -269,6 +303,7 @@ impl Syncer {
                     history: VecDeque::new(),
                     next_round: 1,
                     open: None,
+                    last_update: None,
                 }
             })
             .collect();
@@ -281,6 +316,98 @@ impl Syncer {
             merge_log: Vec::new(),
             stats: SyncerStats::default(),
         }
+    }
+
+    /// Rebuilds a syncer from persisted state: fragments as saved, learners absent until they
+    /// rejoin, rounds in flight dropped (their learners' progress is still counted on their side
+    /// and flows into the next round).
+    pub fn restore(
+        config: SyncerConfig,
+        plan: FragmentPlan,
+        fragments: Vec<FragmentSnapshot>,
+        learners: Vec<LearnerSnapshot>,
+        merge_log: Vec<MergeRecord>,
+        stats: SyncerStats,
+    ) -> Self {
+        let fragments = fragments
+            .into_iter()
+            .map(|f| FragmentState {
+                theta: f.theta,
+                momentum: f.momentum,
+                version: f.version,
+                history: VecDeque::new(),
+                next_round: f.next_round,
+                open: None,
+                last_update: None,
+            })
+            .collect();
+        let learners = learners
+            .into_iter()
+            .map(|l| {
+                (
+                    l.learner,
+                    LearnerState {
+                        active: false,
+                        step: l.step,
+                        last_report: None,
+                        step_time_s: None,
+                        heartbeat_seq: 0,
+                        clock: l.clock,
+                    },
+                )
+            })
+            .collect();
+        Syncer {
+            config,
+            plan,
+            fragments,
+            learners,
+            sync_time_s: None,
+            merge_log,
+            stats,
+        }
+    }
+
+    pub fn fragment_snapshot(&self, fragment: usize) -> FragmentSnapshot {
+        let f = &self.fragments[fragment];
+        FragmentSnapshot {
+            version: f.version,
+            next_round: f.next_round,
+            theta: f.theta.clone(),
+            momentum: f.momentum.clone(),
+        }
+    }
+
+    pub fn learner_snapshots(&self) -> Vec<LearnerSnapshot> {
+        self.learners
+            .iter()
+            .map(|(&learner, l)| LearnerSnapshot {
+                learner,
+                step: l.step,
+                clock: l.clock.clone(),
+            })
+            .collect()
+    }
+
+    /// The encoded update behind `version` of `fragment`, while it is the current version and a
+    /// broadcast codec is set.
+    pub fn broadcast_update(&self, fragment: usize, version: u64) -> Option<&EncodedUpdate> {
+        let f = &self.fragments[fragment];
+        if f.version == version {
+            f.last_update.as_ref()
+        } else {
+            None
+        }
+    }
+
+    /// The last step a learner reported (kept while it is absent).
+    pub fn learner_step(&self, learner: LearnerId) -> Option<u64> {
+        self.learners.get(&learner).map(|l| l.step)
+    }
+
+    /// Whether any fragment has a round in flight.
+    pub fn round_in_flight(&self) -> bool {
+        self.fragments.iter().any(|f| f.open.is_some())
     }
 
     pub fn plan(&self) -> &FragmentPlan {
@@ -670,6 +797,7 @@ impl Syncer {
             return; // nothing usable arrived: Θ_p stays, no broadcast
         }
         let mut theta: Vec<Vec<f32>> = (*frag.theta).clone();
+        let mut encoded = Vec::new();
         for (k, values) in theta.iter_mut().enumerate() {
             let deltas: Vec<&[f32]> = contributions
                 .iter()
@@ -686,9 +814,20 @@ impl Syncer {
                 .outer
                 .step(values, &mut frag.momentum[k], &merged);
             if let Some(codec) = self.config.broadcast_codec {
-                quantise_update(codec, &frag.theta[k], values);
+                encoded.push(quantise_update(codec, &frag.theta[k], values));
             }
         }
+        frag.last_update = match (
+            self.config.broadcast_codec,
+            encoded.iter().all(Option::is_some),
+        ) {
+            (Some(codec), true) => Some(EncodedUpdate {
+                base_version: frag.version,
+                codec,
+                tensors: Arc::new(encoded.into_iter().flatten().collect()),
+            }),
+            _ => None,
+        };
         frag.history.push_front((frag.version, frag.theta.clone()));
         frag.history.truncate(self.config.version_history);
         frag.version += 1;

@@ -11,6 +11,7 @@ pub mod presets;
 pub mod recipe;
 pub mod simulate;
 pub mod train;
+pub mod worker;
 
 pub use config::{Architecture, GemmaConfig};
 pub use models::GemmaModel;

@@ -306,6 +306,20 @@ pub struct LinkSection {
     pub bandwidth_gbps: PositiveF64,
     #[serde(default = "defaults::latency_ms")]
     pub latency_ms: NonNegativeF64,
+    /// QUIC connections per learner, striped tensor by tensor, for links one connection (one
+    /// core) cannot fill.
+    #[serde(default = "defaults::connections")]
+    pub connections: PositiveInt,
+    #[serde(default)]
+    pub congestion: CongestionChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionChoice {
+    #[default]
+    Cubic,
+    Bbr,
 }
 
 impl Default for LinkSection {
@@ -386,6 +400,30 @@ pub struct SyncSection {
     pub link: LinkSection,
     #[serde(default)]
     pub failures: FailureSection,
+    /// Region names, one per learner (`atoll run` starts one learner per region); default
+    /// region-0 … region-(M−1).
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Network runs: a learner silent this long is marked absent until it reports again.
+    #[serde(default = "defaults::heartbeat_timeout_s")]
+    pub heartbeat_timeout_s: PositiveF64,
+    /// The job secret learners present. Prefer `ATOLL_SECRET` or `--secret-file`: a recipe is
+    /// copied into run directories.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+impl SyncSection {
+    /// The regions of the job, one per learner.
+    pub fn region_names(&self) -> Vec<String> {
+        if self.regions.is_empty() {
+            (0..self.learners.0)
+                .map(|m| format!("region-{m}"))
+                .collect()
+        } else {
+            self.regions.clone()
+        }
+    }
 }
 
 impl Default for SyncSection {
@@ -483,6 +521,12 @@ mod defaults {
     }
     pub fn latency_ms() -> NonNegativeF64 {
         NonNegativeF64(20.0)
+    }
+    pub fn connections() -> PositiveInt {
+        PositiveInt(1)
+    }
+    pub fn heartbeat_timeout_s() -> PositiveF64 {
+        PositiveF64(10.0)
     }
     pub fn recovery_s() -> NonNegativeF64 {
         NonNegativeF64(60.0)
@@ -603,6 +647,28 @@ impl Recipe {
                 self.sync.learners.0,
                 self.sync.quorum.0
             );
+        }
+        if !self.sync.regions.is_empty() {
+            if self.sync.regions.len() != self.sync.learners.0 {
+                bail!(
+                    "sync.regions: {} regions named for sync.learners = {}; name one per learner",
+                    self.sync.regions.len(),
+                    self.sync.learners.0
+                );
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for r in &self.sync.regions {
+                let valid = !r.is_empty()
+                    && r.len() <= 64
+                    && r.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                if !valid {
+                    bail!("sync.regions: {r:?} is not a valid region name (letters, digits, '-', '_'; at most 64)");
+                }
+                if !seen.insert(r) {
+                    bail!("sync.regions: region {r:?} is listed twice");
+                }
+            }
         }
         if self.sync.speeds.len() > self.sync.learners.0 {
             bail!(

@@ -59,6 +59,26 @@ pub fn encode_frame(
     }
     let mut raw = Vec::new();
     encode(codec, values, block as usize, &mut raw)?;
+    frame_encoded(codec, block, shape, raw, zstd_level)
+}
+
+/// Frames values already encoded with `codec` (for example the syncer's quantised update);
+/// `raw.len()` must be the codec's exact size for `shape`.
+pub fn frame_encoded(
+    codec: Codec,
+    block: u32,
+    shape: &[u64],
+    raw: Vec<u8>,
+    zstd_level: i32,
+) -> Result<Vec<u8>, WireError> {
+    let n: u64 = shape.iter().product();
+    if shape.len() > MAX_DIMS || raw.len() != codec.encoded_len(n as usize, block as usize) {
+        return Err(WireError::ShapeMismatch {
+            elements: n,
+            values: raw.len() as u64,
+        });
+    }
+    let raw_len = raw.len() as u64;
     let (payload, flags) = if zstd_level != 0 {
         (
             zstd::bulk::compress(&raw, zstd_level)
@@ -66,7 +86,7 @@ pub fn encode_frame(
             FLAG_ZSTD,
         )
     } else {
-        (raw.clone(), 0)
+        (raw, 0)
     };
     let mut out = Vec::with_capacity(payload.len() + 40 + 8 * shape.len());
     out.extend_from_slice(&MAGIC);
@@ -75,7 +95,7 @@ pub fn encode_frame(
     for d in shape {
         out.extend_from_slice(&d.to_le_bytes());
     }
-    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    out.extend_from_slice(&raw_len.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);

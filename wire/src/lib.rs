@@ -6,7 +6,7 @@ pub mod codec;
 pub mod frame;
 
 pub use codec::{decode, encode, Codec, ErrorFeedback, ALL_CODECS, DEFAULT_BLOCK};
-pub use frame::{decode_frame, encode_frame, Frame, FrameLimits};
+pub use frame::{decode_frame, encode_frame, frame_encoded, Frame, FrameLimits};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {

@@ -1,0 +1,684 @@
+//! `atoll learner`: one region. The inner loop runs on this thread and never waits for the
+//! network; a tokio runtime beside it keeps the control plane (join, per-step reports, pulls)
+//! and the data plane (contributions up, fragments down) going, reconnecting with backoff when
+//! the coordinator goes away.
+
+use crate::coordinator::{link_tuning, read_part, send_part};
+use anyhow::{anyhow, Context, Result};
+use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, Progress};
+use atoll_link::{Hello, PartHeader, PartKind};
+use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
+use atoll_trainer::recipe::{ApplyChoice, Recipe};
+use atoll_trainer::worker::Worker;
+use atoll_wire::{encode_frame, ErrorFeedback, DEFAULT_BLOCK};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tonic::Code;
+
+pub struct LearnerOptions {
+    pub recipe: Recipe,
+    pub region: String,
+    pub coordinator: String,
+    pub ca: PathBuf,
+    pub secret: String,
+    pub run_dir: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub max_frame_bytes: u64,
+    /// Give up when the coordinator stays unreachable this long.
+    pub give_up_after: Duration,
+}
+
+struct Joined {
+    shard_index: u32,
+    shard_count: u32,
+    resume_step: u64,
+    clock: Vec<u64>,
+}
+
+enum Inbound {
+    Joined(Joined),
+    Pulls(Vec<Pull>),
+    Part(PartHeader, Vec<f32>, u64),
+    JobDone,
+    Fatal(String),
+}
+
+#[derive(Clone, Default)]
+struct ReportState {
+    step: u64,
+    progress: Vec<Progress>,
+    loss: f64,
+    tokens_per_s: f64,
+    finished: bool,
+}
+
+struct Outgoing {
+    header: PartHeader,
+    frame: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+pub fn run(opts: LearnerOptions) -> Result<()> {
+    atoll_link::tls::install_crypto_provider();
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    let recipe = opts.recipe.clone();
+    let mut worker = Worker::new(&recipe)?;
+    let plan = worker.plan()?;
+    let model_hash = worker.model_hash()?;
+    let tokens_per_step = worker.tokens_per_step();
+    let max_steps = recipe.train.max_steps.0 as u64;
+    let rule = match (recipe.sync.mix_alpha, recipe.sync.apply) {
+        (Some(a), _) => ApplyRule::Mix { alpha: a.0 as f32 },
+        (None, ApplyChoice::Overwrite) => ApplyRule::Overwrite,
+        (None, ApplyChoice::Rebase) => ApplyRule::Rebase,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (inbound_tx, inbound) = std_mpsc::channel::<Inbound>();
+    let (report_tx, report_rx) = watch::channel(ReportState::default());
+    let (out_tx, out_rx) = mpsc::channel::<Vec<Outgoing>>(2 * plan.len().max(1));
+    let held: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let counters = Arc::new(Counters::default());
+    if let Some(addr) = opts.metrics {
+        let bound = runtime.block_on(crate::metrics_endpoint::serve(addr))?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
+    let net = Net {
+        coordinator: opts.coordinator.clone(),
+        ca: opts.ca.clone(),
+        secret: opts.secret.clone(),
+        region: opts.region.clone(),
+        model_hash,
+        fragments: plan.len(),
+        connections: recipe.sync.link.connections.0,
+        tuning: link_tuning(&recipe),
+        max_frame: opts.max_frame_bytes,
+        give_up_after: opts.give_up_after,
+        inbound: inbound_tx,
+        held: held.clone(),
+        counters: counters.clone(),
+    };
+    runtime.spawn(net.run(report_rx, out_rx));
+
+    let mut metrics_file =
+        std::io::BufWriter::new(std::fs::File::create(opts.run_dir.join("metrics.jsonl"))?);
+    let mut state = LearnerState {
+        plan: plan.clone(),
+        protocol: None,
+        initial: BTreeMap::new(),
+        assembling: BTreeMap::new(),
+        waiting_updates: BTreeMap::new(),
+        at_pull: BTreeMap::new(),
+        feedback: plan
+            .fragments
+            .iter()
+            .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
+            .collect(),
+        clock: Vec::new(),
+        resume_step: 0,
+        job_done: false,
+    };
+    let codec = recipe.sync.codec.codec();
+    let mut last = Instant::now();
+    let mut last_loss = f64::NAN;
+    loop {
+        // Everything that arrived since the last step boundary, without waiting...
+        let block = state.protocol.is_none() || worker.step() >= max_steps;
+        let first = if block {
+            match inbound.recv_timeout(Duration::from_millis(200)) {
+                Ok(m) => Some(m),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(anyhow!("the network side stopped"))
+                }
+            }
+        } else {
+            None
+        };
+        for message in first.into_iter().chain(inbound.try_iter()) {
+            match message {
+                Inbound::Fatal(why) => return Err(anyhow!(why)),
+                other => {
+                    state.on_message(other, &mut worker, codec, &recipe, &out_tx, &counters)?
+                }
+            }
+        }
+        if state.job_done {
+            break;
+        }
+        let Some(protocol) = state.protocol.as_mut() else {
+            continue; // still waiting for the catch-up
+        };
+        // ...applied at this boundary.
+        for received in protocol.take_due() {
+            let tensors = &plan.fragments[received.fragment].tensors;
+            let snapshot = state.at_pull.remove(&received.fragment);
+            worker.apply(rule, tensors, &received.values, snapshot.as_deref());
+        }
+        *held.lock().expect("held") = protocol.versions();
+        if worker.step() >= max_steps {
+            report_tx.send_modify(|r| r.finished = true);
+            continue;
+        }
+        last_loss = worker.train_step()?;
+        let progress = protocol.on_step(tokens_per_step);
+        let elapsed = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        let tokens_per_s = tokens_per_step as f64 / elapsed.max(1e-9);
+        let step = worker.step();
+        report_tx.send_replace(ReportState {
+            step,
+            progress,
+            loss: last_loss,
+            tokens_per_s,
+            finished: step >= max_steps,
+        });
+        metrics::gauge!("atoll_learner_tokens_per_s").set(tokens_per_s);
+        writeln!(
+            metrics_file,
+            "{}",
+            serde_json::json!({"step": step, "loss": last_loss, "tokens_per_s": tokens_per_s,
+                "bytes_up": counters.up.load(Ordering::Relaxed), "bytes_down": counters.down.load(Ordering::Relaxed)})
+        )?;
+        if step % 10 == 0 || step == max_steps {
+            metrics_file.flush()?;
+            tracing::info!("step {step}/{max_steps} loss {last_loss:.4} {tokens_per_s:.0} tok/s");
+        }
+    }
+    metrics_file.flush()?;
+    let summary = serde_json::json!({
+        "region": opts.region,
+        "final_step": worker.step(),
+        "final_loss": last_loss,
+        "bytes_up": counters.up.load(Ordering::Relaxed),
+        "bytes_down": counters.down.load(Ordering::Relaxed),
+        "fragment_versions": state.protocol.as_ref().map(|p| p.versions()),
+    });
+    atoll_trainer::checkpoint::write_json_atomic(&opts.run_dir.join("summary.json"), &summary)?;
+    tracing::info!("job done at step {}", worker.step());
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+struct LearnerState {
+    plan: FragmentPlan,
+    protocol: Option<LearnerProtocol>,
+    /// Full fragments received before the protocol starts (the first catch-up).
+    initial: BTreeMap<usize, (u64, Vec<Vec<f32>>)>,
+    assembling: Assembling,
+    /// Updates whose base version has not arrived yet, by (fragment, base version).
+    waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
+    at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
+    feedback: Vec<Vec<ErrorFeedback>>,
+    clock: Vec<u64>,
+    resume_step: u64,
+    job_done: bool,
+}
+
+/// Parts of one message being reassembled, keyed by (kind, fragment, round or version).
+type Assembling = BTreeMap<(u8, u32, u64), (PartHeader, Vec<Option<Vec<f32>>>)>;
+/// Per-tensor values of one fragment.
+type Tensors = Vec<Vec<f32>>;
+
+impl LearnerState {
+    fn on_message(
+        &mut self,
+        message: Inbound,
+        worker: &mut Worker,
+        codec: atoll_wire::Codec,
+        recipe: &Recipe,
+        out: &mpsc::Sender<Vec<Outgoing>>,
+        counters: &Counters,
+    ) -> Result<()> {
+        match message {
+            Inbound::Joined(j) => {
+                if self.protocol.is_none() {
+                    worker.assign_shard(
+                        j.shard_index as usize,
+                        j.shard_count as usize,
+                        j.resume_step,
+                    )?;
+                    self.resume_step = j.resume_step;
+                }
+                self.clock = j.clock;
+                self.try_start(worker);
+            }
+            Inbound::Pulls(pulls) => {
+                if let Some(protocol) = &self.protocol {
+                    for pull in pulls {
+                        let p = pull.fragment as usize;
+                        if p >= self.plan.len() {
+                            continue;
+                        }
+                        let (base_version, progress) = protocol.on_pull(p);
+                        let anchor = protocol.anchor(p);
+                        let tensors = &self.plan.fragments[p].tensors;
+                        let local = worker.values(tensors);
+                        let mut parts = Vec::with_capacity(tensors.len());
+                        for (k, values) in local.iter().enumerate() {
+                            let delta: Vec<f32> =
+                                anchor[k].iter().zip(values).map(|(a, x)| a - x).collect();
+                            let delta = if recipe.sync.error_feedback {
+                                let mut buf = Vec::new();
+                                self.feedback[p][k].encode(
+                                    codec,
+                                    &delta,
+                                    DEFAULT_BLOCK,
+                                    &mut buf,
+                                )?;
+                                let mut q = vec![0.0; delta.len()];
+                                atoll_wire::decode(codec, &buf, DEFAULT_BLOCK, &mut q)?;
+                                q
+                            } else {
+                                delta
+                            };
+                            let frame = encode_frame(
+                                codec,
+                                DEFAULT_BLOCK as u32,
+                                &[delta.len() as u64],
+                                &delta,
+                                recipe.sync.zstd_level,
+                            )?;
+                            parts.push(Outgoing {
+                                header: PartHeader {
+                                    kind: PartKind::Contribution,
+                                    fragment: p as u32,
+                                    round_or_version: pull.round,
+                                    base_version,
+                                    steps: progress.c_steps,
+                                    tokens: progress.c_tokens,
+                                    tensor: k as u32,
+                                    tensors: tensors.len() as u32,
+                                    frame_len: frame.len() as u32,
+                                },
+                                frame,
+                            });
+                        }
+                        self.at_pull.insert(p, local);
+                        // A full queue means the up link is behind: drop this contribution (the
+                        // syncer's pull times out) rather than buffer without bound.
+                        if out.try_send(parts).is_err() {
+                            tracing::warn!(
+                                "up link saturated: contribution to fragment {p} dropped"
+                            );
+                        }
+                    }
+                }
+            }
+            Inbound::Part(h, values, bytes) => {
+                counters.down.fetch_add(bytes, Ordering::Relaxed);
+                self.on_part(h, values, worker);
+            }
+            Inbound::JobDone => self.job_done = true,
+            Inbound::Fatal(_) => unreachable!("handled by the caller"),
+        }
+        Ok(())
+    }
+
+    fn on_part(&mut self, h: PartHeader, values: Vec<f32>, worker: &mut Worker) {
+        let p = h.fragment as usize;
+        if p >= self.plan.len() || h.tensors as usize != self.plan.fragments[p].tensors.len() {
+            tracing::warn!("the coordinator sent a part for no fragment of the plan");
+            return;
+        }
+        let key = (h.kind as u8, h.fragment, h.round_or_version);
+        let entry = self
+            .assembling
+            .entry(key)
+            .or_insert_with(|| (h, vec![None; h.tensors as usize]));
+        entry.1[h.tensor as usize] = Some(values);
+        if !entry.1.iter().all(Option::is_some) {
+            return;
+        }
+        let (h, tensors) = self.assembling.remove(&key).expect("present");
+        let tensors: Vec<Vec<f32>> = tensors.into_iter().flatten().collect();
+        let version = h.round_or_version;
+        match h.kind {
+            PartKind::Full => self.on_fragment(p, version, tensors, worker),
+            PartKind::Update => {
+                self.waiting_updates
+                    .insert((p, h.base_version), (version, tensors));
+                self.drain_updates(p, worker);
+            }
+            PartKind::Contribution => {}
+        }
+    }
+
+    fn on_fragment(&mut self, p: usize, version: u64, values: Vec<Vec<f32>>, worker: &mut Worker) {
+        match self.protocol.as_mut() {
+            Some(protocol) => protocol.on_broadcast(p, version, Arc::new(values)),
+            None => {
+                self.initial.insert(p, (version, values));
+                self.try_start(worker);
+            }
+        }
+        self.drain_updates(p, worker);
+    }
+
+    /// Applies queued updates whose base is now the newest version held.
+    fn drain_updates(&mut self, p: usize, worker: &mut Worker) {
+        let Some(protocol) = self.protocol.as_mut() else {
+            return;
+        };
+        loop {
+            let (held, base_values) = protocol.latest(p);
+            self.waiting_updates
+                .retain(|(f, base), _| *f != p || *base >= held);
+            let Some((version, quantised)) = self.waiting_updates.remove(&(p, held)) else {
+                return;
+            };
+            let mut next: Vec<Vec<f32>> = base_values.iter().cloned().collect();
+            for (k, q) in quantised.iter().enumerate() {
+                let old = base_values[k].clone();
+                apply_update(&old, q, &mut next[k]);
+            }
+            protocol.on_broadcast(p, version, Arc::new(next));
+            let _ = &worker;
+        }
+    }
+
+    /// Starts training once every fragment of the join's clock has arrived.
+    fn try_start(&mut self, worker: &mut Worker) {
+        if self.protocol.is_some() || self.clock.is_empty() {
+            return;
+        }
+        let complete = (0..self.plan.len()).all(|p| {
+            self.initial
+                .get(&p)
+                .is_some_and(|(v, _)| *v >= self.clock[p])
+        });
+        if !complete {
+            return;
+        }
+        let catch_up: Vec<(usize, u64, Arc<Tensors>)> = std::mem::take(&mut self.initial)
+            .into_iter()
+            .map(|(p, (v, values))| (p, v, Arc::new(values)))
+            .collect();
+        for (p, _, values) in &catch_up {
+            worker.apply(
+                ApplyRule::Overwrite,
+                &self.plan.fragments[*p].tensors,
+                values,
+                None,
+            );
+        }
+        let mut protocol = LearnerProtocol::new(catch_up);
+        protocol.resume_at(self.resume_step);
+        tracing::info!(
+            "caught up with the global model (versions {:?})",
+            protocol.versions()
+        );
+        self.protocol = Some(protocol);
+    }
+}
+
+struct Net {
+    coordinator: String,
+    ca: PathBuf,
+    secret: String,
+    region: String,
+    model_hash: String,
+    fragments: usize,
+    connections: usize,
+    tuning: atoll_link::LinkTuning,
+    max_frame: u64,
+    give_up_after: Duration,
+    inbound: std_mpsc::Sender<Inbound>,
+    held: Arc<Mutex<Vec<u64>>>,
+    counters: Arc<Counters>,
+}
+
+/// What one session (one successful join) shares with the sender task.
+type Conns = Arc<Mutex<Vec<quinn::Connection>>>;
+
+impl Net {
+    async fn run(
+        self,
+        mut reports: watch::Receiver<ReportState>,
+        mut out: mpsc::Receiver<Vec<Outgoing>>,
+    ) {
+        let conns: Conns = Arc::new(Mutex::new(Vec::new()));
+        let sender_conns = conns.clone();
+        let counters = self.counters.clone();
+        tokio::spawn(async move {
+            while let Some(parts) = out.recv().await {
+                let current: Vec<quinn::Connection> = sender_conns.lock().expect("conns").clone();
+                if current.is_empty() {
+                    continue;
+                }
+                for (k, part) in parts.iter().enumerate() {
+                    let conn = &current[k % current.len()];
+                    if send_part(conn, &part.header, &part.frame).await.is_ok() {
+                        counters.up.fetch_add(
+                            (part.frame.len() + atoll_link::data::HEADER_LEN) as u64,
+                            Ordering::Relaxed,
+                        );
+                        metrics::counter!("atoll_bytes_up_total")
+                            .increment(part.frame.len() as u64);
+                    }
+                }
+            }
+        });
+        let mut unreachable_since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session(&mut reports, &conns).await {
+                Ok(SessionEnd::JobDone) => {
+                    let _ = self.inbound.send(Inbound::JobDone);
+                    return;
+                }
+                Ok(SessionEnd::Rejoin) => {
+                    unreachable_since = None;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(SessionError::Fatal(why)) => {
+                    let _ = self.inbound.send(Inbound::Fatal(why));
+                    return;
+                }
+                Err(SessionError::Retry(why)) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.give_up_after {
+                        let _ = self.inbound.send(Inbound::Fatal(format!(
+                            "the coordinator at {} has been unreachable for {:.0} s: {why}",
+                            self.coordinator,
+                            since.elapsed().as_secs_f64()
+                        )));
+                        return;
+                    }
+                    tracing::warn!("coordinator unreachable ({why}); retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        reports: &mut watch::Receiver<ReportState>,
+        conns: &Conns,
+    ) -> Result<SessionEnd, SessionError> {
+        let retry = |e: anyhow::Error| SessionError::Retry(format!("{e:#}"));
+        let mut client = crate::client::connect(&self.coordinator, &self.ca)
+            .await
+            .map_err(retry)?;
+        let held = self.held.lock().expect("held").clone();
+        let reply = client
+            .join(JoinRequest {
+                protocol_version: atoll_proto::PROTOCOL_VERSION,
+                secret: self.secret.clone(),
+                region: self.region.clone(),
+                model_hash: self.model_hash.clone(),
+                held_versions: held,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                Code::PermissionDenied | Code::FailedPrecondition | Code::ResourceExhausted => {
+                    SessionError::Fatal(format!(
+                        "the coordinator refused this learner: {}",
+                        s.message()
+                    ))
+                }
+                _ => SessionError::Retry(s.message().to_string()),
+            })?
+            .into_inner();
+        tracing::info!(
+            "joined as learner {} (shard {}/{}), resuming at step {}",
+            reply.learner_id,
+            reply.shard_index,
+            reply.shard_count,
+            reply.resume_step
+        );
+        // The data plane on the same host, the UDP port the coordinator names.
+        let host = self
+            .coordinator
+            .rsplit_once(':')
+            .map_or(self.coordinator.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let addr = (host, reply.data_port as u16)
+            .to_socket_addrs()
+            .map_err(|e| retry(anyhow!("resolving {host}: {e}")))?
+            .next()
+            .ok_or_else(|| retry(anyhow!("{host} has no address")))?;
+        let ca_pem = std::fs::read(&self.ca)
+            .map_err(|e| SessionError::Fatal(format!("{}: {e}", self.ca.display())))?;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("literal");
+        let endpoint =
+            atoll_link::quic::client_endpoint(&ca_pem, self.tuning, bind).map_err(retry)?;
+        let mut opened = Vec::new();
+        for _ in 0..self.connections {
+            let conn = atoll_link::quic::connect(&endpoint, addr)
+                .await
+                .map_err(retry)?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| retry(e.into()))?;
+            let hello = Hello {
+                session: reply.session.clone(),
+            }
+            .encode()
+            .map_err(|e| SessionError::Fatal(e.to_string()))?;
+            send.write_all(&hello).await.map_err(|e| retry(e.into()))?;
+            send.finish().map_err(|e| retry(e.into()))?;
+            let answer = recv.read_to_end(256).await.map_err(|e| retry(e.into()))?;
+            if answer.first() != Some(&0) {
+                return Err(SessionError::Retry(
+                    "the data plane refused the session".into(),
+                ));
+            }
+            let inbound = self.inbound.clone();
+            let max_frame = self.max_frame;
+            let reader = conn.clone();
+            tokio::spawn(async move {
+                while let Ok(mut recv) = reader.accept_uni().await {
+                    match read_part(&mut recv, max_frame).await {
+                        Ok(Some((h, values, bytes))) => {
+                            if inbound.send(Inbound::Part(h, values, bytes)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!("bad data from the coordinator: {e:#}");
+                            reader.close(2u32.into(), b"bad frame");
+                            return;
+                        }
+                    }
+                }
+            });
+            opened.push(conn);
+        }
+        *conns.lock().expect("conns") = opened.clone();
+        let _ = self.inbound.send(Inbound::Joined(Joined {
+            shard_index: reply.shard_index,
+            shard_count: reply.shard_count,
+            resume_step: reply.resume_step,
+            clock: reply.vector_clock,
+        }));
+
+        let session = reply.session;
+        let mut failures = 0;
+        loop {
+            // A report per step; while finished, one every 250 ms as the heartbeat.
+            let _ = tokio::time::timeout(Duration::from_millis(250), reports.changed()).await;
+            let r = reports.borrow_and_update().clone();
+            if r.progress.len() != self.fragments {
+                continue; // not caught up yet
+            }
+            let request = ReportRequest {
+                session: session.clone(),
+                step: r.step,
+                progress: r
+                    .progress
+                    .iter()
+                    .map(|p| atoll_proto::v1::Progress {
+                        steps: p.c_steps,
+                        tokens: p.c_tokens,
+                    })
+                    .collect(),
+                loss: r.loss,
+                tokens_per_s: r.tokens_per_s,
+                finished: r.finished,
+                bytes_up: self.counters.up.load(Ordering::Relaxed),
+                bytes_down: self.counters.down.load(Ordering::Relaxed),
+            };
+            match client.report(request).await {
+                Ok(reply) => {
+                    failures = 0;
+                    let reply = reply.into_inner();
+                    if !reply.pulls.is_empty() {
+                        let _ = self.inbound.send(Inbound::Pulls(reply.pulls));
+                    }
+                    if reply.job_done {
+                        for c in opened.iter() {
+                            c.close(0u32.into(), b"done");
+                        }
+                        return Ok(SessionEnd::JobDone);
+                    }
+                }
+                Err(s) if s.code() == Code::Unauthenticated => {
+                    tracing::warn!("the coordinator no longer knows this session: joining again");
+                    return Ok(SessionEnd::Rejoin);
+                }
+                Err(s) => {
+                    failures += 1;
+                    if failures >= 3 {
+                        return Err(SessionError::Retry(s.message().to_string()));
+                    }
+                }
+            }
+            if opened.iter().all(|c| c.close_reason().is_some()) {
+                return Err(SessionError::Retry("the data connection closed".into()));
+            }
+        }
+    }
+}
+
+enum SessionEnd {
+    JobDone,
+    Rejoin,
+}
+
+enum SessionError {
+    Fatal(String),
+    Retry(String),
+}
