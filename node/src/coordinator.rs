@@ -496,9 +496,17 @@ impl Core {
         if done {
             m.told_done = true;
         }
+        let pulls = std::mem::take(&mut m.pulls);
         Ok(ReportReply {
-            pulls: std::mem::take(&mut m.pulls),
+            pulls,
             job_done: done,
+            final_versions: if done {
+                (0..self.plan.len())
+                    .map(|p| self.syncer.version(p))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 

@@ -45,7 +45,7 @@ enum Inbound {
     Joined(Joined),
     Pulls(Vec<Pull>),
     Part(PartHeader, Vec<f32>, u64),
-    JobDone,
+    JobDone(Vec<u64>),
     Fatal(String),
 }
 
@@ -131,8 +131,9 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             .collect(),
         clock: Vec::new(),
         resume_step: 0,
-        job_done: false,
+        final_versions: None,
     };
+    let mut done_waiting_since: Option<Instant> = None;
     let codec = recipe.sync.codec.codec();
     let mut last = Instant::now();
     let mut last_loss = f64::NAN;
@@ -158,12 +159,29 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                 }
             }
         }
-        if state.job_done {
-            break;
-        }
         let Some(protocol) = state.protocol.as_mut() else {
             continue; // still waiting for the catch-up
         };
+        if let Some(finals) = &state.final_versions {
+            // End holding the global model: wait (briefly) for the last broadcasts.
+            let held = (0..plan.len())
+                .all(|p| protocol.latest(p).0 >= finals.get(p).copied().unwrap_or(0));
+            let since = *done_waiting_since.get_or_insert_with(Instant::now);
+            if held || since.elapsed() > Duration::from_secs(10) {
+                for received in protocol.take_due() {
+                    let tensors = &plan.fragments[received.fragment].tensors;
+                    worker.apply(ApplyRule::Overwrite, tensors, &received.values, None);
+                }
+                if !held {
+                    tracing::warn!(
+                        "the final broadcasts did not all arrive; exiting with versions {:?}",
+                        protocol.versions()
+                    );
+                }
+                break;
+            }
+            continue;
+        }
         // ...applied at this boundary.
         for received in protocol.take_due() {
             let tensors = &plan.fragments[received.fragment].tensors;
@@ -227,7 +245,8 @@ struct LearnerState {
     feedback: Vec<Vec<ErrorFeedback>>,
     clock: Vec<u64>,
     resume_step: u64,
-    job_done: bool,
+    /// Set when the job is done: the versions to hold before exiting.
+    final_versions: Option<Vec<u64>>,
 }
 
 /// Parts of one message being reassembled, keyed by (kind, fragment, round or version).
@@ -324,7 +343,7 @@ impl LearnerState {
                 counters.down.fetch_add(bytes, Ordering::Relaxed);
                 self.on_part(h, values, worker);
             }
-            Inbound::JobDone => self.job_done = true,
+            Inbound::JobDone(versions) => self.final_versions = Some(versions),
             Inbound::Fatal(_) => unreachable!("handled by the caller"),
         }
         Ok(())
@@ -478,8 +497,8 @@ impl Net {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.session(&mut reports, &conns).await {
-                Ok(SessionEnd::JobDone) => {
-                    let _ = self.inbound.send(Inbound::JobDone);
+                Ok(SessionEnd::JobDone(versions)) => {
+                    let _ = self.inbound.send(Inbound::JobDone(versions));
                     return;
                 }
                 Ok(SessionEnd::Rejoin) => {
@@ -649,10 +668,7 @@ impl Net {
                         let _ = self.inbound.send(Inbound::Pulls(reply.pulls));
                     }
                     if reply.job_done {
-                        for c in opened.iter() {
-                            c.close(0u32.into(), b"done");
-                        }
-                        return Ok(SessionEnd::JobDone);
+                        return Ok(SessionEnd::JobDone(reply.final_versions));
                     }
                 }
                 Err(s) if s.code() == Code::Unauthenticated => {
@@ -674,7 +690,7 @@ impl Net {
 }
 
 enum SessionEnd {
-    JobDone,
+    JobDone(Vec<u64>),
     Rejoin,
 }
 

@@ -60,3 +60,99 @@ pub fn assert_clean_error(o: &Output, needle: &str) {
         error_lines[0]
     );
 }
+
+/// Processes a test started, killed (SIGKILL, by id) when dropped so a failing test leaves
+/// nothing running.
+#[derive(Default)]
+pub struct Processes(pub Vec<(String, std::process::Child)>);
+
+impl Processes {
+    /// Starts `atoll ARGS` with the job secret, output appended to `log`.
+    pub fn start(&mut self, name: &str, args: &[String], secret: &str, log: &std::path::Path) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(atoll_bin())
+            .args(args)
+            .env("ATOLL_SECRET", secret)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("atoll starts");
+        self.0.push((name.to_string(), child));
+    }
+
+    pub fn child(&mut self, name: &str) -> &mut std::process::Child {
+        &mut self
+            .0
+            .iter_mut()
+            .rev()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+            .1
+    }
+
+    /// SIGKILL by process id.
+    pub fn kill(&mut self, name: &str) {
+        let child = self.child(name);
+        child.kill().expect("kill");
+        child.wait().expect("reaped");
+    }
+
+    /// Waits (bounded) for a process to exit; returns its status.
+    pub fn wait(&mut self, name: &str, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let child = self.child(name);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} did not exit within {timeout:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A TCP+UDP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = tcp.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn count_lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
