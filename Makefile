@@ -8,7 +8,7 @@ REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 .PHONY: demo test build setup lint fmt fixtures bench-train-step bench-codecs bench-diloco check-transformers clean-runs help
 
 help:
-	@echo "make demo    install what is missing, build, train a tiny Gemma on Shakespeare (a few minutes)"
+	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
 	@echo "make test    format + lint checks and the whole test suite"
 	@echo "make build   build $(ATOLL)"
 	@echo "make bench-codecs | bench-diloco                       benchmarks (see benchmarks/README.md)"
@@ -24,7 +24,7 @@ build: setup
 	@echo "built $(ATOLL)"
 
 demo: build
-	$(ATOLL) train recipes/tiny-shakespeare.yaml
+	$(ATOLL) run recipes/four-regions.yaml
 
 lint: setup
 	$(CARGO) fmt --all -- --check
