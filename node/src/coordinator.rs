@@ -687,6 +687,7 @@ impl Core {
             metrics::histogram!("atoll_grace_wait_seconds").record(record.grace_s);
             metrics::counter!("atoll_merges_total").increment(1);
             writeln!(self.merges_log, "{}", serde_json::to_string(record)?)?;
+            metrics::gauge!("atoll_goodput").set(self.status().goodput);
             self.merges_log.flush()?;
         }
         self.persist()

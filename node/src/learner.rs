@@ -124,6 +124,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         assembling: BTreeMap::new(),
         waiting_updates: BTreeMap::new(),
         at_pull: BTreeMap::new(),
+        pulled_at: BTreeMap::new(),
         feedback: plan
             .fragments
             .iter()
@@ -242,6 +243,8 @@ struct LearnerState {
     /// Updates whose base version has not arrived yet, by (fragment, base version).
     waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
     at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
+    /// When each fragment was last sent up: its round trip ends when a new version arrives.
+    pulled_at: BTreeMap<usize, Instant>,
     feedback: Vec<Vec<ErrorFeedback>>,
     clock: Vec<u64>,
     resume_step: u64,
@@ -329,6 +332,7 @@ impl LearnerState {
                             });
                         }
                         self.at_pull.insert(p, local);
+                        self.pulled_at.insert(p, Instant::now());
                         // A full queue means the up link is behind: drop this contribution (the
                         // syncer's pull times out) rather than buffer without bound.
                         if out.try_send(parts).is_err() {
@@ -379,6 +383,10 @@ impl LearnerState {
     }
 
     fn on_fragment(&mut self, p: usize, version: u64, values: Vec<Vec<f32>>, worker: &mut Worker) {
+        if let Some(t) = self.pulled_at.remove(&p) {
+            metrics::histogram!("atoll_fragment_round_trip_seconds")
+                .record(t.elapsed().as_secs_f64());
+        }
         match self.protocol.as_mut() {
             Some(protocol) => protocol.on_broadcast(p, version, Arc::new(values)),
             None => {
