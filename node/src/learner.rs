@@ -541,7 +541,7 @@ impl Net {
         conns: &Conns,
     ) -> Result<SessionEnd, SessionError> {
         let retry = |e: anyhow::Error| SessionError::Retry(format!("{e:#}"));
-        let mut client = crate::client::connect(&self.coordinator, &self.ca)
+        let mut client = atoll_proto::client::connect(&self.coordinator, &self.ca)
             .await
             .map_err(retry)?;
         let held = self.held.lock().expect("held").clone();

@@ -6,7 +6,6 @@
 //! - [`launcher`]: `atoll run`, a whole job on this machine;
 //! - [`status`]: `atoll status` and the launcher's live display.
 
-pub mod client;
 pub mod coordinator;
 pub mod launcher;
 pub mod learner;

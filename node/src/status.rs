@@ -5,7 +5,7 @@ use atoll_proto::v1::{StatusReply, StatusRequest};
 use std::path::Path;
 
 pub async fn fetch(coordinator: &str, ca: &Path, secret: &str) -> Result<StatusReply> {
-    let mut client = crate::client::connect(coordinator, ca).await?;
+    let mut client = atoll_proto::client::connect(coordinator, ca).await?;
     let reply = client
         .status(StatusRequest {
             secret: secret.to_string(),

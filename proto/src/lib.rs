@@ -1,5 +1,7 @@
 //! Atoll's control plane, package `atoll.v1` (see `atoll/v1/control.proto`).
 
+pub mod client;
+
 pub mod v1 {
     tonic::include_proto!("atoll.v1");
 }

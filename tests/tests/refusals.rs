@@ -1,6 +1,6 @@
-//! A coordinator refuses a learner with the wrong secret, one with another model, and a data
-//! connection speaking garbage, each with a clear reason, while a good learner keeps training
-//! and the job finishes.
+//! A coordinator refuses a learner with the wrong secret, one with another model, a data
+//! connection speaking garbage and, from an authenticated learner, a frame whose checksum fails,
+//! each with a clear reason, while a good learner keeps training and the job finishes.
 
 use atoll_system_tests::{free_port, stderr, wait_until, Processes};
 use std::io::{Read, Write};
@@ -19,7 +19,7 @@ model: {preset: gemma3-tiny}
 data: {corpus: builtin:tinyshakespeare, tokenizer: {vocab_size: 512}, seq_len: 32}
 train: {max_steps: 1200, batch_size: 4, lr: 3.0e-3, eval_batches: 2, threads: 1, device: cpu}
 run: {save_final: false}
-sync: {learners: 1, fragments: 2, h: 8, heartbeat_timeout_s: 5}
+sync: {learners: 2, fragments: 2, h: 8, heartbeat_timeout_s: 5}
 ",
     )
     .unwrap();
@@ -131,6 +131,13 @@ fn wrong_secret_wrong_model_and_garbage_are_refused_while_a_good_learner_works()
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("model mismatch"), "{}", stderr(&o));
+    // The refusal names the job's model hash: a well-behaved rogue below uses it to get in.
+    let job_hash = stderr(&o)
+        .split("but the job's is ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("the refusal names the job's model hash")
+        .to_string();
 
     // Garbage on the QUIC data plane: refused, counted, connection closed.
     let before = bad_data_count(&metrics);
@@ -161,6 +168,86 @@ fn wrong_secret_wrong_model_and_garbage_are_refused_while_a_good_learner_works()
     wait_until("the refusal to be counted", Duration::from_secs(10), || {
         bad_data_count(&metrics) > before
     });
+
+    // An authenticated learner whose contribution frame fails its checksum: refused, counted,
+    // its data connection closed; it can still leave cleanly over the control plane.
+    let before = bad_data_count(&metrics);
+    let ca_path = d.join("coordinator/tls/ca.pem");
+    let closed = rt.block_on(async {
+        let mut control = atoll_proto::client::connect(&format!("127.0.0.1:{port}"), &ca_path)
+            .await
+            .unwrap();
+        let joined = control
+            .join(atoll_proto::v1::JoinRequest {
+                protocol_version: atoll_proto::PROTOCOL_VERSION,
+                secret: SECRET.into(),
+                region: "rogue".into(),
+                model_hash: job_hash,
+                held_versions: vec![],
+            })
+            .await
+            .expect("the right secret and model are admitted")
+            .into_inner();
+        let endpoint = atoll_link::quic::client_endpoint(
+            &ca,
+            atoll_link::LinkTuning::default(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let conn =
+            atoll_link::quic::connect(&endpoint, format!("127.0.0.1:{port}").parse().unwrap())
+                .await
+                .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let hello = atoll_link::Hello {
+            session: joined.session.clone(),
+        };
+        send.write_all(&hello.encode().unwrap()).await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(
+            recv.read_to_end(64).await.unwrap(),
+            vec![0],
+            "hello accepted"
+        );
+
+        let values = vec![0.25f32; 64];
+        let mut frame =
+            atoll_wire::encode_frame(atoll_wire::Codec::F32, 256, &[64], &values, 0).unwrap();
+        let last = frame.len() - 1;
+        frame[last] ^= 0x5a; // a payload byte: the CRC no longer matches
+        let header = atoll_link::PartHeader {
+            kind: atoll_link::PartKind::Contribution,
+            fragment: 0,
+            round_or_version: 1,
+            base_version: 0,
+            steps: 8,
+            tokens: 1024,
+            tensor: 0,
+            tensors: 1,
+            frame_len: frame.len() as u32,
+        };
+        let mut part = conn.open_uni().await.unwrap();
+        part.write_all(&header.encode()).await.unwrap();
+        part.write_all(&frame).await.unwrap();
+        let _ = part.finish();
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+        control
+            .leave(atoll_proto::v1::LeaveRequest {
+                session: joined.session,
+            })
+            .await
+            .unwrap();
+        closed
+    });
+    assert!(
+        closed.is_ok(),
+        "the coordinator kept a connection open after a bad frame"
+    );
+    wait_until(
+        "the bad frame to be counted",
+        Duration::from_secs(10),
+        || bad_data_count(&metrics) > before,
+    );
 
     // The good learner was never disturbed: it and the job finish.
     assert!(procs

@@ -1,8 +1,8 @@
 //! The gRPC client side shared by learners, `atoll status` and the launcher: TLS pinned to the
 //! job CA, the coordinator's name checked as [`atoll_link::SERVER_NAME`].
 
+use crate::v1::coordinator_client::CoordinatorClient;
 use anyhow::{anyhow, Context, Result};
-use atoll_proto::v1::coordinator_client::CoordinatorClient;
 use std::path::Path;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
