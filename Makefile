@@ -4,14 +4,15 @@ CARGO ?= cargo
 WITH_LIBTORCH := scripts/with-libtorch.sh
 ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
+S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 
-.PHONY: demo test build setup lint fmt fixtures bench-train-step bench-codecs bench-diloco check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server bench-train-step bench-codecs bench-diloco bench-checkpoint check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
 	@echo "make test    format + lint checks and the whole test suite"
 	@echo "make build   build $(ATOLL)"
-	@echo "make bench-codecs | bench-diloco                       benchmarks (see benchmarks/README.md)"
+	@echo "make bench-codecs | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
 	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
 
 setup:
@@ -30,8 +31,16 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(WITH_LIBTORCH) $(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 
-test: build lint
-	ATOLL_BIN=$(CURDIR)/$(ATOLL) $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
+# The S3-protocol server (moto) the checkpoint tests run against, outside the clone.
+$(S3_VENV)/.installed: scripts/requirements-s3.txt
+	python3 -m venv $(S3_VENV)
+	$(S3_VENV)/bin/pip install --quiet -r scripts/requirements-s3.txt
+	touch $@
+
+s3-server: $(S3_VENV)/.installed
+
+test: build lint s3-server
+	ATOLL_BIN=$(CURDIR)/$(ATOLL) ATOLL_MOTO_SERVER=$(S3_VENV)/bin/moto_server $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
 
 fmt:
 	$(CARGO) fmt --all
@@ -53,6 +62,9 @@ bench-codecs: build
 
 bench-diloco: build
 	benchmarks/diloco_headline.sh
+
+bench-checkpoint: build s3-server
+	MOTO_SERVER=$(S3_VENV)/bin/moto_server benchmarks/checkpoint_stall.sh
 
 check-transformers: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python scripts/check_transformers_roundtrip.sh

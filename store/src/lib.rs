@@ -78,12 +78,31 @@ impl Manifest {
     }
 }
 
-/// Files copied to host memory at a step boundary, ready to upload.
-#[derive(Debug, Clone, Default)]
+/// Builds files from data already copied to host memory (serialisation left to the writer).
+pub type DeferredFiles = Box<dyn FnOnce() -> Result<Vec<(String, Vec<u8>)>> + Send>;
+
+/// Files copied to host memory at a step boundary, ready to upload. `deferred` builders run on
+/// the writer's thread, so a trainer only pays for the copy.
+#[derive(Default)]
 pub struct Snapshot {
     pub step: u64,
     pub kind: String,
     pub files: Vec<(String, Bytes)>,
+    pub deferred: Vec<DeferredFiles>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("step", &self.step)
+            .field("kind", &self.kind)
+            .field(
+                "files",
+                &self.files.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("deferred", &self.deferred.len())
+            .finish()
+    }
 }
 
 impl Snapshot {
@@ -92,7 +111,25 @@ impl Snapshot {
             step,
             kind: kind.to_string(),
             files: Vec::new(),
+            deferred: Vec::new(),
         }
+    }
+
+    pub fn defer(
+        &mut self,
+        build: impl FnOnce() -> Result<Vec<(String, Vec<u8>)>> + Send + 'static,
+    ) {
+        self.deferred.push(Box::new(build));
+    }
+
+    /// Runs the deferred builders.
+    pub fn materialise(&mut self) -> Result<()> {
+        for build in std::mem::take(&mut self.deferred) {
+            for (name, bytes) in build()? {
+                self.files.push((name, Bytes::from(bytes)));
+            }
+        }
+        Ok(())
     }
 
     pub fn add(&mut self, path: &str, bytes: impl Into<Bytes>) {
@@ -238,7 +275,12 @@ impl CheckpointStore {
     /// Uploads every file of `snapshot`, then its manifest. An existing checkpoint of the same
     /// step is uncommitted first (its manifest deleted) so a reader never sees new files under
     /// an old manifest.
-    pub async fn write(&self, snapshot: &Snapshot) -> Result<Manifest> {
+    pub async fn write(&self, mut snapshot: Snapshot) -> Result<Manifest> {
+        if !snapshot.deferred.is_empty() {
+            snapshot =
+                tokio::task::spawn_blocking(move || snapshot.materialise().map(|()| snapshot))
+                    .await??;
+        }
         let step = snapshot.step;
         let manifest_path = self.path(step, MANIFEST);
         match self.store.delete(&manifest_path).await {
@@ -465,7 +507,7 @@ impl CheckpointStore {
             .copied()
             .collect();
         let keep = |step: u64| {
-            recent.contains(&step) || keep_every.is_some_and(|k| k > 0 && step % k == 0)
+            recent.contains(&step) || keep_every.is_some_and(|k| k > 0 && step.is_multiple_of(k))
         };
         let mut deleted = Vec::new();
         for l in &listed {

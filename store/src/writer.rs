@@ -46,15 +46,15 @@ impl BackgroundWriter {
             .spawn(move || {
                 for snapshot in rx {
                     let started = Instant::now();
-                    let (step, bytes) = (snapshot.step, snapshot.bytes());
+                    let step = snapshot.step;
                     let result = rt.block_on(async {
-                        store.write(&snapshot).await?;
-                        drop(snapshot);
-                        store.apply_retention(keep_last, keep_every).await
+                        let manifest = store.write(snapshot).await?;
+                        let deleted = store.apply_retention(keep_last, keep_every).await?;
+                        Ok::<_, anyhow::Error>((manifest.total_bytes(), deleted))
                     });
                     let upload_s = started.elapsed().as_secs_f64();
                     let outcome = match result {
-                        Ok(deleted) => {
+                        Ok((bytes, deleted)) => {
                             tracing::info!(
                                 "checkpoint step-{step} committed to {} ({:.1} MB in {upload_s:.2} s)",
                                 store.url(),
@@ -70,6 +70,7 @@ impl BackgroundWriter {
                             }
                         }
                         Err(e) => {
+                            let bytes = 0;
                             tracing::error!(
                                 "checkpoint step-{step} was NOT written to {}: {e:#}; the previous checkpoints are untouched",
                                 store.url()

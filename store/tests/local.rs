@@ -32,7 +32,7 @@ fn a_checkpoint_exists_only_once_its_manifest_is_written_and_loads_back_verified
     let store = open(dir.path());
     block_on(async {
         // 12 MiB > the 5 MiB part size: a multipart upload of three parts.
-        let written = store.write(&snapshot(10, 12 << 20)).await.unwrap();
+        let written = store.write(snapshot(10, 12 << 20)).await.unwrap();
         assert_eq!(written.files.len(), 2);
         assert_eq!(written.total_bytes(), (12 << 20) + 12);
         let loaded = store.load(10).await.unwrap();
@@ -71,7 +71,7 @@ fn corruption_is_detected_and_latest_falls_back_to_the_newest_intact_checkpoint(
     let store = open(dir.path());
     block_on(async {
         for step in [5, 10, 15] {
-            store.write(&snapshot(step, 1000)).await.unwrap();
+            store.write(snapshot(step, 1000)).await.unwrap();
         }
         // Flip one byte in step-15 (same size: only the digest catches it) and drop a file of
         // step-10.
@@ -125,7 +125,7 @@ fn retention_keeps_the_last_n_and_every_kth_and_clears_stale_partials() {
         std::fs::create_dir_all(dir.path().join("step-3")).unwrap();
         std::fs::write(dir.path().join("step-3/model.safetensors"), b"crashed").unwrap();
         for step in (10..=70).step_by(10) {
-            store.write(&snapshot(step, 100)).await.unwrap();
+            store.write(snapshot(step, 100)).await.unwrap();
         }
         let deleted = store.apply_retention(2, Some(30)).await.unwrap();
         assert_eq!(deleted, vec![3, 10, 20, 40, 50]);
@@ -145,11 +145,11 @@ fn rewriting_a_step_replaces_it_whole() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     block_on(async {
-        store.write(&snapshot(7, 100)).await.unwrap();
+        store.write(snapshot(7, 100)).await.unwrap();
         let mut other = snapshot(7, 200);
         other.files.truncate(1);
         other.add("model.safetensors", vec![9u8; 200]);
-        store.write(&other).await.unwrap();
+        store.write(other).await.unwrap();
         let loaded = store.load(7).await.unwrap();
         assert_eq!(
             loaded.file("model.safetensors").unwrap()[..],

@@ -156,3 +156,255 @@ pub fn free_port() -> u16 {
 pub fn count_lines(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }
+
+/// The S3-protocol server the storage tests run against: moto's standalone server, installed by
+/// `make test` into `~/.cache/atoll/s3-venv` (or `ATOLL_MOTO_SERVER`), on a loopback port,
+/// killed by process id when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl S3Server {
+    pub fn start(log: &std::path::Path) -> S3Server {
+        let bin = std::env::var_os("ATOLL_MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                    .join(".cache/atoll/s3-venv/bin/moto_server")
+            });
+        assert!(
+            bin.exists(),
+            "{} not found: `make test` installs it (make s3-server)",
+            bin.display()
+        );
+        let port = free_port();
+        let out = std::fs::File::create(log).expect("log file");
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("moto_server starts");
+        let server = S3Server { child, port };
+        wait_until(
+            "the S3 server to listen",
+            std::time::Duration::from_secs(60),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        server
+    }
+
+    /// Creates a bucket (moto accepts unsigned requests).
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, _) = http_request(self.port, "PUT", &format!("/{bucket}"));
+        assert!(status == 200, "creating bucket {bucket}: HTTP {status}");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request without a body; returns the status and body.
+fn http_request(port: u16, method: &str, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).expect("response");
+    let head_end = find(&response, b"\r\n\r\n").expect("a response head") + 4;
+    let status = String::from_utf8_lossy(&response[..head_end])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let head = String::from_utf8_lossy(&response[..head_end]).to_lowercase();
+    let body = response[head_end..].to_vec();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(&body)
+    } else {
+        body
+    };
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = find(b, b"\r\n") {
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&b[..line_end])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[line_end + 2..line_end + 2 + size]);
+        b = &b[line_end + 2 + size + 2..];
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// How [`FlakyProxy`] treats requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flakiness {
+    /// Forward everything.
+    Healthy,
+    /// Answer every `n`-th request with 503 Service Unavailable, forward the rest.
+    FailEvery(u32),
+    /// Answer every request with 503.
+    Down,
+}
+
+/// An HTTP proxy in front of a server that fails requests on demand: a storage server that is
+/// unreliable part of the time, or down. One request per connection (it answers
+/// `connection: close`), so clients reconnect for each.
+pub struct FlakyProxy {
+    pub port: u16,
+    mode: std::sync::Arc<std::sync::Mutex<Flakiness>>,
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FlakyProxy {
+    pub fn start(upstream: u16) -> FlakyProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mode = Arc::new(Mutex::new(Flakiness::Healthy));
+        let failed = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, f, st) = (mode.clone(), failed.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let seen = AtomicU32::new(0);
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+                let mode = *m.lock().expect("mode");
+                let fail = match mode {
+                    Flakiness::Healthy => false,
+                    Flakiness::FailEvery(k) => n.is_multiple_of(k.max(1)),
+                    Flakiness::Down => true,
+                };
+                if fail {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::spawn(move || proxy_one(conn, upstream, fail));
+            }
+        });
+        FlakyProxy {
+            port,
+            mode,
+            failed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn set(&self, mode: Flakiness) {
+        *self.mode.lock().expect("mode") = mode;
+    }
+}
+
+impl Drop for FlakyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop so it sees the stop flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn proxy_one(mut client: std::net::TcpStream, upstream: u16, fail: bool) {
+    use std::io::{Read, Write};
+    let timeout = Some(std::time::Duration::from_secs(30));
+    let _ = client.set_read_timeout(timeout);
+    // Read the request head and its content-length body.
+    let mut request = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = find(&request, b"\r\n\r\n") {
+            break i + 4;
+        }
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+    let body_len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while request.len() < head_end + body_len {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    if fail {
+        let _ = client.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+        return;
+    }
+    // Forward with `connection: close` so the upstream ends its response with EOF.
+    let mut forwarded: Vec<u8> = Vec::with_capacity(request.len() + 32);
+    for line in head[..head_end - 4].split("\r\n") {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            forwarded.extend_from_slice(line.as_bytes());
+            forwarded.extend_from_slice(b"\r\n");
+        }
+    }
+    forwarded.extend_from_slice(b"connection: close\r\n\r\n");
+    forwarded.extend_from_slice(&request[head_end..]);
+    let Ok(mut up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+        return;
+    };
+    let _ = up.set_read_timeout(timeout);
+    if up.write_all(&forwarded).is_err() {
+        return;
+    }
+    let mut response = Vec::new();
+    if up.read_to_end(&mut response).is_err() {
+        return;
+    }
+    // Tell the client this connection ends here.
+    let Some(line_end) = find(&response, b"\r\n") else {
+        return;
+    };
+    let rest = String::from_utf8_lossy(&response[line_end..]).to_ascii_lowercase();
+    let mut out = response[..line_end + 2].to_vec();
+    if !rest.contains("\r\nconnection: close") {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(&response[line_end + 2..]);
+    let _ = client.write_all(&out);
+}

@@ -233,124 +233,202 @@ fn tensor_bytes(t: &Tensor) -> Vec<u8> {
 /// under a real name.
 pub fn save_model(model: &GemmaModel, dir: &Path, kind: Kind, max_shard_bytes: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dtype = dtype_from_kind(kind)?;
-    let vars: HashMap<String, Tensor> = model.vs.variables().into_iter().collect();
-    let specs = model.config.tensor_specs();
-
-    // Group tensors into shards in layout order.
-    struct Stored {
-        name: String,
-        bytes: Vec<u8>,
-        shape: Vec<usize>,
+    let files = model_files(model, kind, max_shard_bytes)?;
+    for (name, bytes) in &files {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(name))
+            .with_context(|| format!("cannot write {}", dir.join(name).display()))?;
     }
-    let mut shards: Vec<Vec<Stored>> = vec![Vec::new()];
-    let mut shard_bytes = 0u64;
-    let mut total_bytes = 0u64;
-    for spec in &specs {
-        let var = vars
-            .get(&spec.name)
-            .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
-        let bytes = tensor_bytes(&var.to_kind(kind));
-        let n = bytes.len() as u64;
-        if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
-            shards.push(Vec::new());
-            shard_bytes = 0;
-        }
-        shard_bytes += n;
-        total_bytes += n;
-        let shape = spec.shape.iter().map(|&d| d as usize).collect();
-        shards.last_mut().expect("at least one shard").push(Stored {
-            name: spec.name.clone(),
-            bytes,
-            shape,
-        });
-    }
-
-    let metadata: Option<HashMap<String, String>> =
-        Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    let count = shards.len();
-    let mut weight_map = BTreeMap::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let file_name = if count == 1 {
-            SINGLE_FILE.to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
-        };
-        let views = shard
-            .iter()
-            .map(|t| {
-                safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.bytes)
-                    .map(|v| (t.name.clone(), v))
-                    .map_err(|e| anyhow!("cannot serialise {}: {e}", t.name))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let tmp = dir.join(format!(".{file_name}.tmp"));
-        safetensors::serialize_to_file(views, metadata.clone(), &tmp)
-            .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, dir.join(&file_name))?;
-        for t in shard {
-            weight_map.insert(t.name.clone(), file_name.clone());
-        }
-    }
-    if count > 1 {
-        let index = json!({
-            "metadata": {"total_size": total_bytes, "total_parameters": model.config.num_parameters()},
-            "weight_map": weight_map,
-        });
-        write_json_atomic(&dir.join(INDEX_FILE), &index)?;
-    } else if dir.join(INDEX_FILE).exists() {
+    if !files.iter().any(|(name, _)| name == INDEX_FILE) && dir.join(INDEX_FILE).exists() {
         std::fs::remove_file(dir.join(INDEX_FILE))?;
     }
-    let mut config = model.config.to_hf_json();
-    config["dtype"] = json!(hf_dtype_name(kind));
-    write_json_atomic(&dir.join("config.json"), &config)?;
     Ok(())
+}
+
+/// A tensor copied to host memory, ready to serialise.
+pub struct HostTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl HostTensor {
+    pub fn copy_of(name: &str, t: &Tensor) -> Result<HostTensor> {
+        let dtype = match t.kind() {
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            k => dtype_from_kind(k)?,
+        };
+        Ok(HostTensor {
+            name: name.to_string(),
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            bytes: tensor_bytes(t),
+        })
+    }
+}
+
+/// Serialises host tensors as one safetensors file.
+pub fn serialize_host(
+    tensors: &[HostTensor],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|t| {
+            safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| anyhow!("cannot serialise {}: {e}", t.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| anyhow!("cannot serialise tensors: {e}"))
+}
+
+/// A Hugging Face checkpoint of a model copied to host memory, not yet serialised: taking it
+/// is the only part of a checkpoint the training loop waits for.
+pub struct HostModel {
+    shards: Vec<(String, Vec<HostTensor>)>,
+    index: Option<Value>,
+    config: Value,
+}
+
+impl HostModel {
+    /// Copies `model`'s weights (in `kind`, sharded above `max_shard_bytes`) and config.
+    pub fn copy_of(model: &GemmaModel, kind: Kind, max_shard_bytes: u64) -> Result<HostModel> {
+        let dtype = dtype_from_kind(kind)?;
+        let vars: HashMap<String, Tensor> = model.vs.variables().into_iter().collect();
+        let mut shards: Vec<Vec<HostTensor>> = vec![Vec::new()];
+        let (mut shard_bytes, mut total_bytes) = (0u64, 0u64);
+        for spec in model.config.tensor_specs() {
+            let var = vars
+                .get(&spec.name)
+                .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
+            let bytes = tensor_bytes(&var.to_kind(kind));
+            let n = bytes.len() as u64;
+            if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
+                shards.push(Vec::new());
+                shard_bytes = 0;
+            }
+            shard_bytes += n;
+            total_bytes += n;
+            shards
+                .last_mut()
+                .expect("at least one shard")
+                .push(HostTensor {
+                    name: spec.name.clone(),
+                    dtype,
+                    shape: spec.shape.iter().map(|&d| d as usize).collect(),
+                    bytes,
+                });
+        }
+        let count = shards.len();
+        let shards: Vec<(String, Vec<HostTensor>)> = shards
+            .into_iter()
+            .enumerate()
+            .map(|(i, shard)| {
+                let name = if count == 1 {
+                    SINGLE_FILE.to_string()
+                } else {
+                    format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
+                };
+                (name, shard)
+            })
+            .collect();
+        let index = (count > 1).then(|| {
+            let weight_map: BTreeMap<&str, &str> = shards
+                .iter()
+                .flat_map(|(file, ts)| ts.iter().map(move |t| (t.name.as_str(), file.as_str())))
+                .collect();
+            json!({
+                "metadata": {"total_size": total_bytes, "total_parameters": model.config.num_parameters()},
+                "weight_map": weight_map,
+            })
+        });
+        let mut config = model.config.to_hf_json();
+        config["dtype"] = json!(hf_dtype_name(kind));
+        Ok(HostModel {
+            shards,
+            index,
+            config,
+        })
+    }
+
+    /// The checkpoint's files: weight shards, the index when sharded, `config.json`.
+    pub fn into_files(self) -> Result<Vec<(String, Vec<u8>)>> {
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let mut files = Vec::with_capacity(self.shards.len() + 2);
+        for (name, tensors) in &self.shards {
+            files.push((
+                name.clone(),
+                serialize_host(tensors, Some(metadata.clone()))?,
+            ));
+        }
+        if let Some(index) = &self.index {
+            files.push((INDEX_FILE.to_string(), pretty_json(index)?));
+        }
+        files.push(("config.json".to_string(), pretty_json(&self.config)?));
+        Ok(files)
+    }
+}
+
+/// The files of a Hugging Face checkpoint of `model`, serialised in memory.
+pub fn model_files(
+    model: &GemmaModel,
+    kind: Kind,
+    max_shard_bytes: u64,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    HostModel::copy_of(model, kind, max_shard_bytes)?.into_files()
+}
+
+fn pretty_json(value: &Value) -> Result<Vec<u8>> {
+    Ok((serde_json::to_string_pretty(value)? + "\n").into_bytes())
 }
 
 pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(value)? + "\n";
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, pretty_json(value)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
-/// Writes named f32 tensors to a safetensors file (used by `atoll logits`).
+/// Writes named tensors to a safetensors file (used by `atoll logits`).
 pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
-    let owned = tensors
+    let bytes = tensors_to_bytes(tensors)?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Serialises named tensors (any device, f32/bf16/f16/f64/i64/i32) as a safetensors file in
+/// memory.
+pub fn tensors_to_bytes(tensors: &[(&str, &Tensor)]) -> Result<Vec<u8>> {
+    let host = tensors
         .iter()
-        .map(|(name, t)| {
-            let t = t.to_device(Device::Cpu).contiguous();
-            let dtype = dtype_from_kind(t.kind())?;
-            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-            Ok((name.to_string(), dtype, shape, tensor_bytes(&t)))
-        })
+        .map(|(name, t)| HostTensor::copy_of(name, t))
         .collect::<Result<Vec<_>>>()?;
-    let views = owned
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow!("cannot serialise {name}: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+    serialize_host(&host, None)
 }
 
 /// Reads every tensor of a safetensors file.
 pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let map = map_file(path)?;
-    let st = SafeTensors::deserialize(&map)
-        .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    tensors_from_bytes(&map, &path.display().to_string())
+}
+
+/// Parses a safetensors file held in memory; `what` names it in errors.
+pub fn tensors_from_bytes(bytes: &[u8], what: &str) -> Result<Vec<(String, Tensor)>> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{what}: not a valid safetensors file ({e})"))?;
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
             let kind = match view.dtype() {
                 Dtype::I64 => Kind::Int64,
                 Dtype::I32 => Kind::Int,
-                d => kind_from_dtype(d)
-                    .ok_or_else(|| anyhow!("{}: unsupported dtype {d:?}", path.display()))?,
+                d => {
+                    kind_from_dtype(d).ok_or_else(|| anyhow!("{what}: unsupported dtype {d:?}"))?
+                }
             };
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             Ok((name, Tensor::from_data_size(view.data(), &shape, kind)))

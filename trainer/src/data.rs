@@ -226,6 +226,12 @@ impl Batcher {
         self.cursor
     }
 
+    /// Continues from a saved cursor: the same batches as the run that saved it.
+    pub fn restore(&mut self, cursor: DataCursor) {
+        self.cursor = cursor;
+        self.shuffle();
+    }
+
     pub fn next_windows(&mut self, batch_size: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(batch_size);
         while out.len() < batch_size {

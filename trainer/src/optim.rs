@@ -59,6 +59,54 @@ impl AdamW {
         self.step
     }
 
+    /// Moments and master weights, named `exp_avg.<i>`, `exp_avg_sq.<i>`, `master.<i>` by
+    /// parameter index: with the parameters themselves and the step count, everything a
+    /// resumed run needs to continue bit for bit.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(self.params.len() * 3);
+        for (i, p) in self.params.iter().enumerate() {
+            out.push((format!("exp_avg.{i}"), p.exp_avg.shallow_clone()));
+            out.push((format!("exp_avg_sq.{i}"), p.exp_avg_sq.shallow_clone()));
+            if let Some(m) = &p.master {
+                out.push((format!("master.{i}"), m.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores what [`AdamW::state_tensors`] saved, after `step` updates. Shapes must match
+    /// this optimizer's parameters.
+    pub fn load_state(&mut self, step: u64, tensors: Vec<(String, Tensor)>) -> anyhow::Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut by_name: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        for (i, p) in self.params.iter_mut().enumerate() {
+            let mut take = |name: String, target: &mut Tensor| -> anyhow::Result<()> {
+                let t = by_name
+                    .remove(&name)
+                    .ok_or_else(|| anyhow::anyhow!("optimizer state lacks {name}"))?;
+                if t.size() != target.size() {
+                    anyhow::bail!(
+                        "optimizer state {name} has shape {:?}, the model needs {:?}",
+                        t.size(),
+                        target.size()
+                    );
+                }
+                target.copy_(&t);
+                Ok(())
+            };
+            take(format!("exp_avg.{i}"), &mut p.exp_avg)?;
+            take(format!("exp_avg_sq.{i}"), &mut p.exp_avg_sq)?;
+            if let Some(m) = &mut p.master {
+                take(format!("master.{i}"), m)?;
+            }
+        }
+        if let Some(extra) = by_name.keys().next() {
+            anyhow::bail!("optimizer state has {extra}, which this model has no parameter for");
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// Zeroes every gradient.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

@@ -254,6 +254,60 @@ impl Default for RunSection {
     }
 }
 
+/// Where and how often checkpoints are written (see docs/checkpoint.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// A directory, `file://`, `s3://bucket/prefix`, `gs://…` or `az://…`; default
+    /// `<run dir>/checkpoints`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Write a checkpoint every this many steps (0: only `--resume`-able at the end, never
+    /// during the run).
+    #[serde(default)]
+    pub every: usize,
+    /// Keep the newest this many checkpoints...
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: PositiveInt,
+    /// ...and every checkpoint whose step is a multiple of this.
+    #[serde(default)]
+    pub keep_every: Option<PositiveInt>,
+    /// Files above this go up as multipart uploads in parts of this size (S3 minimum: 5).
+    #[serde(default = "defaults::part_size_mib")]
+    pub part_size_mib: PositiveInt,
+    /// Files and parts uploaded at once.
+    #[serde(default = "defaults::upload_concurrency")]
+    pub upload_concurrency: PositiveInt,
+    /// A failing request is retried with backoff for this long before the checkpoint is given
+    /// up (the previous ones stay intact).
+    #[serde(default = "defaults::retry_timeout_s")]
+    pub retry_timeout_s: PositiveF64,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        field_defaults()
+    }
+}
+
+impl CheckpointSection {
+    pub fn store_options(&self) -> atoll_store::StoreOptions {
+        atoll_store::StoreOptions {
+            part_size: self.part_size_mib.0 << 20,
+            concurrency: self.upload_concurrency.0,
+            retry_timeout: std::time::Duration::from_secs_f64(self.retry_timeout_s.0),
+            ..atoll_store::StoreOptions::default()
+        }
+    }
+
+    /// The checkpoint location of a run in `run_dir`.
+    pub fn location(&self, run_dir: &Path) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| run_dir.join("checkpoints").display().to_string())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
@@ -449,6 +503,8 @@ pub struct Recipe {
     /// Multi-learner synchronisation (`atoll simulate`, later `atoll run`).
     #[serde(default)]
     pub sync: SyncSection,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
 }
 
 /// A section with every field at its serde default: deserialising an empty mapping means the
@@ -515,6 +571,18 @@ mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn keep_last() -> PositiveInt {
+        PositiveInt(3)
+    }
+    pub fn part_size_mib() -> PositiveInt {
+        PositiveInt(16)
+    }
+    pub fn upload_concurrency() -> PositiveInt {
+        PositiveInt(8)
+    }
+    pub fn retry_timeout_s() -> PositiveF64 {
+        PositiveF64(180.0)
     }
     pub fn bandwidth_gbps() -> PositiveF64 {
         PositiveF64(2.0)

@@ -3,15 +3,20 @@
 //! Writes into the run directory: `recipe.yaml` (resolved), `tokenizer.json`, `metrics.jsonl` (one
 //! object per step; eval steps add `eval_loss`), `summary.json`, and `final/` (a Hugging Face
 //! checkpoint) when `run.save_final` is set. Logs go to `train.log` through `tracing` (set up by
-//! the caller).
+//! the caller). With `checkpoint.every`, checkpoints go to `checkpoint.url` in the background;
+//! `resume` continues one bit for bit (see docs/checkpoint.md).
 
-use crate::checkpoint::{load_model, save_model, write_json_atomic, DEFAULT_MAX_SHARD_BYTES};
-use crate::data::{self, Batcher, PackedSequences};
+use crate::checkpoint::{
+    load_model, load_weights_into, save_model, serialize_host, tensors_from_bytes,
+    write_json_atomic, HostModel, HostTensor, DEFAULT_MAX_SHARD_BYTES,
+};
+use crate::data::{self, Batcher, DataCursor, PackedSequences};
 use crate::models::GemmaModel;
 use crate::optim::AdamW;
 use crate::presets::preset;
 use crate::recipe::{DeviceChoice, ParamDtype, Recipe};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use atoll_store::{BackgroundWriter, CheckpointStore, ResumeFrom, Snapshot};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
@@ -52,6 +57,89 @@ pub struct Summary {
     pub wall_clock_s: f64,
     pub tokens_per_s: f64,
     pub final_checkpoint: Option<PathBuf>,
+    /// Step this run resumed from, if any.
+    pub resumed_from: Option<usize>,
+    /// Checkpoints committed during the run, and those that failed.
+    pub checkpoints: usize,
+    pub checkpoint_failures: usize,
+    /// Time the training loop spent on checkpoints (snapshot to host memory plus any wait for a
+    /// previous upload), and as a share of the loop's time.
+    pub checkpoint_stall_s: f64,
+    pub checkpoint_stall_share: f64,
+    /// Mean stall of one checkpoint and mean training step time, for the stall benchmark.
+    pub checkpoint_stall_per_checkpoint_s: f64,
+    pub step_time_s: f64,
+    /// Bytes committed per second of background upload.
+    pub checkpoint_upload_mb_per_s: f64,
+}
+
+/// Where a single-learner run stands, saved as `trainer_state.json` in each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    pub step: usize,
+    pub optimizer_steps: u64,
+    pub data_cursor: DataCursor,
+    pub tokens: u64,
+    pub first_loss: f64,
+    pub initial_eval_loss: f64,
+    pub seed: u64,
+}
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+
+/// Copies everything a resumed run needs into host memory: the model as a Hugging Face
+/// checkpoint (weights, `config.json`), the tokenizer, optimizer state and `trainer_state.json`.
+pub fn snapshot(
+    model: &GemmaModel,
+    optimizer: &AdamW,
+    tokenizer_json: &str,
+    state: &TrainerState,
+) -> Result<Snapshot> {
+    let mut snap = Snapshot::new(state.step as u64, "trainer");
+    // Only the copies happen here; serialisation runs on the checkpoint writer's thread.
+    let weights = HostModel::copy_of(model, model.kind(), DEFAULT_MAX_SHARD_BYTES)?;
+    snap.defer(move || weights.into_files());
+    let opt = optimizer
+        .state_tensors()
+        .iter()
+        .map(|(n, t)| HostTensor::copy_of(n, t))
+        .collect::<Result<Vec<_>>>()?;
+    snap.defer(move || {
+        Ok(vec![(
+            OPTIMIZER_FILE.to_string(),
+            serialize_host(&opt, None)?,
+        )])
+    });
+    snap.add("tokenizer.json", tokenizer_json.as_bytes().to_vec());
+    snap.add(TRAINER_STATE_FILE, serde_json::to_vec_pretty(state)?);
+    Ok(snap)
+}
+
+/// Restores a checkpoint written by [`snapshot`] into a freshly built model and optimizer.
+pub fn restore(
+    loaded: &atoll_store::Loaded,
+    model: &GemmaModel,
+    optimizer: &mut AdamW,
+    scratch: &Path,
+) -> Result<TrainerState> {
+    let step = loaded.manifest.step;
+    let state: TrainerState = serde_json::from_slice(loaded.file(TRAINER_STATE_FILE)?)
+        .with_context(|| format!("checkpoint step-{step}: {TRAINER_STATE_FILE} is not valid"))?;
+    // The weight loader reads directories (sharded or not, with name checks): hand it one.
+    if scratch.exists() {
+        std::fs::remove_dir_all(scratch)?;
+    }
+    loaded.write_to(scratch)?;
+    let weights = load_weights_into(model, scratch)
+        .with_context(|| format!("checkpoint step-{step}: weights do not fit this recipe's model"));
+    std::fs::remove_dir_all(scratch)?;
+    weights?;
+    let opt = tensors_from_bytes(loaded.file(OPTIMIZER_FILE)?, OPTIMIZER_FILE)?;
+    optimizer
+        .load_state(state.optimizer_steps, opt)
+        .with_context(|| format!("checkpoint step-{step}: {OPTIMIZER_FILE}"))?;
+    Ok(state)
 }
 
 pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
@@ -272,8 +360,60 @@ impl Progress {
     }
 }
 
-/// Runs a recipe to completion in `run_dir` (which must exist and be empty).
+/// The run directory `atoll train --resume` continues: `run.dir`, or `runs/<name>`.
+pub fn existing_run_dir(recipe: &Recipe) -> Result<PathBuf> {
+    let dir = recipe
+        .run
+        .dir
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(recipe.name()));
+    if !dir.is_dir() {
+        bail!(
+            "--resume: run directory {} does not exist (set run.dir to the run to continue)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Keeps the first `step` lines of a run's `metrics.jsonl` (the steps a resumed run does not
+/// redo) and opens it for appending.
+fn metrics_file_resumed_at(path: &Path, step: usize) -> Result<File> {
+    let kept: Vec<String> = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(String::from)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut text = kept.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot rewrite {}", path.display()))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Runs a recipe to completion in `run_dir` (which must exist and be empty unless resuming).
 pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
+    train_resumable(recipe, run_dir, None)
+}
+
+/// [`train`], optionally continuing from a checkpoint of `checkpoint.url`.
+pub fn train_resumable(
+    recipe: &Recipe,
+    run_dir: &Path,
+    resume: Option<ResumeFrom>,
+) -> Result<Summary> {
     let started = Instant::now();
     if let Some(threads) = recipe.train.threads {
         tch::set_num_threads(threads.0 as i32);
@@ -314,17 +454,73 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
     let (batch, accum) = (t.batch_size.0, t.grad_accum.0);
     let tokens_per_step = (batch * accum * recipe.data.seq_len.0) as u64;
 
-    let initial_eval = evaluate(&model, &prepared.eval, batch, t.eval_batches.0);
+    let ckpt = &recipe.checkpoint;
+    let store = CheckpointStore::open(&ckpt.location(run_dir), ckpt.store_options())?;
+    let tokenizer_json = prepared
+        .tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?;
+    let resumed = match resume {
+        None => None,
+        Some(from) => {
+            let loaded = atoll_store::block_on(store.load_resume(from))??.ok_or_else(|| {
+                anyhow!(
+                    "--resume latest: no intact checkpoint in {} (nothing to resume)",
+                    store.url()
+                )
+            })?;
+            let state = restore(&loaded, &model, &mut optimizer, &run_dir.join(".resume"))?;
+            if state.seed != recipe.seed {
+                bail!(
+                    "checkpoint step-{} was trained with seed {}, the recipe says {}: resuming would not continue the same run",
+                    state.step,
+                    state.seed,
+                    recipe.seed
+                );
+            }
+            if state.step >= total_steps {
+                bail!(
+                    "checkpoint step-{} is already at or past train.max_steps = {total_steps}; raise train.max_steps to train further",
+                    state.step
+                );
+            }
+            batcher.restore(state.data_cursor);
+            tracing::info!("resumed from {}/step-{}", store.url(), state.step);
+            Some(state)
+        }
+    };
+    let start_step = resumed.as_ref().map_or(0, |s| s.step);
+
+    let initial_eval = match &resumed {
+        Some(s) => s.initial_eval_loss,
+        None => evaluate(&model, &prepared.eval, batch, t.eval_batches.0),
+    };
     tracing::info!("initial eval loss {initial_eval:.4}");
-    let mut metrics_file = BufWriter::new(
-        File::create(run_dir.join("metrics.jsonl")).context("cannot create metrics.jsonl")?,
-    );
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics_file = BufWriter::new(match resumed {
+        Some(_) => metrics_file_resumed_at(&metrics_path, start_step)?,
+        None => File::create(&metrics_path).context("cannot create metrics.jsonl")?,
+    });
+    let mut writer = (ckpt.every > 0)
+        .then(|| {
+            BackgroundWriter::start(
+                store.clone(),
+                ckpt.keep_last.0,
+                ckpt.keep_every.map(|k| k.0 as u64),
+            )
+        })
+        .transpose()?;
+    let mut stall_s = 0.0f64;
     let progress = Progress::new(total_steps, t.log_every.0);
     let loop_start = Instant::now();
-    let (mut tokens, mut first_loss, mut last) = (0u64, f64::NAN, None::<StepMetrics>);
+    let (mut tokens, mut first_loss, mut last) = match &resumed {
+        Some(s) => (s.tokens, s.first_loss, None::<StepMetrics>),
+        None => (0u64, f64::NAN, None::<StepMetrics>),
+    };
+    let start_tokens = tokens;
     let mut final_eval = initial_eval;
 
-    for step in 0..total_steps {
+    for step in start_step..total_steps {
         let lr = t.lr_at(step);
         let micro_batches: Vec<Vec<usize>> =
             (0..accum).map(|_| batcher.next_windows(batch)).collect();
@@ -352,7 +548,7 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
             lr,
             grad_norm,
             tokens,
-            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            tokens_per_s: (tokens - start_tokens) as f64 / elapsed.max(1e-9),
             elapsed_s: elapsed,
             eval_loss,
         };
@@ -363,8 +559,32 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
         metrics::counter!("atoll_train_tokens_total").increment(tokens_per_step);
         progress.update(&m, total_steps);
         last = Some(m);
+
+        if let Some(writer) = writer.as_mut().filter(|_| done % ckpt.every == 0) {
+            let started = Instant::now();
+            let state = TrainerState {
+                step: done,
+                optimizer_steps: optimizer.steps_taken(),
+                data_cursor: batcher.cursor(),
+                tokens,
+                first_loss,
+                initial_eval_loss: initial_eval,
+                seed: recipe.seed,
+            };
+            let snap = snapshot(&model, &optimizer, &tokenizer_json, &state)?;
+            writer.submit(snap)?;
+            let stalled = started.elapsed().as_secs_f64();
+            stall_s += stalled;
+            metrics::histogram!("atoll_checkpoint_stall_seconds").record(stalled);
+        }
     }
     progress.finish();
+    let loop_s = loop_start.elapsed().as_secs_f64();
+    let outcomes = writer.map(BackgroundWriter::finish).unwrap_or_default();
+    let checkpoint_failures = outcomes.iter().filter(|o| o.error.is_some()).count();
+    let first_failure = outcomes
+        .iter()
+        .find_map(|o| o.error.as_ref().map(|e| (o.step, e.clone())));
 
     let final_checkpoint = if recipe.run.save_final {
         let dir = run_dir.join("final");
@@ -403,6 +623,22 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
         wall_clock_s: started.elapsed().as_secs_f64(),
         tokens_per_s: last.tokens_per_s,
         final_checkpoint,
+        resumed_from: resumed.map(|s| s.step),
+        checkpoints: outcomes.len() - checkpoint_failures,
+        checkpoint_failures,
+        checkpoint_stall_s: stall_s,
+        checkpoint_stall_share: stall_s / loop_s.max(1e-9),
+        checkpoint_stall_per_checkpoint_s: stall_s / outcomes.len().max(1) as f64,
+        step_time_s: (loop_s - stall_s) / (total_steps - start_step).max(1) as f64,
+        checkpoint_upload_mb_per_s: {
+            let ok = outcomes.iter().filter(|o| o.error.is_none());
+            let (bytes, secs) = ok.fold((0u64, 0f64), |(b, s), o| (b + o.bytes, s + o.upload_s));
+            if secs > 0.0 {
+                bytes as f64 / 1e6 / secs
+            } else {
+                0.0
+            }
+        },
     };
     write_json_atomic(&run_dir.join("summary.json"), &json!(summary))?;
     tracing::info!(
@@ -415,5 +651,11 @@ pub fn train(recipe: &Recipe, run_dir: &Path) -> Result<Summary> {
         summary.tokens_per_s,
         run_dir.display()
     );
+    if let Some((step, error)) = first_failure {
+        bail!(
+            "{checkpoint_failures} of {} checkpoints were not written (the first, step-{step}: {error}); the earlier checkpoints are intact and the final weights are in the run directory",
+            outcomes.len()
+        );
+    }
     Ok(summary)
 }
