@@ -70,6 +70,10 @@ enum Command {
         /// Largest data-plane frame accepted, in MiB.
         #[arg(long, default_value_t = 1024)]
         max_frame_mib: u64,
+        /// Start from a checkpoint of `checkpoint.url` (default <run dir>/checkpoints):
+        /// `latest` (newest intact) or `step-N`, instead of the run directory's own state.
+        #[arg(long, value_name = "latest|step-N")]
+        resume: Option<ResumeFrom>,
     },
     /// Run one region's learner against a coordinator.
     Learner {
@@ -111,6 +115,10 @@ enum Command {
         recipe: PathBuf,
         #[arg(long = "set", value_name = "PATH=VALUE")]
         overrides: Vec<String>,
+        /// Continue the job in `run.dir` (default runs/<name>): the coordinator starts from its
+        /// checkpoint (`latest` or `step-N`); learners rejoin and receive the global model.
+        #[arg(long, value_name = "latest|step-N")]
+        resume: Option<ResumeFrom>,
     },
     /// Inspect model configurations.
     Model {
@@ -302,6 +310,7 @@ fn run(command: Command) -> Result<()> {
             metrics,
             hosts,
             max_frame_mib,
+            resume,
         } => {
             let recipe = Recipe::from_file(&recipe, &overrides)?;
             let secret =
@@ -318,6 +327,7 @@ fn run(command: Command) -> Result<()> {
                     metrics: Some(metrics),
                     hosts,
                     max_frame_bytes: max_frame_mib << 20,
+                    resume,
                 },
             ))
         }
@@ -368,9 +378,13 @@ fn run(command: Command) -> Result<()> {
         Command::Run {
             recipe: path,
             overrides,
+            resume,
         } => {
             let recipe = Recipe::from_file(&path, &overrides)?;
-            let run_dir = train::fresh_run_dir(&recipe)?;
+            let run_dir = match resume {
+                Some(_) => train::existing_run_dir(&recipe)?,
+                None => train::fresh_run_dir(&recipe)?,
+            };
             std::fs::write(run_dir.join("recipe.yaml"), recipe.to_yaml()?)?;
             let exe = std::env::current_exe().context("locating the atoll executable")?;
             let summary = runtime()?.block_on(atoll_node::launcher::run(
@@ -380,6 +394,10 @@ fn run(command: Command) -> Result<()> {
                     recipe,
                     run_dir,
                     exe,
+                    resume: resume.map(|r| match r {
+                        ResumeFrom::Latest => "latest".to_string(),
+                        ResumeFrom::Step(n) => format!("step-{n}"),
+                    }),
                 },
             ))?;
             println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -14,6 +14,8 @@ use atoll_link::data::HEADER_LEN;
 use atoll_link::{Hello, JobTls, LinkTuning, PartHeader, PartKind};
 use atoll_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use atoll_proto::v1::*;
+use atoll_store::{BackgroundWriter, CheckpointStore, ResumeFrom, Snapshot};
+use atoll_trainer::checkpoint::{HostModel, DEFAULT_MAX_SHARD_BYTES};
 use atoll_trainer::recipe::Recipe;
 use atoll_trainer::worker::Worker;
 use atoll_wire::{decode_frame, encode_frame, frame_encoded, Codec, FrameLimits, DEFAULT_BLOCK};
@@ -37,7 +39,13 @@ pub struct CoordinatorOptions {
     pub hosts: Vec<String>,
     /// Largest data-plane frame accepted, in bytes.
     pub max_frame_bytes: u64,
+    /// Start from a checkpoint of `checkpoint.url` instead of the run directory's own state.
+    pub resume: Option<ResumeFrom>,
 }
+
+/// Files of the run directory that make up a coordinator checkpoint (besides the fragments).
+const COORDINATOR_JSON: &str = "state/coordinator.json";
+const MERGES_LOG: &str = "merges.jsonl";
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
@@ -110,6 +118,8 @@ struct Core {
     data_port: u16,
     run_dir: PathBuf,
     merges_log: std::io::BufWriter<std::fs::File>,
+    checkpoints: Option<BackgroundWriter>,
+    last_checkpoint_step: u64,
 }
 
 fn syncer_config(recipe: &Recipe) -> SyncerConfig {
@@ -156,6 +166,56 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     let worker = tokio::task::block_in_place(|| Worker::new(&recipe))?;
     let plan = worker.plan()?;
     let model_hash = worker.model_hash()?;
+    let ckpt = &recipe.checkpoint;
+    let ckpt_store = CheckpointStore::open(&ckpt.location(&opts.run_dir), ckpt.store_options())?;
+    let mut last_checkpoint_step = 0;
+    if let Some(from) = opts.resume {
+        let loaded = ckpt_store.load_resume(from).await?.ok_or_else(|| {
+            anyhow!(
+                "--resume latest: no intact checkpoint in {}",
+                ckpt_store.url()
+            )
+        })?;
+        if loaded.manifest.kind != "coordinator" {
+            return Err(anyhow!(
+                "{}/step-{} is a {} checkpoint, not a coordinator's",
+                ckpt_store.url(),
+                loaded.manifest.step,
+                loaded.manifest.kind
+            ));
+        }
+        // The checkpoint replaces the run directory's state; the usual restore path takes it
+        // from there.
+        let state_dir = opts.run_dir.join("state");
+        if state_dir.exists() {
+            std::fs::remove_dir_all(&state_dir)?;
+        }
+        for (path, bytes) in &loaded.files {
+            if path.starts_with("state/") || path == MERGES_LOG {
+                let target = opts.run_dir.join(path);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&target, bytes)
+                    .with_context(|| format!("writing {}", target.display()))?;
+            }
+        }
+        last_checkpoint_step = loaded.manifest.step;
+        tracing::info!(
+            "resuming from checkpoint {}/step-{}",
+            ckpt_store.url(),
+            loaded.manifest.step
+        );
+    }
+    let checkpoints = (ckpt.every > 0)
+        .then(|| {
+            BackgroundWriter::start(
+                ckpt_store.clone(),
+                ckpt.keep_last.0,
+                ckpt.keep_every.map(|k| k.0 as u64),
+            )
+        })
+        .transpose()?;
     let store = StateStore::new(&opts.run_dir)?;
     let config = syncer_config(&recipe);
     let (syncer, state) = match store.load(plan.len())? {
@@ -165,6 +225,13 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
                     "{} holds the state of another model or fragment plan; use a fresh --run-dir",
                     opts.run_dir.display()
                 ));
+            }
+            let mut state = state;
+            let max_steps = recipe.train.max_steps.0 as u64;
+            if state.done && state.learners.iter().any(|l| l.step < max_steps) {
+                // A finished job continued with a larger train.max_steps.
+                tracing::info!("continuing a finished job to train.max_steps = {max_steps}");
+                state.done = false;
             }
             tracing::info!(
                 "resuming from the saved state: fragment versions {:?}, {} merges",
@@ -229,7 +296,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(opts.run_dir.join("merges.jsonl"))?,
+            .open(opts.run_dir.join(MERGES_LOG))?,
     );
     let s = &recipe.sync;
     let mut core = Core {
@@ -251,6 +318,8 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         data_port: bound.port(),
         run_dir: opts.run_dir.clone(),
         merges_log,
+        checkpoints,
+        last_checkpoint_step,
     };
     if core.state.done {
         core.done_at = Some(Instant::now());
@@ -690,7 +759,66 @@ impl Core {
             metrics::gauge!("atoll_goodput").set(self.status().goodput);
             self.merges_log.flush()?;
         }
-        self.persist()
+        self.persist()?;
+        self.maybe_checkpoint(false)
+    }
+
+    /// Θ of every tensor, assembled from the fragments.
+    fn global_values(&self) -> Vec<Vec<f32>> {
+        let mut global: Vec<Vec<f32>> = vec![Vec::new(); self.plan.tensors.len()];
+        for (p, f) in self.plan.fragments.iter().enumerate() {
+            let values = self.syncer.fragment_values(p);
+            for (k, &t) in f.tensors.iter().enumerate() {
+                global[t] = values[k].clone();
+            }
+        }
+        global
+    }
+
+    /// Hands a checkpoint to the background writer when the furthest learner has crossed a
+    /// multiple of `checkpoint.every` steps since the last one (or `force`, at the end). It holds
+    /// the persisted state just written (fragments with outer momentum, clocks, merge log) and
+    /// the global model as a Hugging Face checkpoint.
+    fn maybe_checkpoint(&mut self, force: bool) -> Result<()> {
+        let every = self.recipe.checkpoint.every as u64;
+        if self.checkpoints.is_none() || every == 0 {
+            return Ok(());
+        }
+        let step = self
+            .syncer
+            .learner_snapshots()
+            .iter()
+            .map(|l| l.step)
+            .max()
+            .unwrap_or(0);
+        let due = step / every > self.last_checkpoint_step / every;
+        if !(due || (force && step > self.last_checkpoint_step)) {
+            return Ok(());
+        }
+        self.merges_log.flush()?;
+        let mut snap = Snapshot::new(step, "coordinator");
+        let mut files = vec![COORDINATOR_JSON.to_string(), MERGES_LOG.to_string()];
+        files.extend((0..self.plan.len()).map(|p| format!("state/fragment-{p}.safetensors")));
+        for f in files {
+            let bytes = std::fs::read(self.run_dir.join(&f))
+                .with_context(|| format!("reading {f} for the checkpoint"))?;
+            snap.add(&f, bytes);
+        }
+        let global = self.global_values();
+        let weights = tokio::task::block_in_place(|| {
+            self.worker.set_all(&global);
+            HostModel::copy_of(
+                self.worker.model(),
+                self.worker.model().kind(),
+                DEFAULT_MAX_SHARD_BYTES,
+            )
+        })?;
+        snap.defer(move || weights.into_files());
+        if let Some(writer) = self.checkpoints.as_mut() {
+            tokio::task::block_in_place(|| writer.submit(snap))?;
+        }
+        self.last_checkpoint_step = step;
+        Ok(())
     }
 
     fn persist(&mut self) -> Result<()> {
@@ -823,13 +951,21 @@ impl Core {
         self.done_at = Some(Instant::now());
         self.state.done = true;
         self.persist()?;
-        let mut global: Vec<Vec<f32>> = vec![Vec::new(); self.plan.tensors.len()];
-        for (p, f) in self.plan.fragments.iter().enumerate() {
-            let values = self.syncer.fragment_values(p);
-            for (k, &t) in f.tensors.iter().enumerate() {
-                global[t] = values[k].clone();
+        self.maybe_checkpoint(true)?;
+        if let Some(writer) = self.checkpoints.take() {
+            let failed: Vec<String> = tokio::task::block_in_place(|| writer.finish())
+                .into_iter()
+                .filter_map(|o| o.error.map(|e| format!("step-{}: {e}", o.step)))
+                .collect();
+            if !failed.is_empty() {
+                tracing::error!(
+                    "{} coordinator checkpoints were not written: {}",
+                    failed.len(),
+                    failed.join("; ")
+                );
             }
         }
+        let global = self.global_values();
         let (eval_loss, wall) = tokio::task::block_in_place(|| -> Result<(f64, f64)> {
             self.worker.set_all(&global);
             let eval = self.worker.evaluate();

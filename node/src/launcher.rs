@@ -46,6 +46,8 @@ pub struct LaunchOptions {
     pub run_dir: PathBuf,
     /// The `atoll` executable to start the processes with.
     pub exe: PathBuf,
+    /// Passed to the coordinator as `--resume`.
+    pub resume: Option<String>,
 }
 
 struct Proc {
@@ -114,6 +116,9 @@ pub async fn run(opts: LaunchOptions) -> Result<serde_json::Value> {
         "--metrics".into(),
         "127.0.0.1:0".into(),
     ]);
+    if let Some(r) = &opts.resume {
+        coordinator_args.extend(["--resume".into(), r.clone()]);
+    }
     let mut procs = vec![spawn(
         &opts.exe,
         &coordinator_args,

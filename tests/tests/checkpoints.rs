@@ -302,3 +302,63 @@ fn s3_checkpoints_survive_a_flaky_server_resume_exactly_and_a_dead_server_harms_
     );
     assert!(!stdout(&o).contains("step-5: ok"), "{}", stdout(&o));
 }
+
+#[test]
+fn atoll_run_resumes_its_coordinator_from_a_checkpoint_without_merging_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let path = d.join("job.yaml");
+    std::fs::write(
+        &path,
+        "name: resume-run
+seed: 5
+model: {preset: gemma3-tiny}
+data: {corpus: builtin:tinyshakespeare, tokenizer: {vocab_size: 512}, seq_len: 32}
+train: {max_steps: 40, batch_size: 4, lr: 3.0e-3, eval_batches: 2, threads: 1, device: cpu}
+run: {save_final: false, dir: job}
+sync: {learners: 2, regions: [east, west], fragments: 2, h: 8}
+checkpoint: {every: 16}
+",
+    )
+    .unwrap();
+    let r = path.display().to_string();
+    ok(&atoll(&["run", &r], d));
+    let url = d.join("job/coordinator/checkpoints").display().to_string();
+    let o = atoll(&["checkpoints", "list", &url], d);
+    ok(&o);
+    assert!(stdout(&o).contains("coordinator"), "{}", stdout(&o));
+    let merges_before = atoll_system_tests::count_lines(&d.join("job/coordinator/merges.jsonl"));
+
+    // Continue the same job to 64 steps from its newest checkpoint.
+    let o = atoll(
+        &[
+            "run",
+            &r,
+            "--set",
+            "train.max_steps=64",
+            "--resume",
+            "latest",
+        ],
+        d,
+    );
+    ok(&o);
+    let log = std::fs::read_to_string(d.join("job/coordinator.log")).unwrap();
+    assert!(log.contains("resuming from checkpoint"), "{log}");
+    let summary = summary(&d.join("job/coordinator"));
+    assert_eq!(summary["learner_steps"]["east"], 64, "{summary}");
+    assert_eq!(summary["learner_steps"]["west"], 64, "{summary}");
+
+    // The merge log continues the checkpoint's: more merges, each (fragment, round) once.
+    let text = std::fs::read_to_string(d.join("job/coordinator/merges.jsonl")).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = (v["fragment"].to_string(), v["round"].to_string());
+        assert!(seen.insert(key.clone()), "merged twice: {key:?}");
+    }
+    assert!(
+        seen.len() > merges_before,
+        "{} <= {merges_before}",
+        seen.len()
+    );
+}
