@@ -138,7 +138,8 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn write_private(path: &Path, pem: &str) -> Result<()> {
+/// Writes a file only its owner can read (keys, secrets).
+pub fn write_private(path: &Path, pem: &str) -> Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

@@ -93,9 +93,15 @@ fn last_lines(path: &Path, n: usize) -> String {
 }
 
 pub async fn run(opts: LaunchOptions) -> Result<serde_json::Value> {
+    let secret_file = opts.run_dir.join("secret");
     let secret = match crate::resolve_secret(opts.recipe.sync.secret.as_deref(), None) {
         Ok(s) => s,
-        Err(_) => crate::random_token(), // a local job gets a fresh secret of its own
+        Err(_) => {
+            // A local job gets a fresh secret of its own, kept (owner-only) for `atoll status`.
+            let s = crate::random_token();
+            atoll_link::tls::write_private(&secret_file, &s)?;
+            s
+        }
     };
     let port = free_port()?;
     let address = format!("127.0.0.1:{port}");
@@ -206,6 +212,15 @@ async fn drive(
     if let Some(m) = endpoint.metrics {
         eprintln!("coordinator metrics: http://{m}/metrics");
     }
+    let secret_hint = if opts.run_dir.join("secret").exists() {
+        format!(" --secret-file {}", opts.run_dir.join("secret").display())
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "status from another terminal: atoll status --coordinator {address} --ca {}{secret_hint}",
+        endpoint.ca.display()
+    );
 
     let multi =
         MultiProgress::with_draw_target(if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
