@@ -99,6 +99,10 @@ enum Command {
         /// Give up when the coordinator stays unreachable this many seconds.
         #[arg(long, default_value_t = 600)]
         give_up_after_s: u64,
+        /// Start from the global model of the coordinator's checkpoint in `checkpoint.url`
+        /// (`latest` or `step-N`): only fragments changed since are downloaded at join.
+        #[arg(long, value_name = "latest|step-N")]
+        resume: Option<ResumeFrom>,
     },
     /// Show a running job: membership, steps, fragment versions, bytes per link, goodput.
     Status {
@@ -341,6 +345,7 @@ fn run(command: Command) -> Result<()> {
             secret_file,
             metrics,
             give_up_after_s,
+            resume,
         } => {
             let recipe = Recipe::from_file(&recipe, &overrides)?;
             let secret =
@@ -358,6 +363,7 @@ fn run(command: Command) -> Result<()> {
                 metrics: Some(metrics),
                 max_frame_bytes: 1 << 30,
                 give_up_after: std::time::Duration::from_secs(give_up_after_s),
+                resume,
             })
         }
         Command::Status {

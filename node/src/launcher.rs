@@ -194,6 +194,14 @@ async fn drive(
             "--metrics".into(),
             "127.0.0.1:0".into(),
         ]);
+        if let Some(r) = &opts.resume {
+            // Start from the same checkpoint as the coordinator: nothing to download at join.
+            args.extend(["--resume".into(), r.clone()]);
+            if opts.recipe.checkpoint.url.is_none() {
+                let url = coordinator_dir.join("checkpoints").display().to_string();
+                args.extend(["--set".into(), format!("checkpoint.url={url}")]);
+            }
+        }
         procs.push(spawn(
             &opts.exe,
             &args,

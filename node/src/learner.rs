@@ -4,10 +4,12 @@
 //! the coordinator goes away.
 
 use crate::coordinator::{link_tuning, read_part, send_part};
+use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, Progress};
 use atoll_link::{Hello, PartHeader, PartKind};
 use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
+use atoll_store::{CheckpointStore, ResumeFrom};
 use atoll_trainer::recipe::{ApplyChoice, Recipe};
 use atoll_trainer::worker::Worker;
 use atoll_wire::{encode_frame, ErrorFeedback, DEFAULT_BLOCK};
@@ -32,6 +34,61 @@ pub struct LearnerOptions {
     pub max_frame_bytes: u64,
     /// Give up when the coordinator stays unreachable this long.
     pub give_up_after: Duration,
+    /// Start from the global model of a coordinator checkpoint in `checkpoint.url`: the join
+    /// then only downloads the fragments that changed since.
+    pub resume: Option<ResumeFrom>,
+}
+
+/// The global fragments (version, Θ_p) of a coordinator checkpoint.
+fn fragments_from_checkpoint(
+    recipe: &Recipe,
+    run_dir: &std::path::Path,
+    plan: &FragmentPlan,
+    from: ResumeFrom,
+) -> Result<BTreeMap<usize, (u64, Vec<Vec<f32>>)>> {
+    let ckpt = &recipe.checkpoint;
+    let store = CheckpointStore::open(&ckpt.location(run_dir), ckpt.store_options())?;
+    let loaded = atoll_store::block_on(store.load_resume(from))??.ok_or_else(|| {
+        anyhow!(
+            "--resume: no intact checkpoint in {}; set checkpoint.url to the job's checkpoint location",
+            store.url()
+        )
+    })?;
+    if loaded.manifest.kind != "coordinator" {
+        return Err(anyhow!(
+            "{}/step-{} is a {} checkpoint; a learner resumes from the coordinator's",
+            store.url(),
+            loaded.manifest.step,
+            loaded.manifest.kind
+        ));
+    }
+    let scratch = run_dir.join(".resume");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    loaded.write_to(&scratch)?;
+    let saved = StateStore::new(&scratch)?.load(plan.len());
+    std::fs::remove_dir_all(&scratch)?;
+    let (state, fragments) =
+        saved?.ok_or_else(|| anyhow!("the checkpoint holds no coordinator state"))?;
+    if state.plan_fingerprint != plan.fingerprint() {
+        return Err(anyhow!(
+            "{}/step-{} is another model's or fragment plan's checkpoint",
+            store.url(),
+            loaded.manifest.step
+        ));
+    }
+    tracing::info!(
+        "starting from the global model of {}/step-{} (fragment versions {:?})",
+        store.url(),
+        loaded.manifest.step,
+        fragments.iter().map(|f| f.version).collect::<Vec<_>>()
+    );
+    Ok(fragments
+        .into_iter()
+        .enumerate()
+        .map(|(p, f)| (p, (f.version, (*f.theta).clone())))
+        .collect())
 }
 
 struct Joined {
@@ -92,7 +149,13 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let (inbound_tx, inbound) = std_mpsc::channel::<Inbound>();
     let (report_tx, report_rx) = watch::channel(ReportState::default());
     let (out_tx, out_rx) = mpsc::channel::<Vec<Outgoing>>(2 * plan.len().max(1));
-    let held: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let initial = match opts.resume {
+        Some(from) => fragments_from_checkpoint(&recipe, &opts.run_dir, &plan, from)?,
+        None => BTreeMap::new(),
+    };
+    // Declared at join: the coordinator sends only fragments whose version differs.
+    let held: Arc<Mutex<Vec<u64>>> =
+        Arc::new(Mutex::new(initial.values().map(|(v, _)| *v).collect()));
     let counters = Arc::new(Counters::default());
     if let Some(addr) = opts.metrics {
         let bound = runtime.block_on(crate::metrics_endpoint::serve(addr))?;
@@ -120,7 +183,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let mut state = LearnerState {
         plan: plan.clone(),
         protocol: None,
-        initial: BTreeMap::new(),
+        initial,
         assembling: BTreeMap::new(),
         waiting_updates: BTreeMap::new(),
         at_pull: BTreeMap::new(),

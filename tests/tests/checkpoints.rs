@@ -344,6 +344,11 @@ checkpoint: {every: 16}
     ok(&o);
     let log = std::fs::read_to_string(d.join("job/coordinator.log")).unwrap();
     assert!(log.contains("resuming from checkpoint"), "{log}");
+    // Learners start from the same checkpoint's global model, so their join downloads nothing.
+    for region in ["east", "west"] {
+        let log = std::fs::read_to_string(d.join(format!("job/learner-{region}.log"))).unwrap();
+        assert!(log.contains("starting from the global model of"), "{log}");
+    }
     let summary = summary(&d.join("job/coordinator"));
     assert_eq!(summary["learner_steps"]["east"], 64, "{summary}");
     assert_eq!(summary["learner_steps"]["west"], 64, "{summary}");
