@@ -39,13 +39,16 @@ pub struct LearnerOptions {
     pub resume: Option<ResumeFrom>,
 }
 
+/// A fragment's version and values Θ_p.
+type VersionedFragment = (u64, Vec<Vec<f32>>);
+
 /// The global fragments (version, Θ_p) of a coordinator checkpoint.
 fn fragments_from_checkpoint(
     recipe: &Recipe,
     run_dir: &std::path::Path,
     plan: &FragmentPlan,
     from: ResumeFrom,
-) -> Result<BTreeMap<usize, (u64, Vec<Vec<f32>>)>> {
+) -> Result<BTreeMap<usize, VersionedFragment>> {
     let ckpt = &recipe.checkpoint;
     let store = CheckpointStore::open(&ckpt.location(run_dir), ckpt.store_options())?;
     let loaded = atoll_store::block_on(store.load_resume(from))??.ok_or_else(|| {
@@ -301,7 +304,7 @@ struct LearnerState {
     plan: FragmentPlan,
     protocol: Option<LearnerProtocol>,
     /// Full fragments received before the protocol starts (the first catch-up).
-    initial: BTreeMap<usize, (u64, Vec<Vec<f32>>)>,
+    initial: BTreeMap<usize, VersionedFragment>,
     assembling: Assembling,
     /// Updates whose base version has not arrived yet, by (fragment, base version).
     waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
