@@ -478,7 +478,7 @@ impl Core {
         let resume_step = self.syncer.learner_step(id).unwrap_or(0);
         let session = random_token();
         let actions = self.syncer.handle(self.now(), Event::Join { learner: id });
-        let in_flight = Arc::new(Semaphore::new(4 * fragments.max(1)));
+        let in_flight = Arc::new(Semaphore::new(self.down_permits()));
         self.members.insert(
             id,
             Member {
@@ -827,6 +827,11 @@ impl Core {
         self.store.save(&self.state)
     }
 
+    /// Fragment sends in flight to one learner at most.
+    fn down_permits(&self) -> usize {
+        4 * self.plan.len().max(1)
+    }
+
     /// Sends fragment `p` at `version` to a learner: the encoded update when it holds the base,
     /// the full f32 values otherwise. A learner already holding too much in flight is skipped
     /// (and gets the full fragment next time) rather than buffered without bound.
@@ -896,6 +901,7 @@ impl Core {
             .increment(bytes);
         tokio::spawn(async move {
             let _permit = permit;
+            let mut streams = Vec::with_capacity(frames.len());
             for (k, frame) in frames.into_iter().enumerate() {
                 let header = PartHeader {
                     kind,
@@ -909,10 +915,18 @@ impl Core {
                     frame_len: frame.len() as u32,
                 };
                 let conn = &conns[k % conns.len()];
-                if let Err(e) = send_part(conn, &header, &frame).await {
-                    tracing::debug!("sending fragment {p} to learner {learner}: {e}");
-                    return;
+                match send_part(conn, &header, &frame).await {
+                    Ok(stream) => streams.push(stream),
+                    Err(e) => {
+                        tracing::debug!("sending fragment {p} to learner {learner}: {e}");
+                        return;
+                    }
                 }
+            }
+            // Hold the permit until the learner has acknowledged every part: the coordinator
+            // reads "no permit out" as "nothing still travelling" before it exits.
+            for stream in streams {
+                let _ = stream.stopped().await;
             }
         });
     }
@@ -1010,26 +1024,33 @@ impl Core {
         Ok(())
     }
 
-    /// Done, and every active learner has heard so (or had a few seconds to).
+    /// Done, every active learner has heard so and received the final broadcasts (or had a few
+    /// seconds to).
     fn finished(&self) -> bool {
         let Some(done_at) = self.done_at else {
             return false;
         };
-        let told = self
-            .syncer
-            .active_learners()
-            .iter()
-            .all(|id| self.members.get(id).is_none_or(|m| m.told_done));
+        let told = self.syncer.active_learners().iter().all(|id| {
+            self.members.get(id).is_none_or(|m| {
+                m.told_done && m.in_flight.available_permits() == self.down_permits()
+            })
+        });
         told || done_at.elapsed() > Duration::from_secs(10)
     }
 }
 
-pub async fn send_part(conn: &quinn::Connection, header: &PartHeader, frame: &[u8]) -> Result<()> {
+/// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
+/// (`stopped`) for the peer's acknowledgement.
+pub async fn send_part(
+    conn: &quinn::Connection,
+    header: &PartHeader,
+    frame: &[u8],
+) -> Result<quinn::SendStream> {
     let mut s = conn.open_uni().await?;
     s.write_all(&header.encode()).await?;
     s.write_all(frame).await?;
     s.finish()?;
-    Ok(())
+    Ok(s)
 }
 
 /// Reads one part (header then frame) from a stream, checking both before trusting them.

@@ -201,6 +201,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         final_versions: None,
     };
     let mut done_waiting_since: Option<Instant> = None;
+    let mut network_gone = false;
     let codec = recipe.sync.codec.codec();
     let mut last = Instant::now();
     let mut last_loss = f64::NAN;
@@ -212,7 +213,13 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                 Ok(m) => Some(m),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => None,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(anyhow!("the network side stopped"))
+                    if state.final_versions.is_some() {
+                        // The job is over and the coordinator gone: end with what arrived.
+                        network_gone = true;
+                        None
+                    } else {
+                        return Err(anyhow!("the network side stopped"));
+                    }
                 }
             }
         } else {
@@ -234,7 +241,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             let held = (0..plan.len())
                 .all(|p| protocol.latest(p).0 >= finals.get(p).copied().unwrap_or(0));
             let since = *done_waiting_since.get_or_insert_with(Instant::now);
-            if held || since.elapsed() > Duration::from_secs(10) {
+            if held || network_gone || since.elapsed() > Duration::from_secs(10) {
                 for received in protocol.take_due() {
                     let tensors = &plan.fragments[received.fragment].tensors;
                     worker.apply(ApplyRule::Overwrite, tensors, &received.values, None);
