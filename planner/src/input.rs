@@ -289,6 +289,17 @@ fn at_least_one(field: &'static str, v: u32) -> Result<u32, PlanError> {
     }
 }
 
+fn at_most(field: &'static str, v: u32, max: u32) -> Result<u32, PlanError> {
+    if v <= max {
+        Ok(v)
+    } else {
+        Err(PlanError::invalid(
+            field,
+            format!("{v} is above the planner's limit of {max}"),
+        ))
+    }
+}
+
 impl PlanInput {
     /// The parameter count this input plans for (`params`, else the preset's).
     pub fn param_count(&self) -> Result<u64, PlanError> {
@@ -369,8 +380,14 @@ impl PlanInput {
                 "is a share of the step, in [0, 1]",
             ));
         }
-        let fragments = at_least_one("fragments", self.fragments)?;
-        let h = at_least_one("h", self.h)?;
+        // The simulation walks a few periods of H steps event by event; bounds far above any
+        // published setting keep that cheap.
+        let fragments = at_most(
+            "fragments",
+            at_least_one("fragments", self.fragments)?,
+            10_000,
+        )?;
+        let h = at_most("h", at_least_one("h", self.h)?, 100_000)?;
         if self.tau > h {
             return Err(PlanError::invalid(
                 "tau",
@@ -380,7 +397,11 @@ impl PlanInput {
                 ),
             ));
         }
-        let diloco_h = at_least_one("diloco_h", self.diloco_h.unwrap_or(h))?;
+        let diloco_h = at_most(
+            "diloco_h",
+            at_least_one("diloco_h", self.diloco_h.unwrap_or(h))?,
+            100_000,
+        )?;
         let chip_rate = match self.mtbi_chip_years {
             Some(y) => 1.0 / (positive("mtbi_chip_years", y)? * SECONDS_PER_YEAR),
             None => 0.0,

@@ -105,10 +105,16 @@ pub fn render_svg(plan: &PlanOutput) -> String {
             svg,
             r##"<rect x="{x1}" y="{y}" width="{w:.1}" height="28" fill="#4c78a8"/>"##
         );
+        // The label goes after a short bar, inside a long one (so it never runs into the
+        // right-hand panel).
+        let (x, anchor, fill) = if w > 0.6 * PANEL_W {
+            (x1 + w - 4.0, "end", "white")
+        } else {
+            (x1 + w + 4.0, "start", "black")
+        };
         let _ = writeln!(
             svg,
-            r#"<text x="{:.1}" y="{}">{} ({:.1}× DP)</text>"#,
-            x1 + w + 4.0,
+            r#"<text x="{x:.1}" y="{}" text-anchor="{anchor}" fill="{fill}">{} ({:.1}× DP)</text>"#,
             y + 18.0,
             escape(&human_duration(m.wall_clock_s)),
             m.speedup_vs_dp

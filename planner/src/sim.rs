@@ -95,7 +95,8 @@ impl Link {
         if busy >= self.bin_s {
             self.saturated_bin = true;
         }
-        if busy <= 0.0 {
+        // Once one transfer has filled a whole bin the peak is known; skip the bookkeeping.
+        if busy <= 0.0 || self.saturated_bin {
             return;
         }
         let first = (start / self.bin_s) as usize;
