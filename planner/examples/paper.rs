@@ -69,6 +69,19 @@ fn main() -> Result<(), PlanError> {
     }
     println!("\nlargest difference: {worst:.1} points");
 
+    let out = plan(&paper::eight_datacenters_12b())?;
+    let need = |m: Mode| {
+        out.mode(m)
+            .and_then(|r| r.gbps_for_90pct)
+            .unwrap_or(f64::NAN)
+    };
+    let (dp, dec) = (need(Mode::Dp), need(Mode::Decoupled));
+    let (pdp, pdec) = paper::EIGHT_DC_PAPER_GBPS;
+    println!("\n## 12B over 8 datacenters: Gbit/s needed per link\n");
+    println!("| | paper | planner |\n|---|---|---|");
+    println!("| DP | {pdp} | {dp:.0} |\n| Decoupled | {pdec} | {dec:.2} |");
+    println!("| ratio | {:.0}x | {:.0}x |", pdp / pdec, dp / dec);
+
     let out = plan(&paper::streaming_1b())?;
     let need = |m: Mode| {
         out.mode(m)
