@@ -138,6 +138,9 @@ pub struct PlanInput {
     pub mfu: f64,
     /// Peak FLOP/s of one chip (default: H100 bf16 dense, 989 TFLOP/s).
     pub chip_peak_flops: f64,
+    /// Compute time of one inner step, s, when known (measured, or the recipe's
+    /// `sync.step_time_s` of `atoll simulate`); overrides the FLOPs/MFU estimate.
+    pub step_time_s: Option<f64>,
     /// Tokens per inner step over the whole job (all learners together); each learner takes
     /// `batch_tokens / learners`.
     pub batch_tokens: u64,
@@ -198,6 +201,7 @@ impl Default for PlanInput {
             flops_per_token: None,
             mfu: 0.4,
             chip_peak_flops: H100_BF16_PEAK_FLOPS,
+            step_time_s: None,
             batch_tokens: 4 << 20,
             token_budget: 1e12,
             learners: 4,
@@ -407,8 +411,12 @@ impl PlanInput {
             None => 0.0,
         };
         let per_learner_tokens = self.batch_tokens as f64 / f64::from(learners);
-        let step_compute_s =
-            per_learner_tokens * flops_per_token / (f64::from(chips_per_learner) * peak * mfu);
+        let step_compute_s = match self.step_time_s {
+            Some(t) => positive("step_time_s", t)?,
+            None => {
+                per_learner_tokens * flops_per_token / (f64::from(chips_per_learner) * peak * mfu)
+            }
+        };
         let codec_bits = self.codec.bits_per_value();
         Ok(Resolved {
             params,
@@ -551,81 +559,36 @@ mod tests {
             "{}",
             r.step_compute_s
         );
+        let measured = PlanInput {
+            step_time_s: Some(0.25),
+            ..PlanInput::default()
+        };
+        assert_eq!(measured.resolve().expect("valid").step_compute_s, 0.25);
     }
 
     #[test]
     fn invalid_inputs_name_the_field() {
+        fn with(f: fn(&mut PlanInput)) -> PlanInput {
+            let mut input = PlanInput::default();
+            f(&mut input);
+            input
+        }
         let cases: Vec<(PlanInput, &str)> = vec![
-            (
-                PlanInput {
-                    mfu: 0.0,
-                    ..Default::default()
-                },
-                "mfu",
-            ),
-            (
-                PlanInput {
-                    mfu: 1.5,
-                    ..Default::default()
-                },
-                "mfu",
-            ),
-            (
-                PlanInput {
-                    learners: 0,
-                    ..Default::default()
-                },
-                "learners",
-            ),
-            (
-                PlanInput {
-                    model: Some("gpt-5".into()),
-                    ..Default::default()
-                },
-                "model",
-            ),
-            (
-                PlanInput {
-                    model: None,
-                    ..Default::default()
-                },
-                "model",
-            ),
-            (
-                PlanInput {
-                    link_rate_gbps: f64::NAN,
-                    ..Default::default()
-                },
-                "link_rate_gbps",
-            ),
-            (
-                PlanInput {
-                    tau: 30,
-                    ..Default::default()
-                },
-                "tau",
-            ),
-            (
-                PlanInput {
-                    token_budget: 10.0,
-                    ..Default::default()
-                },
-                "token_budget",
-            ),
-            (
-                PlanInput {
-                    mtbi_chip_years: Some(0.0),
-                    ..Default::default()
-                },
-                "mtbi_chip_years",
-            ),
-            (
-                PlanInput {
-                    dp_overlap: 2.0,
-                    ..Default::default()
-                },
-                "dp_overlap",
-            ),
+            (with(|i| i.mfu = 0.0), "mfu"),
+            (with(|i| i.mfu = 1.5), "mfu"),
+            (with(|i| i.learners = 0), "learners"),
+            (with(|i| i.model = Some("gpt-5".into())), "model"),
+            (with(|i| i.model = None), "model"),
+            (with(|i| i.link_rate_gbps = f64::NAN), "link_rate_gbps"),
+            (with(|i| i.tau = 30), "tau"),
+            (with(|i| i.token_budget = 10.0), "token_budget"),
+            (with(|i| i.mtbi_chip_years = Some(0.0)), "mtbi_chip_years"),
+            (with(|i| i.dp_overlap = 2.0), "dp_overlap"),
+            (with(|i| i.h = 1_000_000), "h"),
+            (with(|i| i.diloco_h = Some(0)), "diloco_h"),
+            (with(|i| i.fragments = 0), "fragments"),
+            (with(|i| i.step_time_s = Some(-1.0)), "step_time_s"),
+            (with(|i| i.params = Some(0)), "params"),
         ];
         for (input, field) in cases {
             match input.validate() {

@@ -35,6 +35,8 @@ use crate::input::Resolved;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
+    /// `ddp` is the recipe's name (`sync.mode`).
+    #[serde(alias = "ddp")]
     Dp,
     Diloco,
     Streaming,
@@ -475,6 +477,20 @@ mod tests {
         let dp = gbps_needed(&r, Mode::Dp, 0.9).expect("dp");
         let dec = gbps_needed(&r, Mode::Decoupled, 0.9).expect("decoupled");
         assert!(dp / dec > 100.0, "dp {dp} decoupled {dec}");
+    }
+
+    #[test]
+    fn mode_names_match_plan_json_and_the_recipes() {
+        let names: Vec<String> = Mode::ALL
+            .iter()
+            .map(|m| serde_json::to_string(m).expect("mode"))
+            .collect();
+        assert_eq!(
+            names,
+            ["\"dp\"", "\"diloco\"", "\"streaming\"", "\"decoupled\""]
+        );
+        let ddp: Mode = serde_json::from_str("\"ddp\"").expect("recipe name");
+        assert_eq!(ddp, Mode::Dp);
     }
 
     #[test]
