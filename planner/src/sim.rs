@@ -163,6 +163,18 @@ fn due_offsets(fragments: u32, h: u32) -> Vec<u64> {
     (0..p).map(|i| ((i + 1) * h / p).max(1) - 1).collect()
 }
 
+/// Fragments due at each step of a period (so a step costs O(1), not O(P), to schedule).
+fn due_per_phase(fragments: u32, h: u32) -> Vec<u32> {
+    let mut due = vec![0u32; h.max(1) as usize];
+    for o in due_offsets(fragments, h) {
+        // Offsets are < h by construction.
+        if let Some(slot) = due.get_mut(o as usize) {
+            *slot += 1;
+        }
+    }
+    due
+}
+
 struct LockStep {
     period: u32,
     fragments: u32,
@@ -178,7 +190,7 @@ fn lockstep(r: &Resolved, spec: &LockStep) -> Timeline {
     let t = r.step_compute_s;
     let steps = window_steps(spec.period, r.total_steps);
     let half = steps / 2;
-    let offsets = due_offsets(spec.fragments, spec.period);
+    let due = due_per_phase(spec.fragments, spec.period);
     let mut link = Link::new(r.rate_bps, t);
     // (step the sync was launched after, when it lands)
     let mut in_flight: VecDeque<(u64, f64)> = VecDeque::new();
@@ -205,7 +217,7 @@ fn lockstep(r: &Resolved, spec: &LockStep) -> Timeline {
         end = start + t;
         if communicates {
             let phase = j % u64::from(spec.period);
-            for _ in offsets.iter().filter(|&&o| o == phase) {
+            for _ in 0..due[phase as usize] {
                 let landing = link.send(start + spec.launch_at * t, spec.bits, spec.latency_s);
                 last_landing = last_landing.max(landing);
                 in_flight.push_back((j, landing));
@@ -240,7 +252,7 @@ fn decoupled(r: &Resolved) -> Timeline {
     let t = r.step_compute_s;
     let steps = window_steps(r.h, r.total_steps);
     let half = steps / 2;
-    let offsets = due_offsets(r.fragments, r.h);
+    let due = due_per_phase(r.fragments, r.h);
     let fragment_values = r.params / f64::from(r.fragments);
     let mut up = Link::new(r.rate_bps, t);
     let mut down = Link::new(r.rate_bps, t);
@@ -250,7 +262,7 @@ fn decoupled(r: &Resolved) -> Timeline {
         for j in 0..steps {
             let phase = j % u64::from(r.h);
             let sent = (j + 1) as f64 * t;
-            for _ in offsets.iter().filter(|&&o| o == phase) {
+            for _ in 0..due[phase as usize] {
                 // Every learner uploads at the same moment over its own link; the syncer merges
                 // once all are in (identical learners arrive together) and broadcasts.
                 let merged = up.send(sent, fragment_values * r.up_bits, r.one_way_s) + r.merge_s;
@@ -498,6 +510,7 @@ mod tests {
         assert_eq!(due_offsets(1, 500), vec![499]);
         assert_eq!(due_offsets(4, 4), vec![0, 1, 2, 3]);
         assert_eq!(due_offsets(8, 100), vec![11, 24, 36, 49, 61, 74, 86, 99]);
+        assert_eq!(due_per_phase(6, 4), vec![2, 2, 1, 1]);
         assert_eq!(window_steps(1, 1_000_000), 200);
         assert_eq!(window_steps(500, 1_000_000), 2000);
         assert_eq!(window_steps(24, 10), 10);
