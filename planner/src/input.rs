@@ -87,8 +87,9 @@ pub struct ModelPreset {
 }
 
 /// The presets, named as in `atoll-trainer` (`gemma3-12b`, `gemma4-12b`) plus the other Gemma
-/// sizes for planning. The planner does not link the trainer, so the two exact counts are
-/// copied from `docs/models.md`; a test in `tests/` of the workspace keeps the trainer honest.
+/// sizes for planning. The planner does not link the trainer (so it builds in seconds): the two
+/// exact counts are copied from `docs/models.md`, the figures `atoll model info` prints and the
+/// workspace's CLI test checks.
 pub const MODEL_PRESETS: &[ModelPreset] = &[
     ModelPreset {
         name: "gemma3-1b",
@@ -123,7 +124,8 @@ pub fn model_preset(name: &str) -> Option<&'static ModelPreset> {
 }
 
 /// Everything the planner needs, with the names of the recipe fields and CLI flags
-/// (`--link-rate-gbps` ↔ `link_rate_gbps`). Every field has a default ([`PlanInput::default`]):
+/// (`--gpus-per-learner` ↔ `gpus_per_learner`; `--link-rate 2gbps` ↔ `link_rate_gbps` through
+/// [`parse_rate_gbps`], `--link-rtt 40ms` ↔ `link_rtt_ms` through [`parse_duration_s`]). Every field has a default ([`PlanInput::default`]):
 /// the 12B, four-region job of the issue.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
