@@ -1,6 +1,6 @@
 //! `atoll` as a user runs it: training, model info, the logits probe and bad input.
 
-use atoll_system_tests::{assert_clean_error, atoll, repo_root, stdout};
+use atoll_system_tests::{assert_clean_error, atoll, repo_root, stderr, stdout};
 use std::path::Path;
 
 fn fixture(name: &str) -> String {
@@ -283,4 +283,59 @@ fn bad_checkpoints_and_ids_get_one_clear_error_line() {
         "not a valid safetensors file",
     );
     assert!(!d.join("x.safetensors").exists());
+}
+
+#[test]
+fn plan_projects_the_12b_four_region_job_from_flags_and_a_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let o = atoll(
+        &[
+            "plan",
+            "--model",
+            "gemma4-12b",
+            "--learners",
+            "4",
+            "--gpus-per-learner",
+            "64",
+            "--link-rate",
+            "2gbps",
+            "--link-rtt",
+            "40ms",
+            "--codec",
+            "e3m0",
+            "--out",
+            "plan",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Decoupled DiLoCo"), "{}", stdout(&o));
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("plan/plan.json")).unwrap()).unwrap();
+    let decoupled = plan["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mode"] == "decoupled")
+        .unwrap();
+    assert!(
+        decoupled["speedup_vs_dp"].as_f64().unwrap() > 20.0,
+        "{decoupled}"
+    );
+    assert!(std::fs::read_to_string(d.join("plan/plan.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+
+    // From a recipe: its model, learners, link and codec.
+    let recipe = repo_root().join("recipes/decoupled-tiny.yaml");
+    let o = atoll(&["plan", recipe.to_str().unwrap(), "--out", "tiny"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tiny/plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["input"]["learners"], 4);
+    assert_eq!(plan["input"]["codec"], "e3m0");
+
+    let o = atoll(&["plan", "--link-rate", "fast", "--out", "x"], d);
+    assert_clean_error(&o, "fast");
 }
