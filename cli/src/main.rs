@@ -368,12 +368,13 @@ fn run(command: Command) -> Result<()> {
             max_frame_mib,
             resume,
         } => {
-            let recipe = Recipe::from_file(&recipe, &overrides)?;
-            let secret =
-                atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file.as_deref())?;
-            std::fs::create_dir_all(&run_dir)
-                .with_context(|| format!("cannot create {}", run_dir.display()))?;
-            logging::log_to_file(&run_dir.join("coordinator.log"))?;
+            let (recipe, secret) = node_process(
+                &recipe,
+                &overrides,
+                secret_file.as_deref(),
+                &run_dir,
+                "coordinator.log",
+            )?;
             runtime()?.block_on(atoll_node::coordinator::run(
                 atoll_node::coordinator::CoordinatorOptions {
                     recipe,
@@ -399,12 +400,13 @@ fn run(command: Command) -> Result<()> {
             give_up_after_s,
             resume,
         } => {
-            let recipe = Recipe::from_file(&recipe, &overrides)?;
-            let secret =
-                atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file.as_deref())?;
-            std::fs::create_dir_all(&run_dir)
-                .with_context(|| format!("cannot create {}", run_dir.display()))?;
-            logging::log_to_file(&run_dir.join("learner.log"))?;
+            let (recipe, secret) = node_process(
+                &recipe,
+                &overrides,
+                secret_file.as_deref(),
+                &run_dir,
+                "learner.log",
+            )?;
             atoll_node::learner::run(atoll_node::learner::LearnerOptions {
                 recipe,
                 region,
@@ -1010,4 +1012,21 @@ fn print_plan(plan: &atoll_planner::PlanOutput) {
             println!("  warning: {w}");
         }
     }
+}
+
+/// What the coordinator and learner commands share: the recipe, the job secret, the run
+/// directory and its log file.
+fn node_process(
+    recipe: &Path,
+    overrides: &[String],
+    secret_file: Option<&Path>,
+    run_dir: &Path,
+    log: &str,
+) -> Result<(Recipe, String)> {
+    let recipe = Recipe::from_file(recipe, overrides)?;
+    let secret = atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file)?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    logging::log_to_file(&run_dir.join(log))?;
+    Ok((recipe, secret))
 }
