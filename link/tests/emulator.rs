@@ -1,0 +1,224 @@
+//! The link emulator on real sockets (127.0.0.1 only). Each test is bounded in time: receivers
+//! stop on a read timeout, never on a fixed sleep, and tolerances allow for a loaded 2-core
+//! machine.
+
+use atoll_link::emulator::{Emulator, EmulatorConfig, Outage};
+use atoll_link::quic::{client_endpoint, connect, server_endpoint};
+use atoll_link::{JobTls, LinkTuning};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn bind() -> UdpSocket {
+    UdpSocket::bind(loopback()).unwrap()
+}
+
+/// Sends `count` datagrams of `size` bytes to `to`, paced at `bps`.
+fn paced_send(socket: &UdpSocket, to: SocketAddr, count: usize, size: usize, bps: f64) {
+    let buf = vec![0xa5u8; size];
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < count {
+        let due = (start.elapsed().as_secs_f64() * bps / 8.0 / size as f64) as usize + 1;
+        while sent < due.min(count) {
+            let _ = socket.send_to(&buf, to);
+            sent += 1;
+        }
+        // Pacing, not waiting for an event: the next batch of datagrams is due in 200 µs.
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Receives until nothing arrived for `quiet`; returns (datagrams, bytes, first, last arrival).
+fn drain(socket: &UdpSocket, quiet: Duration) -> (usize, usize, Option<Instant>, Option<Instant>) {
+    socket.set_read_timeout(Some(quiet)).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (mut n, mut bytes, mut first, mut last) = (0, 0, None, None);
+    while let Ok(len) = socket.recv(&mut buf) {
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = Some(now);
+        n += 1;
+        bytes += len;
+    }
+    (n, bytes, first, last)
+}
+
+#[test]
+fn rate_is_enforced() {
+    let server = bind();
+    let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
+    config.rate_bps = Some(100_000_000);
+    config.rtt = Duration::from_millis(10);
+    config.queue_limit_bytes = Some(4 << 20);
+    let emulator = Emulator::start(config).unwrap();
+    let to = emulator.local_addr();
+    let receiver = std::thread::spawn(move || drain(&server, Duration::from_millis(500)));
+    // 18 MB offered at 150 Mbit/s for about one second: the link drains it at 100 Mbit/s.
+    let client = bind();
+    paced_send(&client, to, 15_000, 1200, 150e6);
+    let (n, bytes, first, last) = receiver.join().unwrap();
+    let stats = emulator.stop();
+    let span = last.unwrap() - first.unwrap();
+    let mbps = (bytes - 1200) as f64 * 8.0 / span.as_secs_f64() / 1e6;
+    eprintln!("rate: {n} datagrams, {mbps:.1} Mbit/s over {span:?}; {stats:?}");
+    assert!((88.0..=112.0).contains(&mbps), "achieved {mbps:.1} Mbit/s");
+    assert_eq!(stats.up.offered_packets, 15_000);
+    assert_eq!(stats.up.forwarded_packets as usize, n);
+    assert_eq!(stats.flows, 1);
+}
+
+#[test]
+fn round_trip_delay_and_several_clients() {
+    // An echo server behind a 40 ms RTT link; two clients share the emulator.
+    let server = bind();
+    let server_addr = server.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        server
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((len, from)) = server.recv_from(&mut buf) {
+            if &buf[..len] == b"bye" {
+                break;
+            }
+            server.send_to(&buf[..len], from).unwrap();
+        }
+    });
+    let mut config = EmulatorConfig::new(loopback(), server_addr);
+    config.rtt = Duration::from_millis(40);
+    config.rate_bps = Some(50_000_000);
+    let emulator = Emulator::start(config).unwrap();
+    let clients = [bind(), bind()];
+    let mut rtts = Vec::new();
+    for i in 0..20u32 {
+        let client = &clients[i as usize % 2];
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let start = Instant::now();
+        client
+            .send_to(&i.to_le_bytes(), emulator.local_addr())
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (len, from) = client.recv_from(&mut buf).expect("echo within 1 s");
+        rtts.push(start.elapsed());
+        assert_eq!(
+            &buf[..len],
+            &i.to_le_bytes(),
+            "a reply reached the wrong client"
+        );
+        assert_eq!(from, emulator.local_addr());
+    }
+    clients[0].send_to(b"bye", emulator.local_addr()).unwrap();
+    echo.join().unwrap();
+    let stats = emulator.stop();
+    rtts.sort();
+    let (min, median) = (rtts[0], rtts[rtts.len() / 2]);
+    eprintln!("rtt: min {min:?}, median {median:?}, max {:?}", rtts[19]);
+    // Never early; late by the timer tick and scheduling, a few ms at worst on a busy machine.
+    assert!(min >= Duration::from_millis(40), "min {min:?}");
+    assert!(median <= Duration::from_millis(43), "median {median:?}");
+    assert_eq!(stats.flows, 2);
+    assert_eq!(stats.down.forwarded_packets, 20);
+}
+
+#[test]
+fn loss_follows_the_binomial() {
+    let server = bind();
+    let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
+    config.loss = 0.05;
+    config.rtt = Duration::from_millis(2);
+    config.seed = 11;
+    let emulator = Emulator::start(config).unwrap();
+    let to = emulator.local_addr();
+    let receiver = std::thread::spawn(move || drain(&server, Duration::from_millis(300)));
+    let n = 20_000;
+    paced_send(&bind(), to, n, 200, 40e6);
+    let (received, _, _, _) = receiver.join().unwrap();
+    let stats = emulator.stop();
+    // Expected 19,000 of 20,000; σ = √(n p (1 − p)) ≈ 30.8; allow 5σ.
+    let expected = n as f64 * 0.95;
+    eprintln!("loss: received {received} of {n}; {stats:?}");
+    assert!(
+        (received as f64 - expected).abs() < 5.0 * 30.8,
+        "received {received}"
+    );
+    assert_eq!(stats.up.offered_packets as usize, n);
+    assert_eq!(stats.up.dropped_loss as usize + received, n);
+}
+
+#[test]
+fn nothing_passes_during_an_outage() {
+    let server = bind();
+    let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
+    config.outages = vec![Outage {
+        at: Duration::ZERO,
+        duration: Duration::from_secs(600),
+    }];
+    let emulator = Emulator::start(config).unwrap();
+    let to = emulator.local_addr();
+    let receiver = std::thread::spawn(move || drain(&server, Duration::from_millis(300)));
+    paced_send(&bind(), to, 100, 100, 10e6);
+    let (received, _, _, _) = receiver.join().unwrap();
+    let stats = emulator.stop();
+    assert_eq!(received, 0);
+    assert_eq!(stats.up.dropped_outage, 100);
+}
+
+#[test]
+fn quic_transfer_through_the_emulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = JobTls::load_or_create(dir.path(), "emulator-test", &["127.0.0.1".into()]).unwrap();
+    let ca = std::fs::read(&tls.ca_cert).unwrap();
+    let tuning = LinkTuning {
+        bandwidth_bps: 100e6,
+        rtt: Duration::from_millis(40),
+        ..LinkTuning::default()
+    };
+    const LEN: usize = 4 << 20;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = server_endpoint(loopback(), &tls, tuning).unwrap();
+        let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
+        config.rate_bps = Some(100_000_000);
+        config.rtt = Duration::from_millis(40);
+        let emulator = Emulator::start(config).unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut stream = conn.accept_uni().await.unwrap();
+            let data = stream.read_to_end(LEN + 1).await.unwrap();
+            conn.close(0u32.into(), b"done");
+            data
+        });
+        let client = client_endpoint(&ca, tuning, loopback()).unwrap();
+        let start = Instant::now();
+        let conn = connect(&client, emulator.local_addr()).await.unwrap();
+        let payload: Vec<u8> = (0..LEN).map(|i| (i * 7 % 251) as u8).collect();
+        let mut stream = conn.open_uni().await.unwrap();
+        stream.write_all(&payload).await.unwrap();
+        stream.finish().unwrap();
+        let received = tokio::time::timeout(Duration::from_secs(30), accept)
+            .await
+            .expect("transfer within 30 s")
+            .unwrap();
+        let elapsed = start.elapsed();
+        let stats = emulator.stop();
+        eprintln!("quic: {LEN} bytes in {elapsed:?}; {stats:?}");
+        assert!(received == payload, "payload corrupted");
+        // 4 MiB at 100 Mbit/s takes at least 0.34 s, plus the handshake's RTT.
+        assert!(
+            elapsed >= Duration::from_millis(370),
+            "{elapsed:?}: not rate limited"
+        );
+        assert!(stats.up.forwarded_bytes >= LEN as u64);
+        assert!(stats.down.offered_packets > 0);
+    });
+}
