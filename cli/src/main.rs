@@ -103,6 +103,43 @@ enum Command {
         /// (`latest` or `step-N`): only fragments changed since are downloaded at join.
         #[arg(long, value_name = "latest|step-N")]
         resume: Option<ResumeFrom>,
+        /// Send the QUIC data plane through this address (e.g. an `atoll link-emulator`)
+        /// instead of straight to the coordinator.
+        #[arg(long, value_name = "HOST:PORT")]
+        data_via: Option<SocketAddr>,
+    },
+    /// Relay UDP traffic (QUIC) through an emulated WAN link: rate, delay, jitter, loss, a
+    /// bottleneck queue and scheduled outages, in user space. Runs until Ctrl-C.
+    LinkEmulator {
+        /// Where clients send (127.0.0.1 unless asked).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The server the traffic goes to.
+        #[arg(long)]
+        forward: SocketAddr,
+        /// Per direction, e.g. 2gbps, 200mbps (default: unlimited).
+        #[arg(long)]
+        rate: Option<String>,
+        /// Round-trip delay, e.g. 40ms.
+        #[arg(long, default_value = "0")]
+        rtt: String,
+        /// One-way delay variation, e.g. 2ms.
+        #[arg(long, default_value = "0")]
+        jitter: String,
+        /// Loss per packet and direction, e.g. 0.1%.
+        #[arg(long, default_value = "0")]
+        loss: String,
+        /// Bottleneck queue per direction, e.g. 4MB (default: one bandwidth-delay product).
+        #[arg(long)]
+        queue: Option<String>,
+        /// An outage AT:FOR, e.g. 120s:30s (repeatable): every packet dropped meanwhile.
+        #[arg(long = "outage", value_name = "AT:FOR")]
+        outages: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print counters every this many seconds (0: only at the end).
+        #[arg(long, default_value_t = 5)]
+        report_every_s: u64,
     },
     /// Show a running job: membership, steps, fragment versions, bytes per link, goodput.
     Status {
@@ -399,6 +436,7 @@ fn run(command: Command) -> Result<()> {
             metrics,
             give_up_after_s,
             resume,
+            data_via,
         } => {
             let (recipe, secret) = node_process(
                 &recipe,
@@ -418,6 +456,7 @@ fn run(command: Command) -> Result<()> {
                 max_frame_bytes: 1 << 30,
                 give_up_after: std::time::Duration::from_secs(give_up_after_s),
                 resume,
+                data_via,
             })
         }
         Command::Status {
@@ -560,6 +599,62 @@ fn run(command: Command) -> Result<()> {
                 out.join("plan.json").display(),
                 out.join("plan.svg").display()
             );
+            Ok(())
+        }
+        Command::LinkEmulator {
+            listen,
+            forward,
+            rate,
+            rtt,
+            jitter,
+            loss,
+            queue,
+            outages,
+            seed,
+            report_every_s,
+        } => {
+            use atoll_link::emulator::{
+                parse_bytes, parse_duration, parse_percent, parse_rate, Emulator, EmulatorConfig,
+                Outage,
+            };
+            let mut config = EmulatorConfig::new(listen, forward);
+            config.rate_bps = rate.as_deref().map(parse_rate).transpose()?;
+            config.rtt = parse_duration(&rtt)?;
+            config.jitter = parse_duration(&jitter)?;
+            config.loss = parse_percent(&loss)?;
+            config.queue_limit_bytes = queue.as_deref().map(parse_bytes).transpose()?;
+            config.seed = seed;
+            for o in &outages {
+                let (at, dur) = o
+                    .split_once(':')
+                    .ok_or_else(|| anyhow!("--outage {o:?}: expected AT:FOR, e.g. 120s:30s"))?;
+                config.outages.push(Outage {
+                    at: parse_duration(at)?,
+                    duration: parse_duration(dur)?,
+                });
+            }
+            let emulator = Emulator::start(config)?;
+            eprintln!(
+                "link emulator on udp/{} -> {forward}; Ctrl-C to stop",
+                emulator.local_addr()
+            );
+            runtime()?.block_on(async {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(
+                    report_every_s.max(1),
+                ));
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = tick.tick(), if report_every_s > 0 => {
+                            eprintln!("{}", atoll_node::wan::stats_line(&emulator.stats(), emulator.elapsed()));
+                        }
+                    }
+                }
+            });
+            let elapsed = emulator.elapsed();
+            let stats = emulator.stop();
+            println!("{}", atoll_node::wan::stats_line(&stats, elapsed));
             Ok(())
         }
         Command::Checkpoints { command } => match command {

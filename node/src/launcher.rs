@@ -3,9 +3,11 @@
 //! the job ends, when one fails, or on Ctrl-C.
 
 use anyhow::{anyhow, Context, Result};
+use atoll_link::emulator::{Emulator, EmulatorConfig};
 use atoll_link::JobTls;
 use atoll_trainer::recipe::Recipe;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -178,6 +180,15 @@ async fn drive(
     }
     let endpoint: EndpointFile = serde_json::from_slice(&std::fs::read(&endpoint_file)?)?;
     let regions = opts.recipe.sync.region_names();
+    // One emulated link per region that has one: the learner's QUIC goes through it.
+    let data_port: SocketAddr = address.parse()?;
+    let mut emulators = BTreeMap::new();
+    for (region, spec) in crate::wan::links(&opts.recipe)? {
+        let config = EmulatorConfig::from_spec("127.0.0.1:0".parse()?, data_port, &spec);
+        let emulator = Emulator::start(config)
+            .with_context(|| format!("starting the emulated link of region {region}"))?;
+        emulators.insert(region, emulator);
+    }
     for region in &regions {
         let dir = opts.run_dir.join(format!("learner-{region}"));
         let mut args = vec!["learner".to_string()];
@@ -194,6 +205,9 @@ async fn drive(
             "--metrics".into(),
             "127.0.0.1:0".into(),
         ]);
+        if let Some(e) = emulators.get(region) {
+            args.extend(["--data-via".into(), e.local_addr().to_string()]);
+        }
         if let Some(r) = &opts.resume {
             // Start from the same checkpoint as the coordinator: nothing to download at join.
             args.extend(["--resume".into(), r.clone()]);
@@ -298,11 +312,21 @@ async fn drive(
         let left = deadline.saturating_duration_since(Instant::now());
         let _ = tokio::time::timeout(left, p.child.wait()).await;
     }
+    let mut wan = serde_json::Map::new();
+    for (region, emulator) in emulators {
+        let elapsed = emulator.elapsed();
+        let stats = emulator.stop();
+        eprintln!("link {region}: {}", crate::wan::stats_line(&stats, elapsed));
+        wan.insert(region, crate::wan::stats_json(&stats));
+    }
     let summary_path = coordinator_dir.join("summary.json");
-    let summary: serde_json::Value = serde_json::from_slice(
+    let mut summary: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&summary_path)
             .with_context(|| format!("reading {}", summary_path.display()))?,
     )?;
+    if !wan.is_empty() {
+        summary["wan"] = serde_json::Value::Object(wan);
+    }
     atoll_trainer::checkpoint::write_json_atomic(&opts.run_dir.join("summary.json"), &summary)?;
     if coordinator_dir.join("merges.jsonl").exists() {
         std::fs::copy(

@@ -37,6 +37,9 @@ pub struct LearnerOptions {
     /// Start from the global model of a coordinator checkpoint in `checkpoint.url`: the join
     /// then only downloads the fragments that changed since.
     pub resume: Option<ResumeFrom>,
+    /// Send the QUIC data plane here instead of the coordinator's own data port (a link
+    /// emulator or relay in between); the control plane still goes to `coordinator`.
+    pub data_via: Option<SocketAddr>,
 }
 
 /// A fragment's version and values Θ_p.
@@ -175,6 +178,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         tuning: link_tuning(&recipe),
         max_frame: opts.max_frame_bytes,
         give_up_after: opts.give_up_after,
+        data_via: opts.data_via,
         inbound: inbound_tx,
         held: held.clone(),
         counters: counters.clone(),
@@ -538,6 +542,7 @@ struct Net {
     tuning: atoll_link::LinkTuning,
     max_frame: u64,
     give_up_after: Duration,
+    data_via: Option<SocketAddr>,
     inbound: std_mpsc::Sender<Inbound>,
     held: Arc<Mutex<Vec<u64>>>,
     counters: Arc<Counters>,
@@ -650,11 +655,14 @@ impl Net {
             .rsplit_once(':')
             .map_or(self.coordinator.as_str(), |(h, _)| h)
             .trim_matches(['[', ']']);
-        let addr = (host, reply.data_port as u16)
-            .to_socket_addrs()
-            .map_err(|e| retry(anyhow!("resolving {host}: {e}")))?
-            .next()
-            .ok_or_else(|| retry(anyhow!("{host} has no address")))?;
+        let addr = match self.data_via {
+            Some(via) => via,
+            None => (host, reply.data_port as u16)
+                .to_socket_addrs()
+                .map_err(|e| retry(anyhow!("resolving {host}: {e}")))?
+                .next()
+                .ok_or_else(|| retry(anyhow!("{host} has no address")))?,
+        };
         let ca_pem = std::fs::read(&self.ca)
             .map_err(|e| SessionError::Fatal(format!("{}: {e}", self.ca.display())))?;
         let bind: SocketAddr = if addr.is_ipv4() {

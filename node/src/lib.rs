@@ -12,6 +12,7 @@ pub mod learner;
 pub mod metrics_endpoint;
 pub mod state;
 pub mod status;
+pub mod wan;
 
 use anyhow::{anyhow, Result};
 use std::path::Path;

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -452,6 +453,12 @@ pub struct SyncSection {
     pub speeds: Vec<PositiveF64>,
     #[serde(default)]
     pub link: LinkSection,
+    /// Emulated WAN links between each learner and the coordinator for `atoll run`, keyed by
+    /// region name or `all`: `{rate: 2gbps, rtt: 40ms, jitter: 2ms, loss: 0.1%, queue: 4MB,
+    /// outages: [{at: 120s, for: 30s}], seed: 1}` (parsed by atoll-link's emulator; see
+    /// docs/wan.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wan: BTreeMap<String, serde_yaml::Value>,
     #[serde(default)]
     pub failures: FailureSection,
     /// Region names, one per learner (`atoll run` starts one learner per region); default
@@ -715,6 +722,15 @@ impl Recipe {
                 self.sync.learners.0,
                 self.sync.quorum.0
             );
+        }
+        let regions = self.sync.region_names();
+        for key in self.sync.wan.keys() {
+            if key != "all" && !regions.contains(key) {
+                bail!(
+                    "sync.wan.{key}: not a region of this job (regions: {}; or `all`)",
+                    regions.join(", ")
+                );
+            }
         }
         if !self.sync.regions.is_empty() {
             if self.sync.regions.len() != self.sync.learners.0 {

@@ -1,0 +1,120 @@
+//! Emulated WAN links as a user meets them: `atoll run` with `sync.wan` puts a userspace link
+//! between each learner and the coordinator, and `atoll link-emulator` relays any UDP traffic.
+
+use atoll_system_tests::{atoll, free_port, stderr, wait_until};
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_two_region_run_through_emulated_200_mbps_40_ms_links_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("wan.yaml"),
+        "name: wan-run
+seed: 5
+model: {preset: gemma3-tiny}
+data: {corpus: builtin:tinyshakespeare, tokenizer: {vocab_size: 512}, seq_len: 32}
+train: {max_steps: 40, batch_size: 4, lr: 3.0e-3, eval_batches: 2, threads: 1, device: cpu}
+run: {save_final: false, dir: job}
+sync:
+  learners: 2
+  regions: [east, west]
+  fragments: 2
+  h: 8
+  link: {bandwidth_gbps: 0.2, latency_ms: 20}
+  wan:
+    all: {rate: 200mbps, rtt: 40ms}
+    west: {rate: 200mbps, rtt: 40ms, loss: 0.1%}
+",
+    )
+    .unwrap();
+    let o = atoll(&["run", "wan.yaml"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("job/summary.json")).unwrap())
+            .unwrap();
+    for region in ["east", "west"] {
+        assert_eq!(summary["learner_steps"][region], 40, "{summary}");
+        let link = &summary["wan"][region];
+        // The initial catch-up alone is the f32 model (6 MB) down each link.
+        let down = link["down"]["forwarded_bytes"].as_u64().unwrap();
+        let up = link["up"]["forwarded_bytes"].as_u64().unwrap();
+        assert!(down > 6_000_000, "{region}: {link}");
+        assert!(up > 100_000, "{region}: {link}");
+    }
+    assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_standalone_link_emulator_delays_udp_by_its_rtt() {
+    // An echo server behind the emulator: the round trip through it takes the configured RTT.
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        // Bounded: stops on `stop`, after 100 datagrams, or after 10 s of silence.
+        for _ in 0..100 {
+            let Ok((n, from)) = echo.recv_from(&mut buf) else {
+                return;
+            };
+            if &buf[..n] == b"stop" {
+                return;
+            }
+            echo.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    let port = free_port();
+    let mut child = std::process::Command::new(atoll_system_tests::atoll_bin())
+        .args([
+            "link-emulator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--forward",
+            &echo_addr.to_string(),
+            "--rate",
+            "100mbps",
+            "--rtt",
+            "60ms",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    // The emulator may still be starting: retry the first datagram (bounded).
+    let mut first = None;
+    wait_until("the emulator to relay", Duration::from_secs(30), || {
+        let t = Instant::now();
+        client.send_to(b"ping", ("127.0.0.1", port)).unwrap();
+        if client.recv_from(&mut buf).is_ok() {
+            first = Some(t.elapsed());
+            true
+        } else {
+            false
+        }
+    });
+    let mut rtts = vec![first.unwrap()];
+    for _ in 0..3 {
+        let t = Instant::now();
+        client.send_to(b"ping", ("127.0.0.1", port)).unwrap();
+        client.recv_from(&mut buf).unwrap();
+        rtts.push(t.elapsed());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    client.send_to(b"stop", echo_addr).unwrap();
+    let _ = server.join();
+    for rtt in rtts {
+        // 60 ms configured; a loaded 2-core machine adds scheduling delay, never removes any.
+        assert!(
+            rtt >= Duration::from_millis(59) && rtt < Duration::from_millis(200),
+            "{rtt:?}"
+        );
+    }
+}
