@@ -18,7 +18,7 @@ use crate::train::{
     backward_micro_batches, build_model, dtype_name, evaluate, prepare_data, resolve_device,
 };
 use anyhow::{anyhow, Context, Result};
-use atoll_coordinator::syncer::{Contribution, Event, FragmentValues, Progress};
+use atoll_coordinator::syncer::{Contribution, Event, FragmentValues, MergeRecord, Progress};
 use atoll_coordinator::{
     Action, ApplyRule, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
     TensorInfo,
@@ -76,6 +76,8 @@ enum SimEvent {
         fragment: usize,
         version: u64,
         values: FragmentValues,
+        /// The round whose merge produced this version, when this learner's contribution was in it.
+        merged_round: Option<u64>,
     },
     CatchUpArrives {
         learner: usize,
@@ -133,8 +135,11 @@ struct Learner {
     batcher: Batcher,
     protocol: Option<LearnerProtocol>,
     feedback: Vec<Vec<ErrorFeedback>>,
-    /// Local values of each fragment when it was last pulled (for `ApplyRule::Rebase`).
-    at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
+    /// Local values of a fragment when it was pulled, per fragment and round (for
+    /// `ApplyRule::Rebase`).
+    at_pull: BTreeMap<usize, BTreeMap<u64, Vec<Vec<f32>>>>,
+    /// (fragment, version) → the round of this learner's contribution merged into that version.
+    merged_in: BTreeMap<(usize, u64), u64>,
     speed: f64,
     alive: bool,
     waiting_for_sync: bool,
@@ -207,6 +212,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
             protocol: None,
             feedback: Vec::new(),
             at_pull: BTreeMap::new(),
+            merged_in: BTreeMap::new(),
             speed,
             alive: true,
             waiting_for_sync: false,
@@ -327,6 +333,18 @@ struct Outcome {
 }
 
 impl Learner {
+    /// Tensor `ti` of the trainable parameters at full precision (the optimizer's f32 master
+    /// copy for bf16 parameters), flattened.
+    fn values(&self, ti: usize) -> Vec<f32> {
+        flat(&self.optimizer.full_precision(ti))
+    }
+
+    /// Overwrites tensor `ti` between steps, through the optimizer so that a bf16 parameter's
+    /// master copy follows (else the next step would write the stale master back).
+    fn set_values(&mut self, ti: usize, values: &[f32]) {
+        self.optimizer.set_values(ti, &Tensor::from_slice(values));
+    }
+
     /// The window indices of one step's micro-batches, drawn from this learner's shard.
     fn next_micro_batches(&mut self, batch: usize, accum: usize) -> Vec<Vec<usize>> {
         (0..accum)
@@ -409,7 +427,7 @@ fn simulate_ddp(
         )?;
     }
     let first = &learners[0];
-    let global: Vec<Vec<f32>> = first.params.iter().map(flat).collect();
+    let global: Vec<Vec<f32>> = (0..first.params.len()).map(|i| first.values(i)).collect();
     let merged_tokens = total_steps as u64 * tokens_per_step * m_count as u64;
     let bytes = ring_bytes * total_steps as u64 * m_count as u64;
     Ok(Outcome {
@@ -447,7 +465,9 @@ fn simulate_diloco_family(
         .map(|(n, s)| TensorInfo::new(n.clone(), &s.iter().map(|&d| d as u64).collect::<Vec<_>>()))
         .collect();
     let plan = FragmentPlan::new(tensors, fragments).map_err(|e| anyhow!("sync.fragments: {e}"))?;
-    let initial: Vec<Vec<f32>> = learners[0].params.iter().map(flat).collect();
+    let initial: Vec<Vec<f32>> = (0..learners[0].params.len())
+        .map(|i| learners[0].values(i))
+        .collect();
     let codec = sync.codec.codec();
     let down_codec = sync.down_codec.unwrap_or(sync.codec).codec();
     let config = SyncerConfig {
@@ -538,6 +558,7 @@ fn simulate_diloco_family(
             let actions = syncer.flush(last_step_at, &progress);
             bytes_down += carry_out(
                 actions,
+                syncer.merge_log(),
                 last_step_at,
                 learners,
                 &mut queue,
@@ -561,6 +582,7 @@ fn simulate_diloco_family(
                 let actions = syncer.handle(now, e);
                 bytes_down += carry_out(
                     actions,
+                    syncer.merge_log(),
                     now,
                     learners,
                     &mut queue,
@@ -578,7 +600,7 @@ fn simulate_diloco_family(
                 }
                 for (p, _, values) in &fragments {
                     for (k, &ti) in plan.fragments[*p].tensors.iter().enumerate() {
-                        set_flat(&mut l.params[ti], &values[k]);
+                        l.set_values(ti, &values[k]);
                     }
                 }
                 l.feedback = plan
@@ -588,6 +610,7 @@ fn simulate_diloco_family(
                     .collect();
                 l.protocol = Some(LearnerProtocol::new(fragments));
                 l.at_pull.clear();
+                l.merged_in.clear();
                 l.waiting_for_sync = false;
                 queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
             }
@@ -647,7 +670,7 @@ fn simulate_diloco_family(
                 let mut bytes = 0u64;
                 let mut snapshot = Vec::new();
                 for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
-                    let local = flat(&l.params[ti]);
+                    let local = l.values(ti);
                     let raw: Vec<f32> = anchor[k].iter().zip(&local).map(|(a, x)| a - x).collect();
                     let values = if sync.error_feedback {
                         let mut buf = Vec::new();
@@ -672,7 +695,10 @@ fn simulate_diloco_family(
                     delta.push(decode_frame(&frame, limits)?.values);
                     snapshot.push(local);
                 }
-                l.at_pull.insert(fragment, snapshot);
+                l.at_pull
+                    .entry(fragment)
+                    .or_default()
+                    .insert(round, snapshot);
                 bytes_up += bytes;
                 let arrive = l.link.send(now, bytes, true);
                 let c = Contribution {
@@ -690,6 +716,7 @@ fn simulate_diloco_family(
                 fragment,
                 version,
                 values,
+                merged_round,
             } => {
                 let l = &mut learners[m];
                 let Some(protocol) = l.protocol.as_mut() else {
@@ -699,6 +726,9 @@ fn simulate_diloco_family(
                     continue;
                 }
                 protocol.on_broadcast(fragment, version, values);
+                if let Some(round) = merged_round {
+                    l.merged_in.insert((fragment, version), round);
+                }
                 if l.waiting_for_sync {
                     apply_due(l, &plan, apply_rule);
                     l.waiting_for_sync = false;
@@ -761,8 +791,10 @@ fn simulate_diloco_family(
 }
 
 /// Carries out the syncer's actions on the simulated network; returns the bytes sent down.
+#[allow(clippy::too_many_arguments)]
 fn carry_out(
     actions: Vec<Action>,
+    merge_log: &[MergeRecord],
     now: f64,
     learners: &mut [Learner],
     queue: &mut Queue,
@@ -794,7 +826,14 @@ fn carry_out(
                 to,
             } => {
                 let bytes = fragment_bytes(down_codec, fragment);
+                let record = merge_log
+                    .iter()
+                    .rev()
+                    .find(|r| r.fragment == fragment && r.version == version);
                 for m in to {
+                    let merged_round = record
+                        .filter(|r| r.contributors.iter().any(|c| c.0 == m))
+                        .map(|r| r.round);
                     bytes_down += bytes;
                     let arrive = learners[m as usize].link.send(now, bytes, false);
                     queue.push(
@@ -804,6 +843,7 @@ fn carry_out(
                             fragment,
                             version,
                             values: values.clone(),
+                            merged_round,
                         },
                     );
                 }
@@ -832,40 +872,80 @@ fn carry_out(
     bytes_down
 }
 
+/// Applies the broadcasts that arrived since the last step boundary.
+///
+/// `Rebase` keeps the local progress that the applied version does not hold: the steps taken
+/// since this learner's latest pull that was merged into it (or, when none was, since the anchor
+/// it last applied), so a learner left out of a round keeps its work instead of losing it.
 fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
     let Some(protocol) = l.protocol.as_mut() else {
         return;
     };
+    let anchors: Vec<FragmentValues> = (0..plan.len())
+        .map(|p| protocol.anchor(p).clone())
+        .collect();
     for received in protocol.take_due() {
         let fragment = received.fragment;
+        // The newest of this learner's pulls merged into a version up to the applied one.
+        let merged_round = l
+            .merged_in
+            .range((fragment, 0)..=(fragment, received.version))
+            .map(|(_, &r)| r)
+            .max();
+        let snapshot: Vec<Vec<f32>> = merged_round
+            .and_then(|r| l.at_pull.get(&fragment).and_then(|s| s.get(&r)))
+            .cloned()
+            .unwrap_or_else(|| anchors[fragment].to_vec());
+        let mut shifts = Vec::new();
         for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
             let values = &received.values[k];
             match rule {
-                ApplyRule::Overwrite => set_flat(&mut l.params[ti], values),
+                ApplyRule::Overwrite => l.set_values(ti, values),
                 ApplyRule::Mix { alpha } => {
-                    let local = flat(&l.params[ti]);
+                    let local = l.values(ti);
                     let mixed: Vec<f32> = local
                         .iter()
                         .zip(values)
                         .map(|(x, g)| alpha * x + (1.0 - alpha) * g)
                         .collect();
-                    set_flat(&mut l.params[ti], &mixed);
+                    l.set_values(ti, &mixed);
                 }
-                ApplyRule::Rebase => match l.at_pull.get(&received.fragment) {
-                    Some(snapshot) => {
-                        let local = flat(&l.params[ti]);
-                        let rebased: Vec<f32> = values
-                            .iter()
-                            .zip(&local)
-                            .zip(&snapshot[k])
-                            .map(|((g, x), s)| g + (x - s))
-                            .collect();
-                        set_flat(&mut l.params[ti], &rebased);
-                    }
-                    None => set_flat(&mut l.params[ti], values),
-                },
+                ApplyRule::Rebase => {
+                    let local = l.values(ti);
+                    let rebased: Vec<f32> = values
+                        .iter()
+                        .zip(&local)
+                        .zip(&snapshot[k])
+                        .map(|((g, x), s)| g + (x - s))
+                        .collect();
+                    l.set_values(ti, &rebased);
+                    let shift: Vec<f32> = values
+                        .iter()
+                        .zip(&snapshot[k])
+                        .map(|(g, s)| g - s)
+                        .collect();
+                    shifts.push(shift);
+                }
             }
         }
-        l.at_pull.remove(&fragment);
+        // Pulls the applied version holds are done with; later ones (still in flight) move with
+        // the local parameters so that their own rebase measures the right steps.
+        l.merged_in
+            .retain(|&(p, v), _| p != fragment || v > received.version);
+        if let Some(pulls) = l.at_pull.get_mut(&fragment) {
+            if let Some(r) = merged_round {
+                pulls.retain(|&round, _| round > r);
+            }
+            for snapshot in pulls.values_mut() {
+                for (s, shift) in snapshot.iter_mut().zip(&shifts) {
+                    for (x, d) in s.iter_mut().zip(shift) {
+                        *x += d;
+                    }
+                }
+            }
+            while pulls.len() > 4 {
+                pulls.pop_first();
+            }
+        }
     }
 }
