@@ -45,6 +45,9 @@ pub struct SimSummary {
     pub initial_eval_loss: f64,
     pub final_eval_loss: f64,
     pub tokens: u64,
+    /// Tokens whose work reached the global model (per learner contribution, averaged over
+    /// fragments); under `apply: rebase` every token, exactly once.
+    pub merged_tokens: u64,
     /// Bytes sent up / down, summed over learners.
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -127,6 +130,9 @@ impl Link {
     }
 }
 
+/// A learner's step count when it answered a pull, and its local values of the fragment then.
+type PullSnapshot = (u64, Vec<Vec<f32>>);
+
 struct Learner {
     model: GemmaModel,
     params: Vec<Tensor>,
@@ -135,9 +141,9 @@ struct Learner {
     batcher: Batcher,
     protocol: Option<LearnerProtocol>,
     feedback: Vec<Vec<ErrorFeedback>>,
-    /// Local values of a fragment when it was pulled, per fragment and round (for
-    /// `ApplyRule::Rebase`).
-    at_pull: BTreeMap<usize, BTreeMap<u64, Vec<Vec<f32>>>>,
+    /// Local values of a fragment when it was pulled, and the learner's step count then, per
+    /// fragment and round (for `ApplyRule::Rebase`).
+    at_pull: BTreeMap<usize, BTreeMap<u64, PullSnapshot>>,
     /// (fragment, version) → the round of this learner's contribution merged into that version.
     merged_in: BTreeMap<(usize, u64), u64>,
     speed: f64,
@@ -270,6 +276,29 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         global,
     } = summary;
 
+    if sync.mode != SyncMode::Ddp {
+        // Diagnostics: each learner's own model, and their plain average, on the same eval set.
+        let locals: Vec<f64> = learners
+            .iter()
+            .map(|l| evaluate(&l.model, &prepared.eval, batch, t.eval_batches.0))
+            .collect();
+        let mean: Vec<Vec<f32>> = (0..learners[0].params.len())
+            .map(|i| {
+                let mut acc = vec![0.0f32; learners[0].values(i).len()];
+                for l in learners.iter() {
+                    for (a, x) in acc.iter_mut().zip(l.values(i)) {
+                        *a += x / m_count as f32;
+                    }
+                }
+                acc
+            })
+            .collect();
+        for (p, values) in learners[0].params.iter_mut().zip(&mean) {
+            set_flat(p, values);
+        }
+        let averaged = evaluate(&learners[0].model, &prepared.eval, batch, t.eval_batches.0);
+        tracing::info!("learners' own models: eval {locals:.4?}; their average: {averaged:.4}");
+    }
     // The global model: learner 0's network loaded with Θ.
     let eval_model = &mut learners[0];
     for (p, values) in eval_model.params.iter_mut().zip(&global) {
@@ -294,6 +323,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         initial_eval_loss: initial_eval,
         final_eval_loss: final_eval,
         tokens,
+        merged_tokens,
         bytes_up,
         bytes_down,
         bytes_per_learner: (bytes_up + bytes_down) as f64 / m_count as f64,
@@ -545,6 +575,13 @@ fn simulate_diloco_family(
                 break;
             }
             flushed = true;
+            // The learners are idle at a step boundary: they apply what arrived after their last
+            // step first, so each outer gradient below holds exactly the work no version holds
+            // yet (measured from a stale anchor it would be re-anchored at the newest Θ_p and
+            // pull Θ_p back towards the learner's stale copy).
+            for l in learners.iter_mut().filter(|l| l.alive) {
+                apply_due(l, &plan, apply_rule, tokens_per_step);
+            }
             let progress = learners
                 .iter()
                 .enumerate()
@@ -640,7 +677,7 @@ fn simulate_diloco_family(
                         progress: reported,
                     }),
                 );
-                apply_due(l, &plan, apply_rule);
+                apply_due(l, &plan, apply_rule, tokens_per_step);
                 writeln!(
                     metrics,
                     "{}",
@@ -695,10 +732,11 @@ fn simulate_diloco_family(
                     delta.push(decode_frame(&frame, limits)?.values);
                     snapshot.push(local);
                 }
+                let pulled_at_step = protocol.step();
                 l.at_pull
                     .entry(fragment)
                     .or_default()
-                    .insert(round, snapshot);
+                    .insert(round, (pulled_at_step, snapshot));
                 bytes_up += bytes;
                 let arrive = l.link.send(now, bytes, true);
                 let c = Contribution {
@@ -730,7 +768,7 @@ fn simulate_diloco_family(
                     l.merged_in.insert((fragment, version), round);
                 }
                 if l.waiting_for_sync {
-                    apply_due(l, &plan, apply_rule);
+                    apply_due(l, &plan, apply_rule, tokens_per_step);
                     l.waiting_for_sync = false;
                     if tokens_done < budget {
                         queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
@@ -876,14 +914,18 @@ fn carry_out(
 ///
 /// `Rebase` keeps the local progress that the applied version does not hold: the steps taken
 /// since this learner's latest pull that was merged into it (or, when none was, since the anchor
-/// it last applied), so a learner left out of a round keeps its work instead of losing it.
-fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
+/// it last applied), so a learner left out of a round keeps its work instead of losing it. The
+/// fragment's progress counters then count those kept steps (the next outer gradient holds them),
+/// not zero: else the merge weights them wrongly and the final flush skips them.
+fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule, tokens_per_step: u64) {
     let Some(protocol) = l.protocol.as_mut() else {
         return;
     };
     let anchors: Vec<FragmentValues> = (0..plan.len())
         .map(|p| protocol.anchor(p).clone())
         .collect();
+    let before: Vec<Progress> = (0..plan.len()).map(|p| protocol.on_pull(p).1).collect();
+    let step_now = protocol.step();
     for received in protocol.take_due() {
         let fragment = received.fragment;
         // The newest of this learner's pulls merged into a version up to the applied one.
@@ -892,10 +934,20 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
             .range((fragment, 0)..=(fragment, received.version))
             .map(|(_, &r)| r)
             .max();
-        let snapshot: Vec<Vec<f32>> = merged_round
-            .and_then(|r| l.at_pull.get(&fragment).and_then(|s| s.get(&r)))
-            .cloned()
-            .unwrap_or_else(|| anchors[fragment].to_vec());
+        let (kept, snapshot): (Progress, Vec<Vec<f32>>) =
+            match merged_round.and_then(|r| l.at_pull.get(&fragment).and_then(|s| s.get(&r))) {
+                Some((pulled_at_step, values)) => {
+                    let steps = step_now - pulled_at_step;
+                    (
+                        Progress {
+                            c_steps: steps,
+                            c_tokens: steps * tokens_per_step,
+                        },
+                        values.clone(),
+                    )
+                }
+                None => (before[fragment], anchors[fragment].to_vec()),
+            };
         let mut shifts = Vec::new();
         for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
             let values = &received.values[k];
@@ -928,6 +980,11 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
                 }
             }
         }
+        if rule == ApplyRule::Rebase {
+            if let Some(protocol) = l.protocol.as_mut() {
+                protocol.keep_progress(fragment, kept);
+            }
+        }
         // Pulls the applied version holds are done with; later ones (still in flight) move with
         // the local parameters so that their own rebase measures the right steps.
         l.merged_in
@@ -936,7 +993,7 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
             if let Some(r) = merged_round {
                 pulls.retain(|&round, _| round > r);
             }
-            for snapshot in pulls.values_mut() {
+            for (_, snapshot) in pulls.values_mut() {
                 for (s, shift) in snapshot.iter_mut().zip(&shifts) {
                     for (x, d) in s.iter_mut().zip(shift) {
                         *x += d;

@@ -119,3 +119,19 @@ fn one_learner_syncing_every_step_tracks_plain_training_under_rebase() {
         "overwrite {overwrite} should lag plain training {plain} (rebase {rebase})"
     );
 }
+
+/// Under `apply: rebase` no inner step is lost or counted twice: each one reaches the global
+/// model in exactly one contribution per fragment, including the steps taken while a fragment
+/// was in flight (their progress carries over the apply) and the last ones (the final flush
+/// measures them from the newest applied version, not a stale one). A slow learner makes some
+/// rounds close without it.
+#[test]
+fn rebase_merges_every_step_exactly_once() {
+    let (s, _) = run(&[
+        "sync.apply=rebase",
+        "sync.merge=mean",
+        "sync.speeds=[1.0, 0.5]",
+    ]);
+    assert_eq!(s.merged_tokens, s.tokens, "{s:?}");
+    assert!(s.final_eval_loss < s.initial_eval_loss - 0.3, "{s:?}");
+}
