@@ -91,6 +91,13 @@ impl LearnerProtocol {
         due
     }
 
+    /// After `take_due`, for a rule that keeps local work on top of the applied version
+    /// (`ApplyRule::Rebase`): the counters of fragment `p` describe that kept work, the steps
+    /// θ_local − anchor still holds, so they must not start from zero.
+    pub fn keep_progress(&mut self, fragment: usize, progress: Progress) {
+        self.progress[fragment] = progress;
+    }
+
     /// What a pull needs besides Δ = anchor − θ_local: the anchor's version and the counters.
     pub fn on_pull(&self, fragment: usize) -> (u64, Progress) {
         (self.anchors[fragment].0, self.progress[fragment])

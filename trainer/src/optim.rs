@@ -107,6 +107,27 @@ impl AdamW {
         Ok(())
     }
 
+    /// Parameter `i` (in construction order) at full precision: its f32 master copy for a
+    /// low-precision parameter, else the parameter itself (shallow).
+    pub fn full_precision(&self, i: usize) -> Tensor {
+        let p = &self.params[i];
+        p.master.as_ref().unwrap_or(&p.param).shallow_clone()
+    }
+
+    /// Replaces parameter `i`'s values between steps (a synchronisation overwriting the weights):
+    /// the f32 master copy of a low-precision parameter takes `values` at full precision, so the
+    /// next step continues from them instead of writing the stale master back. Moments are kept.
+    pub fn set_values(&mut self, i: usize, values: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let p = &mut self.params[i];
+        let src = values.view(p.param.size().as_slice());
+        if let Some(master) = &mut p.master {
+            master.copy_(&src.to_kind(Kind::Float).to_device(master.device()));
+        }
+        p.param
+            .copy_(&src.to_kind(p.param.kind()).to_device(p.param.device()));
+    }
+
     /// Zeroes every gradient.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
@@ -272,6 +293,37 @@ mod tests {
         for (a, e) in got.iter().chain(&got_b).zip(w.iter().chain(&b)) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
         }
+    }
+
+    /// A bf16 parameter overwritten between steps (a DiLoCo broadcast) must keep the new values:
+    /// the optimizer's f32 master copy follows them instead of being written back stale.
+    #[test]
+    fn set_values_moves_the_master_copy_of_a_low_precision_parameter() {
+        let p = Tensor::from_slice(&[1.0f32, -1.0])
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true);
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(vec![p.shallow_clone()], cfg);
+        let theta = Tensor::from_slice(&[10.0f32, 20.001]);
+        opt.set_values(0, &theta);
+        assert_eq!(
+            Vec::<f32>::try_from(opt.full_precision(0)).unwrap(),
+            vec![10.0, 20.001],
+            "the master holds the f32 values, not their bf16 rounding"
+        );
+        (&p.to_kind(Kind::Float) * 0.0).sum(Kind::Float).backward(); // zero gradient
+        opt.step(0.1);
+        let after = Vec::<f32>::try_from(p.to_kind(Kind::Float)).unwrap();
+        assert_eq!(
+            after,
+            vec![10.0, 20.0],
+            "{after:?}: the step restored stale weights"
+        );
     }
 
     #[test]

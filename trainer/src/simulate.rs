@@ -18,7 +18,7 @@ use crate::train::{
     backward_micro_batches, build_model, dtype_name, evaluate, prepare_data, resolve_device,
 };
 use anyhow::{anyhow, Context, Result};
-use atoll_coordinator::syncer::{Contribution, Event, FragmentValues, Progress};
+use atoll_coordinator::syncer::{Contribution, Event, FragmentValues, MergeRecord, Progress};
 use atoll_coordinator::{
     Action, ApplyRule, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
     TensorInfo,
@@ -45,6 +45,9 @@ pub struct SimSummary {
     pub initial_eval_loss: f64,
     pub final_eval_loss: f64,
     pub tokens: u64,
+    /// Tokens whose work reached the global model (per learner contribution, averaged over
+    /// fragments); under `apply: rebase` every token, exactly once.
+    pub merged_tokens: u64,
     /// Bytes sent up / down, summed over learners.
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -76,6 +79,8 @@ enum SimEvent {
         fragment: usize,
         version: u64,
         values: FragmentValues,
+        /// The round whose merge produced this version, when this learner's contribution was in it.
+        merged_round: Option<u64>,
     },
     CatchUpArrives {
         learner: usize,
@@ -125,6 +130,9 @@ impl Link {
     }
 }
 
+/// A learner's step count when it answered a pull, and its local values of the fragment then.
+type PullSnapshot = (u64, Vec<Vec<f32>>);
+
 struct Learner {
     model: GemmaModel,
     params: Vec<Tensor>,
@@ -133,8 +141,11 @@ struct Learner {
     batcher: Batcher,
     protocol: Option<LearnerProtocol>,
     feedback: Vec<Vec<ErrorFeedback>>,
-    /// Local values of each fragment when it was last pulled (for `ApplyRule::Rebase`).
-    at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
+    /// Local values of a fragment when it was pulled, and the learner's step count then, per
+    /// fragment and round (for `ApplyRule::Rebase`).
+    at_pull: BTreeMap<usize, BTreeMap<u64, PullSnapshot>>,
+    /// (fragment, version) → the round of this learner's contribution merged into that version.
+    merged_in: BTreeMap<(usize, u64), u64>,
     speed: f64,
     alive: bool,
     waiting_for_sync: bool,
@@ -207,6 +218,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
             protocol: None,
             feedback: Vec::new(),
             at_pull: BTreeMap::new(),
+            merged_in: BTreeMap::new(),
             speed,
             alive: true,
             waiting_for_sync: false,
@@ -264,6 +276,29 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         global,
     } = summary;
 
+    if sync.mode != SyncMode::Ddp {
+        // Diagnostics: each learner's own model, and their plain average, on the same eval set.
+        let locals: Vec<f64> = learners
+            .iter()
+            .map(|l| evaluate(&l.model, &prepared.eval, batch, t.eval_batches.0))
+            .collect();
+        let mean: Vec<Vec<f32>> = (0..learners[0].params.len())
+            .map(|i| {
+                let mut acc = vec![0.0f32; learners[0].values(i).len()];
+                for l in learners.iter() {
+                    for (a, x) in acc.iter_mut().zip(l.values(i)) {
+                        *a += x / m_count as f32;
+                    }
+                }
+                acc
+            })
+            .collect();
+        for (p, values) in learners[0].params.iter_mut().zip(&mean) {
+            set_flat(p, values);
+        }
+        let averaged = evaluate(&learners[0].model, &prepared.eval, batch, t.eval_batches.0);
+        tracing::info!("learners' own models: eval {locals:.4?}; their average: {averaged:.4}");
+    }
     // The global model: learner 0's network loaded with Θ.
     let eval_model = &mut learners[0];
     for (p, values) in eval_model.params.iter_mut().zip(&global) {
@@ -288,6 +323,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         initial_eval_loss: initial_eval,
         final_eval_loss: final_eval,
         tokens,
+        merged_tokens,
         bytes_up,
         bytes_down,
         bytes_per_learner: (bytes_up + bytes_down) as f64 / m_count as f64,
@@ -327,6 +363,18 @@ struct Outcome {
 }
 
 impl Learner {
+    /// Tensor `ti` of the trainable parameters at full precision (the optimizer's f32 master
+    /// copy for bf16 parameters), flattened.
+    fn values(&self, ti: usize) -> Vec<f32> {
+        flat(&self.optimizer.full_precision(ti))
+    }
+
+    /// Overwrites tensor `ti` between steps, through the optimizer so that a bf16 parameter's
+    /// master copy follows (else the next step would write the stale master back).
+    fn set_values(&mut self, ti: usize, values: &[f32]) {
+        self.optimizer.set_values(ti, &Tensor::from_slice(values));
+    }
+
     /// The window indices of one step's micro-batches, drawn from this learner's shard.
     fn next_micro_batches(&mut self, batch: usize, accum: usize) -> Vec<Vec<usize>> {
         (0..accum)
@@ -409,7 +457,7 @@ fn simulate_ddp(
         )?;
     }
     let first = &learners[0];
-    let global: Vec<Vec<f32>> = first.params.iter().map(flat).collect();
+    let global: Vec<Vec<f32>> = (0..first.params.len()).map(|i| first.values(i)).collect();
     let merged_tokens = total_steps as u64 * tokens_per_step * m_count as u64;
     let bytes = ring_bytes * total_steps as u64 * m_count as u64;
     Ok(Outcome {
@@ -447,7 +495,9 @@ fn simulate_diloco_family(
         .map(|(n, s)| TensorInfo::new(n.clone(), &s.iter().map(|&d| d as u64).collect::<Vec<_>>()))
         .collect();
     let plan = FragmentPlan::new(tensors, fragments).map_err(|e| anyhow!("sync.fragments: {e}"))?;
-    let initial: Vec<Vec<f32>> = learners[0].params.iter().map(flat).collect();
+    let initial: Vec<Vec<f32>> = (0..learners[0].params.len())
+        .map(|i| learners[0].values(i))
+        .collect();
     let codec = sync.codec.codec();
     let down_codec = sync.down_codec.unwrap_or(sync.codec).codec();
     let config = SyncerConfig {
@@ -525,6 +575,13 @@ fn simulate_diloco_family(
                 break;
             }
             flushed = true;
+            // The learners are idle at a step boundary: they apply what arrived after their last
+            // step first, so each outer gradient below holds exactly the work no version holds
+            // yet (measured from a stale anchor it would be re-anchored at the newest Θ_p and
+            // pull Θ_p back towards the learner's stale copy).
+            for l in learners.iter_mut().filter(|l| l.alive) {
+                apply_due(l, &plan, apply_rule, tokens_per_step);
+            }
             let progress = learners
                 .iter()
                 .enumerate()
@@ -538,6 +595,7 @@ fn simulate_diloco_family(
             let actions = syncer.flush(last_step_at, &progress);
             bytes_down += carry_out(
                 actions,
+                syncer.merge_log(),
                 last_step_at,
                 learners,
                 &mut queue,
@@ -561,6 +619,7 @@ fn simulate_diloco_family(
                 let actions = syncer.handle(now, e);
                 bytes_down += carry_out(
                     actions,
+                    syncer.merge_log(),
                     now,
                     learners,
                     &mut queue,
@@ -578,7 +637,7 @@ fn simulate_diloco_family(
                 }
                 for (p, _, values) in &fragments {
                     for (k, &ti) in plan.fragments[*p].tensors.iter().enumerate() {
-                        set_flat(&mut l.params[ti], &values[k]);
+                        l.set_values(ti, &values[k]);
                     }
                 }
                 l.feedback = plan
@@ -588,6 +647,7 @@ fn simulate_diloco_family(
                     .collect();
                 l.protocol = Some(LearnerProtocol::new(fragments));
                 l.at_pull.clear();
+                l.merged_in.clear();
                 l.waiting_for_sync = false;
                 queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
             }
@@ -617,7 +677,7 @@ fn simulate_diloco_family(
                         progress: reported,
                     }),
                 );
-                apply_due(l, &plan, apply_rule);
+                apply_due(l, &plan, apply_rule, tokens_per_step);
                 writeln!(
                     metrics,
                     "{}",
@@ -647,7 +707,7 @@ fn simulate_diloco_family(
                 let mut bytes = 0u64;
                 let mut snapshot = Vec::new();
                 for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
-                    let local = flat(&l.params[ti]);
+                    let local = l.values(ti);
                     let raw: Vec<f32> = anchor[k].iter().zip(&local).map(|(a, x)| a - x).collect();
                     let values = if sync.error_feedback {
                         let mut buf = Vec::new();
@@ -672,7 +732,11 @@ fn simulate_diloco_family(
                     delta.push(decode_frame(&frame, limits)?.values);
                     snapshot.push(local);
                 }
-                l.at_pull.insert(fragment, snapshot);
+                let pulled_at_step = protocol.step();
+                l.at_pull
+                    .entry(fragment)
+                    .or_default()
+                    .insert(round, (pulled_at_step, snapshot));
                 bytes_up += bytes;
                 let arrive = l.link.send(now, bytes, true);
                 let c = Contribution {
@@ -690,6 +754,7 @@ fn simulate_diloco_family(
                 fragment,
                 version,
                 values,
+                merged_round,
             } => {
                 let l = &mut learners[m];
                 let Some(protocol) = l.protocol.as_mut() else {
@@ -699,8 +764,11 @@ fn simulate_diloco_family(
                     continue;
                 }
                 protocol.on_broadcast(fragment, version, values);
+                if let Some(round) = merged_round {
+                    l.merged_in.insert((fragment, version), round);
+                }
                 if l.waiting_for_sync {
-                    apply_due(l, &plan, apply_rule);
+                    apply_due(l, &plan, apply_rule, tokens_per_step);
                     l.waiting_for_sync = false;
                     if tokens_done < budget {
                         queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
@@ -761,8 +829,10 @@ fn simulate_diloco_family(
 }
 
 /// Carries out the syncer's actions on the simulated network; returns the bytes sent down.
+#[allow(clippy::too_many_arguments)]
 fn carry_out(
     actions: Vec<Action>,
+    merge_log: &[MergeRecord],
     now: f64,
     learners: &mut [Learner],
     queue: &mut Queue,
@@ -794,7 +864,14 @@ fn carry_out(
                 to,
             } => {
                 let bytes = fragment_bytes(down_codec, fragment);
+                let record = merge_log
+                    .iter()
+                    .rev()
+                    .find(|r| r.fragment == fragment && r.version == version);
                 for m in to {
+                    let merged_round = record
+                        .filter(|r| r.contributors.iter().any(|c| c.0 == m))
+                        .map(|r| r.round);
                     bytes_down += bytes;
                     let arrive = learners[m as usize].link.send(now, bytes, false);
                     queue.push(
@@ -804,6 +881,7 @@ fn carry_out(
                             fragment,
                             version,
                             values: values.clone(),
+                            merged_round,
                         },
                     );
                 }
@@ -832,40 +910,99 @@ fn carry_out(
     bytes_down
 }
 
-fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule) {
+/// Applies the broadcasts that arrived since the last step boundary.
+///
+/// `Rebase` keeps the local progress that the applied version does not hold: the steps taken
+/// since this learner's latest pull that was merged into it (or, when none was, since the anchor
+/// it last applied), so a learner left out of a round keeps its work instead of losing it. The
+/// fragment's progress counters then count those kept steps (the next outer gradient holds them),
+/// not zero: else the merge weights them wrongly and the final flush skips them.
+fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule, tokens_per_step: u64) {
     let Some(protocol) = l.protocol.as_mut() else {
         return;
     };
+    let anchors: Vec<FragmentValues> = (0..plan.len())
+        .map(|p| protocol.anchor(p).clone())
+        .collect();
+    let before: Vec<Progress> = (0..plan.len()).map(|p| protocol.on_pull(p).1).collect();
+    let step_now = protocol.step();
     for received in protocol.take_due() {
         let fragment = received.fragment;
+        // The newest of this learner's pulls merged into a version up to the applied one.
+        let merged_round = l
+            .merged_in
+            .range((fragment, 0)..=(fragment, received.version))
+            .map(|(_, &r)| r)
+            .max();
+        let (kept, snapshot): (Progress, Vec<Vec<f32>>) =
+            match merged_round.and_then(|r| l.at_pull.get(&fragment).and_then(|s| s.get(&r))) {
+                Some((pulled_at_step, values)) => {
+                    let steps = step_now - pulled_at_step;
+                    (
+                        Progress {
+                            c_steps: steps,
+                            c_tokens: steps * tokens_per_step,
+                        },
+                        values.clone(),
+                    )
+                }
+                None => (before[fragment], anchors[fragment].to_vec()),
+            };
+        let mut shifts = Vec::new();
         for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
             let values = &received.values[k];
             match rule {
-                ApplyRule::Overwrite => set_flat(&mut l.params[ti], values),
+                ApplyRule::Overwrite => l.set_values(ti, values),
                 ApplyRule::Mix { alpha } => {
-                    let local = flat(&l.params[ti]);
+                    let local = l.values(ti);
                     let mixed: Vec<f32> = local
                         .iter()
                         .zip(values)
                         .map(|(x, g)| alpha * x + (1.0 - alpha) * g)
                         .collect();
-                    set_flat(&mut l.params[ti], &mixed);
+                    l.set_values(ti, &mixed);
                 }
-                ApplyRule::Rebase => match l.at_pull.get(&received.fragment) {
-                    Some(snapshot) => {
-                        let local = flat(&l.params[ti]);
-                        let rebased: Vec<f32> = values
-                            .iter()
-                            .zip(&local)
-                            .zip(&snapshot[k])
-                            .map(|((g, x), s)| g + (x - s))
-                            .collect();
-                        set_flat(&mut l.params[ti], &rebased);
-                    }
-                    None => set_flat(&mut l.params[ti], values),
-                },
+                ApplyRule::Rebase => {
+                    let local = l.values(ti);
+                    let rebased: Vec<f32> = values
+                        .iter()
+                        .zip(&local)
+                        .zip(&snapshot[k])
+                        .map(|((g, x), s)| g + (x - s))
+                        .collect();
+                    l.set_values(ti, &rebased);
+                    let shift: Vec<f32> = values
+                        .iter()
+                        .zip(&snapshot[k])
+                        .map(|(g, s)| g - s)
+                        .collect();
+                    shifts.push(shift);
+                }
             }
         }
-        l.at_pull.remove(&fragment);
+        if rule == ApplyRule::Rebase {
+            if let Some(protocol) = l.protocol.as_mut() {
+                protocol.keep_progress(fragment, kept);
+            }
+        }
+        // Pulls the applied version holds are done with; later ones (still in flight) move with
+        // the local parameters so that their own rebase measures the right steps.
+        l.merged_in
+            .retain(|&(p, v), _| p != fragment || v > received.version);
+        if let Some(pulls) = l.at_pull.get_mut(&fragment) {
+            if let Some(r) = merged_round {
+                pulls.retain(|&round, _| round > r);
+            }
+            for (_, snapshot) in pulls.values_mut() {
+                for (s, shift) in snapshot.iter_mut().zip(&shifts) {
+                    for (x, d) in s.iter_mut().zip(shift) {
+                        *x += d;
+                    }
+                }
+            }
+            while pulls.len() > 4 {
+                pulls.pop_first();
+            }
+        }
     }
 }

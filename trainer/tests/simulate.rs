@@ -85,3 +85,53 @@ fn every_mode_trains_and_decoupled_sends_far_fewer_bytes_than_ddp() {
         "{ddp:?} {decoupled:?}"
     );
 }
+
+/// The sanity check of the DiLoCo family: one learner that syncs every fragment every step with
+/// plain averaging (outer lr 1, no momentum) and an exact wire is plain training. With `rebase`
+/// the steps taken while a fragment is in flight survive the broadcast, so the global model
+/// tracks a single learner trained alone; `overwrite` (the paper's rule) throws those steps away,
+/// which at H = 1 is most of them.
+#[test]
+fn one_learner_syncing_every_step_tracks_plain_training_under_rebase() {
+    let sanity = [
+        "sync.learners=1",
+        "sync.h=1",
+        "sync.outer_lr=1.0",
+        "sync.outer_momentum=0.0",
+        "sync.merge=mean",
+        "sync.codec=f32",
+    ];
+    let with = |extra: &str| {
+        let mut sets = sanity.to_vec();
+        sets.push(extra);
+        run(&sets).0.final_eval_loss
+    };
+    let (plain, _) = run(&["sync.mode=ddp", "sync.learners=1"]);
+    let rebase = with("sync.apply=rebase");
+    let overwrite = with("sync.apply=overwrite");
+    let plain = plain.final_eval_loss;
+    assert!(
+        (rebase - plain).abs() < 2e-3 * plain,
+        "rebase {rebase} vs plain training {plain}"
+    );
+    assert!(
+        overwrite - plain > 10.0 * (rebase - plain).abs(),
+        "overwrite {overwrite} should lag plain training {plain} (rebase {rebase})"
+    );
+}
+
+/// Under `apply: rebase` no inner step is lost or counted twice: each one reaches the global
+/// model in exactly one contribution per fragment, including the steps taken while a fragment
+/// was in flight (their progress carries over the apply) and the last ones (the final flush
+/// measures them from the newest applied version, not a stale one). A slow learner makes some
+/// rounds close without it.
+#[test]
+fn rebase_merges_every_step_exactly_once() {
+    let (s, _) = run(&[
+        "sync.apply=rebase",
+        "sync.merge=mean",
+        "sync.speeds=[1.0, 0.5]",
+    ]);
+    assert_eq!(s.merged_tokens, s.tokens, "{s:?}");
+    assert!(s.final_eval_loss < s.initial_eval_loss - 0.3, "{s:?}");
+}
