@@ -3,6 +3,7 @@
 //! connections and timers send it commands. Nothing here decides anything the state machine
 //! should: the actor turns requests into events and actions into messages.
 
+use crate::parts::{receive_parts, send_part};
 use crate::state::{CoordinatorState, StateStore};
 use crate::{random_token, same_secret};
 use anyhow::{anyhow, Context, Result};
@@ -18,7 +19,7 @@ use atoll_store::{BackgroundWriter, CheckpointStore, ResumeFrom, Snapshot};
 use atoll_trainer::checkpoint::{HostModel, DEFAULT_MAX_SHARD_BYTES};
 use atoll_trainer::recipe::Recipe;
 use atoll_trainer::worker::Worker;
-use atoll_wire::{decode_frame, encode_frame, frame_encoded, Codec, FrameLimits, DEFAULT_BLOCK};
+use atoll_wire::{encode_frame, frame_encoded, Codec, DEFAULT_BLOCK};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -1039,40 +1040,6 @@ impl Core {
     }
 }
 
-/// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
-/// (`stopped`) for the peer's acknowledgement.
-pub async fn send_part(
-    conn: &quinn::Connection,
-    header: &PartHeader,
-    frame: &[u8],
-) -> Result<quinn::SendStream> {
-    let mut s = conn.open_uni().await?;
-    s.write_all(&header.encode()).await?;
-    s.write_all(frame).await?;
-    s.finish()?;
-    Ok(s)
-}
-
-/// Reads one part (header then frame) from a stream, checking both before trusting them.
-pub async fn read_part(
-    recv: &mut quinn::RecvStream,
-    max_frame: u64,
-) -> Result<Option<(PartHeader, Vec<f32>, u64)>> {
-    let mut header = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(anyhow!("truncated part header: {e}")),
-    }
-    let h = PartHeader::decode(&header, max_frame)?;
-    let mut frame = vec![0u8; h.frame_len as usize];
-    recv.read_exact(&mut frame)
-        .await
-        .map_err(|e| anyhow!("truncated frame: {e}"))?;
-    let decoded = decode_frame(&frame, FrameLimits::default())?;
-    Ok(Some((h, decoded.values, (HEADER_LEN + frame.len()) as u64)))
-}
-
 async fn accept_data(endpoint: quinn::Endpoint, tx: mpsc::Sender<Cmd>, max_frame: u64) {
     while let Some(incoming) = endpoint.accept().await {
         let tx = tx.clone();
@@ -1097,13 +1064,10 @@ async fn accept_data(endpoint: quinn::Endpoint, tx: mpsc::Sender<Cmd>, max_frame
                     return;
                 }
             };
-            loop {
-                let mut recv = match conn.accept_uni().await {
-                    Ok(r) => r,
-                    Err(_) => return, // closed by the learner or timed out
-                };
-                match read_part(&mut recv, max_frame).await {
-                    Ok(Some((header, values, bytes))) => {
+            let mut parts = receive_parts(conn.clone(), max_frame);
+            while let Some(part) = parts.recv().await {
+                match part {
+                    Ok((header, values, bytes)) => {
                         let _ = tx
                             .send(Cmd::Part {
                                 learner,
@@ -1113,7 +1077,6 @@ async fn accept_data(endpoint: quinn::Endpoint, tx: mpsc::Sender<Cmd>, max_frame
                             })
                             .await;
                     }
-                    Ok(None) => {}
                     Err(e) => {
                         let _ = tx
                             .send(Cmd::BadData {

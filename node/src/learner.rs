@@ -3,7 +3,8 @@
 //! and the data plane (contributions up, fragments down) going, reconnecting with backoff when
 //! the coordinator goes away.
 
-use crate::coordinator::{link_tuning, read_part, send_part};
+use crate::coordinator::link_tuning;
+use crate::parts::{receive_parts, send_part};
 use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, Progress};
@@ -548,6 +549,9 @@ struct Net {
     counters: Arc<Counters>,
 }
 
+/// How long the data plane may take to accept a connection's hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What one session (one successful join) shares with the sender task.
 type Conns = Arc<Mutex<Vec<quinn::Connection>>>;
 
@@ -679,32 +683,21 @@ impl Net {
             let conn = atoll_link::quic::connect(&endpoint, addr)
                 .await
                 .map_err(retry)?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| retry(e.into()))?;
-            let hello = Hello {
-                session: reply.session.clone(),
-            }
-            .encode()
-            .map_err(|e| SessionError::Fatal(e.to_string()))?;
-            send.write_all(&hello).await.map_err(|e| retry(e.into()))?;
-            send.finish().map_err(|e| retry(e.into()))?;
-            let answer = recv.read_to_end(256).await.map_err(|e| retry(e.into()))?;
-            if answer.first() != Some(&0) {
-                return Err(SessionError::Retry(
-                    "the data plane refused the session".into(),
-                ));
-            }
+            // Reading starts before the hello is answered: the coordinator may send the
+            // catch-up at once, and unread parts would fill the connection's flow-control
+            // window ahead of the answer.
             let inbound = self.inbound.clone();
             let max_frame = self.max_frame;
             let reader = conn.clone();
             tokio::spawn(async move {
-                while let Ok(mut recv) = reader.accept_uni().await {
-                    match read_part(&mut recv, max_frame).await {
-                        Ok(Some((h, values, bytes))) => {
+                let mut parts = receive_parts(reader.clone(), max_frame);
+                while let Some(part) = parts.recv().await {
+                    match part {
+                        Ok((h, values, bytes)) => {
                             if inbound.send(Inbound::Part(h, values, bytes)).is_err() {
                                 return;
                             }
                         }
-                        Ok(None) => {}
                         Err(e) => {
                             tracing::warn!("bad data from the coordinator: {e:#}");
                             reader.close(2u32.into(), b"bad frame");
@@ -713,6 +706,23 @@ impl Net {
                     }
                 }
             });
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| retry(e.into()))?;
+            let hello = Hello {
+                session: reply.session.clone(),
+            }
+            .encode()
+            .map_err(|e| SessionError::Fatal(e.to_string()))?;
+            send.write_all(&hello).await.map_err(|e| retry(e.into()))?;
+            send.finish().map_err(|e| retry(e.into()))?;
+            let answer = tokio::time::timeout(HELLO_TIMEOUT, recv.read_to_end(256))
+                .await
+                .map_err(|_| retry(anyhow!("the data plane did not answer the hello")))?
+                .map_err(|e| retry(e.into()))?;
+            if answer.first() != Some(&0) {
+                return Err(SessionError::Retry(
+                    "the data plane refused the session".into(),
+                ));
+            }
             opened.push(conn);
         }
         *conns.lock().expect("conns") = opened.clone();
@@ -729,20 +739,23 @@ impl Net {
             // A report per step; while finished, one every 250 ms as the heartbeat.
             let _ = tokio::time::timeout(Duration::from_millis(250), reports.changed()).await;
             let r = reports.borrow_and_update().clone();
-            if r.progress.len() != self.fragments {
-                continue; // not caught up yet
-            }
-            let request = ReportRequest {
-                session: session.clone(),
-                step: r.step,
-                progress: r
-                    .progress
+            // Until the catch-up has arrived (a large model over a slow link can take minutes)
+            // the report is a bare heartbeat: the resume step and no progress on any fragment.
+            let progress = if r.progress.len() == self.fragments {
+                r.progress
                     .iter()
                     .map(|p| atoll_proto::v1::Progress {
                         steps: p.c_steps,
                         tokens: p.c_tokens,
                     })
-                    .collect(),
+                    .collect()
+            } else {
+                vec![atoll_proto::v1::Progress::default(); self.fragments]
+            };
+            let request = ReportRequest {
+                session: session.clone(),
+                step: r.step.max(reply.resume_step),
+                progress,
                 loss: r.loss,
                 tokens_per_s: r.tokens_per_s,
                 finished: r.finished,

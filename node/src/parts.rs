@@ -1,0 +1,187 @@
+//! Moving data-plane parts over a QUIC connection, the same way on both ends: one part per
+//! unidirectional stream, sent by [`send_part`] and received by [`receive_parts`].
+
+use anyhow::{anyhow, Result};
+use atoll_link::data::HEADER_LEN;
+use atoll_link::PartHeader;
+use atoll_wire::{decode_frame, FrameLimits};
+use tokio::sync::mpsc;
+
+/// A received part: its header, the decoded values, and the bytes it took on the wire.
+pub type ReceivedPart = (PartHeader, Vec<f32>, u64);
+
+/// Parts decoded but not yet taken by the consumer; past this, the readers stop reading and
+/// QUIC flow control slows the sender down.
+const RECEIVED_QUEUE: usize = 64;
+
+/// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
+/// (`stopped`) for the peer's acknowledgement.
+pub async fn send_part(
+    conn: &quinn::Connection,
+    header: &PartHeader,
+    frame: &[u8],
+) -> Result<quinn::SendStream> {
+    let mut s = conn.open_uni().await?;
+    s.write_all(&header.encode()).await?;
+    s.write_all(frame).await?;
+    s.finish()?;
+    Ok(s)
+}
+
+/// Receives every part the peer sends on `conn` until the connection closes. Each stream is
+/// read by a task of its own: read one after another, the streams not yet read would keep
+/// their buffered bytes, and once those fill the connection's flow-control window the stream
+/// being read can never receive the rest of its data, so the connection stalls for good.
+///
+/// An `Err` is a malformed part (the peer's fault); a connection that closes mid-part is not
+/// reported.
+pub fn receive_parts(
+    conn: quinn::Connection,
+    max_frame: u64,
+) -> mpsc::Receiver<Result<ReceivedPart>> {
+    let (tx, rx) = mpsc::channel(RECEIVED_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let recv = tokio::select! {
+                r = conn.accept_uni() => r,
+                _ = tx.closed() => return,
+            };
+            let Ok(mut recv) = recv else {
+                return; // closed by the peer or timed out
+            };
+            let tx = tx.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let result = match read_part(&mut recv, max_frame).await {
+                    Ok(Some(part)) => Ok(part),
+                    Ok(None) => return,
+                    Err(_) if conn.close_reason().is_some() => return,
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(result).await;
+            });
+        }
+    });
+    rx
+}
+
+/// Reads one part (header then frame) from a stream, checking both before trusting them.
+/// Memory grows with the bytes that actually arrived, not with the length the header claims.
+async fn read_part(recv: &mut quinn::RecvStream, max_frame: u64) -> Result<Option<ReceivedPart>> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(anyhow!("truncated part header: {e}")),
+    }
+    let h = PartHeader::decode(&header, max_frame)?;
+    let len = h.frame_len as usize;
+    let mut frame = Vec::with_capacity(len.min(1 << 20));
+    while frame.len() < len {
+        match recv.read_chunk(len - frame.len(), true).await {
+            Ok(Some(chunk)) => frame.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(anyhow!(
+                    "truncated frame: {} of {len} bytes before the stream ended",
+                    frame.len()
+                ))
+            }
+            Err(e) => return Err(anyhow!("truncated frame: {e}")),
+        }
+    }
+    let decoded = decode_frame(&frame, FrameLimits::default())?;
+    Ok(Some((h, decoded.values, (HEADER_LEN + len) as u64)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atoll_link::quic::{client_endpoint, connect, server_endpoint};
+    use atoll_link::{JobTls, LinkTuning, PartKind};
+    use atoll_wire::{encode_frame, Codec, DEFAULT_BLOCK};
+    use std::time::Duration;
+
+    /// Far more bytes in flight on many streams at once than the connection's flow-control
+    /// window holds: every part must still arrive intact.
+    #[test]
+    fn parts_larger_than_the_connection_window_all_arrive() {
+        atoll_link::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let tls = JobTls::load_or_create(dir.path(), "parts-test", &["127.0.0.1".into()]).unwrap();
+        let ca = std::fs::read(&tls.ca_cert).unwrap();
+        // The smallest windows the tuning allows: 1 MiB per stream, 2 MiB per connection.
+        let tuning = LinkTuning {
+            bandwidth_bps: 1e6,
+            rtt: Duration::from_millis(1),
+            ..LinkTuning::default()
+        };
+        const PARTS: usize = 24;
+        const VALUES: usize = 128 * 1024; // 512 KiB of f32 per part, 12 MiB in all
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let loopback = "127.0.0.1:0".parse().unwrap();
+            let server = server_endpoint(loopback, &tls, tuning).unwrap();
+            let addr = server.local_addr().unwrap();
+            let receiver = tokio::spawn(async move {
+                let conn = server.accept().await.unwrap().await.unwrap();
+                let mut parts = receive_parts(conn.clone(), 1 << 30);
+                let mut got = Vec::new();
+                while got.len() < PARTS {
+                    got.push(parts.recv().await.unwrap().unwrap());
+                }
+                conn.close(0u32.into(), b"done");
+                got
+            });
+            let client = client_endpoint(&ca, tuning, loopback).unwrap();
+            let conn = connect(&client, addr).await.unwrap();
+            let mut senders = Vec::new();
+            for k in 0..PARTS {
+                let conn = conn.clone();
+                senders.push(tokio::spawn(async move {
+                    let values: Vec<f32> = (0..VALUES).map(|i| (i * PARTS + k) as f32).collect();
+                    let frame = encode_frame(
+                        Codec::F32,
+                        DEFAULT_BLOCK as u32,
+                        &[VALUES as u64],
+                        &values,
+                        0,
+                    )
+                    .unwrap();
+                    let header = PartHeader {
+                        kind: PartKind::Full,
+                        fragment: 0,
+                        round_or_version: 1,
+                        base_version: 0,
+                        steps: 0,
+                        tokens: 0,
+                        tensor: k as u32,
+                        tensors: PARTS as u32,
+                        frame_len: frame.len() as u32,
+                    };
+                    send_part(&conn, &header, &frame).await.unwrap();
+                }));
+            }
+            let mut got = tokio::time::timeout(Duration::from_secs(60), receiver)
+                .await
+                .expect("every part within 60 s: the connection stalled")
+                .unwrap();
+            got.sort_by_key(|(h, _, _)| h.tensor);
+            for (k, (h, values, bytes)) in got.iter().enumerate() {
+                assert_eq!(h.tensor as usize, k);
+                assert_eq!(values.len(), VALUES);
+                assert!(values
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &v)| v == (i * PARTS + k) as f32));
+                assert_eq!(*bytes, (HEADER_LEN + h.frame_len as usize) as u64);
+            }
+            for s in senders {
+                let _ = s.await;
+            }
+        });
+    }
+}
