@@ -6,13 +6,13 @@ ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server bench-train-step bench-codecs bench-diloco bench-checkpoint check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
 	@echo "make test    format + lint checks and the whole test suite"
 	@echo "make build   build $(ATOLL)"
-	@echo "make bench-codecs | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
+	@echo "make bench-codecs | bench-link | bench-wan-calibration | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
 	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
 
 setup:
@@ -59,6 +59,12 @@ bench-train-step: build $(REFERENCE_VENV)/.installed
 
 bench-codecs: build
 	$(ATOLL) bench codecs
+
+bench-link: build
+	$(ATOLL) bench link
+
+bench-wan-calibration: build
+	benchmarks/wan_calibration.sh
 
 bench-diloco: build
 	benchmarks/diloco_headline.sh

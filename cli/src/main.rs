@@ -299,6 +299,29 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// The data plane through the userspace WAN emulator: achieved vs configured rate and CPU
+    /// per GB for every combination of the lists given (see benchmarks/README.md).
+    Link {
+        #[arg(long, value_delimiter = ',', default_value = "1gbps,2gbps,5gbps")]
+        rates: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "20ms,40ms,70ms")]
+        rtts: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "0,0.1%,1%")]
+        losses: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "cubic,bbr,provisioned")]
+        congestion: Vec<CongestionArg>,
+        /// QUIC connections striped over the link (`sync.link.connections`).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        connections: Vec<usize>,
+        /// Time to leave slow start before measuring.
+        #[arg(long, default_value = "1.5s")]
+        warmup: String,
+        #[arg(long, default_value = "3s")]
+        measure: String,
+        /// Also write every case's figures here, one JSON object per line.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Time forward + backward + AdamW steps on a random batch; prints JSON.
     TrainStep {
         #[arg(long, default_value = "gemma3-bench")]
@@ -314,6 +337,13 @@ enum BenchCommand {
         #[arg(long)]
         threads: Option<i32>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CongestionArg {
+    Cubic,
+    Bbr,
+    Provisioned,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -713,6 +743,27 @@ fn run(command: Command) -> Result<()> {
         Command::Bench {
             command: BenchCommand::Codecs { values, repeats },
         } => bench_codecs(values, repeats),
+        Command::Bench {
+            command:
+                BenchCommand::Link {
+                    rates,
+                    rtts,
+                    losses,
+                    congestion,
+                    connections,
+                    warmup,
+                    measure,
+                    json,
+                },
+        } => bench_link(
+            &rates,
+            &rtts,
+            &losses,
+            &congestion,
+            &connections,
+            (&warmup, &measure),
+            json.as_deref(),
+        ),
     }
 }
 
@@ -917,6 +968,74 @@ fn bench_codecs(n: usize, repeats: usize) -> Result<()> {
             gb / enc,
             gb / dec
         );
+    }
+    Ok(())
+}
+
+fn bench_link(
+    rates: &[String],
+    rtts: &[String],
+    losses: &[String],
+    congestion: &[CongestionArg],
+    connections: &[usize],
+    (warmup, measure): (&str, &str),
+    json: Option<&Path>,
+) -> Result<()> {
+    use atoll_link::emulator::{parse_duration, parse_percent, parse_rate};
+    use atoll_node::link_bench::{run_all, Case, Options};
+    let rates: Vec<u64> = rates
+        .iter()
+        .map(|r| parse_rate(r).map_err(|e| anyhow!("--rates: {e}")))
+        .collect::<Result<_>>()?;
+    let rtts: Vec<_> = rtts
+        .iter()
+        .map(|r| parse_duration(r).map_err(|e| anyhow!("--rtts: {e}")))
+        .collect::<Result<_>>()?;
+    let losses: Vec<f64> = losses
+        .iter()
+        .map(|l| parse_percent(l).map_err(|e| anyhow!("--losses: {e}")))
+        .collect::<Result<_>>()?;
+    if let Some(bad) = losses.iter().find(|l| !(0.0..1.0).contains(*l)) {
+        bail!("--losses: {}% is not a loss rate below 100%", bad * 100.0);
+    }
+    if connections.contains(&0) {
+        bail!("--connections: at least one connection");
+    }
+    let opts = Options {
+        warmup: parse_duration(warmup).map_err(|e| anyhow!("--warmup: {e}"))?,
+        measure: parse_duration(measure).map_err(|e| anyhow!("--measure: {e}"))?,
+        ..Options::default()
+    };
+    if opts.measure.is_zero() {
+        bail!("--measure must be positive");
+    }
+    let mut cases = Vec::new();
+    for &rate_bps in &rates {
+        for &rtt in &rtts {
+            for &loss in &losses {
+                for cc in congestion {
+                    for &conns in connections {
+                        cases.push(Case {
+                            rate_bps,
+                            rtt,
+                            loss,
+                            congestion: match cc {
+                                CongestionArg::Cubic => atoll_link::Congestion::Cubic,
+                                CongestionArg::Bbr => atoll_link::Congestion::Bbr,
+                                CongestionArg::Provisioned => atoll_link::Congestion::Provisioned,
+                            },
+                            connections: conns,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let outcomes = run_all(&cases, &opts)?;
+    if let Some(path) = json {
+        let lines: Vec<String> = outcomes.iter().map(|o| o.to_json().to_string()).collect();
+        std::fs::write(path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! bandwidth-delay product: a 2 Gbps link with 40 ms RTT holds 10 MB in flight, far beyond
 //! quinn's defaults, so a single stream would otherwise stall at a fraction of the rate.
 
+use crate::provisioned::ProvisionedConfig;
 use crate::tls::{client_config, JobTls, DATA_ALPN, SERVER_NAME};
 use anyhow::{anyhow, Result};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -14,6 +15,8 @@ use std::time::Duration;
 pub enum Congestion {
     Cubic,
     Bbr,
+    /// Sends at the configured rate: for dedicated links (see [`crate::provisioned`]).
+    Provisioned,
 }
 
 /// What the transport is tuned for.
@@ -24,6 +27,8 @@ pub struct LinkTuning {
     pub congestion: Congestion,
     /// A silent peer is dropped after this long.
     pub idle_timeout: Duration,
+    /// Connections striped over one link: each provisioned-rate connection takes its share.
+    pub connections: usize,
 }
 
 impl Default for LinkTuning {
@@ -33,6 +38,7 @@ impl Default for LinkTuning {
             rtt: Duration::from_millis(40),
             congestion: Congestion::Cubic,
             idle_timeout: Duration::from_secs(30),
+            connections: 1,
         }
     }
 }
@@ -65,9 +71,49 @@ impl LinkTuning {
             Congestion::Bbr => {
                 t.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
             }
+            Congestion::Provisioned => {
+                t.congestion_controller_factory(Arc::new(ProvisionedConfig {
+                    rate_bps: self.bandwidth_bps,
+                    initial_rtt: self.rtt,
+                }))
+            }
         };
         t
     }
+}
+
+/// Requested socket buffers of both endpoints. The kernel's default (~200 KB) is under a
+/// millisecond of traffic at 2–5 Gbit/s: one scheduling hiccup overflows it, and every packet
+/// the kernel drops there reads to the sender as congestion. Capped by `net.core.rmem_max` /
+/// `wmem_max`.
+pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// A UDP socket on `addr` with [`SOCKET_BUFFER_BYTES`] of buffers where the kernel allows.
+fn bind_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+    let (recv, send) = (
+        state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES),
+        state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES),
+    );
+    let got = state.recv_buffer_size((&socket).into()).unwrap_or(0);
+    if recv.is_err() || send.is_err() || got < SOCKET_BUFFER_BYTES / 2 {
+        tracing::debug!(
+            "UDP receive buffer on {addr} is {} KiB (raise net.core.rmem_max / wmem_max for multi-Gbit/s links)",
+            got / 1024
+        );
+    }
+    Ok(socket)
+}
+
+fn endpoint(server: Option<quinn::ServerConfig>, addr: SocketAddr) -> Result<Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime for QUIC"))?;
+    Ok(Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        bind_socket(addr)?,
+        runtime,
+    )?)
 }
 
 /// The coordinator's endpoint, serving the data plane on `addr` (UDP).
@@ -76,7 +122,7 @@ pub fn server_endpoint(addr: SocketAddr, tls: &JobTls, tuning: LinkTuning) -> Re
         .map_err(|e| anyhow!("QUIC server TLS: {e}"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(tuning.transport()));
-    Endpoint::server(config, addr).map_err(|e| anyhow!("binding the data plane on udp/{addr}: {e}"))
+    endpoint(Some(config), addr).map_err(|e| anyhow!("binding the data plane on udp/{addr}: {e}"))
 }
 
 /// A learner's endpoint: it trusts only the job CA in `ca_pem`.
@@ -85,7 +131,7 @@ pub fn client_endpoint(ca_pem: &[u8], tuning: LinkTuning, bind: SocketAddr) -> R
         .map_err(|e| anyhow!("QUIC client TLS: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(tuning.transport()));
-    let mut endpoint = Endpoint::client(bind)?;
+    let mut endpoint = endpoint(None, bind)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

@@ -222,3 +222,66 @@ fn quic_transfer_through_the_emulator() {
         assert!(stats.down.offered_packets > 0);
     });
 }
+
+/// The provisioned-rate controller through a lossy link: the data arrives intact, QUIC sees the
+/// losses, and sparse (1%) random loss leaves the window at the configured rate's 1.25 × BDP.
+#[test]
+fn the_provisioned_controller_keeps_its_window_through_random_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = JobTls::load_or_create(dir.path(), "emulator-test", &["127.0.0.1".into()]).unwrap();
+    let ca = std::fs::read(&tls.ca_cert).unwrap();
+    let tuning = LinkTuning {
+        bandwidth_bps: 100e6,
+        rtt: Duration::from_millis(40),
+        congestion: atoll_link::Congestion::Provisioned,
+        ..LinkTuning::default()
+    };
+    const LEN: usize = 4 << 20;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = server_endpoint(loopback(), &tls, tuning).unwrap();
+        let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
+        config.rate_bps = Some(100_000_000);
+        config.rtt = Duration::from_millis(40);
+        config.loss = 0.01;
+        config.seed = 3;
+        let emulator = Emulator::start(config).unwrap();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut stream = conn.accept_uni().await.unwrap();
+            let data = stream.read_to_end(LEN + 1).await.unwrap();
+            conn.close(0u32.into(), b"done");
+            data
+        });
+        let client = client_endpoint(&ca, tuning, loopback()).unwrap();
+        let conn = connect(&client, emulator.local_addr()).await.unwrap();
+        let payload: Vec<u8> = (0..LEN).map(|i| (i * 13 % 251) as u8).collect();
+        let mut stream = conn.open_uni().await.unwrap();
+        stream.write_all(&payload).await.unwrap();
+        stream.finish().unwrap();
+        let received = tokio::time::timeout(Duration::from_secs(60), accept)
+            .await
+            .expect("transfer within 60 s")
+            .unwrap();
+        let path = conn.stats().path;
+        let stats = emulator.stop();
+        assert!(received == payload, "payload corrupted");
+        assert!(stats.up.dropped_loss > 0, "{stats:?}");
+        assert!(
+            path.lost_packets >= stats.up.dropped_loss,
+            "{path:?} {stats:?}"
+        );
+        // 100 Mbit/s × the measured minimum RTT (≥ 40 ms) × 1.25.
+        let floor = (100e6 / 8.0 * 0.040 * 1.25) as u64;
+        assert!(
+            path.cwnd >= floor && path.cwnd < 2 * floor,
+            "window {} after {} losses (floor {floor})",
+            path.cwnd,
+            path.lost_packets
+        );
+    });
+}

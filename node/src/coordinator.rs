@@ -152,8 +152,12 @@ pub fn link_tuning(recipe: &Recipe) -> LinkTuning {
         congestion: match l.congestion {
             atoll_trainer::recipe::CongestionChoice::Cubic => atoll_link::Congestion::Cubic,
             atoll_trainer::recipe::CongestionChoice::Bbr => atoll_link::Congestion::Bbr,
+            atoll_trainer::recipe::CongestionChoice::Provisioned => {
+                atoll_link::Congestion::Provisioned
+            }
         },
         idle_timeout: Duration::from_secs_f64(recipe.sync.heartbeat_timeout_s.0.max(5.0)),
+        connections: l.connections.0,
     }
 }
 

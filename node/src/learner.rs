@@ -196,6 +196,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         waiting_updates: BTreeMap::new(),
         at_pull: BTreeMap::new(),
         pulled_at: BTreeMap::new(),
+        round_trips: (0.0, 0),
         feedback: plan
             .fragments
             .iter()
@@ -305,6 +306,8 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         "bytes_up": counters.up.load(Ordering::Relaxed),
         "bytes_down": counters.down.load(Ordering::Relaxed),
         "fragment_versions": state.protocol.as_ref().map(|p| p.versions()),
+        "fragment_round_trips": state.round_trips.1,
+        "fragment_round_trip_s_mean": state.round_trips.0 / state.round_trips.1.max(1) as f64,
     });
     atoll_trainer::checkpoint::write_json_atomic(&opts.run_dir.join("summary.json"), &summary)?;
     tracing::info!("job done at step {}", worker.step());
@@ -323,6 +326,8 @@ struct LearnerState {
     at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
     /// When each fragment was last sent up: its round trip ends when a new version arrives.
     pulled_at: BTreeMap<usize, Instant>,
+    /// Sum and count of those round trips, for the summary.
+    round_trips: (f64, u64),
     feedback: Vec<Vec<ErrorFeedback>>,
     clock: Vec<u64>,
     resume_step: u64,
@@ -461,10 +466,7 @@ impl LearnerState {
     }
 
     fn on_fragment(&mut self, p: usize, version: u64, values: Vec<Vec<f32>>, worker: &mut Worker) {
-        if let Some(t) = self.pulled_at.remove(&p) {
-            metrics::histogram!("atoll_fragment_round_trip_seconds")
-                .record(t.elapsed().as_secs_f64());
-        }
+        self.note_round_trip(p);
         match self.protocol.as_mut() {
             Some(protocol) => protocol.on_broadcast(p, version, Arc::new(values)),
             None => {
@@ -475,17 +477,29 @@ impl LearnerState {
         self.drain_updates(p, worker);
     }
 
+    /// A new version of fragment `p` arrived: the round trip since its pull is over.
+    fn note_round_trip(&mut self, p: usize) {
+        if let Some(t) = self.pulled_at.remove(&p) {
+            let seconds = t.elapsed().as_secs_f64();
+            metrics::histogram!("atoll_fragment_round_trip_seconds").record(seconds);
+            self.round_trips.0 += seconds;
+            self.round_trips.1 += 1;
+        }
+    }
+
     /// Applies queued updates whose base is now the newest version held.
     fn drain_updates(&mut self, p: usize, worker: &mut Worker) {
+        let _ = &worker;
         let Some(protocol) = self.protocol.as_mut() else {
             return;
         };
+        let mut applied = false;
         loop {
             let (held, base_values) = protocol.latest(p);
             self.waiting_updates
                 .retain(|(f, base), _| *f != p || *base >= held);
             let Some((version, quantised)) = self.waiting_updates.remove(&(p, held)) else {
-                return;
+                break;
             };
             let mut next: Vec<Vec<f32>> = base_values.iter().cloned().collect();
             for (k, q) in quantised.iter().enumerate() {
@@ -493,7 +507,10 @@ impl LearnerState {
                 apply_update(&old, q, &mut next[k]);
             }
             protocol.on_broadcast(p, version, Arc::new(next));
-            let _ = &worker;
+            applied = true;
+        }
+        if applied {
+            self.note_round_trip(p);
         }
     }
 

@@ -4,12 +4,14 @@
 //! - [`coordinator`]: `atoll coordinator`, the service hosting the syncer;
 //! - [`learner`]: `atoll learner`, one region's inner loop and its background network tasks;
 //! - [`launcher`]: `atoll run`, a whole job on this machine;
+//! - [`link_bench`]: `atoll bench link`, the data plane through an emulated WAN link;
 //! - [`parts`]: data-plane parts over QUIC, sent and received alike on both ends;
 //! - [`status`]: `atoll status` and the launcher's live display.
 
 pub mod coordinator;
 pub mod launcher;
 pub mod learner;
+pub mod link_bench;
 pub mod metrics_endpoint;
 pub mod parts;
 pub mod state;

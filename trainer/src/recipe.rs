@@ -375,6 +375,8 @@ pub enum CongestionChoice {
     #[default]
     Cubic,
     Bbr,
+    /// Send at `bandwidth_gbps`, ignoring sparse loss: for dedicated inter-region links.
+    Provisioned,
 }
 
 impl Default for LinkSection {
