@@ -932,17 +932,7 @@ fn bench_train_step(
 
 fn bench_codecs(n: usize, repeats: usize) -> Result<()> {
     use atoll_wire::{decode, encode, ALL_CODECS, DEFAULT_BLOCK};
-    // Outer-gradient-like values: a deterministic heavy-tailed mix.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-            ((u - 0.5) * if state.is_multiple_of(64) { 1.0 } else { 0.01 }) as f32
-        })
-        .collect();
+    let values = atoll_wire::synthetic_outer_gradient(n, 0x2545_f491_4f6c_dd1d);
     let gb = (n * 4) as f64 / 1e9;
     println!(
         "{:<6} {:>10} {:>14} {:>14}",

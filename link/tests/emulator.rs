@@ -169,17 +169,24 @@ fn nothing_passes_during_an_outage() {
     assert_eq!(stats.up.dropped_outage, 100);
 }
 
-#[test]
-fn quic_transfer_through_the_emulator() {
+/// What one QUIC transfer through an emulated link saw.
+struct Transfer {
+    intact: bool,
+    elapsed: Duration,
+    path: quinn::PathStats,
+    stats: atoll_link::emulator::EmulatorStats,
+}
+
+/// Sends `len` bytes on one stream from a client to a server tuned by `tuning`, through an
+/// emulator configured by `link`; bounded by 60 s.
+fn quic_transfer(
+    tuning: LinkTuning,
+    link: impl FnOnce(&mut EmulatorConfig),
+    len: usize,
+) -> Transfer {
     let dir = tempfile::tempdir().unwrap();
     let tls = JobTls::load_or_create(dir.path(), "emulator-test", &["127.0.0.1".into()]).unwrap();
     let ca = std::fs::read(&tls.ca_cert).unwrap();
-    let tuning = LinkTuning {
-        bandwidth_bps: 100e6,
-        rtt: Duration::from_millis(40),
-        ..LinkTuning::default()
-    };
-    const LEN: usize = 4 << 20;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -188,78 +195,19 @@ fn quic_transfer_through_the_emulator() {
     rt.block_on(async {
         let server = server_endpoint(loopback(), &tls, tuning).unwrap();
         let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
-        config.rate_bps = Some(100_000_000);
-        config.rtt = Duration::from_millis(40);
+        link(&mut config);
         let emulator = Emulator::start(config).unwrap();
         let accept = tokio::spawn(async move {
             let conn = server.accept().await.unwrap().await.unwrap();
             let mut stream = conn.accept_uni().await.unwrap();
-            let data = stream.read_to_end(LEN + 1).await.unwrap();
+            let data = stream.read_to_end(len + 1).await.unwrap();
             conn.close(0u32.into(), b"done");
             data
         });
         let client = client_endpoint(&ca, tuning, loopback()).unwrap();
         let start = Instant::now();
         let conn = connect(&client, emulator.local_addr()).await.unwrap();
-        let payload: Vec<u8> = (0..LEN).map(|i| (i * 7 % 251) as u8).collect();
-        let mut stream = conn.open_uni().await.unwrap();
-        stream.write_all(&payload).await.unwrap();
-        stream.finish().unwrap();
-        let received = tokio::time::timeout(Duration::from_secs(30), accept)
-            .await
-            .expect("transfer within 30 s")
-            .unwrap();
-        let elapsed = start.elapsed();
-        let stats = emulator.stop();
-        eprintln!("quic: {LEN} bytes in {elapsed:?}; {stats:?}");
-        assert!(received == payload, "payload corrupted");
-        // 4 MiB at 100 Mbit/s takes at least 0.34 s, plus the handshake's RTT.
-        assert!(
-            elapsed >= Duration::from_millis(370),
-            "{elapsed:?}: not rate limited"
-        );
-        assert!(stats.up.forwarded_bytes >= LEN as u64);
-        assert!(stats.down.offered_packets > 0);
-    });
-}
-
-/// The provisioned-rate controller through a lossy link: the data arrives intact, QUIC sees the
-/// losses, and sparse (1%) random loss leaves the window at the configured rate's 1.25 × BDP.
-#[test]
-fn the_provisioned_controller_keeps_its_window_through_random_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = JobTls::load_or_create(dir.path(), "emulator-test", &["127.0.0.1".into()]).unwrap();
-    let ca = std::fs::read(&tls.ca_cert).unwrap();
-    let tuning = LinkTuning {
-        bandwidth_bps: 100e6,
-        rtt: Duration::from_millis(40),
-        congestion: atoll_link::Congestion::Provisioned,
-        ..LinkTuning::default()
-    };
-    const LEN: usize = 4 << 20;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let server = server_endpoint(loopback(), &tls, tuning).unwrap();
-        let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
-        config.rate_bps = Some(100_000_000);
-        config.rtt = Duration::from_millis(40);
-        config.loss = 0.01;
-        config.seed = 3;
-        let emulator = Emulator::start(config).unwrap();
-        let accept = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            let mut stream = conn.accept_uni().await.unwrap();
-            let data = stream.read_to_end(LEN + 1).await.unwrap();
-            conn.close(0u32.into(), b"done");
-            data
-        });
-        let client = client_endpoint(&ca, tuning, loopback()).unwrap();
-        let conn = connect(&client, emulator.local_addr()).await.unwrap();
-        let payload: Vec<u8> = (0..LEN).map(|i| (i * 13 % 251) as u8).collect();
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         let mut stream = conn.open_uni().await.unwrap();
         stream.write_all(&payload).await.unwrap();
         stream.finish().unwrap();
@@ -267,21 +215,77 @@ fn the_provisioned_controller_keeps_its_window_through_random_loss() {
             .await
             .expect("transfer within 60 s")
             .unwrap();
-        let path = conn.stats().path;
-        let stats = emulator.stop();
-        assert!(received == payload, "payload corrupted");
-        assert!(stats.up.dropped_loss > 0, "{stats:?}");
-        assert!(
-            path.lost_packets >= stats.up.dropped_loss,
-            "{path:?} {stats:?}"
-        );
-        // 100 Mbit/s × the measured minimum RTT (≥ 40 ms) × 1.25.
-        let floor = (100e6 / 8.0 * 0.040 * 1.25) as u64;
-        assert!(
-            path.cwnd >= floor && path.cwnd < 2 * floor,
-            "window {} after {} losses (floor {floor})",
-            path.cwnd,
-            path.lost_packets
-        );
-    });
+        Transfer {
+            intact: received == payload,
+            elapsed: start.elapsed(),
+            path: conn.stats().path,
+            stats: emulator.stop(),
+        }
+    })
+}
+
+#[test]
+fn quic_transfer_through_the_emulator() {
+    let tuning = LinkTuning {
+        bandwidth_bps: 100e6,
+        rtt: Duration::from_millis(40),
+        ..LinkTuning::default()
+    };
+    const LEN: usize = 4 << 20;
+    let t = quic_transfer(
+        tuning,
+        |c| {
+            c.rate_bps = Some(100_000_000);
+            c.rtt = Duration::from_millis(40);
+        },
+        LEN,
+    );
+    eprintln!("quic: {LEN} bytes in {:?}; {:?}", t.elapsed, t.stats);
+    assert!(t.intact, "payload corrupted");
+    // 4 MiB at 100 Mbit/s takes at least 0.34 s, plus the handshake's RTT.
+    assert!(
+        t.elapsed >= Duration::from_millis(370),
+        "{:?}: not rate limited",
+        t.elapsed
+    );
+    assert!(t.stats.up.forwarded_bytes >= LEN as u64);
+    assert!(t.stats.down.offered_packets > 0);
+}
+
+/// The provisioned-rate controller through a lossy link: the data arrives intact, QUIC sees the
+/// losses, and sparse (1%) random loss leaves the window at the configured rate's 1.25 × BDP.
+#[test]
+fn the_provisioned_controller_keeps_its_window_through_random_loss() {
+    let tuning = LinkTuning {
+        bandwidth_bps: 100e6,
+        rtt: Duration::from_millis(40),
+        congestion: atoll_link::Congestion::Provisioned,
+        ..LinkTuning::default()
+    };
+    let t = quic_transfer(
+        tuning,
+        |c| {
+            c.rate_bps = Some(100_000_000);
+            c.rtt = Duration::from_millis(40);
+            c.loss = 0.01;
+            c.seed = 3;
+        },
+        4 << 20,
+    );
+    assert!(t.intact, "payload corrupted");
+    assert!(t.stats.up.dropped_loss > 0, "{:?}", t.stats);
+    assert!(
+        t.path.lost_packets >= t.stats.up.dropped_loss,
+        "{:?} {:?}",
+        t.path,
+        t.stats
+    );
+    // 100 Mbit/s × the measured minimum RTT (≥ 40 ms) × 1.25.
+    let floor = (100e6 / 8.0 * 0.040 * 1.25) as u64;
+    assert!(
+        t.path.cwnd >= floor && t.path.cwnd < 2 * floor,
+        "window {} after {} losses (floor {floor})",
+        t.path.cwnd,
+        t.path.lost_packets
+    );
 }

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Result};
 use atoll_link::emulator::{Emulator, EmulatorConfig, EmulatorStats};
 use atoll_link::quic::{client_endpoint, connect, server_endpoint};
 use atoll_link::{Congestion, JobTls, LinkTuning, PartHeader, PartKind};
-use atoll_wire::{encode_frame, Codec, DEFAULT_BLOCK};
+use atoll_wire::{encode_frame, synthetic_outer_gradient, Codec, DEFAULT_BLOCK};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -98,20 +98,11 @@ impl Outcome {
     }
 }
 
-/// A few e3m0 frames of outer-gradient-like values (a deterministic heavy-tailed mix).
+/// A few e3m0 frames of outer-gradient-like values.
 pub fn sample_frames(values: usize, count: usize) -> Result<Vec<Vec<u8>>> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..count)
-        .map(|_| {
-            let v: Vec<f32> = (0..values)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-                    ((u - 0.5) * if state.is_multiple_of(64) { 1.0 } else { 0.01 }) as f32
-                })
-                .collect();
+    (0..count as u64)
+        .map(|k| {
+            let v = synthetic_outer_gradient(values, 0x9e37_79b9_7f4a_7c15 ^ k);
             encode_frame(Codec::E3M0, DEFAULT_BLOCK as u32, &[values as u64], &v, 0)
                 .map_err(|e| anyhow!("encoding a sample frame: {e}"))
         })

@@ -8,6 +8,21 @@ pub mod frame;
 pub use codec::{decode, encode, Codec, ErrorFeedback, ALL_CODECS, DEFAULT_BLOCK};
 pub use frame::{decode_frame, encode_frame, frame_encoded, Frame, FrameLimits};
 
+/// Deterministic values shaped like outer gradients, for benchmarks: mostly within ±0.005, one
+/// in 64 within ±0.5 (the heavy tail block scales must cope with).
+pub fn synthetic_outer_gradient(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed | 1; // xorshift never leaves 0
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+            ((u - 0.5) * if state.is_multiple_of(64) { 1.0 } else { 0.01 }) as f32
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("value {index} is NaN or infinite")]
