@@ -338,8 +338,9 @@ mod tests {
         };
         let outcome = run_case(case, &opts, &tls, &frames).unwrap();
         assert!(outcome.achieved_bps > 0.0, "{outcome:?}");
-        // Payload only: QUIC framing and headers also cross the 100 Mbit/s bottleneck.
-        assert!(outcome.efficiency() <= 1.0, "{outcome:?}");
+        // Payload only, and QUIC framing crosses the 100 Mbit/s bottleneck too; the margin is
+        // for a receiver that was behind when the measurement started and caught up inside it.
+        assert!(outcome.efficiency() <= 1.25, "{outcome:?}");
         assert!(outcome.emulator.up.forwarded_bytes > 0);
         assert_eq!(outcome.to_json()["congestion"], "prov");
     }

@@ -37,10 +37,11 @@ sync:
     for region in ["east", "west"] {
         assert_eq!(summary["learner_steps"][region], 40, "{summary}");
         let link = &summary["wan"][region];
-        // The initial catch-up alone is the f32 model (6 MB) down each link.
+        // The initial catch-up alone is the f32 model (1.05M parameters at vocabulary 512:
+        // 4.2 MB) down each link; how many updates follow depends on the rounds it joined.
         let down = link["down"]["forwarded_bytes"].as_u64().unwrap();
         let up = link["up"]["forwarded_bytes"].as_u64().unwrap();
-        assert!(down > 6_000_000, "{region}: {link}");
+        assert!(down > 4_200_000, "{region}: {link}");
         assert!(up > 100_000, "{region}: {link}");
     }
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
