@@ -37,11 +37,17 @@ impl Drop for Namespaces {
 }
 
 fn can_make_namespaces(probe: &str) -> bool {
+    let works = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || run(&["tc", "-V"]).status.code().is_none() {
+    if unsafe { libc::geteuid() } != 0 || !works(&["tc", "-V"]) || !works(&["python3", "-V"]) {
         return false;
     }
-    let made = run(&["ip", "netns", "add", probe]).status.success();
+    let made = works(&["ip", "netns", "add", probe]);
     if made {
         let _ = run(&["ip", "netns", "del", probe]);
     }
