@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 ATOLL="${ATOLL:-target/release/atoll}"
 RECIPE="${RECIPE:-recipes/decoupled-tiny.yaml}"
 WORK="${WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
 EXTRA=()
 [[ -n "${STEPS:-}" ]] && EXTRA+=(--set "train.max_steps=$STEPS")
 
