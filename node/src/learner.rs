@@ -686,10 +686,13 @@ impl Net {
         };
         let ca_pem = std::fs::read(&self.ca)
             .map_err(|e| SessionError::Fatal(format!("{}: {e}", self.ca.display())))?;
-        let bind: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
+        // The client's own UDP port: on loopback when the coordinator (or relay) is, so a
+        // local job opens nothing to the network.
+        let bind: SocketAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
+            (true, true) => "127.0.0.1:0",
+            (true, false) => "0.0.0.0:0",
+            (false, true) => "[::1]:0",
+            (false, false) => "[::]:0",
         }
         .parse()
         .expect("literal");
