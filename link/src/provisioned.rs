@@ -105,9 +105,7 @@ impl Provisioned {
         self.epoch_acked = 0;
         self.epoch_lost = 0;
     }
-}
 
-impl Provisioned {
     fn on_acked(&mut self, now: Instant, bytes: u64, min_rtt: Duration) {
         self.min_rtt = min_rtt;
         self.epoch_acked += bytes;

@@ -459,7 +459,7 @@ impl LearnerState {
             PartKind::Update => {
                 self.waiting_updates
                     .insert((p, h.base_version), (version, tensors));
-                self.drain_updates(p, worker);
+                self.drain_updates(p);
             }
             PartKind::Contribution => {}
         }
@@ -474,7 +474,7 @@ impl LearnerState {
                 self.try_start(worker);
             }
         }
-        self.drain_updates(p, worker);
+        self.drain_updates(p);
     }
 
     /// A new version of fragment `p` arrived: the round trip since its pull is over.
@@ -488,8 +488,7 @@ impl LearnerState {
     }
 
     /// Applies queued updates whose base is now the newest version held.
-    fn drain_updates(&mut self, p: usize, worker: &mut Worker) {
-        let _ = &worker;
+    fn drain_updates(&mut self, p: usize) {
         let Some(protocol) = self.protocol.as_mut() else {
             return;
         };

@@ -6,7 +6,7 @@
 
 use crate::parts::send_part;
 use anyhow::{anyhow, Result};
-use atoll_link::emulator::{Emulator, EmulatorConfig, EmulatorStats};
+use atoll_link::emulator::{process_cpu_time, Emulator, EmulatorConfig, EmulatorStats};
 use atoll_link::quic::{client_endpoint, connect, server_endpoint};
 use atoll_link::{Congestion, JobTls, LinkTuning, PartHeader, PartKind};
 use atoll_wire::{encode_frame, synthetic_outer_gradient, Codec, DEFAULT_BLOCK};
@@ -109,19 +109,6 @@ pub fn sample_frames(values: usize, count: usize) -> Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-fn process_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-    } else {
-        Duration::ZERO
-    }
-}
-
 /// Runs one case on loopback: the emulator between a client and a server, for
 /// `warmup + measure`, with the job TLS material in `tls`.
 pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) -> Result<Outcome> {
@@ -146,7 +133,7 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
     let stop = Arc::new(AtomicBool::new(false));
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("literal");
     let frames: Arc<Vec<Vec<u8>>> = Arc::new(frames.to_vec());
-    let cpu_start = process_cpu();
+    let cpu_start = process_cpu_time();
     let result = runtime.block_on(async {
         let server = server_endpoint(loopback, tls, tuning)?;
         let mut config = EmulatorConfig::new(loopback, server.local_addr()?);
@@ -232,7 +219,7 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
     runtime.shutdown_timeout(Duration::from_secs(1));
     let (achieved_bps, delivered, stats, transport) = result?;
     // CPU over the whole case, warm-up included: the work per byte hardly depends on the rate.
-    let total_cpu = process_cpu().saturating_sub(cpu_start).as_secs_f64();
+    let total_cpu = process_cpu_time().saturating_sub(cpu_start).as_secs_f64();
     let emulator_cpu = (stats.up.cpu_time + stats.down.cpu_time).as_secs_f64();
     let forwarded = (stats.up.forwarded_bytes + stats.down.forwarded_bytes) as f64;
     Ok(Outcome {

@@ -31,7 +31,7 @@ mod relay;
 pub mod spec;
 
 pub use model::{DropReason, LinkModel, LinkParams, Verdict};
-pub use relay::DirectionStats;
+pub use relay::{process_cpu_time, DirectionStats};
 pub use spec::{
     parse_bytes, parse_duration, parse_percent, parse_rate, LinkSpec, Outage, ParseError,
 };
