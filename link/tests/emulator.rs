@@ -140,15 +140,29 @@ fn loss_follows_the_binomial() {
     paced_send(&bind(), to, n, 200, 40e6);
     let (received, _, _, _) = receiver.join().unwrap();
     let stats = emulator.stop();
-    // Expected 19,000 of 20,000; σ = √(n p (1 − p)) ≈ 30.8; allow 5σ.
-    let expected = n as f64 * 0.95;
     eprintln!("loss: received {received} of {n}; {stats:?}");
+    // On a busy machine the host may drop a few datagrams before the emulator reads them (its
+    // socket buffer is capped by net.core.rmem_max), so the draws are judged on what entered.
+    let offered = stats.up.offered_packets as usize;
     assert!(
-        (received as f64 - expected).abs() < 5.0 * 30.8,
-        "received {received}"
+        offered <= n && offered >= n * 99 / 100,
+        "offered {offered} of {n}"
     );
-    assert_eq!(stats.up.offered_packets as usize, n);
-    assert_eq!(stats.up.dropped_loss as usize + received, n);
+    // Kept: binomial(offered, 0.95), about 19,000 with σ = √(n p (1 − p)) ≈ 30.8; allow 5σ.
+    let kept = offered - stats.up.dropped_loss as usize;
+    let (expected, sigma) = (offered as f64 * 0.95, (offered as f64 * 0.05 * 0.95).sqrt());
+    assert!(
+        (kept as f64 - expected).abs() < 5.0 * sigma,
+        "kept {kept} of {offered}"
+    );
+    // Without a rate limit nothing queues: every kept datagram is forwarded (or refused by the
+    // host), and the receiver gets what was forwarded, less what its own host may drop.
+    let forwarded = stats.up.forwarded_packets as usize;
+    assert_eq!(forwarded + stats.up.dropped_send as usize, kept);
+    assert!(
+        received <= forwarded && received >= forwarded * 99 / 100,
+        "received {received} of {forwarded} forwarded"
+    );
 }
 
 #[test]
