@@ -44,6 +44,10 @@ pub struct SimSummary {
     pub seed: u64,
     pub initial_eval_loss: f64,
     pub final_eval_loss: f64,
+    /// The lowest eval loss on the curve (`train.eval_every`) and the step it was seen at: below
+    /// the final value when the run trained past its best point.
+    pub best_eval_loss: f64,
+    pub best_eval_step: usize,
     pub tokens: u64,
     /// Tokens whose work reached the global model (per learner contribution, averaged over
     /// fragments); under `apply: rebase` every token, exactly once.
@@ -166,6 +170,62 @@ fn set_flat(t: &mut Tensor, values: &[f32]) {
     tch::no_grad(|| t.copy_(&src));
 }
 
+/// Periodic evaluation of the model a job would ship (DP's model; the syncer's global Θ in the
+/// DiLoCo modes) every `train.eval_every` steps per learner, so a run's eval curve shows whether
+/// the final value is still falling or already past a minimum (on a small corpus trained for
+/// several epochs, overfitting shows up here first).
+struct EvalProbe<'a> {
+    /// A model of its own, so loading Θ never disturbs a learner.
+    model: Option<(GemmaModel, Vec<Tensor>)>,
+    every: usize,
+    next_at: usize,
+    eval: &'a PackedSequences,
+    batch: usize,
+    batches: usize,
+    best: Option<(usize, f64)>,
+}
+
+impl EvalProbe<'_> {
+    /// True when `steps` (per learner) has reached the next evaluation point.
+    fn due(&self, steps: usize) -> bool {
+        self.every > 0 && steps >= self.next_at
+    }
+
+    /// Records one evaluation at `steps` and schedules the next.
+    fn record(
+        &mut self,
+        steps: usize,
+        loss: f64,
+        now: f64,
+        metrics: &mut impl Write,
+    ) -> Result<()> {
+        if let Some(done) = steps.checked_div(self.every) {
+            self.next_at = (done + 1) * self.every;
+        }
+        if self.best.is_none_or(|(_, b)| loss < b) {
+            self.best = Some((steps, loss));
+        }
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": steps, "eval_loss": loss, "sim_time_s": now})
+        )?;
+        Ok(())
+    }
+
+    /// Evaluates `values` (trainable-parameter order) on the probe's own model.
+    fn evaluate_values(&mut self, values: &[Vec<f32>]) -> f64 {
+        let (model, params) = self
+            .model
+            .as_mut()
+            .expect("a probe that is due has a model");
+        for (p, v) in params.iter_mut().zip(values) {
+            set_flat(p, v);
+        }
+        evaluate(model, self.eval, self.batch, self.batches)
+    }
+}
+
 pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
     let sync = &recipe.sync;
     let m_count = sync.learners.0;
@@ -245,6 +305,20 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         .map(|(_, s)| s.iter().product::<i64>() as u64)
         .sum();
 
+    let mut probe = EvalProbe {
+        model: None,
+        every: t.eval_every.0,
+        next_at: t.eval_every.0,
+        eval: &prepared.eval,
+        batch,
+        batches: t.eval_batches.0,
+        best: None,
+    };
+    if sync.mode != SyncMode::Ddp && probe.every > 0 {
+        let model = build_model(recipe, vocab, device)?;
+        let params = model.trainable_parameters();
+        probe.model = Some((model, params));
+    }
     let summary = if sync.mode == SyncMode::Ddp {
         simulate_ddp(
             recipe,
@@ -252,6 +326,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
             &prepared.train,
             tokens_per_step,
             parameters,
+            &mut probe,
             &mut metrics,
         )?
     } else {
@@ -262,6 +337,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
             tokens_per_step,
             budget,
             &names,
+            &mut probe,
             &mut metrics,
         )?
     };
@@ -305,6 +381,9 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         set_flat(p, values);
     }
     let final_eval = evaluate(&eval_model.model, &prepared.eval, batch, t.eval_batches.0);
+    probe.record(t.max_steps.0, final_eval, wall, &mut metrics)?;
+    metrics.flush()?;
+    let (best_eval_step, best_eval_loss) = probe.best.unwrap_or((t.max_steps.0, final_eval));
     let tokens: u64 = learners.iter().map(|l| l.steps * tokens_per_step).sum();
     let compute: f64 = learners.iter().map(|l| l.compute_s).sum();
     let ideal_tokens_per_s = m_count as f64 * tokens_per_step as f64 / sync.step_time_s.0;
@@ -322,6 +401,8 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         seed: recipe.seed,
         initial_eval_loss: initial_eval,
         final_eval_loss: final_eval,
+        best_eval_loss,
+        best_eval_step,
         tokens,
         merged_tokens,
         bytes_up,
@@ -415,6 +496,7 @@ fn simulate_ddp(
     data: &PackedSequences,
     tokens_per_step: u64,
     parameters: u64,
+    probe: &mut EvalProbe,
     metrics: &mut impl Write,
 ) -> Result<Outcome> {
     let sync = &recipe.sync;
@@ -455,6 +537,11 @@ fn simulate_ddp(
             "{}",
             serde_json::json!({"step": step + 1, "loss": loss_sum, "lr": lr, "sim_time_s": wall})
         )?;
+        // The last point is the final evaluation, taken by the caller.
+        if probe.due(step + 1) && step + 1 < total_steps {
+            let loss = evaluate(&learners[0].model, probe.eval, probe.batch, probe.batches);
+            probe.record(step + 1, loss, wall, metrics)?;
+        }
     }
     let first = &learners[0];
     let global: Vec<Vec<f32>> = (0..first.params.len()).map(|i| first.values(i)).collect();
@@ -480,6 +567,7 @@ fn simulate_diloco_family(
     tokens_per_step: u64,
     budget: u64,
     names: &[(String, Vec<i64>)],
+    probe: &mut EvalProbe,
     metrics: &mut impl Write,
 ) -> Result<Outcome> {
     let sync = &recipe.sync;
@@ -683,6 +771,11 @@ fn simulate_diloco_family(
                     "{}",
                     serde_json::json!({"learner": m, "step": step, "loss": loss, "lr": lr, "sim_time_s": now, "tokens": tokens_done})
                 )?;
+                let steps_per_learner = (tokens_done / (tokens_per_step * m_count as u64)) as usize;
+                if probe.due(steps_per_learner) && steps_per_learner < total_steps {
+                    let loss = probe.evaluate_values(&global_values(&syncer, &plan, &initial));
+                    probe.record(steps_per_learner, loss, now, metrics)?;
+                }
                 if classic && step.is_multiple_of(sync.h.0 as u64) {
                     l.waiting_for_sync = true; // resumes when the merged model arrives
                 } else if tokens_done < budget {
@@ -796,16 +889,7 @@ fn simulate_diloco_family(
             }
         }
     }
-    let global: Vec<Vec<f32>> = {
-        let mut g = initial.clone();
-        for (p, f) in plan.fragments.iter().enumerate() {
-            let values = syncer.fragment_values(p);
-            for (k, &ti) in f.tensors.iter().enumerate() {
-                g[ti] = values[k].clone();
-            }
-        }
-        g
-    };
+    let global = global_values(&syncer, &plan, &initial);
     let merged_tokens: u64 = {
         // Tokens count once per learner contribution, averaged over fragments.
         let per_fragment: u64 = syncer
@@ -826,6 +910,18 @@ fn simulate_diloco_family(
         failures,
         global,
     })
+}
+
+/// The syncer's global parameters Θ, in trainable-parameter order (`template` gives the shapes).
+fn global_values(syncer: &Syncer, plan: &FragmentPlan, template: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut g = template.to_vec();
+    for (p, f) in plan.fragments.iter().enumerate() {
+        let values = syncer.fragment_values(p);
+        for (k, &ti) in f.tensors.iter().enumerate() {
+            g[ti] = values[k].clone();
+        }
+    }
+    g
 }
 
 /// Carries out the syncer's actions on the simulated network; returns the bytes sent down.

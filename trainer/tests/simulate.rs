@@ -135,3 +135,41 @@ fn rebase_merges_every_step_exactly_once() {
     assert_eq!(s.merged_tokens, s.tokens, "{s:?}");
     assert!(s.final_eval_loss < s.initial_eval_loss - 0.3, "{s:?}");
 }
+
+/// The eval curve (`train.eval_every`) evaluates the model a job would ship: DP's model, or the
+/// syncer's global Θ; its last point is the final evaluation and the summary names its minimum.
+#[test]
+fn eval_curve_ends_at_the_final_eval_and_names_its_best_point() {
+    for mode in ["sync.mode=ddp", "sync.mode=decoupled"] {
+        let dir = tempfile::tempdir().unwrap();
+        let summary = simulate(
+            &recipe(dir.path(), &[mode, "train.eval_every=4"]),
+            dir.path(),
+        )
+        .unwrap();
+        let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let curve: Vec<(u64, f64)> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| Some((v["step"].as_u64()?, v.get("eval_loss")?.as_f64()?)))
+            .collect();
+        let steps: Vec<u64> = curve.iter().map(|c| c.0).collect();
+        assert_eq!(steps, [4, 8, 12, 16], "{mode}: {curve:?}");
+        assert_eq!(curve[3].1, summary.final_eval_loss, "{mode}");
+        // Θ moves only as fragments merge (every h = 4 steps, staggered), so look at step 12.
+        assert!(
+            curve[2].1 < summary.initial_eval_loss - 0.3,
+            "{mode}: the model at step 12 has learned: {curve:?}"
+        );
+        let (best_step, best) =
+            curve.iter().fold(
+                (0, f64::INFINITY),
+                |b, &(s, l)| if l < b.1 { (s, l) } else { b },
+            );
+        assert_eq!(
+            (summary.best_eval_step as u64, summary.best_eval_loss),
+            (best_step, best),
+            "{mode}"
+        );
+    }
+}
