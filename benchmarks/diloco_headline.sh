@@ -2,7 +2,7 @@
 # The headline experiment: the same tiny Gemma, the same token budget and seed, trained by
 # data-parallel, classic DiLoCo and Decoupled DiLoCo (M = 4, 4-bit wire), plus ablations, all in
 # `atoll simulate` over simulated 2 Gbps / 20 ms links. Prints one table.
-# Usage: benchmarks/diloco_headline.sh            (about 25 minutes on 2 cores; WORK=DIR reuses
+# Usage: benchmarks/diloco_headline.sh            (about 30 minutes on 2 cores; WORK=DIR reuses
 #                                                  the finished runs in DIR)
 #        STEPS=300 benchmarks/diloco_headline.sh  (the shorter budget of benchmarks/README.md)
 #        JOBS=N                                   (simulations run side by side; default: cores)
@@ -45,19 +45,17 @@ run() {  # one RUNS entry; a finished run in WORK is reused
 }
 
 echo "running ${#RUNS[@]} simulations, $JOBS at a time, into $WORK" >&2
-pids=()
 for entry in "${RUNS[@]}"; do
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
     run "$entry" &
-    pids+=("$!")
 done
-failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-((failed == 0)) || exit 1
+wait
 
+# A run that failed left no summary (and said so above).
 rm -f "$WORK/order"
 for entry in "${RUNS[@]}"; do
     IFS='|' read -r slug name _ <<<"$entry"
+    [[ -f "$WORK/$slug/summary.json" ]] || exit 1
     printf '%s\t%s\n' "$slug" "$name" >> "$WORK/order"
 done
 

@@ -182,7 +182,8 @@ struct EvalProbe<'a> {
     eval: &'a PackedSequences,
     batch: usize,
     batches: usize,
-    best: Option<(usize, f64)>,
+    /// The lowest point so far: (step, eval loss).
+    best: (usize, f64),
 }
 
 impl EvalProbe<'_> {
@@ -202,8 +203,8 @@ impl EvalProbe<'_> {
         if let Some(done) = steps.checked_div(self.every) {
             self.next_at = (done + 1) * self.every;
         }
-        if self.best.is_none_or(|(_, b)| loss < b) {
-            self.best = Some((steps, loss));
+        if loss < self.best.1 {
+            self.best = (steps, loss);
         }
         writeln!(
             metrics,
@@ -312,7 +313,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         eval: &prepared.eval,
         batch,
         batches: t.eval_batches.0,
-        best: None,
+        best: (0, f64::INFINITY),
     };
     if sync.mode != SyncMode::Ddp && probe.every > 0 {
         let model = build_model(recipe, vocab, device)?;
@@ -383,7 +384,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
     let final_eval = evaluate(&eval_model.model, &prepared.eval, batch, t.eval_batches.0);
     probe.record(t.max_steps.0, final_eval, wall, &mut metrics)?;
     metrics.flush()?;
-    let (best_eval_step, best_eval_loss) = probe.best.unwrap_or((t.max_steps.0, final_eval));
+    let (best_eval_step, best_eval_loss) = probe.best;
     let tokens: u64 = learners.iter().map(|l| l.steps * tokens_per_step).sum();
     let compute: f64 = learners.iter().map(|l| l.compute_s).sum();
     let ideal_tokens_per_s = m_count as f64 * tokens_per_step as f64 / sync.step_time_s.0;
