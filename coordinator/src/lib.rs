@@ -9,7 +9,7 @@ pub mod plan;
 pub mod syncer;
 
 pub use learner::{ApplyRule, LearnerProtocol};
-pub use merge::{MergeRule, OuterOptimizer};
+pub use merge::{FinalStep, MergeRule, OuterOptimizer};
 pub use plan::{FragmentPlan, TensorInfo};
 pub use syncer::{
     apply_update, Action, Contribution, EncodedUpdate, Event, FragmentSnapshot, LearnerId,

@@ -16,6 +16,20 @@ pub enum MergeRule {
     Mean,
 }
 
+/// What the job's last round (the flush once every learner has stopped) does with the merged
+/// outer gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalStep {
+    /// Θ becomes the token-weighted average of the learners' models (plain mean, outer lr 1, no
+    /// momentum): Nesterov's look-ahead along old, large-lr updates would overshoot the
+    /// learners' final, low-lr models.
+    #[default]
+    Average,
+    /// The usual merge rule and outer Nesterov step.
+    Outer,
+}
+
 pub fn learner_weight(c_tokens: u64, c_steps: u64) -> f64 {
     if c_steps == 0 {
         0.0

@@ -18,7 +18,7 @@
 //! Contributions are keyed by (learner, fragment, round): a duplicate, a late one (round closed),
 //! one nobody asked for, or one holding NaN/Inf is rejected and counted, never merged.
 
-use crate::merge::{learner_weight, rda, weighted_mean, MergeRule, OuterOptimizer};
+use crate::merge::{learner_weight, rda, weighted_mean, FinalStep, MergeRule, OuterOptimizer};
 use crate::plan::FragmentPlan;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -37,6 +37,8 @@ pub struct SyncerConfig {
     pub grace_cap_s: Option<f64>,
     pub outer: OuterOptimizer,
     pub merge: MergeRule,
+    /// The step of the rounds `flush` opens at the end of the job.
+    pub final_step: FinalStep,
     /// A pulled learner that has not delivered after this long is dropped from the round.
     pub pull_timeout_s: f64,
     /// A learner silent for this long is marked absent (weight 0) until it reports or rejoins.
@@ -62,6 +64,7 @@ impl Default for SyncerConfig {
                 momentum: 0.9,
             },
             merge: MergeRule::Rda,
+            final_step: FinalStep::Average,
             pull_timeout_s: 600.0,
             heartbeat_timeout_s: 60.0,
             version_history: 4,
@@ -190,6 +193,8 @@ struct Round {
     responders: BTreeSet<LearnerId>,
     awaiting: BTreeSet<LearnerId>,
     received: BTreeMap<LearnerId, Contribution>,
+    /// Opened by `flush`: merged by `SyncerConfig::final_step`.
+    last: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +520,7 @@ impl Syncer {
                 responders,
                 awaiting: BTreeSet::new(),
                 received: BTreeMap::new(),
+                last: true,
             });
             self.start_pull(now, p, &mut actions);
         }
@@ -598,6 +604,7 @@ impl Syncer {
                     responders: BTreeSet::new(),
                     awaiting: BTreeSet::new(),
                     received: BTreeMap::new(),
+                    last: false,
                 });
             }
             let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);
@@ -804,15 +811,24 @@ impl Syncer {
                 .map(|c| c.delta[k].as_slice())
                 .collect();
             let name = &self.plan.tensors[frag_meta.tensors[k]].name;
-            let merged = if self.config.merge == MergeRule::Mean || crate::plan::is_embedding(name)
+            let average = round.last && self.config.final_step == FinalStep::Average;
+            let merged = if average
+                || self.config.merge == MergeRule::Mean
+                || crate::plan::is_embedding(name)
             {
                 weighted_mean(&deltas, &weights)
             } else {
                 rda(&deltas, &weights)
             };
-            self.config
-                .outer
-                .step(values, &mut frag.momentum[k], &merged);
+            if average {
+                for (t, d) in values.iter_mut().zip(&merged) {
+                    *t -= d;
+                }
+            } else {
+                self.config
+                    .outer
+                    .step(values, &mut frag.momentum[k], &merged);
+            }
             if let Some(codec) = self.config.broadcast_codec {
                 encoded.push(quantise_update(codec, &frag.theta[k], values));
             }

@@ -2,8 +2,8 @@
 
 use atoll_coordinator::syncer::RejectReason;
 use atoll_coordinator::{
-    Action, Contribution, Event, FragmentPlan, MergeRule, OuterOptimizer, Progress, Syncer,
-    SyncerConfig, TensorInfo, TimerId,
+    Action, Contribution, Event, FinalStep, FragmentPlan, MergeRule, OuterOptimizer, Progress,
+    Syncer, SyncerConfig, TensorInfo, TimerId,
 };
 
 /// One fragment holding one 2-element tensor, Θ = [1, 1]; H = 4.
@@ -334,4 +334,60 @@ fn quantised_broadcasts_move_theta_by_the_decoded_update() {
     // rounds 0.399/1.33 = 0.3 to the level 0.25: −0.3325.
     assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6, "{values:?}");
     assert!((values[1] - (1.0 - 0.3325)).abs() < 1e-6, "{values:?}");
+}
+
+/// One Nesterov round with momentum, then the end-of-job flush with two learners of unequal
+/// progress; returns Θ after the flush.
+fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 4,
+        quorum: 2,
+        grace_gamma: 0.0,
+        outer: OuterOptimizer {
+            lr: 0.7,
+            momentum: 0.9,
+        },
+        merge: MergeRule::Rda,
+        final_step,
+        ..SyncerConfig::default()
+    };
+    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+    join_all(&mut s, &[1, 2]);
+    report(&mut s, 4.0, 1, 4);
+    let a = report(&mut s, 4.0, 2, 4);
+    assert_eq!(pulls(&a), vec![1, 2]);
+    s.handle(4.1, contribution(1, 1, 0, [0.5, 1.0], 4));
+    let a = s.handle(4.2, contribution(2, 1, 0, [0.5, 1.0], 4));
+    let (_, theta) = broadcast(&a).expect("round 1 merged");
+    // The first Nesterov step: Θ − 1.33·Δ.
+    assert!((theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.33).abs() < 1e-6);
+
+    let progress = [(1, progress(3)), (2, progress(1))].into_iter().collect();
+    let a = s.flush(10.0, &progress);
+    let round = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Pull { round, .. } => Some(*round),
+            _ => None,
+        })
+        .expect("the flush pulls");
+    s.handle(10.1, contribution(1, round, 1, [0.2, 0.0], 3));
+    let a = s.handle(10.2, contribution(2, round, 1, [0.4, 0.2], 1));
+    broadcast(&a).expect("the flush round merged").1
+}
+
+#[test]
+fn the_final_round_averages_the_learners_without_momentum() {
+    // Weights c_tokens²/c_steps: 300²/3 = 30000 and 100²/1 = 10000, so the merged Δ is
+    // 0.75·[0.2, 0] + 0.25·[0.4, 0.2] = [0.25, 0.05] (a plain weighted mean, not RDA).
+    let averaged = theta_after_flush(FinalStep::Average);
+    let want = [0.335 - 0.25, -0.33 - 0.05];
+    for (got, want) in averaged.iter().zip(want) {
+        assert!((got - want).abs() < 1e-6, "{averaged:?} vs {want}");
+    }
+    // With `outer` the flush is one more Nesterov step: the look-ahead along the momentum
+    // buffer (0.9·Δ₁ + Δ₂) carries Θ much further.
+    let outer = theta_after_flush(FinalStep::Outer);
+    assert!(outer[0] < -0.2 && outer[1] < -0.9, "{outer:?}");
 }

@@ -137,6 +137,7 @@ fn syncer_config(recipe: &Recipe) -> SyncerConfig {
             momentum: s.outer_momentum.0,
         },
         merge: s.merge,
+        final_step: s.final_step,
         pull_timeout_s: 4.0 * s.heartbeat_timeout_s.0,
         heartbeat_timeout_s: s.heartbeat_timeout_s.0,
         version_history: 4,

@@ -609,6 +609,7 @@ fn simulate_diloco_family(
             momentum: sync.outer_momentum.0,
         },
         merge: sync.merge,
+        final_step: sync.final_step,
         pull_timeout_s: 100.0 * sync.step_time_s.0 * sync.h.0 as f64,
         heartbeat_timeout_s: 10.0 * sync.step_time_s.0
             / learners
