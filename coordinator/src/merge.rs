@@ -21,8 +21,8 @@ pub enum MergeRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FinalStep {
-    /// Θ becomes the token-weighted average of the learners' models (plain mean, outer lr 1, no
-    /// momentum): Nesterov's look-ahead along old, large-lr updates would overshoot the
+    /// Θ becomes the plain average of the learners' models (outer lr 1, no momentum, every
+    /// learner once): Nesterov's look-ahead along old, large-lr updates would overshoot the
     /// learners' final, low-lr models.
     #[default]
     Average,

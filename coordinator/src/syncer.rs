@@ -492,23 +492,33 @@ impl Syncer {
     ) -> Vec<Action> {
         let mut actions = Vec::new();
         let active = self.active_learners();
+        let average = self.config.final_step == FinalStep::Average;
         for p in 0..self.fragments.len() {
             if self.fragments[p].open.is_some() {
                 continue;
             }
+            let has_progress = |l: &LearnerId| {
+                progress
+                    .get(l)
+                    .and_then(|g| g.get(p))
+                    .is_some_and(|g| g.c_steps > 0)
+            };
+            if !active.iter().any(has_progress) {
+                continue;
+            }
+            // The average is over the learners' models, so a learner with nothing new since
+            // Θ_p counts too (its Δ is zero); an outer step only wants the new work.
             let responders: BTreeSet<LearnerId> = active
                 .iter()
                 .copied()
                 .filter(|l| {
-                    progress
-                        .get(l)
-                        .and_then(|g| g.get(p))
-                        .is_some_and(|g| g.c_steps > 0)
+                    if average {
+                        progress.contains_key(l)
+                    } else {
+                        has_progress(l)
+                    }
                 })
                 .collect();
-            if responders.is_empty() {
-                continue;
-            }
             let frag = &mut self.fragments[p];
             frag.open = Some(Round {
                 round: frag.next_round,
@@ -708,7 +718,7 @@ impl Syncer {
             .fragments
             .get(c.fragment)
             .ok_or(RejectReason::UnknownFragment)?;
-        match &frag.open {
+        let last_average = match &frag.open {
             Some(r) if r.round == c.round && r.phase == Phase::Pulling => {
                 if r.received.contains_key(&c.learner) {
                     return Err(RejectReason::Duplicate);
@@ -716,10 +726,11 @@ impl Syncer {
                 if !r.awaiting.contains(&c.learner) {
                     return Err(RejectReason::NotRequested);
                 }
+                r.last && self.config.final_step == FinalStep::Average
             }
             _ if c.round < frag.next_round => return Err(RejectReason::Late),
             _ => return Err(RejectReason::NotRequested),
-        }
+        };
         let shapes_ok = c.delta.len() == frag.theta.len()
             && c.delta
                 .iter()
@@ -731,7 +742,9 @@ impl Syncer {
         if c.delta.iter().any(|d| d.iter().any(|x| !x.is_finite())) {
             return Err(RejectReason::NonFinite);
         }
-        if c.base_version == frag.version {
+        // The final average adds each learner's own work to the current Θ_p (as a rebase
+        // would): re-anchored, a learner still holding an older version would pull Θ_p back.
+        if c.base_version == frag.version || last_average {
             return Ok(());
         }
         let (_, base) = frag
@@ -790,9 +803,19 @@ impl Syncer {
         };
         let frag_meta = &self.plan.fragments[p];
         let contributions: Vec<&Contribution> = round.received.values().collect();
+        // The job's last round may set Θ_p to the learners' plain average: every model counts
+        // once, however much of its work Θ_p already holds (weighting by the progress since the
+        // last sync would let a slow learner's stale drift dominate).
+        let average = round.last && self.config.final_step == FinalStep::Average;
         let weights: Vec<f64> = contributions
             .iter()
-            .map(|c| learner_weight(c.progress.c_tokens, c.progress.c_steps))
+            .map(|c| {
+                if average {
+                    1.0
+                } else {
+                    learner_weight(c.progress.c_tokens, c.progress.c_steps)
+                }
+            })
             .collect();
         let offset = self.offset(p);
         let global_step = self.global_step();
@@ -811,7 +834,6 @@ impl Syncer {
                 .map(|c| c.delta[k].as_slice())
                 .collect();
             let name = &self.plan.tensors[frag_meta.tensors[k]].name;
-            let average = round.last && self.config.final_step == FinalStep::Average;
             let merged = if average
                 || self.config.merge == MergeRule::Mean
                 || crate::plan::is_embedding(name)

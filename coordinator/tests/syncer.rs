@@ -336,8 +336,9 @@ fn quantised_broadcasts_move_theta_by_the_decoded_update() {
     assert!((values[1] - (1.0 - 0.3325)).abs() < 1e-6, "{values:?}");
 }
 
-/// One Nesterov round with momentum, then the end-of-job flush with two learners of unequal
-/// progress; returns Θ after the flush.
+/// One Nesterov round with momentum (learners 1 and 2; learner 3 never reports), then the
+/// end-of-job flush where learner 1 has 3 new steps, learner 2 one and learner 3 none; returns Θ
+/// after the flush.
 fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
     let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
     let config = SyncerConfig {
@@ -353,7 +354,7 @@ fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
         ..SyncerConfig::default()
     };
     let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
-    join_all(&mut s, &[1, 2]);
+    join_all(&mut s, &[1, 2, 3]);
     report(&mut s, 4.0, 1, 4);
     let a = report(&mut s, 4.0, 2, 4);
     assert_eq!(pulls(&a), vec![1, 2]);
@@ -363,7 +364,9 @@ fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
     // The first Nesterov step: Θ − 1.33·Δ.
     assert!((theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.33).abs() < 1e-6);
 
-    let progress = [(1, progress(3)), (2, progress(1))].into_iter().collect();
+    let progress = [(1, progress(3)), (2, progress(1)), (3, progress(0))]
+        .into_iter()
+        .collect();
     let a = s.flush(10.0, &progress);
     let round = a
         .iter()
@@ -372,22 +375,31 @@ fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
             _ => None,
         })
         .expect("the flush pulls");
-    s.handle(10.1, contribution(1, round, 1, [0.2, 0.0], 3));
-    let a = s.handle(10.2, contribution(2, round, 1, [0.4, 0.2], 1));
-    broadcast(&a).expect("the flush round merged").1
+    let mut last = Vec::new();
+    for (learner, base, delta, steps) in [
+        (1, 1, [0.2, 0.0], 3),
+        (2, 1, [0.4, 0.2], 1),
+        (3, 0, [0.0, 0.0], 0),
+    ] {
+        if pulls(&a).contains(&learner) {
+            last = s.handle(10.1, contribution(learner, round, base, delta, steps));
+        }
+    }
+    broadcast(&last).expect("the flush round merged").1
 }
 
 #[test]
 fn the_final_round_averages_the_learners_without_momentum() {
-    // Weights c_tokens²/c_steps: 300²/3 = 30000 and 100²/1 = 10000, so the merged Δ is
-    // 0.75·[0.2, 0] + 0.25·[0.4, 0.2] = [0.25, 0.05] (a plain weighted mean, not RDA).
+    // Every learner counts once, learner 3 too although it has no new work: Θ₁ plus the mean of
+    // the three learners' own work, [0.335, −0.33] − ([0.2, 0] + [0.4, 0.2] + [0, 0]) / 3. Its
+    // Δ is measured from version 0 but is not re-anchored (that would pull Θ back to version 0).
     let averaged = theta_after_flush(FinalStep::Average);
-    let want = [0.335 - 0.25, -0.33 - 0.05];
+    let want = [0.335 - 0.6 / 3.0, -0.33 - 0.2 / 3.0];
     for (got, want) in averaged.iter().zip(want) {
         assert!((got - want).abs() < 1e-6, "{averaged:?} vs {want}");
     }
-    // With `outer` the flush is one more Nesterov step: the look-ahead along the momentum
-    // buffer (0.9·Δ₁ + Δ₂) carries Θ much further.
+    // With `outer` the flush pulls only learners with new work and takes one more Nesterov
+    // step: the look-ahead along the momentum buffer (0.9·Δ₁ + Δ₂) carries Θ much further.
     let outer = theta_after_flush(FinalStep::Outer);
     assert!(outer[0] < -0.2 && outer[1] < -0.9, "{outer:?}");
 }
