@@ -4,7 +4,7 @@
 # `atoll simulate` over simulated 2 Gbps / 20 ms links. Prints one table, then DP against
 # Decoupled DiLoCo repeated with other seeds (one seed cannot settle a 1.5% target: DP's own eval
 # loss wanders by ±0.7% late in its run).
-# Usage: benchmarks/diloco_headline.sh            (about 40 minutes on 2 cores; WORK=DIR reuses
+# Usage: benchmarks/diloco_headline.sh            (about 45 minutes on 2 cores; WORK=DIR reuses
 #                                                  the finished runs in DIR)
 #        STEPS=300 benchmarks/diloco_headline.sh  (a shorter budget)
 #        JOBS=N                                   (simulations run side by side; default: cores)
