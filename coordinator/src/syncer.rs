@@ -193,8 +193,8 @@ struct Round {
     responders: BTreeSet<LearnerId>,
     awaiting: BTreeSet<LearnerId>,
     received: BTreeMap<LearnerId, Contribution>,
-    /// Opened by `flush`: merged by `SyncerConfig::final_step`.
-    last: bool,
+    /// Opened by `flush` with `FinalStep::Average`: Θ_p becomes the learners' plain average.
+    average: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -530,7 +530,7 @@ impl Syncer {
                 responders,
                 awaiting: BTreeSet::new(),
                 received: BTreeMap::new(),
-                last: true,
+                average,
             });
             self.start_pull(now, p, &mut actions);
         }
@@ -614,7 +614,7 @@ impl Syncer {
                     responders: BTreeSet::new(),
                     awaiting: BTreeSet::new(),
                     received: BTreeMap::new(),
-                    last: false,
+                    average: false,
                 });
             }
             let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);
@@ -718,7 +718,7 @@ impl Syncer {
             .fragments
             .get(c.fragment)
             .ok_or(RejectReason::UnknownFragment)?;
-        let last_average = match &frag.open {
+        let average = match &frag.open {
             Some(r) if r.round == c.round && r.phase == Phase::Pulling => {
                 if r.received.contains_key(&c.learner) {
                     return Err(RejectReason::Duplicate);
@@ -726,7 +726,7 @@ impl Syncer {
                 if !r.awaiting.contains(&c.learner) {
                     return Err(RejectReason::NotRequested);
                 }
-                r.last && self.config.final_step == FinalStep::Average
+                r.average
             }
             _ if c.round < frag.next_round => return Err(RejectReason::Late),
             _ => return Err(RejectReason::NotRequested),
@@ -744,7 +744,7 @@ impl Syncer {
         }
         // The final average adds each learner's own work to the current Θ_p (as a rebase
         // would): re-anchored, a learner still holding an older version would pull Θ_p back.
-        if c.base_version == frag.version || last_average {
+        if c.base_version == frag.version || average {
             return Ok(());
         }
         let (_, base) = frag
@@ -806,7 +806,7 @@ impl Syncer {
         // The job's last round may set Θ_p to the learners' plain average: every model counts
         // once, however much of its work Θ_p already holds (weighting by the progress since the
         // last sync would let a slow learner's stale drift dominate).
-        let average = round.last && self.config.final_step == FinalStep::Average;
+        let average = round.average;
         let weights: Vec<f64> = contributions
             .iter()
             .map(|c| {

@@ -354,27 +354,12 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
     } = summary;
 
     if sync.mode != SyncMode::Ddp {
-        // Diagnostics: each learner's own model, and their plain average, on the same eval set.
+        // Diagnostics: how far apart the learners ended (the final round averages them into Θ).
         let locals: Vec<f64> = learners
             .iter()
             .map(|l| evaluate(&l.model, &prepared.eval, batch, t.eval_batches.0))
             .collect();
-        let mean: Vec<Vec<f32>> = (0..learners[0].params.len())
-            .map(|i| {
-                let mut acc = vec![0.0f32; learners[0].values(i).len()];
-                for l in learners.iter() {
-                    for (a, x) in acc.iter_mut().zip(l.values(i)) {
-                        *a += x / m_count as f32;
-                    }
-                }
-                acc
-            })
-            .collect();
-        for (p, values) in learners[0].params.iter_mut().zip(&mean) {
-            set_flat(p, values);
-        }
-        let averaged = evaluate(&learners[0].model, &prepared.eval, batch, t.eval_batches.0);
-        tracing::info!("learners' own models: eval {locals:.4?}; their average: {averaged:.4}");
+        tracing::info!("learners' own models: eval {locals:.4?}");
     }
     // The global model: learner 0's network loaded with Θ.
     let eval_model = &mut learners[0];
