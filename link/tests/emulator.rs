@@ -12,8 +12,25 @@ fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// A loopback socket whose receive buffer is raised towards net.core.rmem_max (the 208 KiB
+/// default holds ~1000 small datagrams: a receiver thread descheduled for a few ms on a busy
+/// machine would lose datagrams the link delivered).
 fn bind() -> UdpSocket {
-    UdpSocket::bind(loopback()).unwrap()
+    use std::os::fd::AsRawFd;
+    let socket = UdpSocket::bind(loopback()).unwrap();
+    let bytes: libc::c_int = 8 << 20;
+    // SAFETY: a valid socket descriptor and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    socket
 }
 
 /// Sends `count` datagrams of `size` bytes to `to`, paced at `bps`.
@@ -127,7 +144,7 @@ fn round_trip_delay_and_several_clients() {
     eprintln!("rtt: min {min:?}, median {median:?}, max {:?}", rtts[19]);
     // Never early; late by the timer tick and scheduling, a few ms at worst on a busy machine.
     assert!(min >= Duration::from_millis(40), "min {min:?}");
-    assert!(median <= Duration::from_millis(43), "median {median:?}");
+    assert!(median <= Duration::from_millis(45), "median {median:?}");
     assert_eq!(stats.flows, 2);
     assert_eq!(stats.down.forwarded_packets, 20);
 }
