@@ -4,7 +4,7 @@
 # `atoll simulate` over simulated 2 Gbps / 20 ms links. Prints one table, then DP against
 # Decoupled DiLoCo repeated with other seeds (one seed cannot settle a 1.5% target: DP's own eval
 # loss wanders by ±0.7% late in its run).
-# Usage: benchmarks/diloco_headline.sh            (about 45 minutes on 2 cores; WORK=DIR reuses
+# Usage: benchmarks/diloco_headline.sh            (about 55 minutes on 2 cores; WORK=DIR reuses
 #                                                  the finished runs in DIR)
 #        STEPS=300 benchmarks/diloco_headline.sh  (a shorter budget)
 #        JOBS=N                                   (simulations run side by side; default: cores)
@@ -34,6 +34,8 @@ RUNS=(
     "bf16|  ablation: bf16 wire|--set sync.codec=bf16"
     "int2|  ablation: int2 wire|--set sync.codec=int2"
     "half-speed|  ablation: 1 learner 0.5x|--set sync.speeds=[1.0,1.0,1.0,0.5]"
+    "shared-data|  ablation: shared data|--set data.sharding=shared"
+    "half-speed-shared|  ablation: 0.5x, shared data|--set sync.speeds=[1.0,1.0,1.0,0.5] --set data.sharding=shared"
 )
 REPEATS=()
 for seed in $REPEAT_SEEDS; do
@@ -77,11 +79,11 @@ load = lambda slug: json.load(open(f"{work}/{slug}/summary.json"))
 gap = lambda r, dp: (r["final_eval_loss"] - dp["final_eval_loss"]) / dp["final_eval_loss"] * 100
 table = [(name, load(slug)) for slug, name in order if "-seed" not in slug]
 dp = table[0][1]
-print(f"{'run':<28} {'eval loss':>9} {'gap to DP':>9} {'best (step)':>13} {'MB/learner':>11} {'bytes vs DP':>11} {'wall @2Gbps':>11} {'goodput':>8}")
+print(f"{'run':<30} {'eval loss':>9} {'gap to DP':>9} {'best (step)':>13} {'MB/learner':>11} {'bytes vs DP':>11} {'wall @2Gbps':>11} {'goodput':>8}")
 for n, r in table:
     ratio = dp["bytes_per_learner"] / r["bytes_per_learner"]
     best = f"{r['best_eval_loss']:.4f} ({r['best_eval_step']})"
-    print(f"{n:<28} {r['final_eval_loss']:>9.4f} {gap(r, dp):>+8.2f}% {best:>13} {r['bytes_per_learner']/1e6:>11.1f} {ratio:>10.0f}x {r['sim_wall_clock_s']:>10.0f}s {r['goodput']:>8.2f}")
+    print(f"{n:<30} {r['final_eval_loss']:>9.4f} {gap(r, dp):>+8.2f}% {best:>13} {r['bytes_per_learner']/1e6:>11.1f} {ratio:>10.0f}x {r['sim_wall_clock_s']:>10.0f}s {r['goodput']:>8.2f}")
 print(f"(tokens per run: {dp['tokens']}; initial eval loss {dp['initial_eval_loss']:.4f}; "
       f"best = lowest point of the eval curve, every train.eval_every steps; run directories in {work})")
 

@@ -19,6 +19,47 @@ pub enum ApplyRule {
     Rebase,
 }
 
+impl ApplyRule {
+    /// One tensor's local values once Θ_p (`global`) is applied to `local`. `base` is where the
+    /// local work kept under `Rebase` is measured from (the values at the pull this version
+    /// answers, or the anchor it replaces); the other rules do not read it.
+    pub fn applied(self, local: &[f32], global: &[f32], base: &[f32]) -> Vec<f32> {
+        match self {
+            ApplyRule::Overwrite => global.to_vec(),
+            ApplyRule::Mix { alpha } => local
+                .iter()
+                .zip(global)
+                .map(|(x, g)| alpha * x + (1.0 - alpha) * g)
+                .collect(),
+            ApplyRule::Rebase => global
+                .iter()
+                .zip(local)
+                .zip(base)
+                .map(|((g, x), s)| g + (x - s))
+                .collect(),
+        }
+    }
+}
+
+impl Progress {
+    /// The counters of `steps` steps of `tokens_per_step` tokens.
+    pub fn of_steps(steps: u64, tokens_per_step: u64) -> Self {
+        Progress {
+            c_steps: steps,
+            c_tokens: steps * tokens_per_step,
+        }
+    }
+}
+
+/// A broadcast applied at a step boundary, with what it replaced: the anchor and the counters
+/// of the work done since that anchor (what a rule keeping local work measures it from).
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub received: Received,
+    pub replaced_anchor: FragmentValues,
+    pub progress: Progress,
+}
+
 #[derive(Debug, Clone)]
 pub struct Received {
     pub fragment: usize,
@@ -79,13 +120,17 @@ impl LearnerProtocol {
     }
 
     /// At a step boundary: the fragments to apply now. Their anchors move and counters reset.
-    pub fn take_due(&mut self) -> Vec<Received> {
+    pub fn take_due(&mut self) -> Vec<Due> {
         let mut due = Vec::new();
         for (p, slot) in self.pending.iter_mut().enumerate() {
             if let Some(r) = slot.take() {
-                self.anchors[p] = (r.version, r.values.clone());
-                self.progress[p] = Progress::default();
-                due.push(r);
+                let (_, replaced_anchor) =
+                    std::mem::replace(&mut self.anchors[p], (r.version, r.values.clone()));
+                due.push(Due {
+                    received: r,
+                    replaced_anchor,
+                    progress: std::mem::take(&mut self.progress[p]),
+                });
             }
         }
         due
@@ -132,6 +177,21 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
+    fn apply_rules_overwrite_mix_or_keep_the_work_since_the_base() {
+        let (local, global, base) = ([3.0f32, -1.0], [1.0f32, 1.0], [2.0f32, 0.0]);
+        assert_eq!(ApplyRule::Overwrite.applied(&local, &global, &base), global);
+        assert_eq!(
+            ApplyRule::Mix { alpha: 0.25 }.applied(&local, &global, &base),
+            vec![1.5, 0.5]
+        );
+        // Θ + (θ − base): the one step of local work since the base survives.
+        assert_eq!(
+            ApplyRule::Rebase.applied(&local, &global, &base),
+            vec![2.0, 0.0]
+        );
+    }
+
+    #[test]
     fn broadcasts_wait_for_a_step_boundary_and_reset_counters() {
         let v = |x: f32| Arc::new(vec![vec![x]]);
         let mut l = LearnerProtocol::new(vec![(0, 0, v(0.0)), (1, 0, v(0.0))]);
@@ -153,7 +213,9 @@ mod tests {
         );
         let due = l.take_due();
         assert_eq!(due.len(), 1);
-        assert_eq!((due[0].fragment, due[0].version), (1, 3));
+        assert_eq!((due[0].received.fragment, due[0].received.version), (1, 3));
+        assert_eq!(*due[0].replaced_anchor, vec![vec![0.0]]);
+        assert_eq!(due[0].progress, Progress::of_steps(2, 10));
         assert_eq!(l.on_pull(1), (3, Progress::default()));
         assert_eq!(
             l.on_pull(0),
@@ -165,6 +227,7 @@ mod tests {
                 }
             )
         );
+        assert_eq!(**l.anchor(1), vec![vec![3.0]]);
         l.on_broadcast(1, 3, v(9.0)); // a duplicate of the applied version
         assert!(l.take_due().is_empty());
         assert_eq!(l.versions(), vec![0, 3]);

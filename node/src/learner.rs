@@ -248,9 +248,9 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                 .all(|p| protocol.latest(p).0 >= finals.get(p).copied().unwrap_or(0));
             let since = *done_waiting_since.get_or_insert_with(Instant::now);
             if held || network_gone || since.elapsed() > Duration::from_secs(10) {
-                for received in protocol.take_due() {
-                    let tensors = &plan.fragments[received.fragment].tensors;
-                    worker.apply(ApplyRule::Overwrite, tensors, &received.values, None);
+                for due in protocol.take_due() {
+                    let tensors = &plan.fragments[due.received.fragment].tensors;
+                    worker.overwrite(tensors, &due.received.values);
                 }
                 if !held {
                     tracing::warn!(
@@ -263,10 +263,28 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             continue;
         }
         // ...applied at this boundary.
-        for received in protocol.take_due() {
-            let tensors = &plan.fragments[received.fragment].tensors;
-            let snapshot = state.at_pull.remove(&received.fragment);
-            worker.apply(rule, tensors, &received.values, snapshot.as_deref());
+        let step_now = worker.step();
+        for due in protocol.take_due() {
+            let p = due.received.fragment;
+            // Under rebase the kept work is what this version does not hold: the steps since the
+            // pull it answers or, when this learner was left out of the round, since the anchor
+            // it replaces; the counters then describe that work, so the next merge weighs it.
+            let (base, kept) = match state.at_pull.remove(&p) {
+                Some((pulled_at_step, local)) => (
+                    local,
+                    Progress::of_steps(step_now - pulled_at_step, tokens_per_step),
+                ),
+                None => (due.replaced_anchor.to_vec(), due.progress),
+            };
+            worker.apply(
+                rule,
+                &plan.fragments[p].tensors,
+                &due.received.values,
+                &base,
+            );
+            if rule == ApplyRule::Rebase {
+                protocol.keep_progress(p, kept);
+            }
         }
         *held.lock().expect("held") = protocol.versions();
         if worker.step() >= max_steps {
@@ -323,7 +341,8 @@ struct LearnerState {
     assembling: Assembling,
     /// Updates whose base version has not arrived yet, by (fragment, base version).
     waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
-    at_pull: BTreeMap<usize, Vec<Vec<f32>>>,
+    /// The step and local values of each fragment's latest pull (what `rebase` keeps work from).
+    at_pull: BTreeMap<usize, (u64, Tensors)>,
     /// When each fragment was last sent up: its round trip ends when a new version arrives.
     pulled_at: BTreeMap<usize, Instant>,
     /// Sum and count of those round trips, for the summary.
@@ -414,7 +433,7 @@ impl LearnerState {
                                 frame,
                             });
                         }
-                        self.at_pull.insert(p, local);
+                        self.at_pull.insert(p, (worker.step(), local));
                         self.pulled_at.insert(p, Instant::now());
                         // A full queue means the up link is behind: drop this contribution (the
                         // syncer's pull times out) rather than buffer without bound.
@@ -531,12 +550,7 @@ impl LearnerState {
             .map(|(p, (v, values))| (p, v, Arc::new(values)))
             .collect();
         for (p, _, values) in &catch_up {
-            worker.apply(
-                ApplyRule::Overwrite,
-                &self.plan.fragments[*p].tensors,
-                values,
-                None,
-            );
+            worker.overwrite(&self.plan.fragments[*p].tensors, values);
         }
         let mut protocol = LearnerProtocol::new(catch_up);
         protocol.resume_at(self.resume_step);

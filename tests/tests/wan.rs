@@ -1,5 +1,6 @@
 //! Emulated WAN links as a user meets them: `atoll run` with `sync.wan` puts a userspace link
 //! between each learner and the coordinator, and `atoll link-emulator` relays any UDP traffic.
+//! The run applies broadcasts with `rebase`, so the learners' kept-work path runs end to end.
 
 use atoll_system_tests::{atoll, free_port, stderr, wait_until};
 use std::net::UdpSocket;
@@ -22,6 +23,7 @@ sync:
   regions: [east, west]
   fragments: 2
   h: 8
+  apply: rebase
   link: {bandwidth_gbps: 0.2, latency_ms: 20}
   wan:
     all: {rate: 200mbps, rtt: 40ms}

@@ -186,6 +186,23 @@ impl PackedSequences {
     }
 }
 
+/// The training windows learner `index` of `count` draws from.
+pub fn learner_windows(
+    windows: usize,
+    index: usize,
+    count: usize,
+    sharding: crate::recipe::Sharding,
+) -> Result<Vec<usize>> {
+    let shard: Vec<usize> = match sharding {
+        crate::recipe::Sharding::Disjoint => (0..windows).filter(|w| w % count == index).collect(),
+        crate::recipe::Sharding::Shared => (0..windows).collect(),
+    };
+    if shard.is_empty() {
+        bail!("data: {windows} training sequences cannot feed {count} learners");
+    }
+    Ok(shard)
+}
+
 /// Where the batcher stands: enough to resume the exact same batch sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DataCursor {
@@ -283,6 +300,29 @@ mod tests {
             Batcher::new(10, 8).next_windows(10),
             Batcher::new(10, 7).next_windows(10)
         );
+    }
+
+    #[test]
+    fn disjoint_shards_partition_the_windows_and_shared_ones_hold_them_all() {
+        use crate::recipe::Sharding;
+        let mut all: Vec<usize> = (0..3)
+            .flat_map(|i| learner_windows(10, i, 3, Sharding::Disjoint).unwrap())
+            .collect();
+        assert_eq!(
+            learner_windows(10, 1, 3, Sharding::Disjoint).unwrap(),
+            vec![1, 4, 7]
+        );
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        for i in 0..3 {
+            assert_eq!(
+                learner_windows(10, i, 3, Sharding::Shared).unwrap(),
+                (0..10).collect::<Vec<_>>()
+            );
+        }
+        let err = learner_windows(2, 2, 3, Sharding::Disjoint).unwrap_err();
+        assert!(err.to_string().contains("cannot feed 3 learners"), "{err}");
+        assert!(learner_windows(2, 2, 3, Sharding::Shared).is_ok());
     }
 
     #[test]

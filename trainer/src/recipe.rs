@@ -149,6 +149,8 @@ pub struct DataSection {
     pub seq_len: PositiveInt,
     #[serde(default = "defaults::eval_fraction")]
     pub eval_fraction: OpenFraction,
+    #[serde(default)]
+    pub sharding: Sharding,
 }
 
 impl Default for DataSection {
@@ -158,6 +160,7 @@ impl Default for DataSection {
             tokenizer: TokenizerSection::default(),
             seq_len: defaults::seq_len(),
             eval_fraction: defaults::eval_fraction(),
+            sharding: Sharding::default(),
         }
     }
 }
@@ -344,6 +347,19 @@ impl CodecChoice {
             CodecChoice::Int2 => atoll_wire::Codec::Int2,
         }
     }
+}
+
+/// How the training windows are divided among a job's learners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Learner i of M trains on the windows w with w mod M = i, as regions with their own data do.
+    #[default]
+    Disjoint,
+    /// Every learner draws from all windows, in its own shuffled order: on a small corpus that a
+    /// job passes over many times, a faster learner then does not repeat its share more often
+    /// than a slower one repeats its own.
+    Shared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -253,15 +253,8 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
             params.iter().map(Tensor::shallow_clone).collect(),
             t.adamw(),
         );
-        let shard: Vec<usize> = (0..prepared.train.len())
-            .filter(|w| w % m_count == m)
-            .collect();
-        if shard.is_empty() {
-            return Err(anyhow!(
-                "data: {} training sequences cannot feed {m_count} learners",
-                prepared.train.len()
-            ));
-        }
+        let shard =
+            crate::data::learner_windows(prepared.train.len(), m, m_count, recipe.data.sharding)?;
         let batcher = Batcher::new(shard.len(), recipe.seed.wrapping_add(m as u64));
         let speed = sync.speeds.get(m).map_or(1.0, |s| s.0);
         let link = Link {
@@ -1004,12 +997,9 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule, tokens_per_s
     let Some(protocol) = l.protocol.as_mut() else {
         return;
     };
-    let anchors: Vec<FragmentValues> = (0..plan.len())
-        .map(|p| protocol.anchor(p).clone())
-        .collect();
-    let before: Vec<Progress> = (0..plan.len()).map(|p| protocol.on_pull(p).1).collect();
     let step_now = protocol.step();
-    for received in protocol.take_due() {
+    for due in protocol.take_due() {
+        let received = due.received;
         let fragment = received.fragment;
         // The newest of this learner's pulls merged into a version up to the applied one.
         let merged_round = l
@@ -1017,50 +1007,27 @@ fn apply_due(l: &mut Learner, plan: &FragmentPlan, rule: ApplyRule, tokens_per_s
             .range((fragment, 0)..=(fragment, received.version))
             .map(|(_, &r)| r)
             .max();
-        let (kept, snapshot): (Progress, Vec<Vec<f32>>) =
+        let (kept, base): (Progress, Vec<Vec<f32>>) =
             match merged_round.and_then(|r| l.at_pull.get(&fragment).and_then(|s| s.get(&r))) {
-                Some((pulled_at_step, values)) => {
-                    let steps = step_now - pulled_at_step;
-                    (
-                        Progress {
-                            c_steps: steps,
-                            c_tokens: steps * tokens_per_step,
-                        },
-                        values.clone(),
-                    )
-                }
-                None => (before[fragment], anchors[fragment].to_vec()),
+                Some((pulled_at_step, values)) => (
+                    Progress::of_steps(step_now - pulled_at_step, tokens_per_step),
+                    values.clone(),
+                ),
+                None => (due.progress, due.replaced_anchor.to_vec()),
             };
         let mut shifts = Vec::new();
         for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
             let values = &received.values[k];
-            match rule {
-                ApplyRule::Overwrite => l.set_values(ti, values),
-                ApplyRule::Mix { alpha } => {
-                    let local = l.values(ti);
-                    let mixed: Vec<f32> = local
+            let applied = rule.applied(&l.values(ti), values, &base[k]);
+            l.set_values(ti, &applied);
+            if rule == ApplyRule::Rebase {
+                shifts.push(
+                    values
                         .iter()
-                        .zip(values)
-                        .map(|(x, g)| alpha * x + (1.0 - alpha) * g)
-                        .collect();
-                    l.set_values(ti, &mixed);
-                }
-                ApplyRule::Rebase => {
-                    let local = l.values(ti);
-                    let rebased: Vec<f32> = values
-                        .iter()
-                        .zip(&local)
-                        .zip(&snapshot[k])
-                        .map(|((g, x), s)| g + (x - s))
-                        .collect();
-                    l.set_values(ti, &rebased);
-                    let shift: Vec<f32> = values
-                        .iter()
-                        .zip(&snapshot[k])
+                        .zip(&base[k])
                         .map(|(g, s)| g - s)
-                        .collect();
-                    shifts.push(shift);
-                }
+                        .collect::<Vec<f32>>(),
+                );
             }
         }
         if rule == ApplyRule::Rebase {

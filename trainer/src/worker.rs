@@ -108,18 +108,15 @@ impl Worker {
         ))
     }
 
-    /// Trains on windows w with w mod `count` == `index` (the simulation's sharding), continuing
-    /// at `resume_step` with the data order that step would have reached.
+    /// Trains on the windows of learner `index` of `count` (`data.sharding`, as the simulation
+    /// does), continuing at `resume_step` with the data order that step would have reached.
     pub fn assign_shard(&mut self, index: usize, count: usize, resume_step: u64) -> Result<()> {
-        let shard: Vec<usize> = (0..self.data.train.len())
-            .filter(|w| w % count == index)
-            .collect();
-        if shard.is_empty() {
-            return Err(anyhow!(
-                "data: {} training sequences cannot feed {count} learners",
-                self.data.train.len()
-            ));
-        }
+        let shard = crate::data::learner_windows(
+            self.data.train.len(),
+            index,
+            count,
+            self.recipe.data.sharding,
+        )?;
         self.batcher = Batcher::new(shard.len(), self.recipe.seed.wrapping_add(index as u64));
         self.shard = shard;
         let t = &self.recipe.train;
@@ -172,32 +169,25 @@ impl Worker {
         self.params.iter().map(flat).collect()
     }
 
-    /// Applies a merged fragment by `rule`; `at_pull` holds the local values when the fragment
-    /// was last pulled (for [`ApplyRule::Rebase`]).
+    /// Applies a merged fragment by `rule`; `base` holds, per tensor, what the local work kept
+    /// under [`ApplyRule::Rebase`] is measured from.
     pub fn apply(
         &mut self,
         rule: ApplyRule,
         tensors: &[usize],
         values: &[Vec<f32>],
-        at_pull: Option<&[Vec<f32>]>,
+        base: &[Vec<f32>],
     ) {
         for (k, &ti) in tensors.iter().enumerate() {
-            let global = &values[k];
-            let target: Vec<f32> = match (rule, at_pull) {
-                (ApplyRule::Overwrite, _) | (ApplyRule::Rebase, None) => global.clone(),
-                (ApplyRule::Mix { alpha }, _) => flat(&self.params[ti])
-                    .iter()
-                    .zip(global)
-                    .map(|(x, g)| alpha * x + (1.0 - alpha) * g)
-                    .collect(),
-                (ApplyRule::Rebase, Some(snapshot)) => flat(&self.params[ti])
-                    .iter()
-                    .zip(global)
-                    .zip(&snapshot[k])
-                    .map(|((x, g), s)| g + (x - s))
-                    .collect(),
-            };
+            let target = rule.applied(&flat(&self.params[ti]), &values[k], &base[k]);
             set_flat(&mut self.params[ti], &target);
+        }
+    }
+
+    /// Sets a fragment's tensors to `values`.
+    pub fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) {
+        for (&ti, v) in tensors.iter().zip(values) {
+            set_flat(&mut self.params[ti], v);
         }
     }
 
