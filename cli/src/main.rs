@@ -233,6 +233,9 @@ enum Command {
         /// Mean time between interruptions of one chip, e.g. 1y, 30d; `none` for no failures.
         #[arg(long)]
         mtbi: Option<String>,
+        /// Syncer time to merge one fragment and take the outer step, e.g. 20ms (default 100ms).
+        #[arg(long)]
+        merge_time: Option<String>,
         /// Where plan.json and plan.svg go.
         #[arg(long, default_value = "runs/plan")]
         out: PathBuf,
@@ -550,6 +553,7 @@ fn run(command: Command) -> Result<()> {
             token_budget,
             step_time,
             mtbi,
+            merge_time,
             out,
         } => {
             use atoll_planner::{parse_duration_s, parse_rate_gbps, Codec as PlanCodec, PlanInput};
@@ -578,6 +582,7 @@ fn run(command: Command) -> Result<()> {
                 input.params = Some(p);
             }
             let plan_err = |e: atoll_planner::PlanError| anyhow!("{e}");
+            let flag_err = |flag: &'static str| move |e| anyhow!("--{flag}: {}", plan_err(e));
             if let Some(v) = learners {
                 input.learners = v;
             }
@@ -585,13 +590,13 @@ fn run(command: Command) -> Result<()> {
                 input.gpus_per_learner = v;
             }
             if let Some(v) = link_rate {
-                input.link_rate_gbps = parse_rate_gbps(&v).map_err(plan_err)?;
+                input.link_rate_gbps = parse_rate_gbps(&v).map_err(flag_err("link-rate"))?;
             }
             if let Some(v) = link_rtt {
-                input.link_rtt_ms = parse_duration_s(&v).map_err(plan_err)? * 1e3;
+                input.link_rtt_ms = parse_duration_s(&v).map_err(flag_err("link-rtt"))? * 1e3;
             }
             if let Some(v) = codec {
-                input.codec = PlanCodec::parse(&v).map_err(plan_err)?;
+                input.codec = PlanCodec::parse(&v).map_err(flag_err("codec"))?;
             }
             if let Some(v) = fragments {
                 input.fragments = v;
@@ -612,13 +617,17 @@ fn run(command: Command) -> Result<()> {
                 input.token_budget = v;
             }
             if let Some(v) = step_time {
-                input.step_time_s = Some(parse_duration_s(&v).map_err(plan_err)?);
+                input.step_time_s = Some(parse_duration_s(&v).map_err(flag_err("step-time"))?);
+            }
+            if let Some(v) = merge_time {
+                input.merge_s = parse_duration_s(&v).map_err(flag_err("merge-time"))?;
             }
             if let Some(v) = mtbi {
                 input.mtbi_chip_years = match v.as_str() {
                     "none" | "never" => None,
                     _ => Some(
-                        parse_duration_s(&v).map_err(plan_err)? / atoll_planner::SECONDS_PER_YEAR,
+                        parse_duration_s(&v).map_err(flag_err("mtbi"))?
+                            / atoll_planner::SECONDS_PER_YEAR,
                     ),
                 };
             }

@@ -338,4 +338,12 @@ fn plan_projects_the_12b_four_region_job_from_flags_and_a_recipe() {
 
     let o = atoll(&["plan", "--link-rate", "fast", "--out", "x"], d);
     assert_clean_error(&o, "fast");
+
+    let o = atoll(&["plan", "--merge-time", "20ms", "--out", "merge"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("merge/plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["input"]["merge_s"], 0.02);
+    let o = atoll(&["plan", "--merge-time", "soon", "--out", "x"], d);
+    assert_clean_error(&o, "--merge-time");
 }
