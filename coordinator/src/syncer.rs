@@ -173,6 +173,8 @@ pub struct MergeRecord {
     pub contributors: Vec<(LearnerId, f64, u64, u64, u64)>,
     pub quorum_wait_s: f64,
     pub grace_s: f64,
+    /// The job's last round, which set Θ_p to the learners' average (`FinalStep::Average`).
+    pub average: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -894,6 +896,7 @@ impl Syncer {
                 .collect(),
             quorum_wait_s: round.quorum_at.map_or(0.0, |q| q - round.opened_at),
             grace_s: round.grace_s,
+            average,
         });
         let to = self.active_learners();
         for l in &to {

@@ -9,7 +9,8 @@ use crate::{random_token, same_secret};
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::syncer::Contribution;
 use atoll_coordinator::{
-    Action, Event, FragmentPlan, LearnerId, OuterOptimizer, Progress, Syncer, SyncerConfig, TimerId,
+    Action, ApplyRule, Event, FragmentPlan, LearnerId, OuterOptimizer, Progress, Syncer,
+    SyncerConfig, TimerId,
 };
 use atoll_link::data::HEADER_LEN;
 use atoll_link::{Hello, JobTls, LinkTuning, PartHeader, PartKind};
@@ -47,6 +48,9 @@ pub struct CoordinatorOptions {
 /// Files of the run directory that make up a coordinator checkpoint (besides the fragments).
 const COORDINATOR_JSON: &str = "state/coordinator.json";
 const MERGES_LOG: &str = "merges.jsonl";
+/// How long the last rounds wait for the learners to apply the newest versions (normally a
+/// few heartbeats) before they open anyway.
+const FINAL_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
@@ -90,6 +94,8 @@ struct Member {
     bytes_down: u64,
     last_report: Option<Instant>,
     finished: bool,
+    /// The version of each fragment the learner reports having applied.
+    applied: Vec<u64>,
     told_done: bool,
     in_flight: Arc<Semaphore>,
 }
@@ -113,6 +119,8 @@ struct Core {
     members: BTreeMap<LearnerId, Member>,
     partial: BTreeMap<(LearnerId, u32, u64), Partial>,
     flushed: bool,
+    /// Since when every learner has finished while the last rounds wait for the job to settle.
+    settling_since: Option<Instant>,
     done_at: Option<Instant>,
     down_codec: Codec,
     zstd_level: i32,
@@ -320,6 +328,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         members: BTreeMap::new(),
         partial: BTreeMap::new(),
         flushed: false,
+        settling_since: None,
         done_at: None,
         data_port: bound.port(),
         run_dir: opts.run_dir.clone(),
@@ -502,6 +511,7 @@ impl Core {
                 bytes_down: 0,
                 last_report: Some(Instant::now()),
                 finished: false,
+                applied: Vec::new(),
                 told_done: false,
                 in_flight,
             },
@@ -554,6 +564,7 @@ impl Core {
             m.bytes_down = req.bytes_down;
             m.last_report = Some(Instant::now());
             m.finished = req.finished;
+            m.applied = req.applied_versions.clone();
         }
         metrics::gauge!("atoll_learner_step", "learner" => id.to_string()).set(req.step as f64);
         let actions = self.syncer.handle(
@@ -952,6 +963,35 @@ impl Core {
                 .iter()
                 .all(|id| self.members.get(id).is_some_and(|m| m.finished));
         if !self.flushed && all_finished {
+            // The last rounds measure each learner's work against the version it last applied,
+            // without re-anchoring (see `FinalStep::Average`). Where learners keep their local
+            // work when they apply a version (`rebase`), the rounds wait until no round is in
+            // flight and every learner holds its result: else a learner merged in a round whose
+            // broadcast it has not applied yet would count that work twice. Under `overwrite`
+            // they do not wait: applying a version it was left out of would discard the
+            // learner's last work, which costs more than counting part of it twice (measured on
+            // the demo: docs/diloco.md).
+            let keeps_work = self.recipe.sync.apply_rule() == ApplyRule::Rebase;
+            let settled = !keeps_work
+                || !self.syncer.round_in_flight()
+                    && active.iter().all(|id| {
+                        self.members.get(id).is_some_and(|m| {
+                            m.applied.len() == self.plan.len()
+                                && (0..self.plan.len())
+                                    .all(|p| m.applied[p] == self.syncer.version(p))
+                        })
+                    });
+            let since = *self.settling_since.get_or_insert_with(Instant::now);
+            if !settled {
+                if since.elapsed() < FINAL_SETTLE_TIMEOUT {
+                    return Ok(());
+                }
+                tracing::warn!(
+                    "the learners did not all apply the newest versions within {:?}; \
+                     opening the last rounds anyway",
+                    FINAL_SETTLE_TIMEOUT
+                );
+            }
             self.flushed = true;
             let progress: BTreeMap<LearnerId, Vec<Progress>> = active
                 .iter()

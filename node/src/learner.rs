@@ -11,7 +11,7 @@ use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, 
 use atoll_link::{Hello, PartHeader, PartKind};
 use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
 use atoll_store::{CheckpointStore, ResumeFrom};
-use atoll_trainer::recipe::{ApplyChoice, Recipe};
+use atoll_trainer::recipe::Recipe;
 use atoll_trainer::worker::Worker;
 use atoll_wire::{encode_frame, ErrorFeedback, DEFAULT_BLOCK};
 use std::collections::BTreeMap;
@@ -120,6 +120,7 @@ struct ReportState {
     loss: f64,
     tokens_per_s: f64,
     finished: bool,
+    applied_versions: Vec<u64>,
 }
 
 struct Outgoing {
@@ -143,11 +144,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let model_hash = worker.model_hash()?;
     let tokens_per_step = worker.tokens_per_step();
     let max_steps = recipe.train.max_steps.0 as u64;
-    let rule = match (recipe.sync.mix_alpha, recipe.sync.apply) {
-        (Some(a), _) => ApplyRule::Mix { alpha: a.0 as f32 },
-        (None, ApplyChoice::Overwrite) => ApplyRule::Overwrite,
-        (None, ApplyChoice::Rebase) => ApplyRule::Rebase,
-    };
+    let rule = recipe.sync.apply_rule();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -288,7 +285,18 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         }
         *held.lock().expect("held") = protocol.versions();
         if worker.step() >= max_steps {
-            report_tx.send_modify(|r| r.finished = true);
+            // Done training, still applying broadcasts: the counters and versions reported now
+            // are what the job's last rounds are opened on.
+            let progress: Vec<Progress> = (0..plan.len()).map(|p| protocol.on_pull(p).1).collect();
+            let versions = protocol.versions();
+            report_tx.send_if_modified(|r| {
+                let changed =
+                    !r.finished || r.progress != progress || r.applied_versions != versions;
+                r.finished = true;
+                r.progress = progress;
+                r.applied_versions = versions;
+                changed
+            });
             continue;
         }
         last_loss = worker.train_step()?;
@@ -303,6 +311,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             loss: last_loss,
             tokens_per_s,
             finished: step >= max_steps,
+            applied_versions: protocol.versions(),
         });
         metrics::gauge!("atoll_learner_tokens_per_s").set(tokens_per_s);
         writeln!(
@@ -794,6 +803,7 @@ impl Net {
                 finished: r.finished,
                 bytes_up: self.counters.up.load(Ordering::Relaxed),
                 bytes_down: self.counters.down.load(Ordering::Relaxed),
+                applied_versions: r.applied_versions.clone(),
             };
             match client.report(request).await {
                 Ok(reply) => {

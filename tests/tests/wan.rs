@@ -47,6 +47,28 @@ sync:
         assert!(up > 100_000, "{region}: {link}");
     }
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
+    // The job ends with one average round per fragment holding both learners, opened once no
+    // round was in flight (a fragment still in flight at the end would close with a Nesterov
+    // step and skip the average).
+    let merges = std::fs::read_to_string(d.join("job/coordinator/merges.jsonl")).unwrap();
+    let merges: Vec<serde_json::Value> = merges
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for fragment in 0..2 {
+        let last = merges
+            .iter()
+            .rev()
+            .find(|m| m["fragment"] == fragment)
+            .unwrap_or_else(|| panic!("no merge of fragment {fragment}"));
+        assert_eq!(last["average"], true, "{last}");
+        assert_eq!(last["contributors"].as_array().unwrap().len(), 2, "{last}");
+    }
+    assert_eq!(
+        merges.iter().filter(|m| m["average"] == true).count(),
+        2,
+        "one average round per fragment"
+    );
 }
 
 #[test]

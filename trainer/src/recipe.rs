@@ -497,6 +497,18 @@ pub struct SyncSection {
 }
 
 impl SyncSection {
+    /// How learners apply a merged fragment: `mix_alpha` when set, else α = 0.5 in Streaming
+    /// DiLoCo, else `apply`.
+    pub fn apply_rule(&self) -> atoll_coordinator::ApplyRule {
+        use atoll_coordinator::ApplyRule;
+        match (self.mix_alpha, self.mode, self.apply) {
+            (Some(a), _, _) => ApplyRule::Mix { alpha: a.0 as f32 },
+            (None, SyncMode::Streaming, _) => ApplyRule::Mix { alpha: 0.5 },
+            (None, _, ApplyChoice::Overwrite) => ApplyRule::Overwrite,
+            (None, _, ApplyChoice::Rebase) => ApplyRule::Rebase,
+        }
+    }
+
     /// The regions of the job, one per learner.
     pub fn region_names(&self) -> Vec<String> {
         if self.regions.is_empty() {

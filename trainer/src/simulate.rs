@@ -597,12 +597,7 @@ fn simulate_diloco_family(
         version_history: 4,
         broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
     };
-    let apply_rule = match (streaming, sync.mix_alpha, sync.apply) {
-        (_, Some(a), _) => ApplyRule::Mix { alpha: a.0 as f32 },
-        (true, None, _) => ApplyRule::Mix { alpha: 0.5 },
-        (false, None, crate::recipe::ApplyChoice::Overwrite) => ApplyRule::Overwrite,
-        (false, None, crate::recipe::ApplyChoice::Rebase) => ApplyRule::Rebase,
-    };
+    let apply_rule = sync.apply_rule();
     let mut syncer = Syncer::new(config, plan.clone(), &initial);
     let mut queue = Queue {
         heap: BinaryHeap::new(),
