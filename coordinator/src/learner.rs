@@ -166,6 +166,11 @@ impl LearnerProtocol {
         &self.anchors[fragment].1
     }
 
+    /// Steps and tokens since each fragment's anchor (what a pull would report now).
+    pub fn progress(&self) -> &[Progress] {
+        &self.progress
+    }
+
     pub fn versions(&self) -> Vec<u64> {
         self.anchors.iter().map(|(v, _)| *v).collect()
     }

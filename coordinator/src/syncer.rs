@@ -429,6 +429,10 @@ impl Syncer {
     pub fn version(&self, fragment: usize) -> u64 {
         self.fragments[fragment].version
     }
+    /// Every fragment's current version, in plan order.
+    pub fn versions(&self) -> Vec<u64> {
+        self.fragments.iter().map(|f| f.version).collect()
+    }
     pub fn fragment_values(&self, fragment: usize) -> FragmentValues {
         self.fragments[fragment].theta.clone()
     }

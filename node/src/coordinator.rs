@@ -587,9 +587,7 @@ impl Core {
             pulls,
             job_done: done,
             final_versions: if done {
-                (0..self.plan.len())
-                    .map(|p| self.syncer.version(p))
-                    .collect()
+                self.syncer.versions()
             } else {
                 Vec::new()
             },
@@ -625,9 +623,7 @@ impl Core {
             job: self.recipe.name().to_string(),
             uptime_s: uptime,
             learners,
-            fragment_versions: (0..self.plan.len())
-                .map(|p| self.syncer.version(p))
-                .collect(),
+            fragment_versions: self.syncer.versions(),
             merges: self.syncer.stats().merges,
             rejected: self.syncer.stats().rejected,
             tokens_merged: self.state.tokens_merged,
@@ -972,15 +968,12 @@ impl Core {
             // learner's last work, which costs more than counting part of it twice (measured on
             // the demo: docs/diloco.md).
             let keeps_work = self.recipe.sync.apply_rule() == ApplyRule::Rebase;
+            let newest = self.syncer.versions();
             let settled = !keeps_work
                 || !self.syncer.round_in_flight()
-                    && active.iter().all(|id| {
-                        self.members.get(id).is_some_and(|m| {
-                            m.applied.len() == self.plan.len()
-                                && (0..self.plan.len())
-                                    .all(|p| m.applied[p] == self.syncer.version(p))
-                        })
-                    });
+                    && active
+                        .iter()
+                        .all(|id| self.members.get(id).is_some_and(|m| m.applied == newest));
             let since = *self.settling_since.get_or_insert_with(Instant::now);
             if !settled {
                 if since.elapsed() < FINAL_SETTLE_TIMEOUT {

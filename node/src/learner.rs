@@ -120,7 +120,6 @@ struct ReportState {
     loss: f64,
     tokens_per_s: f64,
     finished: bool,
-    applied_versions: Vec<u64>,
 }
 
 struct Outgoing {
@@ -263,38 +262,34 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         let step_now = worker.step();
         for due in protocol.take_due() {
             let p = due.received.fragment;
-            // Under rebase the kept work is what this version does not hold: the steps since the
-            // pull it answers or, when this learner was left out of the round, since the anchor
-            // it replaces; the counters then describe that work, so the next merge weighs it.
-            let (base, kept) = match state.at_pull.remove(&p) {
+            let tensors = &plan.fragments[p].tensors;
+            let at_pull = state.at_pull.remove(&p);
+            if rule != ApplyRule::Rebase {
+                worker.apply(rule, tensors, &due.received.values, None);
+                continue;
+            }
+            // The kept work is what this version does not hold: the steps since the pull it
+            // answers or, when this learner was left out of the round, since the anchor it
+            // replaces; the counters then describe that work, so the next merge weighs it.
+            let (base, kept) = match at_pull {
                 Some((pulled_at_step, local)) => (
                     local,
                     Progress::of_steps(step_now - pulled_at_step, tokens_per_step),
                 ),
                 None => (due.replaced_anchor.to_vec(), due.progress),
             };
-            worker.apply(
-                rule,
-                &plan.fragments[p].tensors,
-                &due.received.values,
-                &base,
-            );
-            if rule == ApplyRule::Rebase {
-                protocol.keep_progress(p, kept);
-            }
+            worker.apply(rule, tensors, &due.received.values, Some(&base));
+            protocol.keep_progress(p, kept);
         }
         *held.lock().expect("held") = protocol.versions();
         if worker.step() >= max_steps {
             // Done training, still applying broadcasts: the counters and versions reported now
             // are what the job's last rounds are opened on.
-            let progress: Vec<Progress> = (0..plan.len()).map(|p| protocol.on_pull(p).1).collect();
-            let versions = protocol.versions();
+            let progress = protocol.progress();
             report_tx.send_if_modified(|r| {
-                let changed =
-                    !r.finished || r.progress != progress || r.applied_versions != versions;
+                let changed = !r.finished || r.progress != progress;
                 r.finished = true;
-                r.progress = progress;
-                r.applied_versions = versions;
+                r.progress = progress.to_vec();
                 changed
             });
             continue;
@@ -311,7 +306,6 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             loss: last_loss,
             tokens_per_s,
             finished: step >= max_steps,
-            applied_versions: protocol.versions(),
         });
         metrics::gauge!("atoll_learner_tokens_per_s").set(tokens_per_s);
         writeln!(
@@ -803,7 +797,7 @@ impl Net {
                 finished: r.finished,
                 bytes_up: self.counters.up.load(Ordering::Relaxed),
                 bytes_down: self.counters.down.load(Ordering::Relaxed),
-                applied_versions: r.applied_versions.clone(),
+                applied_versions: self.held.lock().expect("held").clone(),
             };
             match client.report(request).await {
                 Ok(reply) => {

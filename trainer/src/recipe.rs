@@ -446,7 +446,7 @@ pub struct SyncSection {
     #[serde(default)]
     pub merge: atoll_coordinator::MergeRule,
     /// The job's last round, once every learner has stopped: `average` (Θ becomes the learners'
-    /// token-weighted average) or `outer` (the usual merge and Nesterov step).
+    /// plain average, every learner once) or `outer` (the usual merge and Nesterov step).
     #[serde(default)]
     pub final_step: atoll_coordinator::FinalStep,
     /// Codec of the outer gradients sent up.

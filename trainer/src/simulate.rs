@@ -652,7 +652,7 @@ fn simulate_diloco_family(
                 .filter_map(|(m, l)| {
                     l.protocol
                         .as_ref()
-                        .map(|p| (m as u32, (0..plan.len()).map(|f| p.on_pull(f).1).collect()))
+                        .map(|p| (m as u32, p.progress().to_vec()))
                 })
                 .collect();
             let actions = syncer.flush(last_step_at, &progress);

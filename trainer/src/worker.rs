@@ -169,17 +169,26 @@ impl Worker {
         self.params.iter().map(flat).collect()
     }
 
-    /// Applies a merged fragment by `rule`; `base` holds, per tensor, what the local work kept
-    /// under [`ApplyRule::Rebase`] is measured from.
+    /// Applies a merged fragment by `rule`; `rebase_base` holds, per tensor, what the local work
+    /// kept under [`ApplyRule::Rebase`] is measured from (the other rules do not read it).
     pub fn apply(
         &mut self,
         rule: ApplyRule,
         tensors: &[usize],
         values: &[Vec<f32>],
-        base: &[Vec<f32>],
+        rebase_base: Option<&[Vec<f32>]>,
     ) {
+        if rule == ApplyRule::Overwrite {
+            // No need to copy the local values off the device.
+            return self.overwrite(tensors, values);
+        }
         for (k, &ti) in tensors.iter().enumerate() {
-            let target = rule.applied(&flat(&self.params[ti]), &values[k], &base[k]);
+            let base = rebase_base.map_or(&[][..], |b| b[k].as_slice());
+            assert!(
+                rule != ApplyRule::Rebase || base.len() == values[k].len(),
+                "rebase needs the values its kept work is measured from"
+            );
+            let target = rule.applied(&flat(&self.params[ti]), &values[k], base);
             set_flat(&mut self.params[ti], &target);
         }
     }
