@@ -6,7 +6,7 @@ ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server reference bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -39,8 +39,10 @@ $(S3_VENV)/.installed: scripts/requirements-s3.txt
 
 s3-server: $(S3_VENV)/.installed
 
-test: build lint s3-server
-	ATOLL_BIN=$(CURDIR)/$(ATOLL) ATOLL_MOTO_SERVER=$(S3_VENV)/bin/moto_server $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
+reference: $(REFERENCE_VENV)/.installed
+
+test: build lint s3-server reference
+	ATOLL_BIN=$(CURDIR)/$(ATOLL) ATOLL_MOTO_SERVER=$(S3_VENV)/bin/moto_server ATOLL_REFERENCE_PYTHON=$(REFERENCE_VENV)/bin/python $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
 
 fmt:
 	$(CARGO) fmt --all

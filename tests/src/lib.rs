@@ -408,3 +408,43 @@ fn proxy_one(mut client: std::net::TcpStream, upstream: u16, fail: bool) {
     out.extend_from_slice(&response[line_end + 2..]);
     let _ = client.write_all(&out);
 }
+
+/// The reference Python (torch, transformers, peft, gguf pinned in
+/// `scripts/requirements-reference.txt`) that the export and fine-tuning system tests check
+/// Atoll's files with: installed by `make test` into `~/.cache/atoll/reference-venv`, or
+/// `ATOLL_REFERENCE_PYTHON`.
+pub fn reference_python() -> PathBuf {
+    let python = std::env::var_os("ATOLL_REFERENCE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/atoll/reference-venv/bin/python")
+        });
+    assert!(
+        python.exists(),
+        "{} not found: `make test` installs the reference stack (`make reference`)",
+        python.display()
+    );
+    python
+}
+
+/// Runs a Python script of the reference stack with arguments; panics with its output unless it
+/// exits 0, and returns its standard output.
+pub fn run_reference_python(script: &std::path::Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(reference_python())
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .output()
+        .expect("the reference python starts");
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
