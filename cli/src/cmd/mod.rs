@@ -1,0 +1,56 @@
+//! One file per `atoll` subcommand family: its arguments and what it does. `main.rs` holds only
+//! the command tree and the dispatch.
+
+pub mod bench;
+pub mod checkpoints;
+pub mod coordinator;
+pub mod learner;
+pub mod link_emulator;
+pub mod logits;
+pub mod model;
+pub mod plan;
+pub mod run;
+pub mod simulate;
+pub mod status;
+pub mod train;
+
+use anyhow::{Context, Result};
+use atoll_store::ResumeFrom;
+use atoll_trainer::recipe::Recipe;
+use atoll_trainer::logging;
+use atoll_trainer::train::{existing_run_dir, fresh_run_dir};
+use std::path::{Path, PathBuf};
+
+/// The async runtime of the commands that talk to the network.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// What the coordinator and learner commands share: the recipe, the job secret, the run
+/// directory and its log file.
+pub fn node_process(
+    recipe: &Path,
+    overrides: &[String],
+    secret_file: Option<&Path>,
+    run_dir: &Path,
+    log: &str,
+) -> Result<(Recipe, String)> {
+    let recipe = Recipe::from_file(recipe, overrides)?;
+    let secret = atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file)?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    logging::log_to_file(&run_dir.join(log))?;
+    Ok((recipe, secret))
+}
+
+/// The run directory of `train` and `run`: the recipe's existing one to continue under
+/// `--resume`, else a fresh one.
+pub fn run_dir(recipe: &Recipe, resume: Option<ResumeFrom>) -> Result<PathBuf> {
+    match resume {
+        Some(_) => existing_run_dir(recipe),
+        None => fresh_run_dir(recipe),
+    }
+}
