@@ -8,7 +8,9 @@ pub mod logging;
 pub mod models;
 pub mod optim;
 pub mod presets;
-pub mod recipe;
+/// The recipe schema lives in its own crate (atoll-recipe) so the node, link and store sides can
+/// read it without the trainer; `atoll_trainer::recipe` and `crate::recipe` name it here.
+pub use atoll_recipe as recipe;
 pub mod simulate;
 pub mod train;
 pub mod worker;

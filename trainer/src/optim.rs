@@ -5,15 +5,10 @@
 //! tensors so it can be checkpointed and so the Decoupled DiLoCo learner can read and overwrite
 //! parameters between steps.
 
+/// The hyperparameters and the schedule are the recipe's `train` section's (atoll-recipe), so that
+/// the section can hand them out without the recipe depending on the trainer.
+pub use atoll_recipe::train::{learning_rate, AdamWConfig};
 use tch::{Kind, Tensor};
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
 
 struct ParamState {
     param: Tensor,
@@ -208,32 +203,9 @@ impl AdamW {
     }
 }
 
-/// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to `peak·min_ratio` at
-/// `total` steps. `step` counts from 0.
-pub fn learning_rate(step: usize, peak: f64, warmup: usize, total: usize, min_ratio: f64) -> f64 {
-    if warmup > 0 && step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
-    }
-    let decay_steps = total.saturating_sub(warmup).max(1);
-    let progress = ((step - warmup.min(step)) as f64 / decay_steps as f64).min(1.0);
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-    peak * (min_ratio + (1.0 - min_ratio) * cosine)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schedule_warms_up_then_decays_to_the_floor() {
-        let lr = |s| learning_rate(s, 1.0, 10, 110, 0.1);
-        assert!((lr(0) - 0.1).abs() < 1e-12);
-        assert!((lr(9) - 1.0).abs() < 1e-12);
-        assert!((lr(10) - 1.0).abs() < 1e-12);
-        assert!((lr(60) - 0.55).abs() < 1e-12);
-        assert!((lr(110) - 0.1).abs() < 1e-12);
-        assert!(lr(30) > lr(31));
-    }
 
     /// Three AdamW steps on a quadratic against a float64 re-derivation of torch.optim.AdamW.
     #[test]

@@ -4,7 +4,7 @@
 //! checkpoints on disk.
 
 use crate::config::GemmaConfig;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
 /// Parameters a real checkpoint holds besides the text stack (vision/audio front ends), so that
@@ -22,13 +22,9 @@ pub struct Preset {
     pub extras: MultimodalExtras,
 }
 
-pub const PRESET_NAMES: &[&str] = &[
-    "gemma3-12b",
-    "gemma4-12b",
-    "gemma3-tiny",
-    "gemma4-tiny",
-    "gemma3-bench",
-];
+/// The names are the recipe's (atoll-recipe checks `model.preset` against them when it reads a
+/// recipe); `preset_json` below gives each its shapes.
+pub use atoll_recipe::PRESET_NAMES;
 
 fn five_to_one(layers: usize) -> Vec<&'static str> {
     (0..layers)
@@ -159,10 +155,7 @@ fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
 
 pub fn preset(name: &str) -> Result<Preset> {
     let Some((value, description, extras)) = preset_json(name) else {
-        bail!(
-            "unknown model preset `{name}` (available: {})",
-            PRESET_NAMES.join(", ")
-        );
+        return Err(atoll_recipe::unknown_preset(name));
     };
     let config = GemmaConfig::from_hf_json(&value)?;
     let name = PRESET_NAMES

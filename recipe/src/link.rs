@@ -1,0 +1,50 @@
+//! `sync.link`: the link between each learner and the coordinator, as the simulator models it and
+//! the QUIC endpoints are tuned for.
+
+use crate::field_defaults;
+use crate::value::{NonNegativeF64, PositiveF64, PositiveInt};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSection {
+    #[serde(default = "defaults::bandwidth_gbps")]
+    pub bandwidth_gbps: PositiveF64,
+    #[serde(default = "defaults::latency_ms")]
+    pub latency_ms: NonNegativeF64,
+    /// QUIC connections per learner, striped tensor by tensor, for links one connection (one
+    /// core) cannot fill.
+    #[serde(default = "defaults::connections")]
+    pub connections: PositiveInt,
+    #[serde(default)]
+    pub congestion: CongestionChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionChoice {
+    #[default]
+    Cubic,
+    Bbr,
+    /// Send at `bandwidth_gbps`, ignoring sparse loss: for dedicated inter-region links.
+    Provisioned,
+}
+
+impl Default for LinkSection {
+    fn default() -> Self {
+        field_defaults()
+    }
+}
+
+mod defaults {
+    use super::*;
+    pub fn bandwidth_gbps() -> PositiveF64 {
+        PositiveF64(2.0)
+    }
+    pub fn latency_ms() -> NonNegativeF64 {
+        NonNegativeF64(20.0)
+    }
+    pub fn connections() -> PositiveInt {
+        PositiveInt(1)
+    }
+}
