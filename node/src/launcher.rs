@@ -5,7 +5,7 @@
 use anyhow::{anyhow, Context, Result};
 use atoll_link::emulator::{Emulator, EmulatorConfig};
 use atoll_link::JobTls;
-use atoll_trainer::recipe::Recipe;
+use atoll_recipe::Recipe;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! and the data plane (contributions up, fragments down) going, reconnecting with backoff when
 //! the coordinator goes away.
 
-use crate::coordinator::link_tuning;
+use crate::link_tuning::link_tuning;
 use crate::parts::{receive_parts, send_part};
 use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};

@@ -5,6 +5,7 @@
 //! - [`learner`]: `atoll learner`, one region's inner loop and its background network tasks;
 //! - [`launcher`]: `atoll run`, a whole job on this machine;
 //! - [`link_bench`]: `atoll bench link`, the data plane through an emulated WAN link;
+//! - [`link_tuning`]: the QUIC tuning both ends take from the recipe's `sync.link`;
 //! - [`parts`]: data-plane parts over QUIC, sent and received alike on both ends;
 //! - [`status`]: `atoll status` and the launcher's live display.
 
@@ -12,6 +13,7 @@ pub mod coordinator;
 pub mod launcher;
 pub mod learner;
 pub mod link_bench;
+pub mod link_tuning;
 pub mod metrics_endpoint;
 pub mod parts;
 pub mod state;

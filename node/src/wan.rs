@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, Result};
 use atoll_link::emulator::{DirectionStats, EmulatorStats, LinkSpec};
-use atoll_trainer::recipe::Recipe;
+use atoll_recipe::Recipe;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

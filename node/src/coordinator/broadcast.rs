@@ -1,0 +1,115 @@
+//! Fragments going down to the learners: encoded updates after a merge, full values for a
+//! catch-up, with at most a few sends in flight per learner.
+
+use super::Core;
+use crate::parts::send_part;
+use atoll_coordinator::LearnerId;
+use atoll_link::data::HEADER_LEN;
+use atoll_link::{PartHeader, PartKind};
+use atoll_wire::{encode_frame, frame_encoded, Codec, DEFAULT_BLOCK};
+
+impl Core {
+    /// Fragment sends in flight to one learner at most.
+    pub(super) fn down_permits(&self) -> usize {
+        4 * self.plan.len().max(1)
+    }
+
+    /// Sends fragment `p` at `version` to a learner: the encoded update when it holds the base,
+    /// the full f32 values otherwise. A learner already holding too much in flight is skipped
+    /// (and gets the full fragment next time) rather than buffered without bound.
+    pub(super) fn send_fragment(&mut self, learner: LearnerId, p: usize, version: u64, full: bool) {
+        let Some(m) = self.members.get_mut(&learner) else {
+            return;
+        };
+        m.conns.retain(|c| c.close_reason().is_none());
+        if m.conns.is_empty() {
+            m.sent[p] = None;
+            return;
+        }
+        let Ok(permit) = m.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "learner {learner}'s down link is saturated: fragment {p} v{version} skipped"
+            );
+            m.sent[p] = None;
+            return;
+        };
+        let update = self.syncer.broadcast_update(p, version).cloned();
+        let shapes: Vec<u64> = self.plan.fragments[p]
+            .tensors
+            .iter()
+            .map(|&t| self.plan.tensors[t].elements())
+            .collect();
+        let (kind, base, frames) = match update {
+            Some(u) if !full && m.sent[p] == Some(u.base_version) => {
+                let frames: Result<Vec<Vec<u8>>, _> = u
+                    .tensors
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(bytes, &n)| {
+                        frame_encoded(
+                            u.codec,
+                            DEFAULT_BLOCK as u32,
+                            &[n],
+                            bytes.clone(),
+                            self.zstd_level,
+                        )
+                    })
+                    .collect();
+                (PartKind::Update, u.base_version, frames)
+            }
+            _ => {
+                let values = self.syncer.fragment_values(p);
+                let frames: Result<Vec<Vec<u8>>, _> = values
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(v, &n)| encode_frame(Codec::F32, DEFAULT_BLOCK as u32, &[n], v, 0))
+                    .collect();
+                (PartKind::Full, version, frames)
+            }
+        };
+        let _ = self.down_codec;
+        let frames = match frames {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("encoding fragment {p} for learner {learner}: {e}");
+                return;
+            }
+        };
+        m.sent[p] = Some(version);
+        let conns = m.conns.clone();
+        let tensors = frames.len() as u32;
+        let bytes: u64 = frames.iter().map(|f| (f.len() + HEADER_LEN) as u64).sum();
+        metrics::counter!("atoll_bytes_down_total", "learner" => learner.to_string())
+            .increment(bytes);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut streams = Vec::with_capacity(frames.len());
+            for (k, frame) in frames.into_iter().enumerate() {
+                let header = PartHeader {
+                    kind,
+                    fragment: p as u32,
+                    round_or_version: version,
+                    base_version: base,
+                    steps: 0,
+                    tokens: 0,
+                    tensor: k as u32,
+                    tensors,
+                    frame_len: frame.len() as u32,
+                };
+                let conn = &conns[k % conns.len()];
+                match send_part(conn, &header, &frame).await {
+                    Ok(stream) => streams.push(stream),
+                    Err(e) => {
+                        tracing::debug!("sending fragment {p} to learner {learner}: {e}");
+                        return;
+                    }
+                }
+            }
+            // Hold the permit until the learner has acknowledged every part: the coordinator
+            // reads "no permit out" as "nothing still travelling" before it exits.
+            for stream in streams {
+                let _ = stream.stopped().await;
+            }
+        });
+    }
+}

@@ -1,0 +1,214 @@
+//! Who is in the job: joins (a region gets its learner id, a session and the versions it must
+//! catch up on), reports (progress, heartbeats, pulls handed back) and the status view.
+
+use super::{Core, Member};
+use crate::{random_token, same_secret};
+use atoll_coordinator::{Event, LearnerId, Progress};
+use atoll_proto::v1::*;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+use tonic::Status;
+
+impl Core {
+    pub(super) fn learner_by_session(&self, session: &str) -> Option<LearnerId> {
+        self.members
+            .iter()
+            .find(|(_, m)| same_secret(&m.session, session))
+            .map(|(id, _)| *id)
+    }
+
+    pub(super) fn join(&mut self, req: JoinRequest) -> Result<JoinReply, Status> {
+        if req.protocol_version != atoll_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "incompatible protocol version {} (the coordinator speaks {}); use the same atoll release",
+                req.protocol_version,
+                atoll_proto::PROTOCOL_VERSION
+            )));
+        }
+        if req.model_hash != self.model_hash {
+            return Err(Status::failed_precondition(format!(
+                "model mismatch: this learner's model hash is {} but the job's is {}; use the job's recipe",
+                req.model_hash, self.model_hash
+            )));
+        }
+        let m_count = self.recipe.sync.learners.0;
+        let id = match self.state.regions.get(&req.region) {
+            Some(&id) => id,
+            None => {
+                if self.state.regions.len() >= m_count {
+                    return Err(Status::resource_exhausted(format!(
+                        "the job has its {m_count} regions ({}); region {:?} cannot join",
+                        self.state
+                            .regions
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        req.region
+                    )));
+                }
+                let id = self.state.regions.len() as LearnerId;
+                self.state.regions.insert(req.region.clone(), id);
+                id
+            }
+        };
+        let fragments = self.plan.len();
+        let held: Vec<Option<u64>> = (0..fragments)
+            .map(|p| req.held_versions.get(p).copied())
+            .collect();
+        let resume_step = self.syncer.learner_step(id).unwrap_or(0);
+        let session = random_token();
+        let actions = self.syncer.handle(self.now(), Event::Join { learner: id });
+        let in_flight = Arc::new(Semaphore::new(self.down_permits()));
+        self.members.insert(
+            id,
+            Member {
+                region: req.region.clone(),
+                session: session.clone(),
+                conns: Vec::new(),
+                sent: held,
+                catch_up: Vec::new(),
+                pulls: Vec::new(),
+                progress: vec![Progress::default(); fragments],
+                step: resume_step,
+                loss: f64::NAN,
+                tokens_per_s: 0.0,
+                bytes_up: 0,
+                bytes_down: 0,
+                last_report: Some(Instant::now()),
+                finished: false,
+                applied: Vec::new(),
+                told_done: false,
+                in_flight,
+            },
+        );
+        self.execute(actions)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.persist()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!("learner {id} ({}) joined at step {resume_step}", req.region);
+        let clock = self.syncer.vector_clock(id).unwrap_or_default();
+        Ok(JoinReply {
+            learner_id: id,
+            session,
+            plan_fingerprint: self.plan.fingerprint(),
+            vector_clock: clock,
+            shard_index: id,
+            shard_count: m_count as u32,
+            resume_step,
+            max_steps: self.recipe.train.max_steps.0 as u64,
+            data_port: self.data_port as u32,
+        })
+    }
+
+    pub(super) fn report(&mut self, req: ReportRequest) -> Result<ReportReply, Status> {
+        let Some(id) = self.learner_by_session(&req.session) else {
+            return Err(Status::unauthenticated("unknown session: join again"));
+        };
+        let fragments = self.plan.len();
+        if req.progress.len() != fragments {
+            return Err(Status::invalid_argument(format!(
+                "progress for {} fragments, the plan has {fragments}",
+                req.progress.len()
+            )));
+        }
+        let progress: Vec<Progress> = req
+            .progress
+            .iter()
+            .map(|p| Progress {
+                c_steps: p.steps,
+                c_tokens: p.tokens,
+            })
+            .collect();
+        {
+            let m = self.members.get_mut(&id).expect("member");
+            m.progress = progress.clone();
+            m.step = req.step;
+            m.loss = req.loss;
+            m.tokens_per_s = req.tokens_per_s;
+            m.bytes_up = req.bytes_up;
+            m.bytes_down = req.bytes_down;
+            m.last_report = Some(Instant::now());
+            m.finished = req.finished;
+            m.applied = req.applied_versions.clone();
+        }
+        metrics::gauge!("atoll_learner_step", "learner" => id.to_string()).set(req.step as f64);
+        let actions = self.syncer.handle(
+            self.now(),
+            Event::Report {
+                learner: id,
+                step: req.step,
+                progress,
+            },
+        );
+        self.execute(actions)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let done = self.done_at.is_some();
+        let m = self.members.get_mut(&id).expect("member");
+        if done {
+            m.told_done = true;
+        }
+        let pulls = std::mem::take(&mut m.pulls);
+        Ok(ReportReply {
+            pulls,
+            job_done: done,
+            final_versions: if done {
+                self.syncer.versions()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    pub(super) fn status(&self) -> StatusReply {
+        let learners = self
+            .members
+            .iter()
+            .map(|(&id, m)| LearnerStatus {
+                id,
+                region: m.region.clone(),
+                state: if !self.syncer.is_active(id) {
+                    "absent"
+                } else if m.finished {
+                    "finished"
+                } else {
+                    "active"
+                }
+                .into(),
+                step: m.step,
+                loss: m.loss,
+                tokens_per_s: m.tokens_per_s,
+                bytes_up: m.bytes_up,
+                bytes_down: m.bytes_down,
+                last_report_age_s: m.last_report.map_or(-1.0, |t| t.elapsed().as_secs_f64()),
+            })
+            .collect();
+        let uptime = self.now();
+        let ideal = self.recipe.sync.learners.0 as f64 * self.members_tokens_per_s_nominal();
+        StatusReply {
+            job: self.recipe.name().to_string(),
+            uptime_s: uptime,
+            learners,
+            fragment_versions: self.syncer.versions(),
+            merges: self.syncer.stats().merges,
+            rejected: self.syncer.stats().rejected,
+            tokens_merged: self.state.tokens_merged,
+            goodput: if ideal > 0.0 && uptime > 0.0 {
+                (self.state.tokens_merged as f64 / (ideal * uptime)).min(1.0)
+            } else {
+                0.0
+            },
+            job_done: self.done_at.is_some(),
+            max_steps: self.recipe.train.max_steps.0 as u64,
+        }
+    }
+
+    /// The fastest learner's token rate: what every region would do at full speed.
+    pub(super) fn members_tokens_per_s_nominal(&self) -> f64 {
+        self.members
+            .values()
+            .map(|m| m.tokens_per_s)
+            .fold(0.0, f64::max)
+    }
+}

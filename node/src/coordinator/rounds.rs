@@ -1,0 +1,279 @@
+//! The round lifecycle: contributions assembled from their parts and handed to the syncer, the
+//! syncer's actions carried out (pulls, broadcasts, catch-ups, timers), merges logged, and the
+//! job's end (the last rounds, the final model and summary).
+
+use super::{Cmd, Core, Partial, FINAL_SETTLE_TIMEOUT};
+use anyhow::Result;
+use atoll_coordinator::syncer::Contribution;
+use atoll_coordinator::{Action, ApplyRule, Event, LearnerId, Progress};
+use atoll_link::{PartHeader, PartKind};
+use atoll_proto::v1::*;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+impl Core {
+    pub(super) fn on_part(
+        &mut self,
+        learner: LearnerId,
+        h: PartHeader,
+        values: Vec<f32>,
+        bytes: u64,
+    ) -> Result<()> {
+        metrics::counter!("atoll_bytes_up_total", "learner" => learner.to_string())
+            .increment(bytes);
+        let p = h.fragment as usize;
+        if h.kind != PartKind::Contribution
+            || p >= self.plan.len()
+            || h.tensors as usize != self.plan.fragments[p].tensors.len()
+        {
+            metrics::counter!("atoll_bad_data_total").increment(1);
+            tracing::warn!("learner {learner} sent a part that matches no fragment of the plan");
+            return Ok(());
+        }
+        let key = (learner, h.fragment, h.round_or_version);
+        let partial = self.partial.entry(key).or_insert_with(|| Partial {
+            base_version: h.base_version,
+            progress: Progress {
+                c_steps: h.steps,
+                c_tokens: h.tokens,
+            },
+            tensors: vec![None; h.tensors as usize],
+        });
+        partial.tensors[h.tensor as usize] = Some(values);
+        if partial.tensors.iter().all(Option::is_some) {
+            let partial = self.partial.remove(&key).expect("present");
+            let c = Contribution {
+                learner,
+                fragment: p,
+                round: h.round_or_version,
+                base_version: partial.base_version,
+                progress: partial.progress,
+                delta: partial.tensors.into_iter().flatten().collect(),
+            };
+            let actions = self.syncer.handle(self.now(), Event::Contribution(c));
+            self.execute(actions)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn execute(&mut self, actions: Vec<Action>) -> Result<()> {
+        for action in actions {
+            match action {
+                Action::Pull {
+                    learner,
+                    fragment,
+                    round,
+                } => {
+                    if let Some(m) = self.members.get_mut(&learner) {
+                        m.pulls.push(Pull {
+                            fragment: fragment as u32,
+                            round,
+                        });
+                    }
+                }
+                Action::Broadcast {
+                    fragment,
+                    version,
+                    to,
+                    ..
+                } => {
+                    self.on_merged(fragment)?;
+                    for l in to {
+                        self.send_fragment(l, fragment, version, false);
+                    }
+                }
+                Action::CatchUp { learner, fragments } => {
+                    let Some(m) = self.members.get_mut(&learner) else {
+                        continue;
+                    };
+                    let stale: Vec<usize> = fragments
+                        .iter()
+                        .filter(|(p, v, _)| m.sent[*p] != Some(*v))
+                        .map(|(p, _, _)| *p)
+                        .collect();
+                    if m.conns.is_empty() {
+                        m.catch_up = stale;
+                    } else {
+                        for p in stale {
+                            let v = self.syncer.version(p);
+                            self.send_fragment(learner, p, v, true);
+                        }
+                    }
+                }
+                Action::ArmTimer { id, at } => {
+                    let tx = self.tx.clone();
+                    let deadline = self.start + Duration::from_secs_f64(at.max(0.0));
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(deadline.into()).await;
+                        let _ = tx.send(Cmd::Timer(id)).await;
+                    });
+                }
+                Action::Rejected {
+                    learner,
+                    fragment,
+                    reason,
+                    ..
+                } => {
+                    metrics::counter!("atoll_rejected_contributions_total", "reason" => format!("{reason:?}")).increment(1);
+                    tracing::warn!("rejected learner {learner}'s contribution to fragment {fragment}: {reason:?}");
+                }
+                Action::MarkedAbsent { learner } => {
+                    tracing::warn!("learner {learner} missed its heartbeat: marked absent");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A merge happened: persist the fragment before its broadcast leaves, log the merge.
+    pub(super) fn on_merged(&mut self, p: usize) -> Result<()> {
+        self.store
+            .save_fragment(p, &self.syncer.fragment_snapshot(p))?;
+        if let Some(record) = self.syncer.merge_log().last() {
+            let tokens: u64 = record.contributors.iter().map(|c| c.3).sum();
+            self.state.tokens_merged += tokens / self.plan.len() as u64;
+            metrics::gauge!("atoll_quorum_size").set(record.contributors.len() as f64);
+            metrics::histogram!("atoll_grace_wait_seconds").record(record.grace_s);
+            metrics::counter!("atoll_merges_total").increment(1);
+            writeln!(self.merges_log, "{}", serde_json::to_string(record)?)?;
+            metrics::gauge!("atoll_goodput").set(self.status().goodput);
+            self.merges_log.flush()?;
+        }
+        self.persist()?;
+        self.maybe_checkpoint(false)
+    }
+
+    /// Ends the job once every active learner has done its steps: a last round for every
+    /// fragment, then the final model.
+    pub(super) fn check_end(&mut self) -> Result<()> {
+        // Learners that went silent are marked absent by the syncer's heartbeat timers.
+        if self.done_at.is_some() {
+            return Ok(());
+        }
+        let m_count = self.recipe.sync.learners.0;
+        let active: Vec<LearnerId> = self.syncer.active_learners();
+        let all_finished = !active.is_empty()
+            && self.state.regions.len() == m_count
+            && active
+                .iter()
+                .all(|id| self.members.get(id).is_some_and(|m| m.finished));
+        if !self.flushed && all_finished {
+            // The last rounds measure each learner's work against the version it last applied,
+            // without re-anchoring (see `FinalStep::Average`). Where learners keep their local
+            // work when they apply a version (`rebase`), the rounds wait until no round is in
+            // flight and every learner holds its result: else a learner merged in a round whose
+            // broadcast it has not applied yet would count that work twice. Under `overwrite`
+            // they do not wait: applying a version it was left out of would discard the
+            // learner's last work, which costs more than counting part of it twice (measured on
+            // the demo: docs/diloco.md).
+            let keeps_work = self.recipe.sync.apply_rule() == ApplyRule::Rebase;
+            let newest = self.syncer.versions();
+            let settled = !keeps_work
+                || !self.syncer.round_in_flight()
+                    && active
+                        .iter()
+                        .all(|id| self.members.get(id).is_some_and(|m| m.applied == newest));
+            let since = *self.settling_since.get_or_insert_with(Instant::now);
+            if !settled {
+                if since.elapsed() < FINAL_SETTLE_TIMEOUT {
+                    return Ok(());
+                }
+                tracing::warn!(
+                    "the learners did not all apply the newest versions within {:?}; \
+                     opening the last rounds anyway",
+                    FINAL_SETTLE_TIMEOUT
+                );
+            }
+            self.flushed = true;
+            let progress: BTreeMap<LearnerId, Vec<Progress>> = active
+                .iter()
+                .filter_map(|id| self.members.get(id).map(|m| (*id, m.progress.clone())))
+                .collect();
+            tracing::info!("every learner finished: final round for every fragment");
+            let actions = self.syncer.flush(self.now(), &progress);
+            self.execute(actions)?;
+        }
+        if self.flushed && !self.syncer.round_in_flight() {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn finish(&mut self) -> Result<()> {
+        self.done_at = Some(Instant::now());
+        self.state.done = true;
+        self.persist()?;
+        self.maybe_checkpoint(true)?;
+        if let Some(writer) = self.checkpoints.take() {
+            let failed: Vec<String> = tokio::task::block_in_place(|| writer.finish())
+                .into_iter()
+                .filter_map(|o| o.error.map(|e| format!("step-{}: {e}", o.step)))
+                .collect();
+            if !failed.is_empty() {
+                tracing::error!(
+                    "{} coordinator checkpoints were not written: {}",
+                    failed.len(),
+                    failed.join("; ")
+                );
+            }
+        }
+        let global = self.global_values();
+        let (eval_loss, wall) = tokio::task::block_in_place(|| -> Result<(f64, f64)> {
+            self.worker.set_all(&global);
+            let eval = self.worker.evaluate();
+            if self.recipe.run.save_final {
+                self.worker.save(&self.run_dir.join("final"))?;
+            }
+            Ok((eval, self.now()))
+        })?;
+        let status = self.status();
+        let bytes_up: u64 = status.learners.iter().map(|l| l.bytes_up).sum();
+        let bytes_down: u64 = status.learners.iter().map(|l| l.bytes_down).sum();
+        let m_count = self.recipe.sync.learners.0;
+        let tokens: u64 = status
+            .learners
+            .iter()
+            .map(|l| l.step * self.worker.tokens_per_step())
+            .sum();
+        let summary = serde_json::json!({
+            "name": self.recipe.name(),
+            "mode": "decoupled",
+            "learners": m_count,
+            "codec": self.recipe.sync.codec.codec().name(),
+            "final_eval_loss": eval_loss,
+            "tokens": tokens,
+            "tokens_merged": self.state.tokens_merged,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_per_learner": (bytes_up + bytes_down) as f64 / m_count as f64,
+            "wall_clock_s": wall,
+            "goodput": status.goodput,
+            "rejected_contributions": self.syncer.stats().rejected,
+            "merges": self.syncer.stats().merges,
+            "fragment_versions": status.fragment_versions,
+            "learner_steps": status.learners.iter().map(|l| (l.region.clone(), l.step)).collect::<BTreeMap<_, _>>(),
+        });
+        atoll_trainer::checkpoint::write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
+        tracing::info!(
+            "final eval loss {eval_loss:.4}; {} merges; fragment versions {:?}",
+            self.syncer.stats().merges,
+            status.fragment_versions
+        );
+        Ok(())
+    }
+
+    /// Done, every active learner has heard so and received the final broadcasts (or had a few
+    /// seconds to).
+    pub(super) fn finished(&self) -> bool {
+        let Some(done_at) = self.done_at else {
+            return false;
+        };
+        let told = self.syncer.active_learners().iter().all(|id| {
+            self.members.get(id).is_none_or(|m| {
+                m.told_done && m.in_flight.available_permits() == self.down_permits()
+            })
+        });
+        told || done_at.elapsed() > Duration::from_secs(10)
+    }
+}
