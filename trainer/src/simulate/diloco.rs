@@ -1,0 +1,462 @@
+//! The event loop of classic, Streaming and Decoupled DiLoCo: the real syncer driven by the
+//! virtual clock, its actions carried out on the simulated links.
+
+use super::clock::{Queue, SimEvent};
+use super::learner::{apply_due, train_step, Learner};
+use super::probe::EvalProbe;
+use super::Outcome;
+use crate::data::PackedSequences;
+use crate::recipe::{Recipe, SyncMode};
+use anyhow::{anyhow, Context, Result};
+use atoll_coordinator::syncer::{Contribution, Event, MergeRecord, Progress};
+use atoll_coordinator::{
+    Action, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig, TensorInfo,
+};
+use atoll_wire::{decode_frame, encode_frame, ErrorFeedback, FrameLimits, DEFAULT_BLOCK};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::io::Write;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn simulate_diloco_family(
+    recipe: &Recipe,
+    learners: &mut [Learner],
+    data: &PackedSequences,
+    tokens_per_step: u64,
+    budget: u64,
+    names: &[(String, Vec<i64>)],
+    probe: &mut EvalProbe,
+    metrics: &mut impl Write,
+) -> Result<Outcome> {
+    let sync = &recipe.sync;
+    let t = &recipe.train;
+    let m_count = learners.len();
+    let (classic, streaming) = (
+        sync.mode == SyncMode::Diloco,
+        sync.mode == SyncMode::Streaming,
+    );
+    let fragments = if classic { 1 } else { sync.fragments.0 };
+    let tensors: Vec<TensorInfo> = names
+        .iter()
+        .map(|(n, s)| TensorInfo::new(n.clone(), &s.iter().map(|&d| d as u64).collect::<Vec<_>>()))
+        .collect();
+    let plan = FragmentPlan::new(tensors, fragments).map_err(|e| anyhow!("sync.fragments: {e}"))?;
+    let initial: Vec<Vec<f32>> = (0..learners[0].params.len())
+        .map(|i| learners[0].values(i))
+        .collect();
+    let codec = sync.codec.codec();
+    let down_codec = sync.down_codec.unwrap_or(sync.codec).codec();
+    let config = SyncerConfig {
+        h: sync.h.0 as u64,
+        tau: sync.tau.0 as u64,
+        // Classic and Streaming DiLoCo wait for every learner; Decoupled merges what arrived.
+        quorum: if classic || streaming {
+            m_count
+        } else {
+            sync.quorum.0
+        },
+        grace_gamma: if classic || streaming {
+            0.0
+        } else {
+            sync.grace_gamma.0
+        },
+        grace_cap_s: None,
+        outer: OuterOptimizer {
+            lr: sync.outer_lr.0,
+            momentum: sync.outer_momentum.0,
+        },
+        merge: sync.merge,
+        final_step: sync.final_step,
+        pull_timeout_s: 100.0 * sync.step_time_s.0 * sync.h.0 as f64,
+        heartbeat_timeout_s: 10.0 * sync.step_time_s.0
+            / learners
+                .iter()
+                .map(|l| l.speed)
+                .fold(f64::INFINITY, f64::min),
+        version_history: 4,
+        broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
+    };
+    let apply_rule = sync.apply_rule();
+    let mut syncer = Syncer::new(config, plan.clone(), &initial);
+    let mut queue = Queue {
+        heap: BinaryHeap::new(),
+        events: BTreeMap::new(),
+        seq: 0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(recipe.seed ^ 0x5eed_fa11);
+    let failure_draw = |rng: &mut ChaCha8Rng| -> Option<f64> {
+        sync.failures
+            .mtbf_s
+            .map(|mtbf| -mtbf.0 * (1.0 - rng.random::<f64>()).ln())
+    };
+    for m in 0..m_count {
+        queue.push(0.0, SimEvent::ToSyncer(Event::Join { learner: m as u32 }));
+        if let Some(dt) = failure_draw(&mut rng) {
+            queue.push(dt, SimEvent::Fail(m));
+        }
+    }
+    let limits = FrameLimits::default();
+    let (mut bytes_up, mut bytes_down, mut failures) = (0u64, 0u64, 0u64);
+    let mut tokens_done = 0u64;
+    let mut last_step_at = 0.0;
+    let total_steps = t.max_steps.0;
+    let fragment_bytes = |c: atoll_wire::Codec, p: usize| -> u64 {
+        plan.fragments[p]
+            .tensors
+            .iter()
+            .map(|&i| c.encoded_len(plan.tensors[i].elements() as usize, DEFAULT_BLOCK) as u64 + 64)
+            .sum()
+    };
+
+    let mut flushed = false;
+    loop {
+        let Some((now, event)) = queue.pop() else {
+            // The budget is spent and everything in flight has landed: one last round per
+            // fragment with every learner, so the global model holds all the work done.
+            if flushed {
+                break;
+            }
+            flushed = true;
+            // The learners are idle at a step boundary: they apply what arrived after their last
+            // step first, so each outer gradient below holds exactly the work no version holds
+            // yet (measured from a stale anchor it would be re-anchored at the newest Θ_p and
+            // pull Θ_p back towards the learner's stale copy).
+            for l in learners.iter_mut().filter(|l| l.alive) {
+                apply_due(l, &plan, apply_rule, tokens_per_step);
+            }
+            let progress = learners
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.alive)
+                .filter_map(|(m, l)| {
+                    l.protocol
+                        .as_ref()
+                        .map(|p| (m as u32, p.progress().to_vec()))
+                })
+                .collect();
+            let actions = syncer.flush(last_step_at, &progress);
+            bytes_down += carry_out(
+                actions,
+                syncer.merge_log(),
+                last_step_at,
+                learners,
+                &mut queue,
+                &fragment_bytes,
+                down_codec,
+            );
+            continue;
+        };
+        match event {
+            SimEvent::ToSyncer(e) => {
+                // Once the budget is spent learners stop on purpose: silence is not a failure.
+                let job_over = tokens_done >= budget;
+                if job_over
+                    && matches!(
+                        e,
+                        Event::Timer(atoll_coordinator::TimerId::Heartbeat { .. })
+                    )
+                {
+                    continue;
+                }
+                let actions = syncer.handle(now, e);
+                bytes_down += carry_out(
+                    actions,
+                    syncer.merge_log(),
+                    now,
+                    learners,
+                    &mut queue,
+                    &fragment_bytes,
+                    down_codec,
+                );
+            }
+            SimEvent::CatchUpArrives {
+                learner: m,
+                fragments,
+            } => {
+                let l = &mut learners[m];
+                if !l.alive {
+                    continue;
+                }
+                for (p, _, values) in &fragments {
+                    for (k, &ti) in plan.fragments[*p].tensors.iter().enumerate() {
+                        l.set_values(ti, &values[k]);
+                    }
+                }
+                l.feedback = plan
+                    .fragments
+                    .iter()
+                    .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
+                    .collect();
+                l.protocol = Some(LearnerProtocol::new(fragments));
+                l.at_pull.clear();
+                l.merged_in.clear();
+                l.waiting_for_sync = false;
+                queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
+            }
+            SimEvent::StepDone(m) => {
+                if !learners[m].alive || tokens_done >= budget {
+                    continue;
+                }
+                let progress = (tokens_done as f64 / budget as f64).min(1.0);
+                let step_index = ((progress * total_steps as f64) as usize).min(total_steps - 1);
+                let lr = t.lr_at(step_index);
+                let l = &mut learners[m];
+                let loss = train_step(l, data, t, lr)?;
+                l.compute_s += sync.step_time_s.0 / l.speed;
+                tokens_done += tokens_per_step;
+                last_step_at = now;
+                let protocol = l
+                    .protocol
+                    .as_mut()
+                    .expect("stepping learners have caught up");
+                let reported: Vec<Progress> = protocol.on_step(tokens_per_step);
+                let step = protocol.step();
+                queue.push(
+                    now + l.link.latency_s,
+                    SimEvent::ToSyncer(Event::Report {
+                        learner: m as u32,
+                        step,
+                        progress: reported,
+                    }),
+                );
+                apply_due(l, &plan, apply_rule, tokens_per_step);
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::json!({"learner": m, "step": step, "loss": loss, "lr": lr, "sim_time_s": now, "tokens": tokens_done})
+                )?;
+                let steps_per_learner = (tokens_done / (tokens_per_step * m_count as u64)) as usize;
+                if probe.due(steps_per_learner) && steps_per_learner < total_steps {
+                    let loss = probe.evaluate_values(&global_values(&syncer, &plan, &initial));
+                    probe.record(steps_per_learner, loss, now, metrics)?;
+                }
+                if classic && step.is_multiple_of(sync.h.0 as u64) {
+                    l.waiting_for_sync = true; // resumes when the merged model arrives
+                } else if tokens_done < budget {
+                    queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
+                }
+            }
+            SimEvent::PullArrives {
+                learner: m,
+                fragment,
+                round,
+            } => {
+                let l = &mut learners[m];
+                let Some(protocol) = l.protocol.as_ref() else {
+                    continue;
+                };
+                if !l.alive {
+                    continue;
+                }
+                let (base_version, progress) = protocol.on_pull(fragment);
+                let anchor = protocol.anchor(fragment).clone();
+                let mut delta = Vec::new();
+                let mut bytes = 0u64;
+                let mut snapshot = Vec::new();
+                for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
+                    let local = l.values(ti);
+                    let raw: Vec<f32> = anchor[k].iter().zip(&local).map(|(a, x)| a - x).collect();
+                    let values = if sync.error_feedback {
+                        let mut buf = Vec::new();
+                        l.feedback[fragment][k]
+                            .encode(codec, &raw, DEFAULT_BLOCK, &mut buf)
+                            .context("encoding an outer gradient")?;
+                        let mut out = vec![0.0; raw.len()];
+                        atoll_wire::decode(codec, &buf, DEFAULT_BLOCK, &mut out)?;
+                        out
+                    } else {
+                        raw
+                    };
+                    let frame = encode_frame(
+                        codec,
+                        DEFAULT_BLOCK as u32,
+                        &[values.len() as u64],
+                        &values,
+                        sync.zstd_level,
+                    )
+                    .context("encoding an outer gradient")?;
+                    bytes += frame.len() as u64;
+                    delta.push(decode_frame(&frame, limits)?.values);
+                    snapshot.push(local);
+                }
+                let pulled_at_step = protocol.step();
+                l.at_pull
+                    .entry(fragment)
+                    .or_default()
+                    .insert(round, (pulled_at_step, snapshot));
+                bytes_up += bytes;
+                let arrive = l.link.send(now, bytes, true);
+                let c = Contribution {
+                    learner: m as u32,
+                    fragment,
+                    round,
+                    base_version,
+                    progress,
+                    delta,
+                };
+                queue.push(arrive, SimEvent::ToSyncer(Event::Contribution(c)));
+            }
+            SimEvent::BroadcastArrives {
+                learner: m,
+                fragment,
+                version,
+                values,
+                merged_round,
+            } => {
+                let l = &mut learners[m];
+                let Some(protocol) = l.protocol.as_mut() else {
+                    continue;
+                };
+                if !l.alive {
+                    continue;
+                }
+                protocol.on_broadcast(fragment, version, values);
+                if let Some(round) = merged_round {
+                    l.merged_in.insert((fragment, version), round);
+                }
+                if l.waiting_for_sync {
+                    apply_due(l, &plan, apply_rule, tokens_per_step);
+                    l.waiting_for_sync = false;
+                    if tokens_done < budget {
+                        queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
+                    }
+                }
+            }
+            SimEvent::Fail(m) => {
+                if tokens_done >= budget {
+                    continue;
+                }
+                failures += 1;
+                learners[m].alive = false;
+                learners[m].waiting_for_sync = false;
+                queue.push(now + sync.failures.recovery_s.0, SimEvent::Recover(m));
+            }
+            SimEvent::Recover(m) => {
+                if tokens_done >= budget {
+                    continue;
+                }
+                learners[m].alive = true;
+                queue.push(now, SimEvent::ToSyncer(Event::Join { learner: m as u32 }));
+                if let Some(dt) = failure_draw(&mut rng) {
+                    queue.push(now + dt, SimEvent::Fail(m));
+                }
+            }
+        }
+    }
+    let global = global_values(&syncer, &plan, &initial);
+    let merged_tokens: u64 = {
+        // Tokens count once per learner contribution, averaged over fragments.
+        let per_fragment: u64 = syncer
+            .merge_log()
+            .iter()
+            .flat_map(|r| r.contributors.iter().map(|c| c.3))
+            .sum();
+        per_fragment / plan.len() as u64
+    };
+    let stats = syncer.stats();
+    Ok(Outcome {
+        wall_s: last_step_at,
+        bytes_up,
+        bytes_down,
+        merged_tokens,
+        rejected: stats.rejected,
+        merges: stats.merges,
+        failures,
+        global,
+    })
+}
+
+/// The syncer's global parameters Θ, in trainable-parameter order (`template` gives the shapes).
+fn global_values(syncer: &Syncer, plan: &FragmentPlan, template: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut g = template.to_vec();
+    for (p, f) in plan.fragments.iter().enumerate() {
+        let values = syncer.fragment_values(p);
+        for (k, &ti) in f.tensors.iter().enumerate() {
+            g[ti] = values[k].clone();
+        }
+    }
+    g
+}
+
+/// Carries out the syncer's actions on the simulated network; returns the bytes sent down.
+#[allow(clippy::too_many_arguments)]
+fn carry_out(
+    actions: Vec<Action>,
+    merge_log: &[MergeRecord],
+    now: f64,
+    learners: &mut [Learner],
+    queue: &mut Queue,
+    fragment_bytes: &dyn Fn(atoll_wire::Codec, usize) -> u64,
+    down_codec: atoll_wire::Codec,
+) -> u64 {
+    let mut bytes_down = 0;
+    for action in actions {
+        match action {
+            Action::Pull {
+                learner,
+                fragment,
+                round,
+            } => {
+                let l = &learners[learner as usize];
+                queue.push(
+                    now + l.link.latency_s,
+                    SimEvent::PullArrives {
+                        learner: learner as usize,
+                        fragment,
+                        round,
+                    },
+                );
+            }
+            Action::Broadcast {
+                fragment,
+                version,
+                values,
+                to,
+            } => {
+                let bytes = fragment_bytes(down_codec, fragment);
+                let record = merge_log
+                    .iter()
+                    .rev()
+                    .find(|r| r.fragment == fragment && r.version == version);
+                for m in to {
+                    let merged_round = record
+                        .filter(|r| r.contributors.iter().any(|c| c.0 == m))
+                        .map(|r| r.round);
+                    bytes_down += bytes;
+                    let arrive = learners[m as usize].link.send(now, bytes, false);
+                    queue.push(
+                        arrive,
+                        SimEvent::BroadcastArrives {
+                            learner: m as usize,
+                            fragment,
+                            version,
+                            values: values.clone(),
+                            merged_round,
+                        },
+                    );
+                }
+            }
+            Action::CatchUp { learner, fragments } => {
+                let bytes: u64 = (0..fragments.len())
+                    .map(|p| fragment_bytes(atoll_wire::Codec::F32, p))
+                    .sum();
+                // The initial download is the same for every mode; count only re-joins.
+                if learners[learner as usize].protocol.is_some() {
+                    bytes_down += bytes;
+                }
+                let arrive = learners[learner as usize].link.send(now, bytes, false);
+                queue.push(
+                    arrive,
+                    SimEvent::CatchUpArrives {
+                        learner: learner as usize,
+                        fragments,
+                    },
+                );
+            }
+            Action::ArmTimer { id, at } => queue.push(at, SimEvent::ToSyncer(Event::Timer(id))),
+            Action::Rejected { .. } | Action::MarkedAbsent { .. } => {}
+        }
+    }
+    bytes_down
+}
