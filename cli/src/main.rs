@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::{Device, Kind, Tensor};
 
+mod cmd;
+
 #[derive(Parser)]
 #[command(
     name = "atoll",
@@ -160,6 +162,12 @@ enum Command {
         /// checkpoint (`latest` or `step-N`); learners rejoin and receive the global model.
         #[arg(long, value_name = "latest|step-N")]
         resume: Option<ResumeFrom>,
+    },
+    /// Launch material for real clusters from a recipe: Kubernetes objects, SLURM scripts, the
+    /// job's TLS material (docs/deploy.md).
+    Deploy {
+        #[command(subcommand)]
+        command: cmd::deploy::DeployCommand,
     },
     /// Inspect model configurations.
     Model {
@@ -696,6 +704,7 @@ fn run(command: Command) -> Result<()> {
             println!("{}", atoll_node::wan::stats_line(&stats, elapsed));
             Ok(())
         }
+        Command::Deploy { command } => cmd::deploy::run(command),
         Command::Checkpoints { command } => match command {
             CheckpointsCommand::List { url } => checkpoints_list(&url),
             CheckpointsCommand::Verify { url } => checkpoints_verify(&url),

@@ -293,7 +293,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     let bound = listener.local_addr()?;
     let endpoint = atoll_link::quic::server_endpoint(bound, &tls, link_tuning(&recipe))?;
     let metrics_addr = match opts.metrics {
-        Some(a) => Some(crate::metrics_endpoint::serve(a).await?),
+        Some(a) => Some(crate::metrics_endpoint::serve(a, &[]).await?),
         None => None,
     };
     tracing::info!(
@@ -339,6 +339,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     if core.state.done {
         core.done_at = Some(Instant::now());
     }
+    crate::job_metrics::coordinator_started(&core.syncer.versions());
 
     let svc = Service {
         tx: tx.clone(),
@@ -765,6 +766,7 @@ impl Core {
         if let Some(record) = self.syncer.merge_log().last() {
             let tokens: u64 = record.contributors.iter().map(|c| c.3).sum();
             self.state.tokens_merged += tokens / self.plan.len() as u64;
+            crate::job_metrics::merged(record, tokens / self.plan.len() as u64);
             metrics::gauge!("atoll_quorum_size").set(record.contributors.len() as f64);
             metrics::histogram!("atoll_grace_wait_seconds").record(record.grace_s);
             metrics::counter!("atoll_merges_total").increment(1);

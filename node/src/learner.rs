@@ -161,7 +161,10 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         Arc::new(Mutex::new(initial.values().map(|(v, _)| *v).collect()));
     let counters = Arc::new(Counters::default());
     if let Some(addr) = opts.metrics {
-        let bound = runtime.block_on(crate::metrics_endpoint::serve(addr))?;
+        let bound = runtime.block_on(crate::metrics_endpoint::serve(
+            addr,
+            &[("region", opts.region.as_str())],
+        ))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
     let net = Net {
@@ -281,7 +284,9 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             worker.apply(rule, tensors, &due.received.values, Some(&base));
             protocol.keep_progress(p, kept);
         }
-        *held.lock().expect("held") = protocol.versions();
+        let versions = protocol.versions();
+        crate::job_metrics::learner_versions(&versions);
+        *held.lock().expect("held") = versions;
         if worker.step() >= max_steps {
             // Done training, still applying broadcasts: the counters and versions reported now
             // are what the job's last rounds are opened on.
@@ -307,7 +312,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             tokens_per_s,
             finished: step >= max_steps,
         });
-        metrics::gauge!("atoll_learner_tokens_per_s").set(tokens_per_s);
+        crate::job_metrics::learner_step(step, last_loss, tokens_per_s);
         writeln!(
             metrics_file,
             "{}",
@@ -450,6 +455,7 @@ impl LearnerState {
             }
             Inbound::Part(h, values, bytes) => {
                 counters.down.fetch_add(bytes, Ordering::Relaxed);
+                metrics::counter!("atoll_bytes_down_total").increment(bytes);
                 self.on_part(h, values, worker);
             }
             Inbound::JobDone(versions) => self.final_versions = Some(versions),

@@ -9,6 +9,7 @@
 //! - [`status`]: `atoll status` and the launcher's live display.
 
 pub mod coordinator;
+pub mod job_metrics;
 pub mod launcher;
 pub mod learner;
 pub mod link_bench;

@@ -9,6 +9,7 @@ pub mod models;
 pub mod optim;
 pub mod presets;
 pub mod recipe;
+pub mod recipe_deploy;
 pub mod simulate;
 pub mod train;
 pub mod worker;

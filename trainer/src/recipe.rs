@@ -546,6 +546,12 @@ pub struct Recipe {
     pub sync: SyncSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// Launch material for real clusters (`atoll deploy`); read by nothing else.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::recipe_deploy::DeploySection::is_default"
+    )]
+    pub deploy: crate::recipe_deploy::DeploySection,
 }
 
 /// A section with every field at its serde default: deserialising an empty mapping means the
@@ -804,6 +810,7 @@ impl Recipe {
         if let Some(p) = &self.model.preset {
             crate::presets::preset(p).map_err(|e| anyhow!("model.preset: {e}"))?;
         }
+        self.deploy.validate(&regions)?;
         Ok(())
     }
 
