@@ -209,6 +209,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let mut network_gone = false;
     let codec = recipe.sync.codec.codec();
     let mut last = Instant::now();
+    let mut rate = crate::step_rate::StepRate::default();
     let mut last_loss = f64::NAN;
     loop {
         // Everything that arrived since the last step boundary, without waiting...
@@ -303,7 +304,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         let progress = protocol.on_step(tokens_per_step);
         let elapsed = last.elapsed().as_secs_f64();
         last = Instant::now();
-        let tokens_per_s = tokens_per_step as f64 / elapsed.max(1e-9);
+        let tokens_per_s = rate.record(elapsed, tokens_per_step);
         let step = worker.step();
         report_tx.send_replace(ReportState {
             step,

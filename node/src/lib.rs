@@ -17,6 +17,7 @@ pub mod metrics_endpoint;
 pub mod parts;
 pub mod state;
 pub mod status;
+pub mod step_rate;
 pub mod wan;
 
 use anyhow::{anyhow, Result};
