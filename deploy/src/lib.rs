@@ -435,7 +435,9 @@ mod tests {
             e.starts_with("deploy.regions.east.ranks: 2 ranks per learner"),
             "{e}"
         );
-        let e = error("sync: {learners: 2, regions: [east, west], secret: abcdefabcdefabcdef}");
+        let mut with_secret = recipe("");
+        with_secret.sync.secret = Some("abcdefabcdefabcdef".into());
+        let e = format!("{:#}", Launch::from_recipe(&with_secret).unwrap_err());
         assert!(e.starts_with("sync.secret:"), "{e}");
         let e = format!(
             "{:#}",

@@ -591,6 +591,8 @@ sync: {learners: 2, regions: [east, west], fragments: 2, h: 4, tau: 1, heartbeat
     ok(&atoll(&["deploy", "tls", &recipe, "--out", "tls"], d));
     std::fs::create_dir_all(d.join("coordinator")).unwrap();
     std::fs::rename(d.join("tls"), d.join("coordinator/tls")).unwrap();
+    // The processes run in the test's own directory: the recipe by its full path.
+    let recipe = d.join(recipe).display().to_string();
     let port = free_port();
     let mut procs = Processes::default();
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
