@@ -117,7 +117,7 @@ fn coordinator_start(launch: &Launch, host: &str, background: bool) -> String {
         port = c.port,
         metrics = c.metrics_port,
     );
-    let mut out = format!(
+    let mut out = String::from(
         r#"COORDINATOR_DIR="$JOB_DIR/runs/coordinator"
 mkdir -p "$COORDINATOR_DIR/tls"
 for f in ca.pem ca.key server.pem server.key; do
@@ -127,7 +127,7 @@ for f in ca.pem ca.key server.pem server.key; do
   fi
   [ -e "$COORDINATOR_DIR/tls/$f" ] || install -m 600 "$JOB_DIR/tls/$f" "$COORDINATOR_DIR/tls/$f"
 done
-"#
+"#,
     );
     if background {
         let _ = write!(
