@@ -5,8 +5,9 @@ WITH_LIBTORCH := scripts/with-libtorch.sh
 ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
+K8S_VENV ?= $(HOME)/.cache/atoll/k8s-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -39,10 +40,18 @@ $(S3_VENV)/.installed: scripts/requirements-s3.txt
 
 s3-server: $(S3_VENV)/.installed
 
+# kubernetes-validate, which checks the objects `atoll deploy k8s` renders, outside the clone.
+$(K8S_VENV)/.installed: scripts/requirements-k8s.txt
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install --quiet -r scripts/requirements-k8s.txt
+	touch $@
+
+k8s-validate: $(K8S_VENV)/.installed
+
 reference: $(REFERENCE_VENV)/.installed
 
-test: build lint s3-server reference
-	ATOLL_BIN=$(CURDIR)/$(ATOLL) ATOLL_MOTO_SERVER=$(S3_VENV)/bin/moto_server ATOLL_REFERENCE_PYTHON=$(REFERENCE_VENV)/bin/python $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
+test: build lint s3-server reference k8s-validate
+	ATOLL_BIN=$(CURDIR)/$(ATOLL) ATOLL_MOTO_SERVER=$(S3_VENV)/bin/moto_server ATOLL_REFERENCE_PYTHON=$(REFERENCE_VENV)/bin/python ATOLL_K8S_VALIDATE=$(K8S_VENV)/bin/kubernetes-validate $(WITH_LIBTORCH) $(CARGO) test --release --locked --workspace
 
 fmt:
 	$(CARGO) fmt --all

@@ -38,6 +38,12 @@ enum Command {
     /// Run a whole multi-region job on this machine: a coordinator and one learner process per
     /// region, with a live display; every process is stopped at the end or on Ctrl-C.
     Run(cmd::run::RunArgs),
+    /// Launch material for real clusters from a recipe: Kubernetes objects, SLURM scripts, the
+    /// job's TLS material (docs/deploy.md).
+    Deploy {
+        #[command(subcommand)]
+        command: cmd::deploy::DeployCommand,
+    },
     /// Inspect model configurations.
     Model {
         #[command(subcommand)]
@@ -83,6 +89,7 @@ fn run(command: Command) -> Result<()> {
         Command::LinkEmulator(args) => cmd::link_emulator::run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Deploy { command } => cmd::deploy::run(command),
         Command::Model { command } => cmd::model::run(command),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Bench { command } => cmd::bench::run(command),

@@ -161,7 +161,10 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         Arc::new(Mutex::new(initial.values().map(|(v, _)| *v).collect()));
     let counters = Arc::new(Counters::default());
     if let Some(addr) = opts.metrics {
-        let bound = runtime.block_on(crate::metrics_endpoint::serve(addr))?;
+        let bound = runtime.block_on(crate::metrics_endpoint::serve(
+            addr,
+            &[("region", opts.region.as_str())],
+        ))?;
         tracing::info!("metrics on http://{bound}/metrics");
     }
     let net = Net {
@@ -206,6 +209,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let mut network_gone = false;
     let codec = recipe.sync.codec.codec();
     let mut last = Instant::now();
+    let mut rate = crate::step_rate::StepRate::default();
     let mut last_loss = f64::NAN;
     loop {
         // Everything that arrived since the last step boundary, without waiting...
@@ -281,7 +285,9 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             worker.apply(rule, tensors, &due.received.values, Some(&base));
             protocol.keep_progress(p, kept);
         }
-        *held.lock().expect("held") = protocol.versions();
+        let versions = protocol.versions();
+        crate::job_metrics::learner_versions(&versions);
+        *held.lock().expect("held") = versions;
         if worker.step() >= max_steps {
             // Done training, still applying broadcasts: the counters and versions reported now
             // are what the job's last rounds are opened on.
@@ -298,7 +304,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         let progress = protocol.on_step(tokens_per_step);
         let elapsed = last.elapsed().as_secs_f64();
         last = Instant::now();
-        let tokens_per_s = tokens_per_step as f64 / elapsed.max(1e-9);
+        let tokens_per_s = rate.record(elapsed, tokens_per_step);
         let step = worker.step();
         report_tx.send_replace(ReportState {
             step,
@@ -307,7 +313,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             tokens_per_s,
             finished: step >= max_steps,
         });
-        metrics::gauge!("atoll_learner_tokens_per_s").set(tokens_per_s);
+        crate::job_metrics::learner_step(step, last_loss, tokens_per_s);
         writeln!(
             metrics_file,
             "{}",
@@ -450,6 +456,7 @@ impl LearnerState {
             }
             Inbound::Part(h, values, bytes) => {
                 counters.down.fetch_add(bytes, Ordering::Relaxed);
+                metrics::counter!("atoll_bytes_down_total").increment(bytes);
                 self.on_part(h, values, worker);
             }
             Inbound::JobDone(versions) => self.final_versions = Some(versions),

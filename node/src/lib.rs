@@ -10,6 +10,7 @@
 //! - [`status`]: `atoll status` and the launcher's live display.
 
 pub mod coordinator;
+pub mod job_metrics;
 pub mod launcher;
 pub mod learner;
 pub mod link_bench;
@@ -18,6 +19,7 @@ pub mod metrics_endpoint;
 pub mod parts;
 pub mod state;
 pub mod status;
+pub mod step_rate;
 pub mod wan;
 
 use anyhow::{anyhow, Result};

@@ -6,9 +6,14 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Installs the global recorder and serves it on `addr`; returns the bound address.
-pub async fn serve(addr: SocketAddr) -> Result<SocketAddr> {
-    let recorder = PrometheusBuilder::new().build_recorder();
+/// Installs the global recorder and serves it on `addr`; returns the bound address. `labels` go
+/// on every series (a learner's region, so dashboards can tell learners apart).
+pub async fn serve(addr: SocketAddr, labels: &[(&str, &str)]) -> Result<SocketAddr> {
+    let mut builder = PrometheusBuilder::new();
+    for (k, v) in labels {
+        builder = builder.add_global_label(*k, *v);
+    }
+    let recorder = builder.build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| anyhow!("installing the metrics recorder: {e}"))?;

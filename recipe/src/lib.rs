@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod deploy;
 pub mod link;
 pub mod model;
 pub mod overrides;
@@ -51,6 +52,9 @@ pub struct Recipe {
     pub sync: SyncSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// Launch material for real clusters (`atoll deploy`); read by nothing else.
+    #[serde(default, skip_serializing_if = "deploy::DeploySection::is_default")]
+    pub deploy: deploy::DeploySection,
 }
 
 /// A section with every field at its serde default: deserialising an empty mapping means the
@@ -166,6 +170,7 @@ impl Recipe {
                 bail!("model.preset: {}", unknown_preset(p));
             }
         }
+        self.deploy.validate(&regions)?;
         Ok(())
     }
 

@@ -61,6 +61,8 @@ impl BackgroundWriter {
                                 bytes as f64 / 1e6
                             );
                             metrics::counter!("atoll_checkpoint_bytes_total").increment(bytes);
+                            metrics::histogram!("atoll_checkpoint_upload_seconds")
+                                .record(upload_s);
                             WriteOutcome {
                                 step,
                                 bytes,

@@ -448,3 +448,24 @@ pub fn run_reference_python(script: &std::path::Path, args: &[&std::ffi::OsStr])
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The Kubernetes release the objects `atoll deploy k8s` renders are validated against (the
+/// oldest docs/deploy.md promises them for).
+pub const KUBERNETES_VERSION: &str = "1.32.0";
+
+/// `kubernetes-validate` (pinned in `scripts/requirements-k8s.txt`): installed by `make test`
+/// into `~/.cache/atoll/k8s-venv`, or `ATOLL_K8S_VALIDATE`.
+pub fn kubernetes_validate() -> PathBuf {
+    let bin = std::env::var_os("ATOLL_K8S_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/atoll/k8s-venv/bin/kubernetes-validate")
+        });
+    assert!(
+        bin.exists(),
+        "{} not found: `make test` installs it (`make k8s-validate`)",
+        bin.display()
+    );
+    bin
+}

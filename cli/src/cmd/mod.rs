@@ -54,3 +54,4 @@ pub fn run_dir(recipe: &Recipe, resume: Option<ResumeFrom>) -> Result<PathBuf> {
         None => fresh_run_dir(recipe),
     }
 }
+pub mod deploy;

@@ -209,7 +209,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     let endpoint =
         atoll_link::quic::server_endpoint(bound, &tls, crate::link_tuning::link_tuning(&recipe))?;
     let metrics_addr = match opts.metrics {
-        Some(a) => Some(crate::metrics_endpoint::serve(a).await?),
+        Some(a) => Some(crate::metrics_endpoint::serve(a, &[]).await?),
         None => None,
     };
     tracing::info!(
@@ -255,6 +255,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     if core.state.done {
         core.done_at = Some(Instant::now());
     }
+    crate::job_metrics::coordinator_started(&core.syncer.versions());
 
     let svc = Service {
         tx: tx.clone(),

@@ -133,6 +133,7 @@ impl Core {
         if let Some(record) = self.syncer.merge_log().last() {
             let tokens: u64 = record.contributors.iter().map(|c| c.3).sum();
             self.state.tokens_merged += tokens / self.plan.len() as u64;
+            crate::job_metrics::merged(record, tokens / self.plan.len() as u64);
             metrics::gauge!("atoll_quorum_size").set(record.contributors.len() as f64);
             metrics::histogram!("atoll_grace_wait_seconds").record(record.grace_s);
             metrics::counter!("atoll_merges_total").increment(1);
