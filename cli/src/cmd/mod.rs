@@ -16,8 +16,8 @@ pub mod train;
 
 use anyhow::{Context, Result};
 use atoll_store::ResumeFrom;
-use atoll_trainer::recipe::Recipe;
 use atoll_trainer::logging;
+use atoll_trainer::recipe::Recipe;
 use atoll_trainer::train::{existing_run_dir, fresh_run_dir};
 use std::path::{Path, PathBuf};
 
