@@ -1,5 +1,7 @@
 //! `atoll`: train, inspect and probe Gemma models.
 
+mod cmd;
+
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_store::{CheckpointStore, ResumeFrom, StoreOptions};
 use atoll_trainer::checkpoint::{load_model, save_model, write_tensors, DEFAULT_MAX_SHARD_BYTES};
@@ -240,6 +242,8 @@ enum Command {
         #[arg(long, default_value = "runs/plan")]
         out: PathBuf,
     },
+    /// Export a checkpoint for local runtimes: a Hugging Face directory or GGUF (docs/export.md).
+    Export(cmd::export::ExportArgs),
     /// List and verify checkpoints in a checkpoint location (see docs/checkpoint.md).
     Checkpoints {
         #[command(subcommand)]
@@ -696,6 +700,7 @@ fn run(command: Command) -> Result<()> {
             println!("{}", atoll_node::wan::stats_line(&stats, elapsed));
             Ok(())
         }
+        Command::Export(args) => cmd::export::run(args),
         Command::Checkpoints { command } => match command {
             CheckpointsCommand::List { url } => checkpoints_list(&url),
             CheckpointsCommand::Verify { url } => checkpoints_verify(&url),
