@@ -6,7 +6,7 @@ ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server reference bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint bench-export bench-gguf check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -73,6 +73,20 @@ bench-diloco: build
 
 bench-checkpoint: build s3-server
 	MOTO_SERVER=$(S3_VENV)/bin/moto_server benchmarks/checkpoint_stall.sh
+
+LLAMA_VENV ?= $(HOME)/.cache/atoll/llama-venv
+
+# llama-cpp-python compiles llama.cpp from source (cmake, C++): long on a small machine.
+$(LLAMA_VENV)/.installed:
+	python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python safetensors numpy
+	touch $@
+
+bench-export: build $(REFERENCE_VENV)/.installed
+	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/export_gguf.sh
+
+bench-gguf: build $(LLAMA_VENV)/.installed
+	LLAMA_PYTHON=$(LLAMA_VENV)/bin/python benchmarks/gguf_llama_cpp.sh
 
 check-transformers: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python scripts/check_transformers_roundtrip.sh

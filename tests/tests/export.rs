@@ -277,3 +277,65 @@ fn bad_exports_fail_with_one_line_and_leave_nothing() {
     assert_clean_error(&o, "tensor dtype I32 cannot be exported");
     assert_eq!(entries(&dir.join("out")), vec!["hf".to_string()]);
 }
+
+/// GPT-2's byte-to-character table: a byte-level BPE's 256 base tokens.
+fn byte_level_alphabet() -> Vec<String> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut extra = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap().to_string()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap().to_string()
+            }
+        })
+        .collect()
+}
+
+/// gemma3-tiny has query_pre_attn_scalar 20 and head_dim 24: llama.cpp scales scores by
+/// 1/sqrt(head_dim), so the export folds sqrt(24/20) into q_norm; transformers reading the GGUF
+/// (with that fold undone, since it applies query_pre_attn_scalar itself) reproduces the
+/// fixture's reference logits.
+#[test]
+fn gguf_folds_query_pre_attn_scalar_into_q_norm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_level_alphabet()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "added_tokens": [],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::create_dir(dir.join("gguf")).unwrap();
+    ok(
+        &[
+            "export",
+            &fixture("gemma3-tiny"),
+            "--format",
+            "gguf",
+            "--quant",
+            "f32",
+            "--tokenizer",
+            "tokenizer.json",
+            "--out",
+            "gguf/tiny.gguf",
+        ],
+        dir,
+    );
+    let script = repo_root().join("tests/scripts/check_gguf_fold.py");
+    let fixture_dir = repo_root().join("tests/fixtures/gemma3-tiny");
+    let gguf_dir = dir.join("gguf");
+    let out = run_reference_python(&script, &[fixture_dir.as_os_str(), gguf_dir.as_os_str()]);
+    println!("{out}");
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}

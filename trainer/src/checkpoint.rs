@@ -132,7 +132,7 @@ impl Passthrough {
         }
         let names: Vec<String> = parsed
             .iter()
-            .flat_map(|st| st.names().into_iter().cloned())
+            .flat_map(|st| st.names().into_iter().map(str::to_string))
             .collect();
         let layout = TextLayout::detect(names.iter().map(String::as_str));
         for st in &parsed {
