@@ -228,9 +228,8 @@ mod tests {
         assert_eq!(&bytes[..4], b"GGUF");
         // header padded to 32, tensor a at 0 (12 bytes + 20 pad), b at 32 (68 bytes + 28 pad)
         assert_eq!(bytes.len() % 32, 0);
-        assert_eq!(
-            &bytes[bytes.len() - 96 + 32..bytes.len() - 28],
-            &[1u8; 68][..]
-        );
+        let data = &bytes[bytes.len() - 128..];
+        assert_eq!(&data[..12], &[0u8; 12][..]);
+        assert_eq!(&data[32..100], &[1u8; 68][..]);
     }
 }
