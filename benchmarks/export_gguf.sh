@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # `atoll export --format gguf --quant f16` of a Gemma 3 12B-shaped checkpoint (random bf16
 # weights, 5 GB shards): wall time, MB/s of GGUF written, peak RSS (GNU time). Needs ~50 GB of
-# free disk under WORK (deleted at the end) and numpy (PYTHON).
+# free disk under WORK (deleted at the end) and numpy (PYTHON); LAYERS=16 (~19 GB) keeps the
+# first 16 layers, every tensor still of the 12B's shape.
 set -euo pipefail
 ATOLL=${ATOLL:-target/release/atoll}
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d -p "${WORK:-${TMPDIR:-/tmp}}" atoll-export-bench.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-"$PYTHON" benchmarks/make_random_checkpoint.py "$WORK/ckpt"
+"$PYTHON" benchmarks/make_random_checkpoint.py "$WORK/ckpt" "${LAYERS:-48}"
 # A byte-level tokenizer (256 tokens); the export pads the vocabulary to the model's 262208.
 "$PYTHON" - "$WORK/tokenizer.json" <<'PY'
 import json, sys

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Writes a Gemma 3 12B-shaped text checkpoint (Gemma3ForCausalLM layout, bf16, random weights,
 5 GB shards + index) tensor by tensor, for the export benchmark; memory stays at one tensor.
-usage: make_random_checkpoint.py OUT_DIR   (needs numpy)"""
+usage: make_random_checkpoint.py OUT_DIR [LAYERS]   (needs numpy)
+LAYERS (default 48) keeps the first layers only, every tensor still of the 12B's shape, when the
+disk cannot hold the whole model twice."""
 import json
 import os
 import sys
@@ -10,8 +12,9 @@ import numpy as np
 
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
-V, H, F, L, NH, KV, HD = 262208, 3840, 15360, 48, 16, 8, 256
-layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 8
+V, H, F, NH, KV, HD = 262208, 3840, 15360, 16, 8, 256
+L = int(sys.argv[2]) if len(sys.argv) > 2 else 48
+layer_types = ((["sliding_attention"] * 5 + ["full_attention"]) * 8)[:L]
 config = {
     "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": V,
     "hidden_size": H, "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": NH,

@@ -99,6 +99,45 @@ fn tokenizer_config(tokenizer_json: &Path, config: &GemmaConfig) -> Result<Value
     Ok(Value::Object(out))
 }
 
+/// Gemma expects `<bos>` first: a tokenizer without a post-processor (what Atoll trains) gets one
+/// that prepends it, as the GGUF export's `add_bos_token` does for llama.cpp.
+fn add_bos_post_processor(json: &mut Value, path: &Path, config: &GemmaConfig) -> Result<()> {
+    if json.get("post_processor").is_some_and(|p| !p.is_null()) {
+        return Ok(());
+    }
+    let bos = config.bos_token_id;
+    let token = json
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|t| t.get("id").and_then(Value::as_i64) == Some(bos))
+        })
+        .and_then(|t| t.get("content").and_then(Value::as_str))
+        .map(str::to_string);
+    let Some(token) = token else {
+        tracing::warn!(
+            "{}: no added token with the bos id {bos}; <bos> is not prepended",
+            path.display()
+        );
+        return Ok(());
+    };
+    let obj = json
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("{}: not a JSON object", path.display()))?;
+    obj.insert(
+        "post_processor".into(),
+        json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {token.clone(): {"id": token, "ids": [bos], "tokens": [token]}},
+        }),
+    );
+    Ok(())
+}
+
 fn write_json(path: &Path, value: &Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))
@@ -128,8 +167,12 @@ fn export_tokenizer(
         );
         return Ok(());
     };
-    std::fs::copy(&tok, dir.join("tokenizer.json"))
-        .with_context(|| format!("cannot copy {}", tok.display()))?;
+    let mut tokenizer_json: Value = serde_json::from_str(
+        &std::fs::read_to_string(&tok).with_context(|| format!("cannot read {}", tok.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", tok.display()))?;
+    add_bos_post_processor(&mut tokenizer_json, &tok, config)?;
+    write_json(&dir.join("tokenizer.json"), &tokenizer_json)?;
     if !dir.join("tokenizer_config.json").exists() {
         write_json(
             &dir.join("tokenizer_config.json"),
