@@ -30,4 +30,6 @@ wall=$(grep "Elapsed (wall clock)" "$WORK/time.txt" | awk '{print $NF}')
 secs=$(echo "$wall" | awk -F: '{ if (NF == 3) print $1*3600 + $2*60 + $3; else print $1*60 + $2 }')
 rss_kb=$(grep "Maximum resident set size" "$WORK/time.txt" | awk '{print $NF}')
 echo "gguf ${QUANT:-f16}: $bytes bytes in ${secs}s = $(echo "$bytes $secs" | awk '{printf "%.0f", $1 / $2 / 1e6}') MB/s"
+cpu=$(grep -E "(User|System) time" "$WORK/time.txt" | awk '{s += $NF} END {print s}')
+echo "CPU time ${cpu}s = $(echo "$bytes $cpu" | awk '{printf "%.0f", $1 / $2 / 1e6}') MB per CPU-second"
 echo "peak RSS: $((rss_kb / 1024)) MiB (largest tensor, token_embd in bf16: $((largest / 1048576)) MiB)"

@@ -4,6 +4,7 @@
 //! scale first.
 
 use anyhow::{bail, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// Values per Q8_0 / Q4_0 block.
@@ -52,9 +53,12 @@ impl GgmlType {
             GgmlType::F32 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            GgmlType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            GgmlType::F16 => {
+                // The slice conversion uses the CPU's F16C instructions when it has them.
+                let mut halves = vec![f16::ZERO; values.len()];
+                halves.convert_from_f32_slice(values);
+                out.extend(halves.iter().flat_map(|h| h.to_le_bytes()));
+            }
             GgmlType::Bf16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
@@ -87,7 +91,7 @@ impl GgmlType {
                 .collect(),
             GgmlType::Bf16 => bytes
                 .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
                 .collect(),
             GgmlType::Q8_0 => bytes
                 .chunks_exact(34)
