@@ -7,7 +7,7 @@ REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 K8S_VENV ?= $(HOME)/.cache/atoll/k8s-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint bench-export bench-gguf check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -82,6 +82,20 @@ bench-diloco: build
 
 bench-checkpoint: build s3-server
 	MOTO_SERVER=$(S3_VENV)/bin/moto_server benchmarks/checkpoint_stall.sh
+
+LLAMA_VENV ?= $(HOME)/.cache/atoll/llama-venv
+
+# llama-cpp-python compiles llama.cpp from source (cmake, C++): long on a small machine.
+$(LLAMA_VENV)/.installed:
+	python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python safetensors numpy
+	touch $@
+
+bench-export: build $(REFERENCE_VENV)/.installed
+	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/export_gguf.sh
+
+bench-gguf: build $(LLAMA_VENV)/.installed
+	LLAMA_PYTHON=$(LLAMA_VENV)/bin/python benchmarks/gguf_llama_cpp.sh
 
 check-transformers: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python scripts/check_transformers_roundtrip.sh

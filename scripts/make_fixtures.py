@@ -172,11 +172,42 @@ def main():
     m = Gemma4UnifiedForConditionalGeneration(cfg); randomize(m, 6)
     save(m, "gemma4-unified-tiny-sharded-bf16", seed=106, dtype=torch.bfloat16, max_shard_size="100KB")
 
+    gemma3_multimodal()
+
     real_12b_counts()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:
         f.write(f"torch=={torch.__version__}\ntransformers=={transformers.__version__}\n")
 
 
+
+def gemma3_multimodal_config():
+    """Gemma3ForConditionalGeneration: a tiny SigLIP tower and projector around a text stack whose
+    query_pre_attn_scalar equals head_dim (as in the 12B), so llama.cpp's fixed attention scale
+    and transformers agree on its GGUF export."""
+    from transformers import Gemma3Config
+
+    text = gemma3_config(
+        vocab_size=300, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        query_pre_attn_scalar=32, intermediate_size=128,
+    ).to_dict()
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        patch_size=14, image_size=28, vision_use_head=False,
+    )
+    return Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=1,
+        boi_token_index=297, eoi_token_index=298, image_token_index=299,
+    )
+
+
+def gemma3_multimodal():
+    """Only writes the multimodal Gemma 3 fixture (ATOLL_FIXTURE=gemma3-multimodal-tiny runs just
+    this, leaving the committed fixtures untouched)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    m = Gemma3ForConditionalGeneration(gemma3_multimodal_config()); randomize(m, 7)
+    save(m, "gemma3-multimodal-tiny", seed=107)
 
 
 def real_12b_counts():
@@ -222,7 +253,9 @@ def real_12b_counts():
 
 
 if __name__ == "__main__":
-    if os.environ.get("ATOLL_COUNTS_ONLY"):
+    if os.environ.get("ATOLL_FIXTURE") == "gemma3-multimodal-tiny":
+        gemma3_multimodal()
+    elif os.environ.get("ATOLL_COUNTS_ONLY"):
         real_12b_counts()
     else:
         main()

@@ -44,6 +44,8 @@ enum Command {
         #[command(subcommand)]
         command: cmd::deploy::DeployCommand,
     },
+    /// Export a checkpoint for local runtimes: a Hugging Face directory or GGUF (docs/export.md).
+    Export(cmd::export::ExportArgs),
     /// Inspect model configurations.
     Model {
         #[command(subcommand)]
@@ -90,6 +92,7 @@ fn run(command: Command) -> Result<()> {
         Command::Status(args) => cmd::status::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Deploy { command } => cmd::deploy::run(command),
+        Command::Export(args) => cmd::export::run(args),
         Command::Model { command } => cmd::model::run(command),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Bench { command } => cmd::bench::run(command),

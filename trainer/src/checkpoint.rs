@@ -1,7 +1,12 @@
 //! Hugging Face checkpoint directories: `config.json` plus `model.safetensors`, or shards listed in
 //! `model.safetensors.index.json`. Reads the `model.` (text-only) and `model.language_model.` /
-//! `language_model.model.` (multimodal) name prefixes, f32/bf16/f16; writes the text-only layout
-//! that `AutoModelForCausalLM.from_pretrained` loads.
+//! `language_model.model.` (multimodal) name prefixes, f32/bf16/f16.
+//!
+//! Nothing is silently lost: a model loaded from a checkpoint keeps a [`Passthrough`] of what Atoll
+//! does not train (vision tower, projector, vision/audio embedders, an assistant/drafter, the
+//! original `config.json` and `generation_config.json`), and every save writes it back bit for
+//! bit, with the text stack under the source's own name prefix, so a multimodal checkpoint stays
+//! loadable as its original class. Models built from a preset save the text-only layout.
 
 use crate::config::GemmaConfig;
 use crate::models::GemmaModel;
@@ -11,6 +16,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -34,6 +40,159 @@ fn canonical_name(name: &str, multimodal: bool) -> Option<String> {
         return Some(name.to_string());
     }
     None
+}
+
+/// How a checkpoint names its text stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextLayout {
+    /// `model.layers.…`, `lm_head.weight` (`Gemma3ForCausalLM`, `Gemma4UnifiedForCausalLM`).
+    TextOnly,
+    /// `model.language_model.layers.…`, `lm_head.weight` (transformers v5 in memory, Gemma 4 files).
+    Multimodal,
+    /// `language_model.model.layers.…`, `language_model.lm_head.weight` (released Gemma 3 files;
+    /// what transformers 5 writes for `Gemma3ForConditionalGeneration`).
+    LegacyMultimodal,
+}
+
+impl TextLayout {
+    /// The layout of a checkpoint holding these tensor names.
+    pub fn detect<'a>(names: impl IntoIterator<Item = &'a str>) -> TextLayout {
+        let mut layout = TextLayout::TextOnly;
+        for n in names {
+            if n.starts_with("model.language_model.") {
+                return TextLayout::Multimodal;
+            }
+            if n.starts_with("language_model.model.") {
+                layout = TextLayout::LegacyMultimodal;
+            }
+        }
+        layout
+    }
+
+    /// Atoll's name (`model.…`, `lm_head.weight`) of a checkpoint tensor, or None outside the
+    /// text stack.
+    pub fn canonical(self, name: &str) -> Option<String> {
+        canonical_name(name, self != TextLayout::TextOnly)
+    }
+
+    /// The checkpoint name of an Atoll text-stack tensor in this layout.
+    pub fn stored_name(self, canonical: &str) -> String {
+        if canonical == "lm_head.weight" {
+            let name = match self {
+                TextLayout::LegacyMultimodal => "language_model.lm_head.weight",
+                _ => "lm_head.weight",
+            };
+            return name.to_string();
+        }
+        match (self, canonical.strip_prefix("model.")) {
+            (TextLayout::Multimodal, Some(rest)) => format!("model.language_model.{rest}"),
+            (TextLayout::LegacyMultimodal, Some(rest)) => format!("language_model.model.{rest}"),
+            _ => canonical.to_string(),
+        }
+    }
+}
+
+/// Small side files of a checkpoint directory carried through saves unchanged.
+pub const SIDE_FILES: [&str; 3] = [
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+];
+
+/// What a loaded checkpoint holds besides the tensors Atoll trains, written back by every save.
+pub struct Passthrough {
+    /// The source `config.json`, written back with every field (only `dtype` follows the saved
+    /// text weights).
+    pub config: Value,
+    pub layout: TextLayout,
+    /// Tensors outside the text stack, bit for bit, in source order.
+    pub tensors: Vec<HostTensor>,
+    /// [`SIDE_FILES`] present in the source directory.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl Passthrough {
+    /// Reads the untrained part of checkpoint directory `dir`.
+    pub fn read(dir: &Path) -> Result<Passthrough> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
+        let config: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+        let mut tensors = Vec::new();
+        let maps = weight_files(dir)?
+            .into_iter()
+            .map(|p| map_file(&p).map(|m| (p, m)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut parsed = Vec::with_capacity(maps.len());
+        for (path, map) in &maps {
+            let st = SafeTensors::deserialize(map)
+                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+            parsed.push(st);
+        }
+        let names: Vec<String> = parsed
+            .iter()
+            .flat_map(|st| st.names().into_iter().map(str::to_string))
+            .collect();
+        let layout = TextLayout::detect(names.iter().map(String::as_str));
+        for st in &parsed {
+            let mut views = st.tensors();
+            views.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, view) in views {
+                if layout.canonical(&name).is_some() {
+                    continue;
+                }
+                tensors.push(HostTensor {
+                    name,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    bytes: view.data().to_vec(),
+                });
+            }
+        }
+        let mut files = Vec::new();
+        for name in SIDE_FILES {
+            let path = dir.join(name);
+            if path.exists() {
+                let bytes = std::fs::read(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                files.push((name.to_string(), bytes));
+            }
+        }
+        Ok(Passthrough {
+            config,
+            layout,
+            tensors,
+            files,
+        })
+    }
+
+    /// The `config.json` to write with a model of `config` saved in `kind`: the source's, unless
+    /// the model no longer matches it (then Atoll's own, nested as the source nests it).
+    fn config_for(&self, config: &GemmaConfig, kind: Kind) -> Value {
+        let mut out = self.config.clone();
+        let matches = GemmaConfig::from_hf_json(&self.config).is_ok_and(|c| &c == config);
+        if !matches {
+            tracing::warn!(
+                "the model's config differs from its source config.json; writing Atoll's text config"
+            );
+            let mut text = config.to_hf_json();
+            match out.get_mut("text_config") {
+                Some(slot) => {
+                    if let Some(obj) = text.as_object_mut() {
+                        obj.remove("architectures");
+                    }
+                    *slot = text;
+                }
+                None => out = text,
+            }
+        }
+        if let Some(obj) = out.as_object_mut() {
+            obj.remove("torch_dtype");
+            obj.insert("dtype".into(), json!(hf_dtype_name(kind)));
+        }
+        out
+    }
 }
 
 pub fn kind_from_dtype(dtype: Dtype) -> Option<Kind> {
@@ -120,13 +279,15 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
 }
 
 /// Loads a Hugging Face checkpoint directory into a new model on `device` with parameters of `kind`.
+/// The model keeps the checkpoint's untrained tensors and config ([`Passthrough`]) for its saves.
 pub fn load_model(dir: &Path, device: Device, kind: Kind) -> Result<GemmaModel> {
     if !dir.is_dir() {
         bail!("{}: not a directory", dir.display());
     }
     let config = GemmaConfig::from_file(&dir.join("config.json"))?;
-    let model = GemmaModel::new(config, device, kind)?;
+    let mut model = GemmaModel::new(config, device, kind)?;
     load_weights_into(&model, dir)?;
+    model.passthrough = Some(Arc::new(Passthrough::read(dir)?));
     Ok(model)
 }
 
@@ -212,7 +373,7 @@ pub fn load_weights_into(model: &GemmaModel, dir: &Path) -> Result<()> {
     }
     if skipped_non_text > 0 {
         tracing::info!(
-            "{}: ignored {skipped_non_text} tensors outside the text stack (vision/audio front ends)",
+            "{}: {skipped_non_text} tensors outside the text stack (vision/audio front ends) are kept as they are",
             dir.display()
         );
     }
@@ -275,6 +436,13 @@ pub fn serialize_host(
     tensors: &[HostTensor],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
+    serialize_host_refs(&tensors.iter().collect::<Vec<_>>(), metadata)
+}
+
+fn serialize_host_refs(
+    tensors: &[&HostTensor],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
         .map(|t| {
@@ -289,9 +457,12 @@ pub fn serialize_host(
 /// A Hugging Face checkpoint of a model copied to host memory, not yet serialised: taking it
 /// is the only part of a checkpoint the training loop waits for.
 pub struct HostModel {
-    shards: Vec<(String, Vec<HostTensor>)>,
+    /// Per shard: the text-stack tensors copied from the model, then indices into the
+    /// passthrough's tensors (shared, not copied).
+    shards: Vec<(String, Vec<HostTensor>, Vec<usize>)>,
     index: Option<Value>,
     config: Value,
+    passthrough: Option<Arc<Passthrough>>,
 }
 
 impl HostModel {
@@ -299,59 +470,95 @@ impl HostModel {
     pub fn copy_of(model: &GemmaModel, kind: Kind, max_shard_bytes: u64) -> Result<HostModel> {
         let dtype = dtype_from_kind(kind)?;
         let vars: HashMap<String, Tensor> = model.vs.variables().into_iter().collect();
-        let mut shards: Vec<Vec<HostTensor>> = vec![Vec::new()];
+        let passthrough = model.passthrough.clone();
+        let layout = passthrough
+            .as_ref()
+            .map_or(TextLayout::TextOnly, |p| p.layout);
+        let mut shards: Vec<(Vec<HostTensor>, Vec<usize>)> = vec![(Vec::new(), Vec::new())];
         let (mut shard_bytes, mut total_bytes) = (0u64, 0u64);
+        let mut place = |n: u64, shards: &mut Vec<(Vec<HostTensor>, Vec<usize>)>| {
+            if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
+                shards.push((Vec::new(), Vec::new()));
+                shard_bytes = 0;
+            }
+            shard_bytes += n;
+            total_bytes += n;
+        };
         for spec in model.config.tensor_specs() {
             let var = vars
                 .get(&spec.name)
                 .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
             let bytes = tensor_bytes(&var.to_kind(kind));
-            let n = bytes.len() as u64;
-            if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
-                shards.push(Vec::new());
-                shard_bytes = 0;
-            }
-            shard_bytes += n;
-            total_bytes += n;
+            place(bytes.len() as u64, &mut shards);
             shards
                 .last_mut()
                 .expect("at least one shard")
+                .0
                 .push(HostTensor {
-                    name: spec.name.clone(),
+                    name: layout.stored_name(&spec.name),
                     dtype,
                     shape: spec.shape.iter().map(|&d| d as usize).collect(),
                     bytes,
                 });
         }
+        if let Some(p) = &passthrough {
+            for (i, t) in p.tensors.iter().enumerate() {
+                place(t.bytes.len() as u64, &mut shards);
+                shards.last_mut().expect("at least one shard").1.push(i);
+            }
+        }
         let count = shards.len();
-        let shards: Vec<(String, Vec<HostTensor>)> = shards
+        let shards: Vec<(String, Vec<HostTensor>, Vec<usize>)> = shards
             .into_iter()
             .enumerate()
-            .map(|(i, shard)| {
+            .map(|(i, (own, kept))| {
                 let name = if count == 1 {
                     SINGLE_FILE.to_string()
                 } else {
                     format!("model-{:05}-of-{:05}.safetensors", i + 1, count)
                 };
-                (name, shard)
+                (name, own, kept)
             })
             .collect();
         let index = (count > 1).then(|| {
-            let weight_map: BTreeMap<&str, &str> = shards
-                .iter()
-                .flat_map(|(file, ts)| ts.iter().map(move |t| (t.name.as_str(), file.as_str())))
-                .collect();
+            let mut weight_map: BTreeMap<&str, &str> = BTreeMap::new();
+            for (file, own, kept) in &shards {
+                for t in own {
+                    weight_map.insert(t.name.as_str(), file.as_str());
+                }
+                if let Some(p) = &passthrough {
+                    for &i in kept {
+                        weight_map.insert(p.tensors[i].name.as_str(), file.as_str());
+                    }
+                }
+            }
+            let kept_parameters: u64 = passthrough.as_ref().map_or(0, |p| {
+                p.tensors
+                    .iter()
+                    .map(|t| t.shape.iter().product::<usize>() as u64)
+                    .sum()
+            });
             json!({
-                "metadata": {"total_size": total_bytes, "total_parameters": model.config.num_parameters()},
+                "metadata": {
+                    "total_size": total_bytes,
+                    "total_parameters": model.config.num_parameters() + kept_parameters,
+                },
                 "weight_map": weight_map,
             })
         });
-        let mut config = model.config.to_hf_json();
-        config["dtype"] = json!(hf_dtype_name(kind));
+        let config = match &passthrough {
+            Some(p) => p.config_for(&model.config, kind),
+            None => {
+                let mut config = model.config.to_hf_json();
+                config["dtype"] = json!(hf_dtype_name(kind));
+                config
+            }
+        };
         Ok(HostModel {
             shards,
             index,
             config,
+            passthrough,
         })
     }
 
@@ -359,16 +566,24 @@ impl HostModel {
     pub fn into_files(self) -> Result<Vec<(String, Vec<u8>)>> {
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         let mut files = Vec::with_capacity(self.shards.len() + 2);
-        for (name, tensors) in &self.shards {
+        for (name, own, kept) in &self.shards {
+            let kept: Vec<&HostTensor> = match &self.passthrough {
+                Some(p) => kept.iter().map(|&i| &p.tensors[i]).collect(),
+                None => Vec::new(),
+            };
+            let all: Vec<&HostTensor> = own.iter().chain(kept).collect();
             files.push((
                 name.clone(),
-                serialize_host(tensors, Some(metadata.clone()))?,
+                serialize_host_refs(&all, Some(metadata.clone()))?,
             ));
         }
         if let Some(index) = &self.index {
             files.push((INDEX_FILE.to_string(), pretty_json(index)?));
         }
         files.push(("config.json".to_string(), pretty_json(&self.config)?));
+        if let Some(p) = &self.passthrough {
+            files.extend(p.files.iter().cloned());
+        }
         Ok(files)
     }
 }

@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod checkpoints;
 pub mod coordinator;
+pub mod deploy;
+pub mod export;
 pub mod learner;
 pub mod link_emulator;
 pub mod logits;
@@ -54,4 +56,3 @@ pub fn run_dir(recipe: &Recipe, resume: Option<ResumeFrom>) -> Result<PathBuf> {
         None => fresh_run_dir(recipe),
     }
 }
-pub mod deploy;

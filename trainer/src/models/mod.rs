@@ -19,6 +19,9 @@ pub struct GemmaModel {
     pub config: GemmaConfig,
     pub vs: nn::VarStore,
     network: Network,
+    /// What the checkpoint this model was loaded from holds besides the text stack (vision tower,
+    /// embedders, config.json), written back by every save; None for a model built from a preset.
+    pub passthrough: Option<std::sync::Arc<crate::checkpoint::Passthrough>>,
 }
 
 impl GemmaModel {
@@ -42,6 +45,7 @@ impl GemmaModel {
             config,
             vs,
             network,
+            passthrough: None,
         })
     }
 

@@ -1,0 +1,344 @@
+//! A Gemma 3 text stack as a GGUF file for llama.cpp / Ollama (`general.architecture = gemma3`),
+//! with llama.cpp's metadata keys and tensor names and the tokenizer embedded.
+//!
+//! Conventions llama.cpp expects for `gemma3`:
+//! - RMSNorm weights are stored as 1 + w (the HF checkpoint stores w); they stay f32.
+//! - Attention scores are scaled by 1/sqrt(head_dim) whatever `query_pre_attn_scalar` says; when
+//!   the two differ, the ratio sqrt(head_dim / query_pre_attn_scalar) is folded into the q_norm
+//!   weights (q is RMS-normalised, then rotated: both linear in those weights), so the scores
+//!   match.
+//! - Sliding layers use `rope.freq_base_swa` without scaling; full layers `rope.freq_base` with
+//!   `rope.scaling.*`.
+//!
+//! Gemma 4 is refused: llama.cpp defines a `gemma4` architecture, but Atoll does not write it yet
+//! (per-layer KV heads, proportional-RoPE frequency tensor, K = V layers).
+
+use crate::gguf::{GgufWriter, MetaValue, TensorInfo};
+use crate::quant::{to_f32, GgmlType, BLOCK};
+use crate::source::{Checkpoint, WeightSource};
+use crate::tokenizer::{self, SpecialIds};
+use crate::{progress, ExportSummary, PendingOutput};
+use anyhow::{anyhow, bail, Context, Result};
+use atoll_trainer::checkpoint::TextLayout;
+use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind};
+use std::io::BufWriter;
+use std::path::Path;
+
+/// Source bytes read per step when streaming a tensor (whole rows at a time).
+const CHUNK_BYTES: usize = 32 << 20;
+
+/// The GGUF tensor name of an Atoll (HF) text-stack tensor name.
+pub fn gguf_name(name: &str) -> Option<String> {
+    match name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let short = match part {
+        "input_layernorm.weight" => "attn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "self_attn.q_norm.weight" => "attn_q_norm",
+        "self_attn.k_norm.weight" => "attn_k_norm",
+        "post_attention_layernorm.weight" => "post_attention_norm",
+        "pre_feedforward_layernorm.weight" => "ffn_norm",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.weight"))
+}
+
+/// `general.file_type` of an export in `ty` (1-D tensors stay f32).
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Bf16 => 32,
+    }
+}
+
+/// The period p of a layer pattern where every p-th layer (p-1, 2p-1, …) is full attention.
+fn sliding_window_period(config: &GemmaConfig) -> Result<u32> {
+    let first_full = config
+        .layer_types
+        .iter()
+        .position(|t| *t == LayerType::Full)
+        .unwrap_or(config.layer_types.len());
+    let period = first_full + 1;
+    let periodic = config
+        .layer_types
+        .iter()
+        .enumerate()
+        .all(|(i, t)| (*t == LayerType::Full) == ((i + 1) % period == 0));
+    if !periodic {
+        bail!(
+            "GGUF export: layer_types are not one full-attention layer every N layers, which is the only pattern llama.cpp's gemma3 describes"
+        );
+    }
+    Ok(period as u32)
+}
+
+/// One tensor to write: where it comes from and how it is transformed.
+struct Planned {
+    info: TensorInfo,
+    source: String,
+    /// Added to every value (the Gemma norm shift), then multiplied by `scale`.
+    shift: f32,
+    scale: f32,
+}
+
+/// The metadata keys of a Gemma 3 GGUF (tokenizer keys excluded).
+fn model_metadata(
+    config: &GemmaConfig,
+    ty: GgmlType,
+    name: &str,
+) -> Result<Vec<(String, MetaValue)>> {
+    let u32_of = |n: usize| MetaValue::U32(n as u32);
+    let a = "gemma3";
+    let mut m = vec![
+        ("general.architecture".to_string(), MetaValue::Str(a.into())),
+        ("general.name".to_string(), MetaValue::Str(name.into())),
+        (
+            "general.file_type".to_string(),
+            MetaValue::U32(file_type(ty)),
+        ),
+        (
+            "general.quantization_version".to_string(),
+            MetaValue::U32(2),
+        ),
+        (
+            "general.alignment".to_string(),
+            MetaValue::U32(crate::gguf::ALIGNMENT as u32),
+        ),
+        (
+            format!("{a}.context_length"),
+            u32_of(config.max_position_embeddings),
+        ),
+        (format!("{a}.embedding_length"), u32_of(config.hidden_size)),
+        (format!("{a}.block_count"), u32_of(config.num_hidden_layers)),
+        (
+            format!("{a}.feed_forward_length"),
+            u32_of(config.intermediate_size),
+        ),
+        (format!("{a}.vocab_size"), u32_of(config.vocab_size)),
+        (
+            format!("{a}.attention.head_count"),
+            u32_of(config.num_attention_heads),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            u32_of(config.num_key_value_heads),
+        ),
+        (format!("{a}.attention.key_length"), u32_of(config.head_dim)),
+        (
+            format!("{a}.attention.value_length"),
+            u32_of(config.head_dim),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(config.rms_norm_eps as f32),
+        ),
+        (
+            format!("{a}.attention.sliding_window"),
+            u32_of(config.sliding_window),
+        ),
+        (
+            format!("{a}.attention.sliding_window_pattern"),
+            MetaValue::U32(sliding_window_period(config)?),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            MetaValue::F32(config.rope_full.theta as f32),
+        ),
+        (
+            format!("{a}.rope.freq_base_swa"),
+            MetaValue::F32(config.rope_sliding.theta as f32),
+        ),
+    ];
+    if config.rope_sliding.kind != RopeKind::Default {
+        bail!("GGUF export: llama.cpp's gemma3 applies no RoPE scaling on sliding layers, but config.json scales them");
+    }
+    match config.rope_full.kind {
+        RopeKind::Default => {}
+        RopeKind::Linear { factor } => {
+            m.push((
+                format!("{a}.rope.scaling.type"),
+                MetaValue::Str("linear".into()),
+            ));
+            m.push((
+                format!("{a}.rope.scaling.factor"),
+                MetaValue::F32(factor as f32),
+            ));
+        }
+        RopeKind::Proportional { .. } => {
+            bail!("GGUF export: proportional RoPE (a Gemma 4 feature) has no gemma3 GGUF key")
+        }
+    }
+    if let Some(cap) = config.final_logit_softcapping {
+        m.push((
+            format!("{a}.final_logit_softcapping"),
+            MetaValue::F32(cap as f32),
+        ));
+    }
+    Ok(m)
+}
+
+/// Writes the text stack of checkpoint `ck` to the GGUF file `out` with 2-D weights in `ty`.
+/// `tokenizer` overrides the checkpoint's own `tokenizer.json`.
+pub fn export_gguf(
+    ck: &Checkpoint,
+    out: &Path,
+    ty: GgmlType,
+    tokenizer: Option<&Path>,
+) -> Result<ExportSummary> {
+    let config = GemmaConfig::from_file(&ck.dir.join("config.json"))?;
+    if config.architecture == Architecture::Gemma4 {
+        bail!(
+            "GGUF export of Gemma 4 is not supported yet (llama.cpp's gemma4 layout: per-layer KV heads, K = V layers, proportional RoPE frequencies); export --format hf instead"
+        );
+    }
+    let tokenizer_path = tokenizer
+        .map(Path::to_path_buf)
+        .or_else(|| ck.tokenizer.clone())
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no tokenizer.json with the checkpoint; pass --tokenizer FILE (a GGUF embeds its tokenizer)",
+                ck.dir.display()
+            )
+        })?;
+    let pending = PendingOutput::new(out)?;
+    let name = out
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("atoll")
+        .to_string();
+    let mut metadata = model_metadata(&config, ty, &name)?;
+    metadata.extend(tokenizer::gguf_metadata(
+        &tokenizer_path,
+        config.vocab_size,
+        &SpecialIds {
+            bos: config.bos_token_id,
+            eos: config.eos_token_id,
+            pad: config.pad_token_id,
+        },
+    )?);
+
+    let source = WeightSource::open(&ck.dir)?;
+    let layout = TextLayout::detect(source.tensors.iter().map(|t| t.name.as_str()));
+    let q_scale = if config.query_pre_attn_scalar != config.head_dim as f64 {
+        tracing::info!(
+            "query_pre_attn_scalar {} != head_dim {}: folding the attention scale into q_norm for llama.cpp",
+            config.query_pre_attn_scalar,
+            config.head_dim
+        );
+        (config.head_dim as f64 / config.query_pre_attn_scalar).sqrt() as f32
+    } else {
+        1.0
+    };
+    let mut plan = Vec::new();
+    for spec in config.tensor_specs() {
+        let stored = layout.stored_name(&spec.name);
+        let entry = source.get(&stored).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor {stored} is missing from the checkpoint",
+                ck.dir.display()
+            )
+        })?;
+        let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
+        if shape != spec.shape {
+            bail!(
+                "{}: tensor {stored} has shape {:?}, config.json implies {:?}",
+                ck.dir.display(),
+                entry.shape,
+                spec.shape
+            );
+        }
+        let gguf = gguf_name(&spec.name)
+            .ok_or_else(|| anyhow!("internal: no GGUF name for {}", spec.name))?;
+        let dims: Vec<u64> = entry.shape.iter().rev().map(|&d| d as u64).collect();
+        let is_norm = spec.name.ends_with("norm.weight");
+        let tensor_ty = if dims.len() < 2 {
+            GgmlType::F32
+        } else if ty.is_block() && !(dims[0] as usize).is_multiple_of(BLOCK) {
+            GgmlType::F16 // llama.cpp's converter falls back the same way
+        } else {
+            ty
+        };
+        plan.push(Planned {
+            info: TensorInfo {
+                name: gguf,
+                dims,
+                ty: tensor_ty,
+            },
+            source: stored,
+            shift: if is_norm { 1.0 } else { 0.0 },
+            scale: if spec.name.ends_with("self_attn.q_norm.weight") {
+                q_scale
+            } else {
+                1.0
+            },
+        });
+    }
+
+    let total: u64 = plan.iter().map(|p| p.info.n_bytes()).sum();
+    let bar = progress(total, &format!("writing {}", out.display()));
+    let file = std::fs::File::create(&pending.temp)
+        .with_context(|| format!("cannot create {}", pending.temp.display()))?;
+    let infos = plan.iter().map(|p| p.info.clone()).collect();
+    let mut writer = GgufWriter::start(BufWriter::with_capacity(8 << 20, file), &metadata, infos)?;
+    let mut encoded = Vec::new();
+    for p in &plan {
+        let entry = source
+            .get(&p.source)
+            .ok_or_else(|| anyhow!("internal: {} vanished", p.source))?;
+        let row_values = p.info.dims[0] as usize;
+        let elem = (entry.len as usize) / (p.info.n_elements() as usize).max(1);
+        let row_bytes = (row_values * elem).max(1);
+        let chunk = (CHUNK_BYTES / row_bytes).max(1) * row_bytes;
+        let mut offset = 0u64;
+        while offset < entry.len {
+            let raw = source.read_range(entry, offset, chunk as u64)?;
+            offset += raw.len() as u64;
+            let mut values =
+                to_f32(&entry.dtype, &raw).with_context(|| format!("tensor {}", entry.name))?;
+            drop(raw);
+            if p.shift != 0.0 || p.scale != 1.0 {
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = (*v + p.shift) * p.scale);
+            }
+            encoded.clear();
+            p.info
+                .ty
+                .encode(&values, row_values, &mut encoded)
+                .with_context(|| format!("tensor {}", entry.name))?;
+            writer.write_chunk(&encoded)?;
+            bar.inc(encoded.len() as u64);
+        }
+        writer.end_tensor()?;
+    }
+    let file = writer
+        .finish()?
+        .into_inner()
+        .map_err(|e| anyhow!("cannot write {}: {}", pending.temp.display(), e.error()))?;
+    file.sync_all()?;
+    bar.finish_and_clear();
+    let bytes = std::fs::metadata(&pending.temp)?.len();
+    let path = pending.commit()?;
+    Ok(ExportSummary {
+        path,
+        tensors: plan.len(),
+        bytes,
+    })
+}
