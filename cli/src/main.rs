@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::{Device, Kind, Tensor};
 
+mod cmd;
+
 #[derive(Parser)]
 #[command(
     name = "atoll",
@@ -37,6 +39,9 @@ enum Command {
         #[arg(long, value_name = "latest|step-N")]
         resume: Option<ResumeFrom>,
     },
+    /// LoRA fine-tuning of a Hugging Face checkpoint on JSONL chat/text data; writes a PEFT
+    /// adapter (see docs/finetune.md).
+    Finetune(cmd::finetune::FinetuneArgs),
     /// Simulate a multi-learner run (DP, DiLoCo, Streaming or Decoupled DiLoCo) in one process on
     /// a virtual clock; deterministic for a given seed.
     Simulate {
@@ -179,6 +184,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+        /// A PEFT LoRA adapter directory to apply to the model first.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
     /// Micro-benchmarks (see benchmarks/).
     Bench {
@@ -271,6 +279,15 @@ enum ModelCommand {
     Info {
         /// A preset name (see `atoll model presets`) or a checkpoint directory.
         model: String,
+        /// Also estimate LoRA fine-tuning memory: r=N[,targets=q_proj+v_proj].
+        #[arg(long, value_name = "r=N")]
+        lora: Option<String>,
+        /// Sequence length of the LoRA estimate.
+        #[arg(long, default_value_t = 4096)]
+        seq: u64,
+        /// Sequences per micro-batch of the LoRA estimate.
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
     },
     /// List the built-in presets.
     Presets,
@@ -340,6 +357,8 @@ enum BenchCommand {
         #[arg(long)]
         threads: Option<i32>,
     },
+    /// One LoRA training step (adapters on every projection, AdamW) of a preset on CPU.
+    LoraStep(cmd::finetune::LoraStepArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -702,7 +721,18 @@ fn run(command: Command) -> Result<()> {
             CheckpointsCommand::Fetch { url, dir } => checkpoints_fetch(&url, &dir),
         },
         Command::Model { command } => match command {
-            ModelCommand::Info { model } => model_info(&model),
+            ModelCommand::Info {
+                model,
+                lora,
+                seq,
+                batch,
+            } => {
+                let config = model_info(&model)?;
+                match lora {
+                    Some(flag) => cmd::finetune::print_lora_memory(&config, &flag, seq, batch),
+                    None => Ok(()),
+                }
+            }
             ModelCommand::Presets => {
                 for name in PRESET_NAMES {
                     let p = preset(name)?;
@@ -737,7 +767,22 @@ fn run(command: Command) -> Result<()> {
             ids,
             out,
             device: dev,
+            adapter: Some(adapter),
+        } => cmd::finetune::logits_with_adapter(
+            &model,
+            &adapter,
+            &parse_ids(&ids)?,
+            &out,
+            device(dev)?,
+        ),
+        Command::Logits {
+            model,
+            ids,
+            out,
+            device: dev,
+            adapter: None,
         } => logits(&model, &ids, &out, device(dev)?),
+        Command::Finetune(args) => cmd::finetune::run(args),
         Command::Bench {
             command:
                 BenchCommand::TrainStep {
@@ -749,6 +794,9 @@ fn run(command: Command) -> Result<()> {
                     threads,
                 },
         } => bench_train_step(&name, batch, seq, warmup, steps, threads),
+        Command::Bench {
+            command: BenchCommand::LoraStep(args),
+        } => cmd::finetune::bench_lora_step(args),
         Command::Bench {
             command: BenchCommand::Codecs { values, repeats },
         } => bench_codecs(values, repeats),
@@ -780,7 +828,7 @@ fn gib(bytes: f64) -> String {
     format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
 }
 
-fn model_info(model: &str) -> Result<()> {
+fn model_info(model: &str) -> Result<GemmaConfig> {
     let path = Path::new(model);
     let (label, config, extras) = if path.is_dir() {
         let config = GemmaConfig::from_file(&path.join("config.json"))?;
@@ -848,7 +896,7 @@ fn model_info(model: &str) -> Result<()> {
         "memory, total for bf16 AdamW training (before activations): {}",
         gib(16.0 * n)
     );
-    Ok(())
+    Ok(config)
 }
 
 fn parse_ids(ids: &str) -> Result<Vec<i64>> {

@@ -4,11 +4,13 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod finetune;
 pub mod logging;
 pub mod models;
 pub mod optim;
 pub mod presets;
 pub mod recipe;
+pub mod recipe_finetune;
 pub mod simulate;
 pub mod train;
 pub mod worker;

@@ -546,6 +546,12 @@ pub struct Recipe {
     pub sync: SyncSection,
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// LoRA adapters for `atoll finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::recipe_finetune::LoraSection>,
+    /// Instruction data and memory switches for `atoll finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<crate::recipe_finetune::FinetuneSection>,
 }
 
 /// A section with every field at its serde default: deserialising an empty mapping means the
