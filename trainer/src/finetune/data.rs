@@ -339,9 +339,7 @@ pub fn split_examples(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokenizers::models::wordlevel::WordLevel;
-    use tokenizers::pre_tokenizers::whitespace::Whitespace;
-    use tokenizers::AddedToken;
+    use std::str::FromStr;
 
     /// A word-level tokenizer with Gemma's special tokens, so token boundaries are predictable.
     fn tokenizer() -> Tokenizer {
@@ -349,23 +347,25 @@ mod tests {
             "<pad>", "<eos>", "<bos>", "<unk>", "user", "model", "hi", "there", "how", "are",
             "you", "fine", "be", "brief", ".", "\n",
         ];
-        let vocab = words
+        let vocab: serde_json::Map<String, Value> = words
             .iter()
             .enumerate()
-            .map(|(i, w)| (w.to_string(), i as u32))
+            .map(|(i, w)| (w.to_string(), Value::from(i)))
             .collect();
-        let model = WordLevel::builder()
-            .vocab(vocab)
-            .unk_token("<unk>".into())
-            .build()
-            .unwrap();
-        let mut tok = Tokenizer::new(model);
-        tok.with_pre_tokenizer(Some(Whitespace {}));
-        tok.add_special_tokens(&[
-            AddedToken::from(START_OF_TURN, true),
-            AddedToken::from(END_OF_TURN, true),
-        ]);
-        tok
+        let added: Vec<Value> = [START_OF_TURN, END_OF_TURN]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::json!({"id": words.len() + i, "content": t, "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        Tokenizer::from_str(&json.to_string()).unwrap()
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct FinetuneSummary {
     pub adapter_parameters: u64,
     pub adapted_modules: usize,
     pub device: String,
+    /// Data-parallel ranks (one per device of `train.devices`).
+    pub ranks: usize,
     pub dtype: String,
     pub seed: u64,
     pub checkpointing: bool,
@@ -294,6 +296,62 @@ pub fn build_adapters(model: &mut GemmaModel, plan: &FinetunePlan, seed: u64) ->
     }
 }
 
+/// Sums tensors over the data-parallel ranks in place (one rank: nothing to do).
+pub type SumOverRanks<'a> = &'a mut dyn FnMut(&mut [tch::Tensor]) -> Result<()>;
+
+/// One data-parallel rank: its index, the rank count and its device.
+#[derive(Debug, Clone, Copy)]
+pub struct RankPlace {
+    pub rank: usize,
+    pub world: usize,
+    pub device: Device,
+}
+
+/// What every rank of a run shares: the recipe, the prepared data and what it resumes from.
+pub struct RunShared<'a> {
+    pub recipe: &'a Recipe,
+    pub plan: FinetunePlan<'a>,
+    pub run_dir: &'a Path,
+    pub data: FinetuneData,
+    pub tokenizer_json: String,
+    pub resume: Option<atoll_store::Loaded>,
+    pub merge: bool,
+    pub started: Instant,
+}
+
+/// The devices of the run's ranks: `train.devices` (CUDA indices, or ranks on the CPU), else the
+/// one `train.device`.
+pub fn rank_devices(recipe: &Recipe) -> Result<Vec<Device>> {
+    let device = resolve_device(recipe.train.device)?;
+    match &recipe.train.devices {
+        None => Ok(vec![device]),
+        Some(list) if list.is_empty() => bail!("train.devices: list at least one device"),
+        Some(list) => {
+            let mut seen = std::collections::BTreeSet::new();
+            for &d in list {
+                if !seen.insert(d) {
+                    bail!("train.devices: device {d} is listed twice");
+                }
+            }
+            match device {
+                Device::Cpu => Ok(vec![Device::Cpu; list.len()]),
+                Device::Cuda(_) => {
+                    let visible = tch::Cuda::device_count() as usize;
+                    list.iter()
+                        .map(|&d| {
+                            if d >= visible {
+                                bail!("train.devices: CUDA device {d} does not exist ({visible} visible)");
+                            }
+                            Ok(Device::Cuda(d))
+                        })
+                        .collect()
+                }
+                other => bail!("train.devices: unsupported device {other:?}"),
+            }
+        }
+    }
+}
+
 /// Runs a fine-tuning recipe in `run_dir`, optionally resuming and writing the merged model.
 pub fn finetune(
     recipe: &Recipe,
@@ -306,52 +364,105 @@ pub fn finetune(
     if let Some(threads) = recipe.train.threads {
         tch::set_num_threads(threads.0 as i32);
     }
-    let device = resolve_device(recipe.train.device)?;
+    let devices = rank_devices(recipe)?;
     std::fs::write(run_dir.join("recipe.yaml"), recipe.to_yaml()?)?;
 
     let config = GemmaConfig::from_file(&plan.base.join("config.json"))
         .with_context(|| format!("model.init_from: {}", plan.base.display()))?;
     let tokenizer = load_checkpoint_tokenizer(recipe, plan.base)?;
     let data = prepare(recipe, plan.section, &tokenizer, &config)?;
+    let tokenizer_json = tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?;
+    let ckpt = &recipe.checkpoint;
+    let loaded = match resume {
+        None => None,
+        Some(from) => {
+            let store = CheckpointStore::open(&ckpt.location(run_dir), ckpt.store_options())?;
+            Some(
+                atoll_store::block_on(store.load_resume(from))??.ok_or_else(|| {
+                    anyhow!(
+                        "--resume: no intact checkpoint in {} (nothing to resume)",
+                        store.url()
+                    )
+                })?,
+            )
+        }
+    };
+    let shared = RunShared {
+        recipe,
+        plan,
+        run_dir,
+        data,
+        tokenizer_json,
+        resume: loaded,
+        merge,
+        started,
+    };
+    let world = devices.len();
+    if world == 1 {
+        let place = RankPlace {
+            rank: 0,
+            world,
+            device: devices[0],
+        };
+        let summary = run_rank(&shared, place, &mut |_| Ok(()))?;
+        return summary.ok_or_else(|| anyhow!("rank 0 returned no summary"));
+    }
+    run_data_parallel(&shared, &devices)
+}
+
+/// One rank's training loop. Every rank draws the same global batch (the seeded batcher) and
+/// trains on its share of each micro-batch; `sum_over_ranks` adds the adapters' gradients and the
+/// loss over the ranks, so every rank takes the same AdamW step. Rank 0 evaluates, logs,
+/// checkpoints and writes the adapter, and returns the summary.
+pub fn run_rank(
+    shared: &RunShared,
+    place: RankPlace,
+    sum_over_ranks: SumOverRanks,
+) -> Result<Option<FinetuneSummary>> {
+    let RunShared {
+        recipe,
+        plan,
+        run_dir,
+        data,
+        tokenizer_json,
+        ..
+    } = shared;
+    let main = place.rank == 0;
+    let device = place.device;
     let mut model = load_base(plan.base, device, recipe.model.dtype)?;
-    let set = build_adapters(&mut model, &plan, recipe.seed)?;
+    let set = build_adapters(&mut model, plan, recipe.seed)?;
     let base_label = plan.base.display().to_string();
-    tracing::info!(
-        "base {} ({}, {} parameters, {} on {}); LoRA r={} alpha={} on {} modules: {} trainable parameters{}",
-        base_label,
-        model.config.architecture.name(),
-        model.config.num_parameters(),
-        dtype_name(model.kind()),
-        device_name(device),
-        set.spec.rank,
-        set.spec.alpha,
-        set.modules.len(),
-        set.num_parameters(),
-        if plan.section.checkpointing { ", activation checkpointing" } else { "" }
-    );
+    if main {
+        tracing::info!(
+            "base {} ({}, {} parameters, {} on {}{}); LoRA r={} alpha={} on {} modules: {} trainable parameters{}",
+            base_label,
+            model.config.architecture.name(),
+            model.config.num_parameters(),
+            dtype_name(model.kind()),
+            device_name(device),
+            if place.world > 1 { format!(", {} data-parallel ranks", place.world) } else { String::new() },
+            set.spec.rank,
+            set.spec.alpha,
+            set.modules.len(),
+            set.num_parameters(),
+            if plan.section.checkpointing { ", activation checkpointing" } else { "" }
+        );
+    }
 
     let t = &recipe.train;
     let mut optimizer = AdamW::new(set.parameters(), t.adamw());
     let mut batcher = Batcher::new(data.train.len(), recipe.seed);
     let total_steps = t.max_steps.0;
     let (batch, accum) = (t.batch_size.0, t.grad_accum.0);
-    let tokens_per_step = (batch * accum * data.train.seq_len()) as u64;
+    let tokens_per_step = (batch * accum * place.world * data.train.seq_len()) as u64;
     let recompute = plan.section.checkpointing;
 
     let ckpt = &recipe.checkpoint;
-    let store = CheckpointStore::open(&ckpt.location(run_dir), ckpt.store_options())?;
-    let tokenizer_json = tokenizer
-        .to_string(false)
-        .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?;
-    let resumed = match resume {
+    let resumed = match &shared.resume {
         None => None,
-        Some(from) => {
-            let loaded = atoll_store::block_on(store.load_resume(from))??.ok_or_else(|| {
-                anyhow!(
-                    "--resume: no intact checkpoint in {} (nothing to resume)",
-                    store.url()
-                )
-            })?;
+        Some(loaded) => {
             let step = loaded.manifest.step;
             let state: TrainerState = serde_json::from_slice(loaded.file(TRAINER_STATE_FILE)?)
                 .with_context(|| {
@@ -379,31 +490,44 @@ pub fn finetune(
                 );
             }
             batcher.restore(state.data_cursor);
-            tracing::info!("resumed from {}/step-{step}", store.url());
+            if main {
+                tracing::info!("resumed from step-{step}");
+            }
             Some(state)
         }
     };
     let start_step = resumed.as_ref().map_or(0, |s| s.step);
+    let eval_now = || evaluate(&model, &set, &data.eval, batch, t.eval_batches.0);
     let initial_eval = match &resumed {
         Some(s) => s.initial_eval_loss,
-        None => evaluate(&model, &set, &data.eval, batch, t.eval_batches.0),
+        None if main => eval_now(),
+        None => f64::NAN,
     };
-    tracing::info!("initial held-out loss {initial_eval:.4}");
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics_file = BufWriter::new(match resumed {
-        Some(_) => metrics_file_resumed_at(&metrics_path, start_step)?,
-        None => File::create(&metrics_path).context("cannot create metrics.jsonl")?,
-    });
-    let mut writer = (ckpt.every > 0)
-        .then(|| {
-            BackgroundWriter::start(
-                store.clone(),
-                ckpt.keep_last.0,
-                ckpt.keep_every.map(|k| k.0 as u64),
-            )
-        })
-        .transpose()?;
-    let progress = Progress::new(total_steps, t.log_every.0);
+    let mut io = if main {
+        tracing::info!("initial held-out loss {initial_eval:.4}");
+        let metrics_path = run_dir.join("metrics.jsonl");
+        let metrics_file = BufWriter::new(match resumed {
+            Some(_) => metrics_file_resumed_at(&metrics_path, start_step)?,
+            None => File::create(&metrics_path).context("cannot create metrics.jsonl")?,
+        });
+        let store = CheckpointStore::open(&ckpt.location(run_dir), ckpt.store_options())?;
+        let writer = (ckpt.every > 0)
+            .then(|| {
+                BackgroundWriter::start(
+                    store,
+                    ckpt.keep_last.0,
+                    ckpt.keep_every.map(|k| k.0 as u64),
+                )
+            })
+            .transpose()?;
+        Some((
+            metrics_file,
+            writer,
+            Progress::new(total_steps, t.log_every.0),
+        ))
+    } else {
+        None
+    };
     let loop_start = Instant::now();
     let (mut tokens, mut first_loss) = match &resumed {
         Some(s) => (s.tokens, s.first_loss),
@@ -415,26 +539,41 @@ pub fn finetune(
 
     for step in start_step..total_steps {
         let lr = t.lr_at(step);
-        let micro_batches: Vec<Vec<usize>> =
-            (0..accum).map(|_| batcher.next_windows(batch)).collect();
-        let step_targets: i64 = micro_batches
+        // The global micro-batches (the same on every rank), and this rank's share of each.
+        let global: Vec<Vec<usize>> = (0..accum)
+            .map(|_| batcher.next_windows(batch * place.world))
+            .collect();
+        let step_targets: i64 = global.iter().map(|m| data.train.target_count(m)).sum();
+        let mine: Vec<Vec<usize>> = global
             .iter()
-            .map(|m| data.train.target_count(m))
-            .sum();
-        let dropout_seed = (set.spec.dropout > 0.0)
-            .then(|| recipe.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let loss_sum = accumulate_gradients(
+            .map(|m| m[place.rank * batch..(place.rank + 1) * batch].to_vec())
+            .collect();
+        let dropout_seed = (set.spec.dropout > 0.0).then(|| {
+            recipe.seed
+                ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (place.rank as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+        });
+        let rank_loss = accumulate_gradients(
             &model,
             &set,
             &data.train,
-            &micro_batches,
+            &mine,
             step_targets,
             recompute,
             dropout_seed,
         );
+        let mut summed: Vec<tch::Tensor> = set.parameters().iter().map(|p| p.grad()).collect();
+        summed.push(tch::Tensor::from_slice(&[rank_loss]).to_device(device));
+        sum_over_ranks(&mut summed)?;
+        let loss_sum = summed
+            .pop()
+            .expect("the loss was pushed")
+            .double_value(&[0]);
         let loss = loss_sum / step_targets.max(1) as f64;
         if !loss.is_finite() {
-            progress.finish();
+            if let Some((_, _, progress)) = &io {
+                progress.finish();
+            }
             bail!(
                 "fine-tuning diverged at step {}: loss is {loss}; lower train.lr",
                 step + 1
@@ -446,8 +585,11 @@ pub fn finetune(
             first_loss = loss;
         }
         let done = step + 1;
+        let Some((metrics_file, writer, progress)) = io.as_mut() else {
+            continue;
+        };
         let eval_loss = ((t.eval_every.0 > 0 && done % t.eval_every.0 == 0) || done == total_steps)
-            .then(|| evaluate(&model, &set, &data.eval, batch, t.eval_batches.0));
+            .then(eval_now);
         if let Some(e) = eval_loss {
             final_eval = e;
         }
@@ -462,7 +604,7 @@ pub fn finetune(
             elapsed_s: elapsed,
             eval_loss,
         };
-        serde_json::to_writer(&mut metrics_file, &m)?;
+        serde_json::to_writer(&mut *metrics_file, &m)?;
         metrics_file.write_all(b"\n")?;
         metrics_file.flush()?;
         metrics::gauge!("atoll_finetune_loss").set(m.loss);
@@ -483,28 +625,31 @@ pub fn finetune(
                 &set,
                 &base_label,
                 &optimizer,
-                &tokenizer_json,
+                tokenizer_json,
                 &state,
             )?)?;
         }
     }
+    let Some((_, writer, progress)) = io else {
+        return Ok(None);
+    };
     progress.finish();
     let outcomes = writer.map(BackgroundWriter::finish).unwrap_or_default();
     let checkpoint_failures = outcomes.iter().filter(|o| o.error.is_some()).count();
 
     let adapter_dir = run_dir.join("adapter");
     peft::save_adapter(&set, &adapter_dir, &base_label)?;
-    std::fs::write(adapter_dir.join("tokenizer.json"), &tokenizer_json).with_context(|| {
+    std::fs::write(adapter_dir.join("tokenizer.json"), tokenizer_json).with_context(|| {
         format!(
             "cannot write {}",
             adapter_dir.join("tokenizer.json").display()
         )
     })?;
-    let merged = if merge {
+    let merged = if shared.merge {
         let dir = run_dir.join("merged");
         set.merge(&mut model)?;
         save_model(&model, &dir, model.kind(), DEFAULT_MAX_SHARD_BYTES)?;
-        std::fs::write(dir.join("tokenizer.json"), &tokenizer_json)
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json)
             .with_context(|| format!("cannot write {}", dir.join("tokenizer.json").display()))?;
         set.unmerge(&mut model)?;
         Some(dir)
@@ -520,6 +665,7 @@ pub fn finetune(
         adapter_parameters: set.num_parameters(),
         adapted_modules: set.modules.len(),
         device: device_name(device),
+        ranks: place.world,
         dtype: dtype_name(model.kind()).to_string(),
         seed: recipe.seed,
         checkpointing: recompute,
@@ -532,7 +678,7 @@ pub fn finetune(
         final_loss: last.loss,
         initial_eval_loss: initial_eval,
         final_eval_loss: final_eval,
-        wall_clock_s: started.elapsed().as_secs_f64(),
+        wall_clock_s: shared.started.elapsed().as_secs_f64(),
         tokens_per_s: last.tokens_per_s,
         adapter: adapter_dir,
         merged,
@@ -559,5 +705,13 @@ pub fn finetune(
             o.error.clone().unwrap_or_default()
         );
     }
-    Ok(summary)
+    Ok(Some(summary))
+}
+
+/// Several ranks in this process, one thread each (filled in with the collective crate).
+fn run_data_parallel(_shared: &RunShared, devices: &[Device]) -> Result<FinetuneSummary> {
+    bail!(
+        "train.devices: {} ranks requested; data-parallel fine-tuning is not available in this build",
+        devices.len()
+    )
 }

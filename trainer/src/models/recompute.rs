@@ -81,8 +81,8 @@ impl GemmaModel {
         dropout_seed: Option<u64>,
     ) -> Tensor {
         let run = || match &self.network {
-            Network::Gemma3(m) => m.layers()[i].forward(x, inputs),
-            Network::Gemma4(m) => m.layers()[i].forward(x, inputs),
+            Network::Gemma3(m) => DecoderLayerForward::forward(&m.layers()[i], x, inputs),
+            Network::Gemma4(m) => DecoderLayerForward::forward(&m.layers()[i], x, inputs),
         };
         match dropout_seed {
             None => run(),
