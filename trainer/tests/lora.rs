@@ -193,7 +193,7 @@ fn grads(set: &LoraSet) -> Vec<Tensor> {
     set.parameters().iter().map(|p| p.grad().copy()).collect()
 }
 
-/// Per-layer recomputation gives the gradients of the plain backward: f32, within 1e-6 relative
+/// Per-layer recomputation gives the gradients of the plain backward: f32, within 1e-5 relative
 /// to the largest gradient; with dropout too, since the recomputation replays the masks.
 #[test]
 fn checkpointing_gives_the_same_adapter_gradients() {
@@ -216,7 +216,11 @@ fn checkpointing_gives_the_same_adapter_gradients() {
         let (model, set) = adapted_tiny(dropout);
         let ckpt_loss = model.packed_loss_backward(&batch, 0.1, true, seed);
         let ckpt = grads(&set);
-        assert!((plain_loss - ckpt_loss).abs() < 1e-9 * plain_loss.abs().max(1.0));
+        // Without a graph libtorch may pick other kernels: equal to float32 rounding.
+        assert!(
+            (plain_loss - ckpt_loss).abs() < 1e-6 * plain_loss.abs(),
+            "dropout {dropout}: loss {plain_loss} vs {ckpt_loss}"
+        );
         let scale = plain
             .iter()
             .map(|g| g.abs().max().double_value(&[]))

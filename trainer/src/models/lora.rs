@@ -5,10 +5,10 @@
 //! `unmerge` takes it out again.
 
 use super::layers::Linear;
-use super::GemmaModel;
+use super::{rng_guard, GemmaModel};
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
 
 /// PEFT's default `target_modules` for Gemma-style decoders: every attention and MLP projection.
@@ -21,14 +21,6 @@ pub const DEFAULT_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-
-/// libtorch's random generator is process-wide: seeding it and drawing from it happen under this
-/// lock (adapter initialisation, and dropout that must be replayed when a layer is recomputed).
-pub(crate) static RNG_LOCK: Mutex<()> = Mutex::new(());
-
-pub(crate) fn rng_guard() -> std::sync::MutexGuard<'static, ()> {
-    RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The adapter hyper-parameters (the `lora:` recipe section, or a PEFT `adapter_config.json`).
 #[derive(Debug, Clone, PartialEq)]
@@ -96,7 +88,11 @@ impl LoraAdapter {
         }
         let mut xa = x.to_kind(self.a.kind());
         if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            xa = xa.dropout(self.dropout, true);
+            // An explicit Bernoulli mask: libtorch's `dropout` draws differently with and
+            // without a graph, and a checkpointed layer is run both ways with the same seed.
+            let keep = 1.0 - self.dropout;
+            let mask = tch::no_grad(|| xa.bernoulli_p(keep));
+            xa = &xa * mask / keep;
         }
         let delta = xa
             .linear::<Tensor>(&self.a, None)

@@ -16,6 +16,16 @@ enum Network {
     Gemma4(gemma4::Gemma4),
 }
 
+/// libtorch's random generator is process-wide: seeding it and drawing from it happen under this
+/// lock (seeded initialisation, LoRA adapters, dropout that a recomputed layer must replay), so
+/// threads building or training models at once cannot interleave their draws.
+pub(crate) fn rng_guard() -> std::sync::MutexGuard<'static, ()> {
+    static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A Gemma causal LM whose variables carry Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
 pub struct GemmaModel {
     pub config: GemmaConfig,
@@ -33,6 +43,8 @@ impl GemmaModel {
     /// A model whose weights are allocated in `kind` from the start (values unspecified), to be
     /// overwritten by a checkpoint: a bf16 12B base then never exists in f32.
     pub fn new_for_loading(config: GemmaConfig, device: Device, kind: Kind) -> Result<Self> {
+        // Building draws (unused) initial values: not in the middle of another thread's seeded draws.
+        let _guard = rng_guard();
         let mut vs = nn::VarStore::new(device);
         if matches!(kind, Kind::BFloat16 | Kind::Half) {
             vs.set_kind(kind);
@@ -64,10 +76,7 @@ impl GemmaModel {
     /// process-wide, so seeding and drawing happen under one lock: two models built concurrently
     /// (tests, several simulated learners) cannot interleave their draws.
     pub fn new_seeded(config: GemmaConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
-        static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = INIT_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = rng_guard();
         tch::manual_seed(seed as i64);
         Self::new(config, device, kind)
     }

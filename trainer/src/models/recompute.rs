@@ -87,7 +87,7 @@ impl GemmaModel {
         match dropout_seed {
             None => run(),
             Some(seed) => {
-                let _rng = super::lora::rng_guard();
+                let _rng = super::rng_guard();
                 tch::manual_seed(
                     (seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64,
                 );
