@@ -28,7 +28,7 @@ pub use bucket::{
     DEFAULT_BUCKET_BYTES,
 };
 pub use error::{CollectiveError, Result};
-pub use nccl::{nccl_available, NcclCollective};
+pub use nccl::{nccl_available, nccl_version, NcclCollective};
 pub use rank::{CollectiveOptions, RankConfig, DEFAULT_MASTER_PORT};
 pub use tcp::TcpCollective;
 

@@ -34,6 +34,17 @@ pub fn nccl_available() -> bool {
     unsafe { nccl::is_culib_present() && cudart::is_culib_present() }
 }
 
+/// The version of the NCCL library this process loads, as (major, minor, patch), or `None`
+/// when it cannot be loaded. Needs no GPU.
+pub fn nccl_version() -> Option<(u32, u32, u32)> {
+    if !nccl_available() {
+        return None;
+    }
+    let code = cudarc::nccl::result::get_nccl_version().ok()? as u32;
+    // NCCL >= 2.9 encodes major * 10000 + minor * 100 + patch.
+    Some((code / 10000, code / 100 % 100, code % 100))
+}
+
 /// Checks that libtorch sees CUDA device `index` and that NCCL can be loaded.
 pub(crate) fn check_cuda_device(index: usize) -> Result<()> {
     if !tch::Cuda::is_available() {

@@ -203,6 +203,17 @@ fn all_gather_returns_every_rank_tensor_in_rank_order() {
 }
 
 #[test]
+fn all_gather_bytes_carries_messages_of_different_lengths() {
+    let results = on_ranks(3, &options(), |c| {
+        let message = vec![c.rank() as u8; c.rank() * 5]; // rank 0 sends nothing
+        c.all_gather_bytes(&message).expect("all_gather_bytes")
+    });
+    for gathered in results {
+        assert_eq!(gathered, vec![vec![], vec![1u8; 5], vec![2u8; 10]]);
+    }
+}
+
+#[test]
 fn reduce_scatter_gives_each_rank_its_shard_of_the_sum() {
     let world = 4;
     let (rows, cols) = (world * 3, 5);
@@ -595,6 +606,23 @@ fn cuda_collectives_need_a_visible_gpu() {
         assert!(err.contains("no CUDA device"), "{err}");
     }
     assert_eq!(Backend::for_device(Device::Cpu).unwrap(), Backend::Tcp);
+}
+
+#[test]
+fn nccl_loads_where_the_libtorch_directory_ships_it() {
+    // The CUDA libtorch of scripts/setup-libtorch.sh ships libnccl.so.2 next to libtorch_cuda.so
+    // (and the test binary's rpath points there); the CPU one does not. Asking NCCL its version
+    // needs no GPU, so this exercises cudarc's dynamic loading on any machine.
+    let libtorch = std::env::var("LIBTORCH").ok().map(std::path::PathBuf::from);
+    let ships_nccl = libtorch.is_some_and(|dir| dir.join("lib/libnccl.so.2").exists());
+    match (ships_nccl, atoll_collective::nccl_version()) {
+        (true, Some((major, minor, _))) => assert!((major, minor) >= (2, 28), "{major}.{minor}"),
+        (true, None) => panic!("libnccl.so.2 is in the libtorch directory but did not load"),
+        (false, version) => {
+            // Only a system-wide NCCL could load then; the CPU libtorch has none.
+            assert_eq!(version.is_some(), atoll_collective::nccl_available());
+        }
+    }
 }
 
 /// A port that was free a moment ago (the OS does not hand it out again at once).
