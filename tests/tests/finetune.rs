@@ -2,7 +2,9 @@
 //! PEFT with the same logits, `--merge` writes an equivalent checkpoint, `--resume` continues
 //! exactly, and bad inputs are clear errors.
 
-use atoll_system_tests::{assert_clean_error, atoll, repo_root, run_reference_python, stderr, stdout};
+use atoll_system_tests::{
+    assert_clean_error, atoll, repo_root, run_reference_python, stderr, stdout,
+};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {

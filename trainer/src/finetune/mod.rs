@@ -708,10 +708,60 @@ pub fn run_rank(
     Ok(Some(summary))
 }
 
-/// Several ranks in this process, one thread each (filled in with the collective crate).
-fn run_data_parallel(_shared: &RunShared, devices: &[Device]) -> Result<FinetuneSummary> {
-    bail!(
-        "train.devices: {} ranks requested; data-parallel fine-tuning is not available in this build",
-        devices.len()
-    )
+/// Several ranks in this process, one thread each, connected by `atoll-collective` (TCP over
+/// loopback on the CPU, NCCL on CUDA devices). Returns rank 0's summary, or the first error (a
+/// rank that fails makes the others' next all-reduce fail instead of hanging).
+fn run_data_parallel(shared: &RunShared, devices: &[Device]) -> Result<FinetuneSummary> {
+    use atoll_collective::{
+        all_reduce_tensors, local_group, CollectiveOptions, ReduceOp, DEFAULT_BUCKET_BYTES,
+    };
+    let group = local_group(devices, &CollectiveOptions::default())
+        .map_err(|e| anyhow!("train.devices: {e}"))?;
+    let world = devices.len();
+    let results: Vec<Result<Option<FinetuneSummary>>> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = group
+            .into_iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(rank, (mut collective, &device))| {
+                scope.spawn(move || {
+                    let place = RankPlace {
+                        rank,
+                        world,
+                        device,
+                    };
+                    run_rank(shared, place, &mut |tensors| {
+                        all_reduce_tensors(
+                            collective.as_mut(),
+                            tensors,
+                            ReduceOp::Sum,
+                            DEFAULT_BUCKET_BYTES,
+                        )
+                        .map_err(|e| anyhow!("rank {rank}: gradient all-reduce failed: {e}"))
+                    })
+                })
+            })
+            .collect();
+        ranks
+            .into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a data-parallel rank panicked")))
+            })
+            .collect()
+    });
+    let mut summary = None;
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok(Some(s)) => summary = Some(s),
+            Ok(None) => {}
+            Err(e) if first_error.is_none() => first_error = Some(e),
+            Err(_) => {}
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    summary.ok_or_else(|| anyhow!("rank 0 returned no summary"))
 }
