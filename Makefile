@@ -7,7 +7,7 @@ REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 K8S_VENV ?= $(HOME)/.cache/atoll/k8s-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint bench-export bench-gguf check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint bench-export bench-gguf check-transformers clean-runs help finetune-demo bench-lora lora-fixtures
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -15,6 +15,7 @@ help:
 	@echo "make build   build $(ATOLL)"
 	@echo "make bench-codecs | bench-link | bench-wan-calibration | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
 	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
+	@echo "make finetune-demo | bench-lora | lora-fixtures   LoRA fine-tuning demo, LoRA step vs peft, PEFT fixtures (docs/finetune.md)"
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "Rust (cargo) is required: https://rustup.rs"; exit 1; }
@@ -64,6 +65,19 @@ $(REFERENCE_VENV)/.installed: scripts/requirements-reference.txt
 
 fixtures: $(REFERENCE_VENV)/.installed
 	$(REFERENCE_VENV)/bin/python scripts/make_fixtures.py tests/fixtures
+
+lora-fixtures: $(REFERENCE_VENV)/.installed
+	$(REFERENCE_VENV)/bin/python scripts/make_lora_fixtures.py tests/fixtures
+
+# LoRA fine-tuning demo: pretrain the tiny base briefly, then fine-tune it on the shipped
+# Shakespeare instruction set (data/shakespeare-instruct.jsonl); held-out loss falls.
+finetune-demo: build
+	rm -rf runs/finetune-demo-base runs/lora-tiny
+	$(ATOLL) train recipes/tiny-shakespeare.yaml --set run.dir=runs/finetune-demo-base --set train.max_steps=300 --set train.eval_every=100
+	$(ATOLL) finetune recipes/lora-tiny.yaml --merge
+
+bench-lora: build $(REFERENCE_VENV)/.installed
+	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/lora_step.sh
 
 bench-train-step: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/train_step.sh

@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
-# Builds a CPU-capable libtorch 2.11.0 directory (what tch 0.24 links against) from PyPI wheels,
-# because the PyTorch download site is not reachable from our build machines.
+# Builds a libtorch 2.11.0 directory (what tch 0.24 links against) from PyPI wheels, because the
+# PyTorch download site is not reachable from our build machines.
 # Usage: scripts/setup-libtorch.sh [DEST]    (prints the directory on stdout when done)
-# Default DEST: ${ATOLL_CACHE:-$HOME/.cache/atoll}/libtorch-2.11.0. Idempotent: a complete DEST is reused.
+# CPU build (default): DEST ${ATOLL_CACHE:-$HOME/.cache/atoll}/libtorch-2.11.0.
+# CUDA build, when ATOLL_CUDA=1 or `nvidia-smi -L` lists a GPU (ATOLL_CUDA=0 forces the CPU one):
+# DEST .../libtorch-2.11.0-cu130, the torch wheel's whole torch/lib plus the nvidia cu13 wheels it
+# pins, all in one lib/ directory (their rpaths say $ORIGIN), about 5 GB.
+# Idempotent: a complete DEST is reused.
 set -euo pipefail
 
 TORCH_VERSION=2.11.0
 CUDART_VERSION=13.0.96   # libtorch_cpu.so links libcudart.so.13 and libcupti.so.13 even on CPU
 CUPTI_VERSION=13.0.85
 CACHE="${ATOLL_CACHE:-$HOME/.cache/atoll}"
-DEST="${1:-$CACHE/libtorch-$TORCH_VERSION}"
+
+case "${ATOLL_CUDA:-}" in
+    1) CUDA=1 ;;
+    0) CUDA=0 ;;
+    "") if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then CUDA=1; else CUDA=0; fi ;;
+    *) echo "setup-libtorch: ATOLL_CUDA must be 1 or 0, not '$ATOLL_CUDA'" >&2; exit 1 ;;
+esac
+
+if [[ "$CUDA" == 1 ]]; then
+    DEST="${1:-$CACHE/libtorch-$TORCH_VERSION-cu130}"
+else
+    DEST="${1:-$CACHE/libtorch-$TORCH_VERSION}"
+fi
 STAMP="$DEST/.atoll-complete"
 
 if [[ -f "$STAMP" ]]; then
@@ -23,6 +39,10 @@ command -v "$PY" >/dev/null || { log "python3 is required to download wheels fro
 
 WHEELS="$CACHE/wheels"
 mkdir -p "$WHEELS"
+
+if [[ "$CUDA" == 1 ]]; then
+    exec "$(dirname "$0")/setup-libtorch-cuda.sh" "$TORCH_VERSION" "$DEST" "$WHEELS"
+fi
 log "downloading torch==$TORCH_VERSION and the CUDA runtime wheels into $WHEELS (once)"
 "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     "torch==$TORCH_VERSION" "nvidia-cuda-runtime==$CUDART_VERSION" "nvidia-cuda-cupti==$CUPTI_VERSION" \

@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Train a model on one learner from a recipe.
     Train(cmd::train::TrainArgs),
+    /// LoRA fine-tuning of a Hugging Face checkpoint on JSONL chat/text data; writes a PEFT
+    /// adapter (see docs/finetune.md).
+    Finetune(cmd::finetune::FinetuneArgs),
     /// Simulate a multi-learner run (DP, DiLoCo, Streaming or Decoupled DiLoCo) in one process on
     /// a virtual clock; deterministic for a given seed.
     Simulate(cmd::simulate::SimulateArgs),
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Train(args) => cmd::train::run(args),
+        Command::Finetune(args) => cmd::finetune::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Learner(args) => cmd::learner::run(args),

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod deploy;
+pub mod finetune;
 pub mod link;
 pub mod model;
 pub mod overrides;
@@ -55,6 +56,12 @@ pub struct Recipe {
     /// Launch material for real clusters (`atoll deploy`); read by nothing else.
     #[serde(default, skip_serializing_if = "deploy::DeploySection::is_default")]
     pub deploy: deploy::DeploySection,
+    /// LoRA adapters for `atoll finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<finetune::LoraSection>,
+    /// Instruction data and memory switches for `atoll finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<finetune::FinetuneSection>,
 }
 
 /// A section with every field at its serde default: deserialising an empty mapping means the

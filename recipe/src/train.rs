@@ -49,6 +49,10 @@ pub struct TrainSection {
     pub eval_batches: PositiveInt,
     #[serde(default)]
     pub device: DeviceChoice,
+    /// Data-parallel ranks of `atoll finetune`, one per device: CUDA device indices with
+    /// `device: cuda` (or auto on a GPU machine), or that many ranks on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<usize>>,
     /// CPU threads for libtorch; absent: all cores.
     #[serde(default)]
     pub threads: Option<PositiveInt>,

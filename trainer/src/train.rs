@@ -162,7 +162,7 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
-fn device_name(d: Device) -> String {
+pub(crate) fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -301,13 +301,13 @@ pub fn evaluate(
 }
 
 /// How training reports progress: a bar in a terminal, log lines otherwise.
-enum Progress {
+pub(crate) enum Progress {
     Bar(ProgressBar),
     Lines { every: usize },
 }
 
 impl Progress {
-    fn new(total: usize, log_every: usize) -> Self {
+    pub(crate) fn new(total: usize, log_every: usize) -> Self {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
@@ -324,7 +324,7 @@ impl Progress {
         }
     }
 
-    fn update(&self, m: &StepMetrics, total: usize) {
+    pub(crate) fn update(&self, m: &StepMetrics, total: usize) {
         let eval = m
             .eval_loss
             .map(|e| format!(" eval {e:.4}"))
@@ -351,7 +351,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Progress::Bar(bar) = self {
             // The summary line that follows repeats the final figures.
             bar.finish_and_clear();
@@ -378,7 +378,7 @@ pub fn existing_run_dir(recipe: &Recipe) -> Result<PathBuf> {
 
 /// Keeps the first `step` lines of a run's `metrics.jsonl` (the steps a resumed run does not
 /// redo) and opens it for appending.
-fn metrics_file_resumed_at(path: &Path, step: usize) -> Result<File> {
+pub(crate) fn metrics_file_resumed_at(path: &Path, step: usize) -> Result<File> {
     let kept: Vec<String> = match std::fs::read_to_string(path) {
         Ok(text) => text
             .lines()

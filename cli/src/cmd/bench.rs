@@ -55,6 +55,8 @@ pub enum BenchCommand {
         #[arg(long)]
         threads: Option<i32>,
     },
+    /// One LoRA training step (adapters on every projection, AdamW) of a preset on CPU.
+    LoraStep(super::finetune::LoraStepArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,6 +76,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             steps,
             threads,
         } => bench_train_step(&name, batch, seq, warmup, steps, threads),
+        BenchCommand::LoraStep(args) => super::finetune::bench_lora_step(args),
         BenchCommand::Codecs { values, repeats } => bench_codecs(values, repeats),
         BenchCommand::Link {
             rates,

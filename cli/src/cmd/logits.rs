@@ -19,6 +19,9 @@ pub struct LogitsArgs {
     out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// A PEFT LoRA adapter directory to apply to the model first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -41,8 +44,18 @@ pub fn run(args: LogitsArgs) -> Result<()> {
         ids,
         out,
         device: dev,
+        adapter,
     } = args;
-    logits(&model, &ids, &out, device(dev)?)
+    match adapter {
+        Some(adapter) => super::finetune::logits_with_adapter(
+            &model,
+            &adapter,
+            &parse_ids(&ids)?,
+            &out,
+            device(dev)?,
+        ),
+        None => logits(&model, &ids, &out, device(dev)?),
+    }
 }
 
 fn parse_ids(ids: &str) -> Result<Vec<i64>> {

@@ -6,6 +6,7 @@ pub mod checkpoints;
 pub mod coordinator;
 pub mod deploy;
 pub mod export;
+pub mod finetune;
 pub mod learner;
 pub mod link_emulator;
 pub mod logits;

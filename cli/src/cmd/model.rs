@@ -14,6 +14,15 @@ pub enum ModelCommand {
     Info {
         /// A preset name (see `atoll model presets`) or a checkpoint directory.
         model: String,
+        /// Also estimate LoRA fine-tuning memory: r=N[,targets=q_proj+v_proj].
+        #[arg(long, value_name = "r=N")]
+        lora: Option<String>,
+        /// Sequence length of the LoRA estimate.
+        #[arg(long, default_value_t = 4096)]
+        seq: u64,
+        /// Sequences per micro-batch of the LoRA estimate.
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
     },
     /// List the built-in presets.
     Presets,
@@ -52,7 +61,18 @@ impl DtypeArg {
 
 pub fn run(command: ModelCommand) -> Result<()> {
     match command {
-        ModelCommand::Info { model } => model_info(&model),
+        ModelCommand::Info {
+            model,
+            lora,
+            seq,
+            batch,
+        } => {
+            let config = model_info(&model)?;
+            match lora {
+                Some(flag) => super::finetune::print_lora_memory(&config, &flag, seq, batch),
+                None => Ok(()),
+            }
+        }
         ModelCommand::Presets => {
             for name in PRESET_NAMES {
                 let p = preset(name)?;
@@ -88,7 +108,7 @@ fn gib(bytes: f64) -> String {
     format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
 }
 
-fn model_info(model: &str) -> Result<()> {
+fn model_info(model: &str) -> Result<GemmaConfig> {
     let path = Path::new(model);
     let (label, config, extras) = if path.is_dir() {
         let config = GemmaConfig::from_file(&path.join("config.json"))?;
@@ -156,5 +176,5 @@ fn model_info(model: &str) -> Result<()> {
         "memory, total for bf16 AdamW training (before activations): {}",
         gib(16.0 * n)
     );
-    Ok(())
+    Ok(config)
 }

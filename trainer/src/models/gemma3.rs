@@ -8,17 +8,17 @@
 //! Output: final norm, tied LM head, optional logit softcap.
 
 use super::layers::{
-    attend, linear_weight, DecoderLayerForward, DecoderStack, LayerInputs, Mlp, NormScale, RmsNorm,
+    attend, DecoderLayerForward, DecoderStack, LayerInputs, Linear, Mlp, NormScale, RmsNorm,
 };
 use crate::config::{GemmaConfig, LayerType};
 use tch::{nn, Tensor};
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     num_heads: i64,
@@ -36,10 +36,10 @@ impl Attention {
             cfg.head_dim as i64,
         );
         Attention {
-            q_proj: linear_weight(&p / "q_proj", heads * hd, h),
-            k_proj: linear_weight(&p / "k_proj", kv * hd, h),
-            v_proj: linear_weight(&p / "v_proj", kv * hd, h),
-            o_proj: linear_weight(&p / "o_proj", h, heads * hd),
+            q_proj: Linear::new(&p / "q_proj", heads * hd, h),
+            k_proj: Linear::new(&p / "k_proj", kv * hd, h),
+            v_proj: Linear::new(&p / "v_proj", kv * hd, h),
+            o_proj: Linear::new(&p / "o_proj", h, heads * hd),
             q_norm: RmsNorm::new(
                 &p / "q_norm",
                 hd,
@@ -67,10 +67,7 @@ impl Attention {
             LayerType::Sliding => &inputs.rope_sliding,
             LayerType::Full => &inputs.rope_full,
         };
-        let project = |w: &Tensor, heads: i64| {
-            x.linear::<Tensor>(w, None)
-                .view([b, t, heads, self.head_dim])
-        };
+        let project = |w: &Linear, heads: i64| w.forward(x).view([b, t, heads, self.head_dim]);
         let q = rope.apply(&self.q_norm.forward(&project(&self.q_proj, self.num_heads)));
         let k = rope.apply(
             &self
@@ -81,12 +78,13 @@ impl Attention {
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let mask = match layer_type {
             LayerType::Sliding => inputs.sliding_mask.as_ref(),
-            LayerType::Full => None,
+            LayerType::Full => inputs.full_mask.as_ref(),
         };
         let out = attend(&q, &k, &v, mask, self.scale);
-        out.transpose(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim])
-            .linear::<Tensor>(&self.o_proj, None)
+        self.o_proj.forward(
+            &out.transpose(1, 2)
+                .reshape([b, t, self.num_heads * self.head_dim]),
+        )
     }
 }
 
@@ -104,6 +102,15 @@ pub struct DecoderLayer {
 impl DecoderLayerForward for DecoderLayer {
     fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
         DecoderLayer::forward(self, x, inputs)
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let a = &mut self.self_attn;
+        let mut out = vec![&mut a.q_proj, &mut a.k_proj];
+        out.push(&mut a.v_proj);
+        out.push(&mut a.o_proj);
+        out.extend(self.mlp.linears_mut());
+        out
     }
 }
 

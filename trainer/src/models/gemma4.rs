@@ -10,7 +10,7 @@
 //! - Final logits are soft-capped (30 in the 12B).
 
 use super::layers::{
-    attend, linear_weight, DecoderLayerForward, DecoderStack, LayerInputs, Mlp, NormScale, RmsNorm,
+    attend, DecoderLayerForward, DecoderStack, LayerInputs, Linear, Mlp, NormScale, RmsNorm,
 };
 use crate::config::{GemmaConfig, LayerType};
 use tch::{nn, Tensor};
@@ -18,11 +18,11 @@ use tch::{nn, Tensor};
 #[derive(Debug)]
 struct Attention {
     layer_type: LayerType,
-    q_proj: Tensor,
-    k_proj: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
     /// None on K = V layers.
-    v_proj: Option<Tensor>,
-    o_proj: Tensor,
+    v_proj: Option<Linear>,
+    o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     v_norm: RmsNorm,
@@ -43,10 +43,10 @@ impl Attention {
         let eps = cfg.rms_norm_eps;
         Attention {
             layer_type: shape.layer_type,
-            q_proj: linear_weight(&p / "q_proj", heads * hd, h),
-            k_proj: linear_weight(&p / "k_proj", kv * hd, h),
-            v_proj: (!shape.k_eq_v).then(|| linear_weight(&p / "v_proj", kv * hd, h)),
-            o_proj: linear_weight(&p / "o_proj", h, heads * hd),
+            q_proj: Linear::new(&p / "q_proj", heads * hd, h),
+            k_proj: Linear::new(&p / "k_proj", kv * hd, h),
+            v_proj: (!shape.k_eq_v).then(|| Linear::new(&p / "v_proj", kv * hd, h)),
+            o_proj: Linear::new(&p / "o_proj", h, heads * hd),
             q_norm: RmsNorm::new(&p / "q_norm", hd, eps, NormScale::Weight),
             k_norm: RmsNorm::new(&p / "k_norm", hd, eps, NormScale::Weight),
             v_norm: RmsNorm::new(&p / "v_norm", hd, eps, NormScale::None),
@@ -60,12 +60,9 @@ impl Attention {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (rope, mask) = match self.layer_type {
             LayerType::Sliding => (&inputs.rope_sliding, inputs.sliding_mask.as_ref()),
-            LayerType::Full => (&inputs.rope_full, None),
+            LayerType::Full => (&inputs.rope_full, inputs.full_mask.as_ref()),
         };
-        let project = |w: &Tensor, heads: i64| {
-            x.linear::<Tensor>(w, None)
-                .view([b, t, heads, self.head_dim])
-        };
+        let project = |w: &Linear, heads: i64| w.forward(x).view([b, t, heads, self.head_dim]);
         let q = rope.apply(&self.q_norm.forward(&project(&self.q_proj, self.num_heads)));
         let k_raw = project(&self.k_proj, self.num_kv_heads);
         let v_raw = match &self.v_proj {
@@ -76,9 +73,10 @@ impl Attention {
         let v = self.v_norm.forward(&v_raw);
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let out = attend(&q, &k, &v, mask, 1.0);
-        out.transpose(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim])
-            .linear::<Tensor>(&self.o_proj, None)
+        self.o_proj.forward(
+            &out.transpose(1, 2)
+                .reshape([b, t, self.num_heads * self.head_dim]),
+        )
     }
 }
 
@@ -97,6 +95,15 @@ pub struct DecoderLayer {
 impl DecoderLayerForward for DecoderLayer {
     fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
         DecoderLayer::forward(self, x, inputs)
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let a = &mut self.self_attn;
+        let mut out = vec![&mut a.q_proj, &mut a.k_proj];
+        out.extend(a.v_proj.as_mut());
+        out.push(&mut a.o_proj);
+        out.extend(self.mlp.linears_mut());
+        out
     }
 }
 

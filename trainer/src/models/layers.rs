@@ -48,6 +48,34 @@ impl RmsNorm {
     }
 }
 
+/// A bias-free linear layer `x·Wᵀ` whose weight keeps its Hugging Face name, and which can carry a
+/// LoRA adapter (see `lora.rs`).
+#[derive(Debug)]
+pub struct Linear {
+    /// The module's Hugging Face name, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub weight: Tensor,
+    pub lora: Option<super::lora::LoraAdapter>,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, out_dim: i64, in_dim: i64) -> Self {
+        Linear {
+            name: p.components().collect::<Vec<_>>().join("."),
+            weight: linear_weight(p, out_dim, in_dim),
+            lora: None,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let base = x.linear::<Tensor>(&self.weight, None);
+        match &self.lora {
+            Some(adapter) => adapter.add_to(x, base),
+            None => base,
+        }
+    }
+}
+
 pub fn linear_weight(p: nn::Path, out_dim: i64, in_dim: i64) -> Tensor {
     p.var(
         "weight",
@@ -102,12 +130,25 @@ impl RotaryTable {
         }
     }
 
+    /// Tables [B, T, head_dim] for explicit positions [B, T] (int64), e.g. restarting at 0 at each
+    /// example packed into a row, as transformers does with `position_ids`.
+    pub fn at_positions(head_dim: usize, rope: RopeParams, positions: &Tensor) -> Self {
+        let inv_freq = inverse_frequencies(head_dim, rope, positions.device());
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        RotaryTable {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
+    }
+
     /// x: [B, T, H, D] -> x·cos + rotate_half(x)·sin, in x's dtype.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         let d = x.size()[3];
-        let cos = self.cos.to_kind(kind).unsqueeze(1);
-        let sin = self.sin.to_kind(kind).unsqueeze(1);
+        // Tables are [T, D], or [B, T, D] for per-example positions: the head axis goes before D.
+        let cos = self.cos.to_kind(kind).unsqueeze(-2);
+        let sin = self.sin.to_kind(kind).unsqueeze(-2);
         let x1 = x.narrow(-1, 0, d / 2);
         let x2 = x.narrow(-1, d / 2, d / 2);
         let rotated = Tensor::cat(&[x2.neg(), x1], -1);
@@ -136,9 +177,27 @@ pub fn attention_mask(
     }
 }
 
+/// Boolean mask [B, 1, T, T] for rows holding several examples back to back: query q attends key
+/// k only inside its own example (`segments` [B, T] equal), causally, and on sliding layers
+/// (`window` given) within the window.
+pub fn packed_attention_mask(segments: &Tensor, window: Option<usize>) -> Tensor {
+    let t = segments.size()[1];
+    let device = segments.device();
+    let q = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
+    let k = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
+    let mut allowed = k.le_tensor(&q);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&k.gt_tensor(&(q - w as i64)));
+    }
+    let same_example = segments.unsqueeze(2).eq_tensor(&segments.unsqueeze(1));
+    same_example.logical_and(&allowed.unsqueeze(0)).unsqueeze(1)
+}
+
 /// Per-forward masks and rotary tables, built once and shared by all layers of a type.
 pub struct LayerInputs {
     pub sliding_mask: Option<Tensor>,
+    /// None: plain causal attention on full layers.
+    pub full_mask: Option<Tensor>,
     pub rope_sliding: RotaryTable,
     pub rope_full: RotaryTable,
 }
@@ -146,24 +205,28 @@ pub struct LayerInputs {
 /// GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)).
 #[derive(Debug)]
 pub struct Mlp {
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
     pub fn new(p: nn::Path, hidden: i64, intermediate: i64) -> Self {
         Mlp {
-            gate_proj: linear_weight(&p / "gate_proj", intermediate, hidden),
-            up_proj: linear_weight(&p / "up_proj", intermediate, hidden),
-            down_proj: linear_weight(&p / "down_proj", hidden, intermediate),
+            gate_proj: Linear::new(&p / "gate_proj", intermediate, hidden),
+            up_proj: Linear::new(&p / "up_proj", intermediate, hidden),
+            down_proj: Linear::new(&p / "down_proj", hidden, intermediate),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = x.linear::<Tensor>(&self.gate_proj, None).gelu("tanh");
-        let up = x.linear::<Tensor>(&self.up_proj, None);
-        (gate * up).linear::<Tensor>(&self.down_proj, None)
+        let gate = self.gate_proj.forward(x).gelu("tanh");
+        let up = self.up_proj.forward(x);
+        self.down_proj.forward(&(gate * up))
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
     }
 }
 
@@ -202,6 +265,8 @@ pub fn lm_logits(hidden: &Tensor, head: &Tensor, softcap: Option<f64>) -> Tensor
 /// One decoder layer of an architecture.
 pub trait DecoderLayerForward {
     fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor;
+    /// The layer's linear modules (attention projections, MLP), which can carry adapters.
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
 }
 
 /// What every Gemma decoder shares around its layers: x = E[ids]·sqrt(d), the layers, the final
@@ -249,11 +314,28 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
 
     /// ids [B, T] -> final hidden states [B, T, d] (after the final norm).
     pub fn hidden_states(&self, ids: &Tensor, inputs: &LayerInputs) -> Tensor {
-        let mut x = scaled_embedding(&self.embed_tokens, ids, self.hidden_size);
+        let mut x = self.embed(ids);
         for layer in &self.layers {
             x = layer.forward(&x, inputs);
         }
         self.norm.forward(&x)
+    }
+
+    /// x = E[ids]·sqrt(d), the input of the first layer.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        scaled_embedding(&self.embed_tokens, ids, self.hidden_size)
+    }
+
+    pub fn layers(&self) -> &[L] {
+        &self.layers
+    }
+
+    pub fn layers_mut(&mut self) -> &mut [L] {
+        &mut self.layers
+    }
+
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {

@@ -3,15 +3,27 @@
 pub mod gemma3;
 pub mod gemma4;
 pub mod layers;
+pub mod lora;
+pub mod recompute;
 
 use crate::config::{Architecture, GemmaConfig, LayerType};
 use anyhow::{bail, Result};
-use layers::{attention_mask, LayerInputs, RotaryTable};
+use layers::{attention_mask, packed_attention_mask, LayerInputs, RotaryTable};
 use tch::{nn, Device, Kind, Tensor};
 
 enum Network {
     Gemma3(gemma3::Gemma3),
     Gemma4(gemma4::Gemma4),
+}
+
+/// libtorch's random generator is process-wide: seeding it and drawing from it happen under this
+/// lock (seeded initialisation, LoRA adapters, dropout that a recomputed layer must replay), so
+/// threads building or training models at once cannot interleave their draws.
+pub(crate) fn rng_guard() -> std::sync::MutexGuard<'static, ()> {
+    static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A Gemma causal LM whose variables carry Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
@@ -28,8 +40,23 @@ impl GemmaModel {
     /// A randomly initialised model (HF initialisation: N(0, 0.02) matrices, identity norms).
     /// Draws from libtorch's global generator; use `new_seeded` for reproducible weights.
     pub fn new(config: GemmaConfig, device: Device, kind: Kind) -> Result<Self> {
-        config.validate()?;
+        Self::build(config, nn::VarStore::new(device), kind)
+    }
+
+    /// A model whose weights are allocated in `kind` from the start (values unspecified), to be
+    /// overwritten by a checkpoint: a bf16 12B base then never exists in f32.
+    pub fn new_for_loading(config: GemmaConfig, device: Device, kind: Kind) -> Result<Self> {
+        // Building draws (unused) initial values: not in the middle of another thread's seeded draws.
+        let _guard = rng_guard();
         let mut vs = nn::VarStore::new(device);
+        if matches!(kind, Kind::BFloat16 | Kind::Half) {
+            vs.set_kind(kind);
+        }
+        Self::build(config, vs, kind)
+    }
+
+    fn build(config: GemmaConfig, mut vs: nn::VarStore, kind: Kind) -> Result<Self> {
+        config.validate()?;
         let root = vs.root();
         let network = match config.architecture {
             Architecture::Gemma3 => Network::Gemma3(gemma3::new(&root, &config)),
@@ -53,10 +80,7 @@ impl GemmaModel {
     /// process-wide, so seeding and drawing happen under one lock: two models built concurrently
     /// (tests, several simulated learners) cannot interleave their draws.
     pub fn new_seeded(config: GemmaConfig, device: Device, kind: Kind, seed: u64) -> Result<Self> {
-        static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = INIT_LOCK
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = rng_guard();
         tch::manual_seed(seed as i64);
         Self::new(config, device, kind)
     }
@@ -93,17 +117,35 @@ impl GemmaModel {
             .collect()
     }
 
-    fn layer_inputs(&self, seq_len: i64) -> LayerInputs {
-        let device = self.device();
+    fn full_head_dim(&self) -> usize {
         let cfg = &self.config;
-        let full_head_dim = cfg
-            .layer_types
+        cfg.layer_types
             .iter()
             .position(|t| *t == LayerType::Full)
             .map(|i| cfg.layer_attention(i).head_dim)
-            .unwrap_or(cfg.head_dim);
+            .unwrap_or(cfg.head_dim)
+    }
+
+    /// Masks and rotary tables for rows that pack several examples: `positions` [B, T] restart at
+    /// 0 in each example and attention stays inside the example `segments` [B, T] names, so each
+    /// example is computed as if it were alone.
+    pub fn packed_layer_inputs(&self, positions: &Tensor, segments: &Tensor) -> LayerInputs {
+        let cfg = &self.config;
+        LayerInputs {
+            sliding_mask: Some(packed_attention_mask(segments, Some(cfg.sliding_window))),
+            full_mask: Some(packed_attention_mask(segments, None)),
+            rope_sliding: RotaryTable::at_positions(cfg.head_dim, cfg.rope_sliding, positions),
+            rope_full: RotaryTable::at_positions(self.full_head_dim(), cfg.rope_full, positions),
+        }
+    }
+
+    fn layer_inputs(&self, seq_len: i64) -> LayerInputs {
+        let device = self.device();
+        let cfg = &self.config;
+        let full_head_dim = self.full_head_dim();
         LayerInputs {
             sliding_mask: attention_mask(LayerType::Sliding, seq_len, cfg.sliding_window, device),
+            full_mask: None,
             rope_sliding: RotaryTable::new(cfg.head_dim, cfg.rope_sliding, seq_len, device),
             rope_full: RotaryTable::new(full_head_dim, cfg.rope_full, seq_len, device),
         }
