@@ -21,6 +21,9 @@ use crate::{Backend, Collective, ReduceOp};
 /// 0 checks for new connections while it waits for the group to form.
 const JOIN_RETRY: Duration = Duration::from_millis(20);
 
+/// The longest rank 0 waits for the hello of one new connection.
+const HELLO_LIMIT: Duration = Duration::from_secs(10);
+
 pub struct TcpCollective {
     rank: usize,
     world_size: usize,
@@ -181,9 +184,11 @@ impl TcpCollective {
                     ))
                 }
             };
+            // A rank sends its hello as soon as it connects; a connection that stays silent
+            // (not a rank) must not hold up the ranks queued behind it for long.
             let hello_wait = deadline
                 .saturating_duration_since(Instant::now())
-                .max(JOIN_RETRY);
+                .clamp(JOIN_RETRY, HELLO_LIMIT);
             Self::configure(&stream, hello_wait).map_err(|e| {
                 CollectiveError::io(format!("cannot configure the connection from {from}"), e)
             })?;

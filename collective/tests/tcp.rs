@@ -522,6 +522,35 @@ fn a_rank_with_a_different_world_size_fails_the_start_up_clearly() {
 }
 
 #[test]
+fn a_stray_connection_to_rank_0_is_ignored() {
+    use std::io::Write;
+    let port = free_port();
+    let results = std::thread::scope(|scope| {
+        let root = scope.spawn(|| {
+            let config = RankConfig::new(0, 2, "127.0.0.1", port).expect("config");
+            let mut c = TcpCollective::connect(&config, &options()).expect("rank 0");
+            c.barrier().map(|_| c.rank())
+        });
+        // Something that is not a rank (a health check) connects first and sends garbage.
+        let mut stray = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(_) => std::thread::yield_now(),
+            }
+        };
+        stray.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
+        let member = scope.spawn(|| {
+            let config = RankConfig::new(1, 2, "127.0.0.1", port).expect("config");
+            let mut c = TcpCollective::connect(&config, &options()).expect("rank 1");
+            c.barrier().map(|_| c.rank())
+        });
+        (root.join().expect("root"), member.join().expect("member"))
+    });
+    assert_eq!(results.0.expect("barrier"), 0);
+    assert_eq!(results.1.expect("barrier"), 1);
+}
+
+#[test]
 fn a_missing_rank_fails_the_start_up_after_the_connect_timeout() {
     let port = free_port();
     let opts = CollectiveOptions::with_timeout(Duration::from_millis(300));
