@@ -6,7 +6,7 @@ ATOLL := target/release/atoll
 REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint check-transformers clean-runs help
+.PHONY: demo test build setup lint fmt fixtures s3-server reference bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint bench-drafter check-transformers clean-runs help
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -55,6 +55,7 @@ $(REFERENCE_VENV)/.installed: scripts/requirements-reference.txt
 
 fixtures: $(REFERENCE_VENV)/.installed
 	$(REFERENCE_VENV)/bin/python scripts/make_fixtures.py tests/fixtures
+	$(REFERENCE_VENV)/bin/python scripts/make_drafter_fixtures.py tests/fixtures
 
 bench-train-step: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/train_step.sh
@@ -73,6 +74,9 @@ bench-diloco: build
 
 bench-checkpoint: build s3-server
 	MOTO_SERVER=$(S3_VENV)/bin/moto_server benchmarks/checkpoint_stall.sh
+
+bench-drafter: build
+	benchmarks/drafter.sh
 
 check-transformers: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python scripts/check_transformers_roundtrip.sh

@@ -1,5 +1,7 @@
 //! `atoll`: train, inspect and probe Gemma models.
 
+mod cmd;
+
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_store::{CheckpointStore, ResumeFrom, StoreOptions};
 use atoll_trainer::checkpoint::{load_model, save_model, write_tensors, DEFAULT_MAX_SHARD_BYTES};
@@ -179,6 +181,16 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+    },
+    /// Measurements on held-out text (`atoll eval drafter`: MTP drafter acceptance rate).
+    Eval {
+        #[command(subcommand)]
+        command: cmd::eval::EvalCommand,
+    },
+    /// Gemma 4 MTP drafters: export for transformers, numerics probe (docs/drafter.md).
+    Drafter {
+        #[command(subcommand)]
+        command: cmd::drafter::DrafterCommand,
     },
     /// Micro-benchmarks (see benchmarks/).
     Bench {
@@ -732,6 +744,8 @@ fn run(command: Command) -> Result<()> {
                 Ok(())
             }
         },
+        Command::Eval { command } => cmd::eval::run(command),
+        Command::Drafter { command } => cmd::drafter::run(command),
         Command::Logits {
             model,
             ids,

@@ -4,11 +4,13 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod drafter;
 pub mod logging;
 pub mod models;
 pub mod optim;
 pub mod presets;
 pub mod recipe;
+pub mod recipe_drafter;
 pub mod simulate;
 pub mod train;
 pub mod worker;

@@ -117,6 +117,9 @@ pub struct ModelSection {
     pub init_from: Option<PathBuf>,
     #[serde(default)]
     pub dtype: ParamDtype,
+    /// Train a Gemma 4 MTP drafter against the frozen `init_from` model instead of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drafter: Option<crate::recipe_drafter::DrafterSection>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

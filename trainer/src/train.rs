@@ -162,7 +162,7 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
-fn device_name(d: Device) -> String {
+pub fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -301,13 +301,13 @@ pub fn evaluate(
 }
 
 /// How training reports progress: a bar in a terminal, log lines otherwise.
-enum Progress {
+pub(crate) enum Progress {
     Bar(ProgressBar),
     Lines { every: usize },
 }
 
 impl Progress {
-    fn new(total: usize, log_every: usize) -> Self {
+    pub(crate) fn new(total: usize, log_every: usize) -> Self {
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
@@ -324,7 +324,7 @@ impl Progress {
         }
     }
 
-    fn update(&self, m: &StepMetrics, total: usize) {
+    pub(crate) fn update(&self, m: &StepMetrics, total: usize) {
         let eval = m
             .eval_loss
             .map(|e| format!(" eval {e:.4}"))
@@ -351,7 +351,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Progress::Bar(bar) = self {
             // The summary line that follows repeats the final figures.
             bar.finish_and_clear();
@@ -414,6 +414,9 @@ pub fn train_resumable(
     run_dir: &Path,
     resume: Option<ResumeFrom>,
 ) -> Result<Summary> {
+    if recipe.model.drafter.is_some() {
+        return crate::drafter::train::train(recipe, run_dir, resume.is_some());
+    }
     let started = Instant::now();
     if let Some(threads) = recipe.train.threads {
         tch::set_num_threads(threads.0 as i32);

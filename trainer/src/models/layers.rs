@@ -92,8 +92,18 @@ pub fn inverse_frequencies(head_dim: usize, rope: RopeParams, device: Device) ->
 
 impl RotaryTable {
     pub fn new(head_dim: usize, rope: RopeParams, seq_len: i64, device: Device) -> Self {
-        let inv_freq = inverse_frequencies(head_dim, rope, device);
-        let positions = Tensor::arange(seq_len, (Kind::Float, device));
+        Self::at_positions(
+            head_dim,
+            rope,
+            &Tensor::arange(seq_len, (Kind::Float, device)),
+        )
+    }
+
+    /// Tables [P, head_dim] for the given positions [P] (any order, repeats allowed): the MTP
+    /// drafter's queries all sit at the position of the last accepted token.
+    pub fn at_positions(head_dim: usize, rope: RopeParams, positions: &Tensor) -> Self {
+        let inv_freq = inverse_frequencies(head_dim, rope, positions.device());
+        let positions = positions.to_kind(Kind::Float);
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         RotaryTable {
@@ -245,6 +255,19 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
             hidden_size: cfg.hidden_size,
             final_softcap: cfg.final_logit_softcapping,
         }
+    }
+
+    /// ids [B, T] -> E[ids]·sqrt(d), the input of the first layer.
+    pub fn input_embeddings(&self, ids: &Tensor) -> Tensor {
+        scaled_embedding(&self.embed_tokens, ids, self.hidden_size)
+    }
+
+    pub fn layers(&self) -> &[L] {
+        &self.layers
+    }
+
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
     }
 
     /// ids [B, T] -> final hidden states [B, T, d] (after the final norm).

@@ -1,0 +1,4 @@
+//! Subcommand families, one file each.
+
+pub mod drafter;
+pub mod eval;
