@@ -80,9 +80,10 @@ fn drafter_trains_evaluates_and_exports_for_transformers() {
     for phase in ["before", "after"] {
         let rate = report[phase]["acceptance_rate"].as_f64().expect("a rate");
         assert!((0.0..=1.0).contains(&rate), "{phase}: {rate}");
-        // 2 prompts x (10 tokens - 1 from the prompt's own forward), at most k = 4 per round.
+        // Per prompt, 9 tokens come from rounds drafting min(4, remaining - 1): at most
+        // 4+4+4+4+4+3+2+1 = 26 when every draft is rejected.
         let drafted = report[phase]["drafted"].as_u64().unwrap();
-        assert!(drafted > 0 && drafted <= 18, "{phase}: drafted {drafted}");
+        assert!(drafted > 0 && drafted <= 52, "{phase}: drafted {drafted}");
     }
     assert!(t.join("drafter/drafter_eval.json").exists());
 
