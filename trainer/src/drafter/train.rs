@@ -58,7 +58,7 @@ pub fn drafter_loss(
         let ce = -(target.exp() * step.logits.log_softmax(-1, Kind::Float))
             .sum_dim_intlist(Some([-1i64].as_slice()), false, Kind::Float)
             .mean(Kind::Float);
-        total = total + ce;
+        total += ce;
         state = step.projected;
     }
     Ok(total / k as f64)
