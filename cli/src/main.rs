@@ -47,6 +47,16 @@ enum Command {
         #[command(subcommand)]
         command: cmd::deploy::DeployCommand,
     },
+    /// Measurements on held-out text (`atoll eval drafter`: MTP drafter acceptance rate).
+    Eval {
+        #[command(subcommand)]
+        command: cmd::eval::EvalCommand,
+    },
+    /// Gemma 4 MTP drafters: export for transformers, numerics probe (docs/drafter.md).
+    Drafter {
+        #[command(subcommand)]
+        command: cmd::drafter::DrafterCommand,
+    },
     /// Export a checkpoint for local runtimes: a Hugging Face directory or GGUF (docs/export.md).
     Export(cmd::export::ExportArgs),
     /// Inspect model configurations.
@@ -97,6 +107,8 @@ fn run(command: Command) -> Result<()> {
         Command::Run(args) => cmd::run::run(args),
         Command::Deploy { command } => cmd::deploy::run(command),
         Command::Export(args) => cmd::export::run(args),
+        Command::Eval { command } => cmd::eval::run(command),
+        Command::Drafter { command } => cmd::drafter::run(command),
         Command::Model { command } => cmd::model::run(command),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Bench { command } => cmd::bench::run(command),

@@ -11,8 +11,8 @@ pub mod k8s;
 pub mod slurm;
 
 use anyhow::{anyhow, bail, Context, Result};
-use atoll_recipe::Recipe;
 use atoll_recipe::deploy::DeploySection;
+use atoll_recipe::Recipe;
 use std::path::{Path, PathBuf};
 
 /// One region's learner, resolved.

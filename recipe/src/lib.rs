@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod deploy;
+pub mod drafter;
 pub mod finetune;
 pub mod link;
 pub mod model;

@@ -22,6 +22,9 @@ pub struct ModelSection {
     pub init_from: Option<PathBuf>,
     #[serde(default)]
     pub dtype: ParamDtype,
+    /// Train a Gemma 4 MTP drafter against the frozen `init_from` model instead of the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drafter: Option<crate::drafter::DrafterSection>,
 }
 
 /// The built-in model configurations (`atoll model presets`), listed here so that a recipe naming

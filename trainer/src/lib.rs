@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod drafter;
 pub mod finetune;
 pub mod logging;
 pub mod models;

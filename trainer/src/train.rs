@@ -162,7 +162,7 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
-pub(crate) fn device_name(d: Device) -> String {
+pub fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -414,6 +414,9 @@ pub fn train_resumable(
     run_dir: &Path,
     resume: Option<ResumeFrom>,
 ) -> Result<Summary> {
+    if recipe.model.drafter.is_some() {
+        return crate::drafter::train::train(recipe, run_dir, resume.is_some());
+    }
     let started = Instant::now();
     if let Some(threads) = recipe.train.threads {
         tch::set_num_threads(threads.0 as i32);

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use atoll_export::{gguf_export, hf, parse_quant, resolve, ExportSummary, PendingOutput};
 use clap::{Args, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct ExportArgs {
@@ -34,6 +34,8 @@ pub enum ExportFormat {
     Hf,
     /// One GGUF file (llama.cpp, Ollama, LM Studio): Gemma 3 text stack plus tokenizer.
     Gguf,
+    /// A trained Gemma 4 MTP drafter as transformers' assistant model (docs/drafter.md).
+    Drafter,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -47,6 +49,28 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if args.text_only && args.format != ExportFormat::Hf {
         bail!("--text-only applies to --format hf only");
     }
+    if args.format == ExportFormat::Drafter {
+        if args.tokenizer.is_some() {
+            bail!("--tokenizer applies to --format hf and gguf only");
+        }
+        // A drafter run keeps its drafter under final/drafter/, which export_drafter finds
+        // from the run, checkpoint or drafter directory itself.
+        let local = Path::new(&args.checkpoint);
+        let exported = if local.exists() {
+            atoll_trainer::drafter::export_drafter(local, &args.out)?
+        } else {
+            let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
+            let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
+            atoll_trainer::drafter::export_drafter(&checkpoint.dir, &args.out)?
+        };
+        println!(
+            "wrote {} (drafter, {} parameters, {} draft tokens per call)",
+            exported.out_dir.display(),
+            exported.parameters,
+            exported.num_assistant_tokens
+        );
+        return Ok(());
+    }
     // Checks the output path before a remote checkpoint is downloaded.
     let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
     let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
@@ -54,6 +78,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let summary: ExportSummary = match args.format {
         ExportFormat::Hf => hf::export_hf(&checkpoint, &args.out, tokenizer, args.text_only)?,
         ExportFormat::Gguf => gguf_export::export_gguf(&checkpoint, &args.out, quant, tokenizer)?,
+        ExportFormat::Drafter => unreachable!("handled above"),
     };
     println!(
         "wrote {} ({} tensors, {} bytes)",

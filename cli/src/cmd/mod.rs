@@ -5,6 +5,8 @@ pub mod bench;
 pub mod checkpoints;
 pub mod coordinator;
 pub mod deploy;
+pub mod drafter;
+pub mod eval;
 pub mod export;
 pub mod finetune;
 pub mod learner;

@@ -20,8 +20,8 @@ use crate::data::Batcher;
 use crate::models::lora::{LoraSet, LoraSpec};
 use crate::models::GemmaModel;
 use crate::optim::AdamW;
-use crate::recipe::{ParamDtype, Recipe};
 use crate::recipe::finetune::{FinetuneSection, LoraSection};
+use crate::recipe::{ParamDtype, Recipe};
 use crate::train::{
     device_name, dtype_name, metrics_file_resumed_at, resolve_device, Progress, StepMetrics,
     TrainerState, OPTIMIZER_FILE, TRAINER_STATE_FILE,
@@ -292,7 +292,8 @@ pub fn build_adapters(model: &mut GemmaModel, plan: &FinetunePlan, seed: u64) ->
     match &plan.section.adapter {
         Some(dir) => peft::load_adapter(model, dir)
             .with_context(|| format!("finetune.adapter: {}", dir.display())),
-        None => LoraSet::attach(model, &LoraSpec::from_section(&plan.lora), seed).map_err(|e| anyhow!("lora: {e}")),
+        None => LoraSet::attach(model, &LoraSpec::from_section(&plan.lora), seed)
+            .map_err(|e| anyhow!("lora: {e}")),
     }
 }
 

@@ -57,6 +57,12 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, inputs: &LayerInputs) -> Tensor {
+        self.forward_with_kv(x, inputs).0
+    }
+
+    /// The attention output and the K/V it attended with ([B, KV, T, D]: K after k_norm and
+    /// RoPE, V after v_norm), which an MTP drafter reads from the target's last layers.
+    fn forward_with_kv(&self, x: &Tensor, inputs: &LayerInputs) -> (Tensor, LayerKv) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let (rope, mask) = match self.layer_type {
             LayerType::Sliding => (&inputs.rope_sliding, inputs.sliding_mask.as_ref()),
@@ -73,10 +79,36 @@ impl Attention {
         let v = self.v_norm.forward(&v_raw);
         let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         let out = attend(&q, &k, &v, mask, 1.0);
-        self.o_proj.forward(
-            &out.transpose(1, 2)
-                .reshape([b, t, self.num_heads * self.head_dim]),
-        )
+        let out = self.o_proj.forward(&out.transpose(1, 2).reshape([
+            b,
+            t,
+            self.num_heads * self.head_dim,
+        ]));
+        (out, LayerKv { keys: k, values: v })
+    }
+}
+
+/// Keys and values of one attention layer, [B, KV heads, T, head_dim].
+#[derive(Debug)]
+pub struct LayerKv {
+    pub keys: Tensor,
+    pub values: Tensor,
+}
+
+/// What an MTP drafter reads from its target besides the last hidden state: the K/V of the
+/// target's last sliding and last full layer (transformers' `shared_kv_states`).
+#[derive(Debug)]
+pub struct SharedKv {
+    pub sliding: Option<LayerKv>,
+    pub full: Option<LayerKv>,
+}
+
+impl SharedKv {
+    pub fn of(&self, layer_type: LayerType) -> Option<&LayerKv> {
+        match layer_type {
+            LayerType::Sliding => self.sliding.as_ref(),
+            LayerType::Full => self.full.as_ref(),
+        }
     }
 }
 
@@ -136,7 +168,19 @@ impl DecoderLayer {
         let attn = self
             .self_attn
             .forward(&self.input_layernorm.forward(x), inputs);
-        let h = x + self.post_attention_layernorm.forward(&attn);
+        self.finish(x, &attn)
+    }
+
+    fn forward_with_kv(&self, x: &Tensor, inputs: &LayerInputs) -> (Tensor, LayerKv) {
+        let (attn, kv) = self
+            .self_attn
+            .forward_with_kv(&self.input_layernorm.forward(x), inputs);
+        (self.finish(x, &attn), kv)
+    }
+
+    /// Everything after attention: its post-norm and residual, the MLP block, layer_scalar.
+    fn finish(&self, x: &Tensor, attn: &Tensor) -> Tensor {
+        let h = x + self.post_attention_layernorm.forward(attn);
         let ffn = self
             .mlp
             .forward(&self.pre_feedforward_layernorm.forward(&h));
@@ -146,6 +190,29 @@ impl DecoderLayer {
 
 /// The full decoder: scaled embedding, the layers above, final norm, tied LM head.
 pub type Gemma4 = DecoderStack<DecoderLayer>;
+
+/// ids [B, T] -> final hidden states (after the final norm, as transformers'
+/// `hidden_states[-1]`) and the K/V of the last sliding and last full layer.
+pub fn hidden_states_and_shared_kv(
+    stack: &Gemma4,
+    ids: &Tensor,
+    inputs: &LayerInputs,
+) -> (Tensor, SharedKv) {
+    let mut x = stack.input_embeddings(ids);
+    let mut shared = SharedKv {
+        sliding: None,
+        full: None,
+    };
+    for layer in stack.layers() {
+        let (out, kv) = layer.forward_with_kv(&x, inputs);
+        match layer.self_attn.layer_type {
+            LayerType::Sliding => shared.sliding = Some(kv),
+            LayerType::Full => shared.full = Some(kv),
+        }
+        x = out;
+    }
+    (stack.final_norm(&x), shared)
+}
 
 pub fn new(root: &nn::Path, cfg: &GemmaConfig) -> Gemma4 {
     DecoderStack::new(root, cfg, NormScale::Weight, |p, i| {

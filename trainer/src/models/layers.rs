@@ -120,18 +120,16 @@ pub fn inverse_frequencies(head_dim: usize, rope: RopeParams, device: Device) ->
 
 impl RotaryTable {
     pub fn new(head_dim: usize, rope: RopeParams, seq_len: i64, device: Device) -> Self {
-        let inv_freq = inverse_frequencies(head_dim, rope, device);
-        let positions = Tensor::arange(seq_len, (Kind::Float, device));
-        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        RotaryTable {
-            cos: emb.cos(),
-            sin: emb.sin(),
-        }
+        Self::at_positions(
+            head_dim,
+            rope,
+            &Tensor::arange(seq_len, (Kind::Float, device)),
+        )
     }
 
-    /// Tables [B, T, head_dim] for explicit positions [B, T] (int64), e.g. restarting at 0 at each
-    /// example packed into a row, as transformers does with `position_ids`.
+    /// Tables [..., head_dim] for explicit positions [...] (int64): [B, T] restarting at 0 at each
+    /// example packed into a row, as transformers does with `position_ids`, or [P] in any order
+    /// with repeats (the MTP drafter's queries all sit at the last accepted token's position).
     pub fn at_positions(head_dim: usize, rope: RopeParams, positions: &Tensor) -> Self {
         let inv_freq = inverse_frequencies(head_dim, rope, positions.device());
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
@@ -312,18 +310,18 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
         }
     }
 
+    /// ids [B, T] -> E[ids]·sqrt(d), the input of the first layer.
+    pub fn input_embeddings(&self, ids: &Tensor) -> Tensor {
+        scaled_embedding(&self.embed_tokens, ids, self.hidden_size)
+    }
+
     /// ids [B, T] -> final hidden states [B, T, d] (after the final norm).
     pub fn hidden_states(&self, ids: &Tensor, inputs: &LayerInputs) -> Tensor {
-        let mut x = self.embed(ids);
+        let mut x = self.input_embeddings(ids);
         for layer in &self.layers {
             x = layer.forward(&x, inputs);
         }
         self.norm.forward(&x)
-    }
-
-    /// x = E[ids]·sqrt(d), the input of the first layer.
-    pub fn embed(&self, ids: &Tensor) -> Tensor {
-        scaled_embedding(&self.embed_tokens, ids, self.hidden_size)
     }
 
     pub fn layers(&self) -> &[L] {

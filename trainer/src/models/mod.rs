@@ -2,6 +2,7 @@
 
 pub mod gemma3;
 pub mod gemma4;
+pub mod gemma4_assistant;
 pub mod layers;
 pub mod lora;
 pub mod recompute;
@@ -157,6 +158,27 @@ impl GemmaModel {
         match &self.network {
             Network::Gemma3(m) => m.hidden_states(ids, &inputs),
             Network::Gemma4(m) => m.hidden_states(ids, &inputs),
+        }
+    }
+
+    /// ids [B, T] -> E[ids]·sqrt(d), the scaled token embeddings the first layer reads (an MTP
+    /// drafter reads them for the last accepted token).
+    pub fn input_embeddings(&self, ids: &Tensor) -> Tensor {
+        match &self.network {
+            Network::Gemma3(m) => m.input_embeddings(ids),
+            Network::Gemma4(m) => m.input_embeddings(ids),
+        }
+    }
+
+    /// ids [B, T] -> final hidden states and the K/V of the last sliding and last full layer:
+    /// everything a Gemma 4 MTP drafter reads from its target. Gemma 4 only.
+    pub fn hidden_states_and_shared_kv(&self, ids: &Tensor) -> Result<(Tensor, gemma4::SharedKv)> {
+        let inputs = self.layer_inputs(ids.size()[1]);
+        match &self.network {
+            Network::Gemma4(m) => Ok(gemma4::hidden_states_and_shared_kv(m, ids, &inputs)),
+            Network::Gemma3(_) => {
+                bail!("MTP drafters read a Gemma 4 target; this model is Gemma 3")
+            }
         }
     }
 

@@ -59,8 +59,8 @@ impl GemmaModel {
 
     fn embed(&self, ids: &Tensor) -> Tensor {
         match &self.network {
-            Network::Gemma3(m) => m.embed(ids),
-            Network::Gemma4(m) => m.embed(ids),
+            Network::Gemma3(m) => m.input_embeddings(ids),
+            Network::Gemma4(m) => m.input_embeddings(ids),
         }
     }
 
