@@ -28,20 +28,6 @@ impl Drop for Scratch {
     }
 }
 
-/// Splits `LOCATION/step-N` or `LOCATION/latest` into the location and the checkpoint.
-pub fn split_checkpoint_ref(reference: &str) -> Result<(&str, Option<ResumeFrom>)> {
-    let trimmed = reference.trim_end_matches('/');
-    match trimmed.rsplit_once('/') {
-        Some((base, last)) if last.starts_with("step-") || last == "latest" => {
-            let which = last
-                .parse::<ResumeFrom>()
-                .map_err(|_| anyhow!("{reference}: {last:?} is not step-N"))?;
-            Ok((base, Some(which)))
-        }
-        _ => Ok((trimmed, None)),
-    }
-}
-
 fn is_remote(location: &str) -> bool {
     [
         "s3://", "gs://", "az://", "azure://", "abfs://", "https://", "http://",
@@ -102,7 +88,7 @@ pub fn resolve(reference: &str, scratch_parent: &Path) -> Result<Checkpoint> {
             return Ok(ck);
         }
     }
-    let (location, which) = split_checkpoint_ref(reference)?;
+    let (location, which) = atoll_store::split_checkpoint_url(reference)?;
     let Some(which) = which else {
         bail!(
             "{reference}: not a checkpoint directory (no config.json), run directory (no final/) or LOCATION/step-N | LOCATION/latest"

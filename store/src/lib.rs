@@ -184,6 +184,21 @@ impl std::str::FromStr for ResumeFrom {
     }
 }
 
+/// Splits `LOCATION/step-N` or `LOCATION/latest` into the location and the checkpoint; a bare
+/// location gives None.
+pub fn split_checkpoint_url(url: &str) -> Result<(&str, Option<ResumeFrom>)> {
+    let trimmed = url.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some((base, last)) if last.starts_with("step-") || last == "latest" => {
+            let which = last
+                .parse::<ResumeFrom>()
+                .map_err(|_| anyhow!("{url}: {last:?} is not step-N"))?;
+            Ok((base, Some(which)))
+        }
+        _ => Ok((trimmed, None)),
+    }
+}
+
 /// A verified checkpoint read back into memory.
 #[derive(Debug, Clone)]
 pub struct Loaded {

@@ -65,23 +65,8 @@ fn checkpoints_list(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// Splits `URL/step-N` or `URL/latest` into the location and the checkpoint; a bare location
-/// gives None.
-fn split_checkpoint_url(url: &str) -> Result<(&str, Option<ResumeFrom>)> {
-    let trimmed = url.trim_end_matches('/');
-    match trimmed.rsplit_once('/') {
-        Some((base, last)) if last.starts_with("step-") || last == "latest" => {
-            let which = last
-                .parse::<ResumeFrom>()
-                .map_err(|_| anyhow!("{url}: {last:?} is not step-N"))?;
-            Ok((base, Some(which)))
-        }
-        _ => Ok((trimmed, None)),
-    }
-}
-
 fn checkpoints_fetch(url: &str, dir: &Path) -> Result<()> {
-    let (location, which) = split_checkpoint_url(url)?;
+    let (location, which) = atoll_store::split_checkpoint_url(url)?;
     let which =
         which.ok_or_else(|| anyhow!("{url}: name a checkpoint, URL/step-N or URL/latest"))?;
     if dir.exists()
@@ -110,7 +95,7 @@ fn checkpoints_fetch(url: &str, dir: &Path) -> Result<()> {
 }
 
 fn checkpoints_verify(url: &str) -> Result<()> {
-    let (location, only) = split_checkpoint_url(url)?;
+    let (location, only) = atoll_store::split_checkpoint_url(url)?;
     let store = CheckpointStore::open(location, StoreOptions::default())?;
     let steps = match only {
         Some(ResumeFrom::Step(step)) => vec![step],

@@ -2,7 +2,7 @@
 //! (transformers, llama.cpp, Ollama). See docs/export.md.
 
 use anyhow::{bail, Result};
-use atoll_export::{gguf_export, hf, parse_quant, resolve, ExportSummary, PendingOutput};
+use atoll_export::{gguf_export, hf, parse_quant, resolve, ExportSummary, GgmlType, PendingOutput};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
@@ -49,42 +49,53 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if args.text_only && args.format != ExportFormat::Hf {
         bail!("--text-only applies to --format hf only");
     }
-    if args.format == ExportFormat::Drafter {
-        if args.tokenizer.is_some() {
-            bail!("--tokenizer applies to --format hf and gguf only");
-        }
-        // A drafter run keeps its drafter under final/drafter/, which export_drafter finds
-        // from the run, checkpoint or drafter directory itself.
-        let local = Path::new(&args.checkpoint);
-        let exported = if local.exists() {
-            atoll_trainer::drafter::export_drafter(local, &args.out)?
-        } else {
-            let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
-            let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
-            atoll_trainer::drafter::export_drafter(&checkpoint.dir, &args.out)?
-        };
-        println!(
-            "wrote {} (drafter, {} parameters, {} draft tokens per call)",
-            exported.out_dir.display(),
-            exported.parameters,
-            exported.num_assistant_tokens
-        );
-        return Ok(());
+    match args.format {
+        ExportFormat::Drafter => export_drafter(&args),
+        ExportFormat::Hf | ExportFormat::Gguf => export_weights(&args, quant),
     }
+}
+
+/// The HF and GGUF formats, from a resolved (and verified) checkpoint.
+fn export_weights(args: &ExportArgs, quant: GgmlType) -> Result<()> {
     // Checks the output path before a remote checkpoint is downloaded.
     let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
     let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
     let tokenizer = args.tokenizer.as_deref();
-    let summary: ExportSummary = match args.format {
-        ExportFormat::Hf => hf::export_hf(&checkpoint, &args.out, tokenizer, args.text_only)?,
-        ExportFormat::Gguf => gguf_export::export_gguf(&checkpoint, &args.out, quant, tokenizer)?,
-        ExportFormat::Drafter => unreachable!("handled above"),
+    let summary: ExportSummary = if args.format == ExportFormat::Hf {
+        hf::export_hf(&checkpoint, &args.out, tokenizer, args.text_only)?
+    } else {
+        gguf_export::export_gguf(&checkpoint, &args.out, quant, tokenizer)?
     };
     println!(
         "wrote {} ({} tensors, {} bytes)",
         summary.path.display(),
         summary.tensors,
         summary.bytes
+    );
+    Ok(())
+}
+
+/// A drafter run keeps its drafter under final/drafter/, which `export_drafter` finds from the
+/// run, checkpoint or drafter directory itself, so a local path is passed as it is.
+fn export_drafter(args: &ExportArgs) -> Result<()> {
+    if args.tokenizer.is_some() {
+        bail!("--tokenizer applies to --format hf and gguf only");
+    }
+    // A drafter run keeps its drafter under final/drafter/, which export_drafter finds
+    // from the run, checkpoint or drafter directory itself.
+    let local = Path::new(&args.checkpoint);
+    let exported = if local.exists() {
+        atoll_trainer::drafter::export_drafter(local, &args.out)?
+    } else {
+        let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
+        let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
+        atoll_trainer::drafter::export_drafter(&checkpoint.dir, &args.out)?
+    };
+    println!(
+        "wrote {} (drafter, {} parameters, {} draft tokens per call)",
+        exported.out_dir.display(),
+        exported.parameters,
+        exported.num_assistant_tokens
     );
     Ok(())
 }
