@@ -62,6 +62,12 @@ pub struct TrainSection {
 }
 
 impl TrainSection {
+    /// Whether a run evaluates after `done` of its `total` steps: every `eval_every` steps
+    /// (0: never) and always at the end.
+    pub fn eval_due(&self, done: usize, total: usize) -> bool {
+        (self.eval_every.0 > 0 && done.is_multiple_of(self.eval_every.0)) || done == total
+    }
+
     /// The learning rate at optimizer step `step` (from 0) of this section's schedule.
     pub fn lr_at(&self, step: usize) -> f64 {
         learning_rate(

@@ -100,6 +100,18 @@ pub fn snapshot(
     // Only the copies happen here; serialisation runs on the checkpoint writer's thread.
     let weights = HostModel::copy_of(model, model.kind(), DEFAULT_MAX_SHARD_BYTES)?;
     snap.defer(move || weights.into_files());
+    add_resume_state(&mut snap, optimizer, tokenizer_json, state)?;
+    Ok(snap)
+}
+
+/// What every resumable run adds to its checkpoint besides its weights: the optimizer state,
+/// the tokenizer and `trainer_state.json` (`atoll train` and `atoll finetune`).
+pub(crate) fn add_resume_state(
+    snap: &mut Snapshot,
+    optimizer: &AdamW,
+    tokenizer_json: &str,
+    state: &TrainerState,
+) -> Result<()> {
     let opt = optimizer
         .state_tensors()
         .iter()
@@ -113,7 +125,7 @@ pub fn snapshot(
     });
     snap.add("tokenizer.json", tokenizer_json.as_bytes().to_vec());
     snap.add(TRAINER_STATE_FILE, serde_json::to_vec_pretty(state)?);
-    Ok(snap)
+    Ok(())
 }
 
 /// Restores a checkpoint written by [`snapshot`] into a freshly built model and optimizer.
@@ -539,7 +551,8 @@ pub fn train_resumable(
         }
 
         let done = step + 1;
-        let eval_loss = ((t.eval_every.0 > 0 && done % t.eval_every.0 == 0) || done == total_steps)
+        let eval_loss = t
+            .eval_due(done, total_steps)
             .then(|| evaluate(&model, &prepared.eval, batch, t.eval_batches.0));
         if let Some(e) = eval_loss {
             final_eval = e;

@@ -194,7 +194,8 @@ pub fn train(recipe: &Recipe, run_dir: &Path, resuming: bool) -> Result<Summary>
             first_loss = loss_sum;
         }
         let done = step + 1;
-        let eval_loss = ((t.eval_every.0 > 0 && done % t.eval_every.0 == 0) || done == total_steps)
+        let eval_loss = t
+            .eval_due(done, total_steps)
             .then(|| evaluate(&base, &drafter, &prepared.eval, batch, t.eval_batches.0, k))
             .transpose()?;
         if let Some(e) = eval_loss {

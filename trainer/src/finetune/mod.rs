@@ -12,8 +12,7 @@ pub mod memory;
 pub mod peft;
 
 use crate::checkpoint::{
-    load_weights_into, save_model, serialize_host, tensors_from_bytes, write_json_atomic,
-    HostTensor, DEFAULT_MAX_SHARD_BYTES,
+    load_weights_into, save_model, tensors_from_bytes, write_json_atomic, DEFAULT_MAX_SHARD_BYTES,
 };
 use crate::config::GemmaConfig;
 use crate::data::Batcher;
@@ -271,19 +270,7 @@ fn snapshot(
     for (name, bytes) in peft::adapter_files(set, base)? {
         snap.add(&name, bytes);
     }
-    let opt = optimizer
-        .state_tensors()
-        .iter()
-        .map(|(n, t)| HostTensor::copy_of(n, t))
-        .collect::<Result<Vec<_>>>()?;
-    snap.defer(move || {
-        Ok(vec![(
-            OPTIMIZER_FILE.to_string(),
-            serialize_host(&opt, None)?,
-        )])
-    });
-    snap.add("tokenizer.json", tokenizer_json.as_bytes().to_vec());
-    snap.add(TRAINER_STATE_FILE, serde_json::to_vec_pretty(state)?);
+    crate::train::add_resume_state(&mut snap, optimizer, tokenizer_json, state)?;
     Ok(snap)
 }
 
@@ -589,8 +576,7 @@ pub fn run_rank(
         let Some((metrics_file, writer, progress)) = io.as_mut() else {
             continue;
         };
-        let eval_loss = ((t.eval_every.0 > 0 && done % t.eval_every.0 == 0) || done == total_steps)
-            .then(eval_now);
+        let eval_loss = t.eval_due(done, total_steps).then(eval_now);
         if let Some(e) = eval_loss {
             final_eval = e;
         }
