@@ -1,6 +1,6 @@
 //! A learner's token rate over its last steps, as it reports and exports it. One step's time
-//! swings with whatever else the host runs, and the job's goodput divides by the fastest
-//! learner's rate: one quick step would make every learner's work look like a fraction of it.
+//! swings with whatever else the host runs; averaged over a window, the rate a dashboard shows
+//! moves with the learner's throughput rather than with each step's luck.
 
 use std::collections::VecDeque;
 

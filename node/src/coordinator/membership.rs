@@ -59,6 +59,7 @@ impl Core {
             .collect();
         let resume_step = self.syncer.learner_step(id).unwrap_or(0);
         let session = random_token();
+        self.training_since.get_or_insert_with(Instant::now);
         let actions = self.syncer.handle(self.now(), Event::Join { learner: id });
         let in_flight = Arc::new(Semaphore::new(self.down_permits()));
         self.members.insert(
@@ -74,6 +75,9 @@ impl Core {
                 step: resume_step,
                 loss: f64::NAN,
                 tokens_per_s: 0.0,
+                joined_at: Instant::now(),
+                joined_step: resume_step,
+                stepped_at: None,
                 bytes_up: 0,
                 bytes_down: 0,
                 last_report: Some(Instant::now()),
@@ -124,6 +128,9 @@ impl Core {
         {
             let m = self.members.get_mut(&id).expect("member");
             m.progress = progress.clone();
+            if req.step > m.step {
+                m.stepped_at = Some(Instant::now());
+            }
             m.step = req.step;
             m.loss = req.loss;
             m.tokens_per_s = req.tokens_per_s;
@@ -185,7 +192,8 @@ impl Core {
             })
             .collect();
         let uptime = self.now();
-        let ideal = self.recipe.sync.learners.0 as f64 * self.members_tokens_per_s_nominal();
+        let ideal = self.recipe.sync.learners.0 as f64 * self.fastest_average_tokens_per_s();
+        let training_s = self.training_s();
         StatusReply {
             job: self.recipe.name().to_string(),
             uptime_s: uptime,
@@ -194,8 +202,8 @@ impl Core {
             merges: self.syncer.stats().merges,
             rejected: self.syncer.stats().rejected,
             tokens_merged: self.state.tokens_merged,
-            goodput: if ideal > 0.0 && uptime > 0.0 {
-                (self.state.tokens_merged as f64 / (ideal * uptime)).min(1.0)
+            goodput: if ideal > 0.0 && training_s > 0.0 {
+                (self.state.tokens_merged as f64 / (ideal * training_s)).min(1.0)
             } else {
                 0.0
             },
@@ -204,11 +212,28 @@ impl Core {
         }
     }
 
-    /// The fastest learner's token rate: what every region would do at full speed.
-    pub(super) fn members_tokens_per_s_nominal(&self) -> f64 {
+    /// Seconds from the first learner's join to the end of the last rounds (or now).
+    fn training_s(&self) -> f64 {
+        let Some(since) = self.training_since else {
+            return 0.0;
+        };
+        let end = self.done_at.unwrap_or_else(Instant::now);
+        end.saturating_duration_since(since).as_secs_f64()
+    }
+
+    /// The fastest learner's average token rate from its join to its last step: what every
+    /// region would do at full speed. Averaged over the whole stretch rather than its last steps,
+    /// so a learner that speeds up once the others finish (they share this machine's cores in
+    /// `atoll run`) does not make everyone's earlier work look slow.
+    fn fastest_average_tokens_per_s(&self) -> f64 {
+        let tokens_per_step = self.worker.tokens_per_step() as f64;
         self.members
             .values()
-            .map(|m| m.tokens_per_s)
+            .filter_map(|m| {
+                let seconds = m.stepped_at?.duration_since(m.joined_at).as_secs_f64();
+                let steps = m.step.saturating_sub(m.joined_step) as f64;
+                (seconds > 0.0).then(|| steps * tokens_per_step / seconds)
+            })
             .fold(0.0, f64::max)
     }
 }

@@ -100,6 +100,11 @@ struct Member {
     step: u64,
     loss: f64,
     tokens_per_s: f64,
+    /// When it joined, at which step, and when its step last moved: its average token rate while
+    /// it trained, the ideal goodput is measured against.
+    joined_at: Instant,
+    joined_step: u64,
+    stepped_at: Option<Instant>,
     bytes_up: u64,
     bytes_down: u64,
     last_report: Option<Instant>,
@@ -132,6 +137,9 @@ struct Core {
     /// Since when every learner has finished while the last rounds wait for the job to settle.
     settling_since: Option<Instant>,
     done_at: Option<Instant>,
+    /// When the first learner joined: goodput counts the learners' training window, from then
+    /// to the end of the last rounds, not the coordinator's start-up or its final evaluation.
+    training_since: Option<Instant>,
     down_codec: Codec,
     zstd_level: i32,
     data_port: u16,
@@ -246,6 +254,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         flushed: false,
         settling_since: None,
         done_at: None,
+        training_since: None,
         data_port: bound.port(),
         run_dir: opts.run_dir.clone(),
         merges_log,
