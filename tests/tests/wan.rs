@@ -47,6 +47,11 @@ sync:
         assert!(up > 100_000, "{region}: {link}");
     }
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
+    // Under `rebase` nothing a learner trained is discarded: the last rounds merge what the
+    // earlier ones left out, so every token reaches the global model.
+    assert_eq!(summary["tokens_merged"], summary["tokens"], "{summary}");
+    let goodput = summary["goodput"].as_f64().unwrap();
+    assert!(goodput > 0.0 && goodput <= 1.0, "{summary}");
     // The job ends with one average round per fragment holding both learners, opened once no
     // round was in flight (a fragment still in flight at the end would close with a Nesterov
     // step and skip the average).
