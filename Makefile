@@ -7,7 +7,7 @@ REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 K8S_VENV ?= $(HOME)/.cache/atoll/k8s-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-checkpoint bench-export bench-gguf check-transformers bench-drafter clean-runs help finetune-demo bench-lora lora-fixtures
+.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-diloco-robust bench-checkpoint bench-export bench-gguf check-transformers bench-drafter clean-runs help finetune-demo bench-lora lora-fixtures
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
@@ -111,6 +111,9 @@ bench-export: build $(REFERENCE_VENV)/.installed
 
 bench-gguf: build $(LLAMA_VENV)/.installed
 	LLAMA_PYTHON=$(LLAMA_VENV)/bin/python benchmarks/gguf_llama_cpp.sh
+
+bench-diloco-robust: build
+	benchmarks/diloco_robust.sh
 
 bench-drafter: build
 	benchmarks/drafter.sh
