@@ -6,6 +6,7 @@
 
 pub mod gguf;
 pub mod gguf_export;
+pub mod gguf_gemma4;
 pub mod hf;
 pub mod quant;
 pub mod source;
