@@ -12,20 +12,23 @@
 //! - Sliding layers use `rope.freq_base_swa` without scaling; full layers `rope.freq_base` with
 //!   `rope.scaling.*`.
 
+use crate::direct_file::DirectFile;
 use crate::gguf::{GgufWriter, MetaValue, TensorInfo};
 use crate::gguf_gemma4;
-use crate::quant::{to_f32, GgmlType, BLOCK};
+use crate::quant::{decode_into, GgmlType, BLOCK};
 use crate::source::{Checkpoint, WeightSource};
 use crate::tokenizer::{self, SpecialIds};
 use crate::{progress, ExportSummary, PendingOutput};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_trainer::checkpoint::TextLayout;
 use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind};
-use std::io::BufWriter;
 use std::path::Path;
 
 /// Source bytes read per step when streaming a tensor (whole rows at a time).
 const CHUNK_BYTES: usize = 32 << 20;
+
+/// Values converted per step inside a chunk (a multiple of the 32-value quant block).
+const STEP_VALUES: usize = 16 << 10;
 
 /// The GGUF tensor name of an Atoll (HF) text-stack tensor name.
 pub fn gguf_name(name: &str) -> Option<String> {
@@ -324,11 +327,12 @@ pub fn export_gguf(
 
     let total: u64 = plan.iter().map(|p| p.info.n_bytes()).sum();
     let bar = progress(total, &format!("writing {}", out.display()));
-    let file = std::fs::File::create(&pending.temp)
+    let file = DirectFile::create(&pending.temp)
         .with_context(|| format!("cannot create {}", pending.temp.display()))?;
     let infos = plan.iter().map(|p| p.info.clone()).collect();
-    let mut writer = GgufWriter::start(BufWriter::with_capacity(8 << 20, file), &metadata, infos)?;
-    let mut encoded = Vec::new();
+    let mut writer = GgufWriter::start(file, &metadata, infos)?;
+    // Buffers reused for every chunk of every tensor.
+    let (mut raw, mut values, mut encoded) = (Vec::new(), Vec::new(), Vec::new());
     for p in &plan {
         let stored = match &p.source {
             TensorSource::Stored(name) => name,
@@ -350,21 +354,24 @@ pub fn export_gguf(
         let chunk = (CHUNK_BYTES / row_bytes).max(1) * row_bytes;
         let mut offset = 0u64;
         while offset < entry.len {
-            let raw = source.read_range(entry, offset, chunk as u64)?;
+            source.read_range_into(entry, offset, chunk as u64, &mut raw)?;
             offset += raw.len() as u64;
-            let mut values =
-                to_f32(&entry.dtype, &raw).with_context(|| format!("tensor {}", entry.name))?;
-            drop(raw);
-            if p.shift != 0.0 || p.scale != 1.0 {
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = (*v + p.shift) * p.scale);
-            }
             encoded.clear();
-            p.info
-                .ty
-                .encode(&values, row_values, &mut encoded)
-                .with_context(|| format!("tensor {}", entry.name))?;
+            // Cache-sized steps (whole 32-value blocks): decode, shift, encode while the values
+            // are still in L2.
+            for piece in raw.chunks(STEP_VALUES * elem.max(1)) {
+                decode_into(&entry.dtype, piece, &mut values)
+                    .with_context(|| format!("tensor {}", entry.name))?;
+                if p.shift != 0.0 || p.scale != 1.0 {
+                    values
+                        .iter_mut()
+                        .for_each(|v| *v = (*v + p.shift) * p.scale);
+                }
+                p.info
+                    .ty
+                    .encode(&values, row_values, &mut encoded)
+                    .with_context(|| format!("tensor {}", entry.name))?;
+            }
             writer.write_chunk(&encoded)?;
             bar.inc(encoded.len() as u64);
         }
@@ -372,8 +379,8 @@ pub fn export_gguf(
     }
     let file = writer
         .finish()?
-        .into_inner()
-        .map_err(|e| anyhow!("cannot write {}: {}", pending.temp.display(), e.error()))?;
+        .finish()
+        .with_context(|| format!("cannot write {}", pending.temp.display()))?;
     file.sync_all()?;
     bar.finish_and_clear();
     let bytes = std::fs::metadata(&pending.temp)?.len();
