@@ -107,3 +107,55 @@ pub fn rope_freqs(config: &GemmaConfig) -> Vec<f32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atoll_trainer::models::layers::inverse_frequencies;
+    use tch::{Device, Kind};
+
+    /// llama.cpp's NeoX RoPE over the whole head with `rope_freqs` gives pair i the angle
+    /// pos · base^(-2i / head) / rope_freqs[i]; that must equal Atoll's full-layer frequencies
+    /// for every RoPE kind (1e-6 relative, f32), the identity pairs ~0.
+    #[test]
+    fn rope_freqs_reproduce_atolls_full_layer_frequencies() {
+        let kinds = [
+            RopeKind::Default,
+            RopeKind::Linear { factor: 8.0 },
+            RopeKind::Proportional {
+                partial_rotary_factor: 0.25,
+                factor: 1.0,
+            },
+            RopeKind::Proportional {
+                partial_rotary_factor: 0.5,
+                factor: 4.0,
+            },
+        ];
+        let mut config = GemmaConfig::from_hf_json(&serde_json::json!({
+            "model_type": "gemma4_unified_text", "vocab_size": 16, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "global_head_dim": 64,
+            "layer_types": ["sliding_attention", "full_attention"],
+        }))
+        .unwrap();
+        for kind in kinds {
+            config.rope_full.kind = kind;
+            let theta = config.rope_full.theta;
+            let head = config.global_head_dim;
+            let freqs = rope_freqs(&config);
+            assert_eq!(freqs.len(), head / 2);
+            let atoll = Vec::<f32>::try_from(
+                inverse_frequencies(head, config.rope_full, Device::Cpu).to_kind(Kind::Float),
+            )
+            .unwrap();
+            for (i, (&divisor, &want)) in freqs.iter().zip(&atoll).enumerate() {
+                let got = theta.powf(-2.0 * i as f64 / head as f64) / divisor as f64;
+                let tolerance = 1e-6 * want.abs() as f64 + 1e-30;
+                assert!(
+                    (got - want as f64).abs() <= tolerance,
+                    "{kind:?} pair {i}: llama.cpp {got}, Atoll {want}"
+                );
+            }
+        }
+    }
+}
