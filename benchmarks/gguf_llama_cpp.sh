@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Atoll's GGUF exports of the Gemma 3 fixtures run through llama.cpp (llama-cpp-python in
+# Atoll's GGUF exports of the Gemma 3 and Gemma 4 fixtures run through llama.cpp (llama-cpp-python in
 # LLAMA_PYTHON's venv): top-1 next tokens and logits vs the fixtures' reference logits.
 set -euo pipefail
 ATOLL=${ATOLL:-target/release/atoll}
@@ -18,7 +18,7 @@ json.dump({"version": "1.0", "added_tokens": [], "pre_tokenizer": {"type": "Byte
            "model": {"type": "BPE", "vocab": {chr(c): i for i, c in enumerate(cs)}, "merges": []}},
           open(sys.argv[1], "w"))
 PY
-for fixture in gemma3-tiny gemma3-multimodal-tiny; do
+for fixture in gemma3-tiny gemma3-multimodal-tiny gemma4-tiny gemma4-tiny-no-keqv; do
   files=()
   for q in f32 f16 q8_0 q4_0; do
     "$ATOLL" export "tests/fixtures/$fixture" --format gguf --quant $q --tokenizer "$WORK/tokenizer.json" \

@@ -21,6 +21,7 @@ pub enum MetaValue {
     Str(String),
     StrArray(Vec<String>),
     I32Array(Vec<i32>),
+    BoolArray(Vec<bool>),
 }
 
 impl MetaValue {
@@ -31,7 +32,7 @@ impl MetaValue {
             MetaValue::F32(_) => 6,
             MetaValue::Bool(_) => 7,
             MetaValue::Str(_) => 8,
-            MetaValue::StrArray(_) | MetaValue::I32Array(_) => 9,
+            MetaValue::StrArray(_) | MetaValue::I32Array(_) | MetaValue::BoolArray(_) => 9,
         }
     }
 }
@@ -78,6 +79,11 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
             items
                 .iter()
                 .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        }
+        MetaValue::BoolArray(items) => {
+            out.extend_from_slice(&7u32.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            out.extend(items.iter().map(|&b| b as u8));
         }
     }
 }

@@ -1,5 +1,7 @@
-//! A Gemma 3 text stack as a GGUF file for llama.cpp / Ollama (`general.architecture = gemma3`),
-//! with llama.cpp's metadata keys and tensor names and the tokenizer embedded.
+//! A Gemma 3 or Gemma 4 text stack as a GGUF file for llama.cpp / Ollama
+//! (`general.architecture = gemma3` / `gemma4`), with llama.cpp's metadata keys and tensor names
+//! and the tokenizer embedded. What Gemma 4 adds is in [`gguf_gemma4`]; a multimodal
+//! checkpoint's vision/audio tensors are left out (llama.cpp reads them from an mmproj file).
 //!
 //! Conventions llama.cpp expects for `gemma3`:
 //! - RMSNorm weights are stored as 1 + w (the HF checkpoint stores w); they stay f32.
@@ -9,23 +11,24 @@
 //!   match.
 //! - Sliding layers use `rope.freq_base_swa` without scaling; full layers `rope.freq_base` with
 //!   `rope.scaling.*`.
-//!
-//! Gemma 4 is refused: llama.cpp defines a `gemma4` architecture, but Atoll does not write it yet
-//! (per-layer KV heads, proportional-RoPE frequency tensor, K = V layers).
 
+use crate::direct_file::DirectFile;
 use crate::gguf::{GgufWriter, MetaValue, TensorInfo};
-use crate::quant::{to_f32, GgmlType, BLOCK};
+use crate::gguf_gemma4;
+use crate::quant::{decode_into, GgmlType, BLOCK};
 use crate::source::{Checkpoint, WeightSource};
 use crate::tokenizer::{self, SpecialIds};
 use crate::{progress, ExportSummary, PendingOutput};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_trainer::checkpoint::TextLayout;
 use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind};
-use std::io::BufWriter;
 use std::path::Path;
 
 /// Source bytes read per step when streaming a tensor (whole rows at a time).
 const CHUNK_BYTES: usize = 32 << 20;
+
+/// Values converted per step inside a chunk (a multiple of the 32-value quant block).
+const STEP_VALUES: usize = 16 << 10;
 
 /// The GGUF tensor name of an Atoll (HF) text-stack tensor name.
 pub fn gguf_name(name: &str) -> Option<String> {
@@ -52,6 +55,7 @@ pub fn gguf_name(name: &str) -> Option<String> {
         "mlp.up_proj.weight" => "ffn_up",
         "mlp.down_proj.weight" => "ffn_down",
         "post_feedforward_layernorm.weight" => "post_ffw_norm",
+        "layer_scalar" => "layer_output_scale",
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.weight"))
@@ -89,23 +93,31 @@ fn sliding_window_period(config: &GemmaConfig) -> Result<u32> {
     Ok(period as u32)
 }
 
+/// Where a GGUF tensor's values come from.
+enum TensorSource {
+    /// A checkpoint tensor, streamed.
+    Stored(String),
+    /// Computed from the config (Gemma 4's `rope_freqs`).
+    Values(Vec<f32>),
+}
+
 /// One tensor to write: where it comes from and how it is transformed.
 struct Planned {
     info: TensorInfo,
-    source: String,
+    source: TensorSource,
     /// Added to every value (the Gemma norm shift), then multiplied by `scale`.
     shift: f32,
     scale: f32,
 }
 
-/// The metadata keys of a Gemma 3 GGUF (tokenizer keys excluded).
+/// The metadata keys of a Gemma 3 or Gemma 4 GGUF (tokenizer keys excluded).
 fn model_metadata(
     config: &GemmaConfig,
     ty: GgmlType,
     name: &str,
 ) -> Result<Vec<(String, MetaValue)>> {
     let u32_of = |n: usize| MetaValue::U32(n as u32);
-    let a = "gemma3";
+    let a = config.architecture.name();
     let mut m = vec![
         ("general.architecture".to_string(), MetaValue::Str(a.into())),
         ("general.name".to_string(), MetaValue::Str(name.into())),
@@ -137,6 +149,41 @@ fn model_metadata(
             u32_of(config.num_attention_heads),
         ),
         (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(config.rms_norm_eps as f32),
+        ),
+        (
+            format!("{a}.attention.sliding_window"),
+            u32_of(config.sliding_window),
+        ),
+        (
+            format!("{a}.rope.freq_base"),
+            MetaValue::F32(config.rope_full.theta as f32),
+        ),
+        (
+            format!("{a}.rope.freq_base_swa"),
+            MetaValue::F32(config.rope_sliding.theta as f32),
+        ),
+    ];
+    if let Some(cap) = config.final_logit_softcapping {
+        m.push((
+            format!("{a}.final_logit_softcapping"),
+            MetaValue::F32(cap as f32),
+        ));
+    }
+    match config.architecture {
+        Architecture::Gemma3 => m.extend(gemma3_metadata(config, a)?),
+        Architecture::Gemma4 => m.extend(gguf_gemma4::metadata(config, a)?),
+    }
+    Ok(m)
+}
+
+/// The gemma3-specific keys: one head geometry for every layer, the period of the layer
+/// pattern, RoPE scaling of the full layers.
+fn gemma3_metadata(config: &GemmaConfig, a: &str) -> Result<Vec<(String, MetaValue)>> {
+    let u32_of = |n: usize| MetaValue::U32(n as u32);
+    let mut m = vec![
+        (
             format!("{a}.attention.head_count_kv"),
             u32_of(config.num_key_value_heads),
         ),
@@ -146,24 +193,8 @@ fn model_metadata(
             u32_of(config.head_dim),
         ),
         (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
-            MetaValue::F32(config.rms_norm_eps as f32),
-        ),
-        (
-            format!("{a}.attention.sliding_window"),
-            u32_of(config.sliding_window),
-        ),
-        (
             format!("{a}.attention.sliding_window_pattern"),
             MetaValue::U32(sliding_window_period(config)?),
-        ),
-        (
-            format!("{a}.rope.freq_base"),
-            MetaValue::F32(config.rope_full.theta as f32),
-        ),
-        (
-            format!("{a}.rope.freq_base_swa"),
-            MetaValue::F32(config.rope_sliding.theta as f32),
         ),
     ];
     if config.rope_sliding.kind != RopeKind::Default {
@@ -185,12 +216,6 @@ fn model_metadata(
             bail!("GGUF export: proportional RoPE (a Gemma 4 feature) has no gemma3 GGUF key")
         }
     }
-    if let Some(cap) = config.final_logit_softcapping {
-        m.push((
-            format!("{a}.final_logit_softcapping"),
-            MetaValue::F32(cap as f32),
-        ));
-    }
     Ok(m)
 }
 
@@ -203,11 +228,7 @@ pub fn export_gguf(
     tokenizer: Option<&Path>,
 ) -> Result<ExportSummary> {
     let config = GemmaConfig::from_file(&ck.dir.join("config.json"))?;
-    if config.architecture == Architecture::Gemma4 {
-        bail!(
-            "GGUF export of Gemma 4 is not supported yet (llama.cpp's gemma4 layout: per-layer KV heads, K = V layers, proportional RoPE frequencies); export --format hf instead"
-        );
-    }
+    let gemma3 = config.architecture == Architecture::Gemma3;
     let tokenizer_path = tokenizer
         .map(Path::to_path_buf)
         .or_else(|| ck.tokenizer.clone())
@@ -236,7 +257,7 @@ pub fn export_gguf(
 
     let source = WeightSource::open(&ck.dir)?;
     let layout = TextLayout::detect(source.tensors.iter().map(|t| t.name.as_str()));
-    let q_scale = if config.query_pre_attn_scalar != config.head_dim as f64 {
+    let q_scale = if gemma3 && config.query_pre_attn_scalar != config.head_dim as f64 {
         tracing::info!(
             "query_pre_attn_scalar {} != head_dim {}: folding the attention scale into q_norm for llama.cpp",
             config.query_pre_attn_scalar,
@@ -247,6 +268,19 @@ pub fn export_gguf(
         1.0
     };
     let mut plan = Vec::new();
+    if !gemma3 {
+        let freqs = gguf_gemma4::rope_freqs(&config);
+        plan.push(Planned {
+            info: TensorInfo {
+                name: "rope_freqs.weight".into(),
+                dims: vec![freqs.len() as u64],
+                ty: GgmlType::F32,
+            },
+            source: TensorSource::Values(freqs),
+            shift: 0.0,
+            scale: 1.0,
+        });
+    }
     for spec in config.tensor_specs() {
         let stored = layout.stored_name(&spec.name);
         let entry = source.get(&stored).ok_or_else(|| {
@@ -281,8 +315,8 @@ pub fn export_gguf(
                 dims,
                 ty: tensor_ty,
             },
-            source: stored,
-            shift: if is_norm { 1.0 } else { 0.0 },
+            source: TensorSource::Stored(stored),
+            shift: if is_norm && gemma3 { 1.0 } else { 0.0 },
             scale: if spec.name.ends_with("self_attn.q_norm.weight") {
                 q_scale
             } else {
@@ -293,36 +327,51 @@ pub fn export_gguf(
 
     let total: u64 = plan.iter().map(|p| p.info.n_bytes()).sum();
     let bar = progress(total, &format!("writing {}", out.display()));
-    let file = std::fs::File::create(&pending.temp)
+    let file = DirectFile::create(&pending.temp)
         .with_context(|| format!("cannot create {}", pending.temp.display()))?;
     let infos = plan.iter().map(|p| p.info.clone()).collect();
-    let mut writer = GgufWriter::start(BufWriter::with_capacity(8 << 20, file), &metadata, infos)?;
-    let mut encoded = Vec::new();
+    let mut writer = GgufWriter::start(file, &metadata, infos)?;
+    // Buffers reused for every chunk of every tensor.
+    let (mut raw, mut values, mut encoded) = (Vec::new(), Vec::new(), Vec::new());
     for p in &plan {
+        let stored = match &p.source {
+            TensorSource::Stored(name) => name,
+            TensorSource::Values(values) => {
+                encoded.clear();
+                p.info.ty.encode(values, values.len(), &mut encoded)?;
+                writer.write_chunk(&encoded)?;
+                bar.inc(encoded.len() as u64);
+                writer.end_tensor()?;
+                continue;
+            }
+        };
         let entry = source
-            .get(&p.source)
-            .ok_or_else(|| anyhow!("internal: {} vanished", p.source))?;
+            .get(stored)
+            .ok_or_else(|| anyhow!("internal: {stored} vanished"))?;
         let row_values = p.info.dims[0] as usize;
         let elem = (entry.len as usize) / (p.info.n_elements() as usize).max(1);
         let row_bytes = (row_values * elem).max(1);
         let chunk = (CHUNK_BYTES / row_bytes).max(1) * row_bytes;
         let mut offset = 0u64;
         while offset < entry.len {
-            let raw = source.read_range(entry, offset, chunk as u64)?;
+            source.read_range_into(entry, offset, chunk as u64, &mut raw)?;
             offset += raw.len() as u64;
-            let mut values =
-                to_f32(&entry.dtype, &raw).with_context(|| format!("tensor {}", entry.name))?;
-            drop(raw);
-            if p.shift != 0.0 || p.scale != 1.0 {
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = (*v + p.shift) * p.scale);
-            }
             encoded.clear();
-            p.info
-                .ty
-                .encode(&values, row_values, &mut encoded)
-                .with_context(|| format!("tensor {}", entry.name))?;
+            // Cache-sized steps (whole 32-value blocks): decode, shift, encode while the values
+            // are still in L2.
+            for piece in raw.chunks(STEP_VALUES * elem.max(1)) {
+                decode_into(&entry.dtype, piece, &mut values)
+                    .with_context(|| format!("tensor {}", entry.name))?;
+                if p.shift != 0.0 || p.scale != 1.0 {
+                    values
+                        .iter_mut()
+                        .for_each(|v| *v = (*v + p.shift) * p.scale);
+                }
+                p.info
+                    .ty
+                    .encode(&values, row_values, &mut encoded)
+                    .with_context(|| format!("tensor {}", entry.name))?;
+            }
             writer.write_chunk(&encoded)?;
             bar.inc(encoded.len() as u64);
         }
@@ -330,8 +379,8 @@ pub fn export_gguf(
     }
     let file = writer
         .finish()?
-        .into_inner()
-        .map_err(|e| anyhow!("cannot write {}: {}", pending.temp.display(), e.error()))?;
+        .finish()
+        .with_context(|| format!("cannot write {}", pending.temp.display()))?;
     file.sync_all()?;
     bar.finish_and_clear();
     let bytes = std::fs::metadata(&pending.temp)?.len();

@@ -4,8 +4,10 @@
 //! the output and renames it at the end, so a failed export leaves nothing at the output path.
 //! See docs/export.md.
 
+mod direct_file;
 pub mod gguf;
 pub mod gguf_export;
+pub mod gguf_gemma4;
 pub mod hf;
 pub mod quant;
 pub mod source;

@@ -50,18 +50,18 @@ impl GgmlType {
     pub fn encode(self, values: &[f32], row_len: usize, out: &mut Vec<u8>) -> Result<()> {
         out.reserve(self.bytes_for(values.len()));
         match self {
-            GgmlType::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            GgmlType::F32 => write_elements(values, out, |v| v.to_le_bytes()),
             GgmlType::F16 => {
-                // The slice conversion uses the CPU's F16C instructions when it has them.
-                let mut halves = vec![f16::ZERO; values.len()];
-                halves.convert_from_f32_slice(values);
-                out.extend(halves.iter().flat_map(|h| h.to_le_bytes()));
+                // The slice conversion uses the CPU's F16C instructions when it has them; a
+                // stack buffer keeps it allocation-free and in the L1 cache.
+                let mut halves = [f16::ZERO; 512];
+                for piece in values.chunks(halves.len()) {
+                    let halves = &mut halves[..piece.len()];
+                    halves.convert_from_f32_slice(piece);
+                    write_elements(halves, out, |h| h.to_le_bytes());
+                }
             }
-            GgmlType::Bf16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            GgmlType::Bf16 => write_elements(values, out, |v| bf16::from_f32(*v).to_le_bytes()),
             GgmlType::Q8_0 | GgmlType::Q4_0 => {
                 if !row_len.is_multiple_of(BLOCK) {
                     bail!("rows of {row_len} values do not split into {BLOCK}-value blocks");
@@ -145,18 +145,39 @@ fn encode_q4_0(block: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// Source element types read from safetensors.
-pub fn to_f32(dtype: &str, bytes: &[u8]) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        "F32" => GgmlType::F32.decode(bytes),
-        "F16" => GgmlType::F16.decode(bytes),
-        "BF16" => GgmlType::Bf16.decode(bytes),
-        "F64" => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
+/// Appends each element's `N` little-endian bytes to `out`: one resize, then a loop over
+/// fixed-size chunks that the compiler vectorises (no per-element capacity checks).
+fn write_elements<T, const N: usize>(
+    items: &[T],
+    out: &mut Vec<u8>,
+    bytes: impl Fn(&T) -> [u8; N],
+) {
+    let start = out.len();
+    out.resize(start + N * items.len(), 0);
+    for (item, dst) in items.iter().zip(out[start..].chunks_exact_mut(N)) {
+        dst.copy_from_slice(&bytes(item));
+    }
+}
+
+/// Decodes safetensors elements of `dtype` into `out` (cleared first; its allocation reused).
+pub fn decode_into(dtype: &str, bytes: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    fn fill<const N: usize>(bytes: &[u8], out: &mut Vec<f32>, value: impl Fn([u8; N]) -> f32) {
+        out.clear();
+        out.resize(bytes.len() / N, 0.0);
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+            *v = value(b.try_into().expect("N bytes"));
+        }
+    }
+    match dtype {
+        "F32" => fill(bytes, out, f32::from_le_bytes),
+        "F16" => fill(bytes, out, |b: [u8; 2]| f16::from_le_bytes(b).to_f32()),
+        "BF16" => fill(bytes, out, |b: [u8; 2]| {
+            f32::from_bits((u16::from_le_bytes(b) as u32) << 16)
+        }),
+        "F64" => fill(bytes, out, |b: [u8; 8]| f64::from_le_bytes(b) as f32),
         other => bail!("tensor dtype {other} cannot be exported (f32, f16, bf16, f64 can)"),
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -195,17 +195,30 @@ impl WeightSource {
 
     /// `len` bytes of a tensor from byte `offset` of its data.
     pub fn read_range(&self, entry: &TensorEntry, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len.min(entry.len.saturating_sub(offset)) as usize];
+        let mut buf = Vec::new();
+        self.read_range_into(entry, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`read_range`](Self::read_range) into a buffer the caller reuses: a streaming loop then
+    /// touches the same pages every step instead of faulting in fresh ones.
+    pub fn read_range_into(
+        &self,
+        entry: &TensorEntry,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        buf.resize(len.min(entry.len.saturating_sub(offset)) as usize, 0);
         self.handles[entry.file]
-            .read_exact_at(&mut buf, entry.start + offset)
+            .read_exact_at(buf, entry.start + offset)
             .with_context(|| {
                 format!(
                     "{}: cannot read tensor {} (is the file truncated?)",
                     self.files[entry.file].display(),
                     entry.name
                 )
-            })?;
-        Ok(buf)
+            })
     }
 }
 

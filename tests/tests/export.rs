@@ -1,7 +1,8 @@
 //! `atoll export` as a user runs it: train from a multimodal Gemma 3 checkpoint, export the run
 //! to a Hugging Face directory (full and text-only) and to GGUF in every quant type, and check
 //! the files with transformers and the gguf package (tests/scripts/check_export.py); bad input
-//! gives one error line and leaves nothing at the output path.
+//! gives one error line and leaves nothing at the output path. Gemma 4 GGUF exports are checked
+//! against llama.cpp's `gemma4` layout.
 
 use atoll_system_tests::{assert_clean_error, atoll, repo_root, run_reference_python, stderr};
 use std::ffi::OsStr;
@@ -165,20 +166,38 @@ fn bad_exports_fail_with_one_line_and_leave_nothing() {
     );
     assert_clean_error(&o, "unknown --quant \"q5_k\"");
 
+    // A Gemma 4 whose sliding layers scale RoPE: Atoll runs it, llama.cpp's gemma4 cannot say it.
+    let scaled = dir.join("gemma4-scaled-sliding-rope");
+    std::fs::create_dir(&scaled).unwrap();
+    let source = Path::new(&fixture("gemma4-tiny")).to_path_buf();
+    std::fs::copy(
+        source.join("model.safetensors"),
+        scaled.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    config["rope_parameters"]["sliding_attention"] =
+        serde_json::json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0});
+    std::fs::write(scaled.join("config.json"), config.to_string()).unwrap();
+    write_byte_level_tokenizer(&dir.join("tokenizer.json"));
     let o = atoll(
         &[
             "export",
-            &fixture("gemma4-unified-tiny-sharded-bf16"),
+            scaled.to_str().unwrap(),
             "--format",
             "gguf",
             "--tokenizer",
-            "none.json",
+            "tokenizer.json",
             "--out",
             "out/m.gguf",
         ],
         dir,
     );
-    assert_clean_error(&o, "GGUF export of Gemma 4 is not supported");
+    assert_clean_error(
+        &o,
+        "llama.cpp's gemma4 rotates sliding layers without scaling or partial rotation",
+    );
 
     let o = atoll(
         &["export", &gemma3, "--format", "gguf", "--out", "out/m.gguf"],
@@ -295,14 +314,8 @@ fn byte_level_alphabet() -> Vec<String> {
         .collect()
 }
 
-/// gemma3-tiny has query_pre_attn_scalar 20 and head_dim 24: llama.cpp scales scores by
-/// 1/sqrt(head_dim), so the export folds sqrt(24/20) into q_norm; transformers reading the GGUF
-/// (with that fold undone, since it applies query_pre_attn_scalar itself) reproduces the
-/// fixture's reference logits.
-#[test]
-fn gguf_folds_query_pre_attn_scalar_into_q_norm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// A 256-token byte-level BPE tokenizer.json (ids = the tiny fixtures' vocabulary).
+fn write_byte_level_tokenizer(path: &Path) {
     let vocab: serde_json::Map<String, serde_json::Value> = byte_level_alphabet()
         .into_iter()
         .enumerate()
@@ -315,7 +328,66 @@ fn gguf_folds_query_pre_attn_scalar_into_q_norm() {
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "vocab": vocab, "merges": []},
     });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(path, tokenizer.to_string()).unwrap();
+}
+
+/// Gemma 4 as llama.cpp's `gemma4` (tests/scripts/check_gguf_gemma4.py): the K = V fixture in
+/// every quant type, the one with v_proj on full layers, and the unified multimodal bf16 sharded
+/// checkpoint (vision/audio left out); keys, tensor names and values read back with the gguf
+/// package, logits through transformers' GGUF loader.
+#[test]
+fn gguf_gemma4_reads_back_in_llama_cpp_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_byte_level_tokenizer(&dir.join("tokenizer.json"));
+    std::fs::create_dir(dir.join("gguf")).unwrap();
+    let cases: [(&str, &[&str]); 3] = [
+        ("gemma4-tiny", &["f32", "f16", "bf16", "q8_0", "q4_0"]),
+        ("gemma4-tiny-no-keqv", &["f32", "f16"]),
+        ("gemma4-unified-tiny-sharded-bf16", &["f32", "q8_0"]),
+    ];
+    for (name, quants) in cases {
+        for q in quants {
+            let out = format!("gguf/{name}-{q}.gguf");
+            ok(
+                &[
+                    "export",
+                    &fixture(name),
+                    "--format",
+                    "gguf",
+                    "--quant",
+                    q,
+                    "--tokenizer",
+                    "tokenizer.json",
+                    "--out",
+                    &out,
+                ],
+                dir,
+            );
+        }
+    }
+    let script = repo_root().join("tests/scripts/check_gguf_gemma4.py");
+    let mut args = vec![dir.join("gguf"), dir.join("tokenizer.json")];
+    args.extend(
+        cases
+            .iter()
+            .map(|(name, _)| repo_root().join("tests/fixtures").join(name)),
+    );
+    let args: Vec<&OsStr> = args.iter().map(|p| p.as_os_str()).collect();
+    let out = run_reference_python(&script, &args);
+    println!("{out}");
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}
+
+/// gemma3-tiny has query_pre_attn_scalar 20 and head_dim 24: llama.cpp scales scores by
+/// 1/sqrt(head_dim), so the export folds sqrt(24/20) into q_norm; transformers reading the GGUF
+/// (with that fold undone, since it applies query_pre_attn_scalar itself) reproduces the
+/// fixture's reference logits.
+#[test]
+fn gguf_folds_query_pre_attn_scalar_into_q_norm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_byte_level_tokenizer(&dir.join("tokenizer.json"));
     std::fs::create_dir(dir.join("gguf")).unwrap();
     ok(
         &[
