@@ -509,15 +509,44 @@ impl ShardedModel {
         &mut self,
         collective: &mut dyn Collective,
     ) -> Result<Vec<(String, Tensor)>> {
+        self.gather_whole(collective, false)
+    }
+
+    /// The gradient of the last [`Self::train_step`] (after clipping), whole, like
+    /// [`Self::full_parameters`]: what one rank computing the global batch would have.
+    pub fn full_gradients(
+        &mut self,
+        collective: &mut dyn Collective,
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.gather_whole(collective, true)
+    }
+
+    fn gather_whole(
+        &mut self,
+        collective: &mut dyn Collective,
+        gradients: bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let _guard = tch::no_grad_guard();
         let mut out = Vec::new();
-        for unit in 0..self.units.len() {
-            self.gather(collective, unit, Kind::Float)?;
-            for group in &self.units[unit] {
-                for (name, variable) in group.plan.names.iter().zip(&group.variables) {
-                    out.push((name.clone(), variable.detach().copy()));
-                }
+        for group in self.units.iter().flatten() {
+            let piece = if gradients {
+                group.shard.grad()
+            } else {
+                group.shard.detach()
+            };
+            let parts = collective
+                .all_gather(&piece)
+                .with_context(|| format!("rank {}: all-gather of the model failed", self.rank))?;
+            let flat = Tensor::cat(&parts, 0);
+            let mut offset = 0;
+            for (name, shape) in group.plan.names.iter().zip(&group.plan.shapes) {
+                let n: i64 = shape.iter().product();
+                out.push((
+                    name.clone(),
+                    flat.narrow(0, offset, n).view(shape.as_slice()),
+                ));
+                offset += n;
             }
-            self.release(unit);
         }
         let order: std::collections::HashMap<String, usize> = self
             .model
