@@ -65,12 +65,11 @@ fn tiny_config() -> GemmaConfig {
     preset("gemma3-tiny").unwrap().config
 }
 
+/// Named whole tensors, in checkpoint layout order.
+type Named = Vec<(String, Tensor)>;
+
 /// The single-process reference: the whole model, the mean next-token loss, AdamW.
-fn reference(
-    cfg: &GemmaConfig,
-    batches: &[TokenBatch],
-    lr: f64,
-) -> (Vec<f64>, Vec<(String, Tensor)>) {
+fn reference(cfg: &GemmaConfig, batches: &[TokenBatch], lr: f64) -> (Vec<f64>, Named) {
     let model = GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED).unwrap();
     let mut optimizer = AdamW::new(model.trainable_parameters(), adamw());
     let losses = batches
@@ -92,43 +91,42 @@ fn sharded(
     world: usize,
     shape: (usize, i64, i64),
     lr: f64,
-) -> anyhow::Result<(Vec<f64>, Vec<(String, Tensor)>)> {
+) -> anyhow::Result<(Vec<f64>, Named)> {
     let group = local_group(&vec![Device::Cpu; world], &CollectiveOptions::default())?;
-    let results: Vec<anyhow::Result<(Vec<f64>, Vec<(String, Tensor)>)>> =
-        std::thread::scope(|scope| {
-            let ranks: Vec<_> = group
-                .into_iter()
-                .map(|mut collective| {
-                    scope.spawn(move || {
-                        let model =
-                            GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)?;
-                        let mut sharded =
-                            ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())?;
-                        let mut losses = Vec::new();
-                        for b in &batches(cfg, shape.0, shape.1, shape.2) {
-                            let out = sharded.train_step(collective.as_mut(), b, lr, MAX_NORM)?;
-                            losses.push(out.loss);
-                        }
-                        // Between steps a rank holds its shards and nothing of the whole model.
-                        assert_eq!(sharded.resident_parameters(), 0);
-                        let total: i64 = cfg
-                            .tensor_specs()
-                            .iter()
-                            .filter(|s| s.trainable)
-                            .map(|s| s.shape.iter().product::<i64>())
-                            .sum();
-                        let own = sharded.shard_numel();
-                        assert!(
-                            own * world as i64 >= total && own * world as i64 <= total + 16,
-                            "rank holds {own} of {total} parameters on {world} ranks"
-                        );
-                        let params = sharded.full_parameters(collective.as_mut())?;
-                        Ok((losses, params))
-                    })
+    let results: Vec<anyhow::Result<(Vec<f64>, Named)>> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = group
+            .into_iter()
+            .map(|mut collective| {
+                scope.spawn(move || {
+                    let model =
+                        GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)?;
+                    let mut sharded =
+                        ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())?;
+                    let mut losses = Vec::new();
+                    for b in &batches(cfg, shape.0, shape.1, shape.2) {
+                        let out = sharded.train_step(collective.as_mut(), b, lr, MAX_NORM)?;
+                        losses.push(out.loss);
+                    }
+                    // Between steps a rank holds its shards and nothing of the whole model.
+                    assert_eq!(sharded.resident_parameters(), 0);
+                    let total: i64 = cfg
+                        .tensor_specs()
+                        .iter()
+                        .filter(|s| s.trainable)
+                        .map(|s| s.shape.iter().product::<i64>())
+                        .sum();
+                    let own = sharded.shard_numel();
+                    assert!(
+                        own * world as i64 >= total && own * world as i64 <= total + 16,
+                        "rank holds {own} of {total} parameters on {world} ranks"
+                    );
+                    let params = sharded.full_parameters(collective.as_mut())?;
+                    Ok((losses, params))
                 })
-                .collect();
-            ranks.into_iter().map(|r| r.join().unwrap()).collect()
-        });
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
     let mut results = results.into_iter();
     let first = results.next().unwrap()?;
     for other in results {
@@ -212,13 +210,13 @@ fn sharded_gemma4_gradient_matches_one_process_on_2_ranks() {
     let loss = model.loss(&data[0].ids, &data[0].labels);
     loss.backward();
     let expected_loss = loss.double_value(&[]);
-    let expected: Vec<(String, Tensor)> = model
+    let expected: Named = model
         .named_trainable_parameters()
         .into_iter()
         .map(|(n, p)| (n, p.grad().copy()))
         .collect();
     let group = local_group(&[Device::Cpu; 2], &CollectiveOptions::default()).unwrap();
-    let results: Vec<(f64, Vec<(String, Tensor)>)> = std::thread::scope(|scope| {
+    let results: Vec<(f64, Named)> = std::thread::scope(|scope| {
         let ranks: Vec<_> = group
             .into_iter()
             .map(|mut collective| {

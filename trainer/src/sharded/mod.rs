@@ -85,8 +85,9 @@ pub fn plan_units(cfg: &GemmaConfig, world: usize) -> Result<Vec<UnitPlan>> {
         bail!("sharded data parallel needs at least one rank");
     }
     let layers = cfg.num_hidden_layers;
-    // (matrices, vectors) of each unit.
-    let mut members: Vec<[Vec<(String, Vec<i64>)>; 2]> = vec![[Vec::new(), Vec::new()]; layers + 1];
+    // Names and shapes of each unit's (matrices, vectors).
+    type Tensors = Vec<(String, Vec<i64>)>;
+    let mut members: Vec<[Tensors; 2]> = vec![[Vec::new(), Vec::new()]; layers + 1];
     for spec in cfg.tensor_specs().into_iter().filter(|s| s.trainable) {
         let unit = match spec.name.strip_prefix("model.layers.") {
             Some(rest) => {
