@@ -258,3 +258,87 @@ fn sharded_gemma4_gradient_matches_one_process_on_2_ranks() {
         }
     }
 }
+
+/// A sharded checkpoint of gemma4-tiny on 2 ranks after 3 steps: reassembled, it is the
+/// trained whole model, and written as a Hugging Face checkpoint it loads with the plain
+/// loader; resumed on 2 ranks, the next step is the one the uninterrupted run takes.
+#[test]
+fn sharded_checkpoint_reassembles_and_resumes() {
+    use atoll_trainer::checkpoint::load_model;
+    use atoll_trainer::sharded::checkpoint::{reassemble, write_whole_checkpoint};
+    tch::set_num_threads(1);
+    let cfg = preset("gemma4-tiny").unwrap().config;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    let (rows, seq) = (2, 16);
+    let run = |resume: bool| -> Vec<(f64, Named)> {
+        let group = local_group(&[Device::Cpu; 2], &CollectiveOptions::default()).unwrap();
+        std::thread::scope(|scope| {
+            let ranks: Vec<_> = group
+                .into_iter()
+                .map(|mut collective| {
+                    let (cfg, dir) = (&cfg, &dir);
+                    scope.spawn(move || {
+                        let data = batches(cfg, 4, rows, seq);
+                        let model =
+                            GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)
+                                .unwrap();
+                        let mut sharded =
+                            ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())
+                                .unwrap();
+                        let c = collective.as_mut();
+                        if resume {
+                            sharded.load(dir).unwrap();
+                        } else {
+                            for b in &data[..3] {
+                                sharded.train_step(c, b, LR, MAX_NORM).unwrap();
+                            }
+                            sharded.save(c, dir).unwrap();
+                        }
+                        let saved = sharded.full_parameters(c).unwrap();
+                        let next = sharded.train_step(c, &data[3], LR, MAX_NORM).unwrap();
+                        (next.loss, saved)
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+        })
+    };
+    let trained = run(false);
+    let (config, whole) = reassemble(&dir).unwrap();
+    assert_eq!(config, cfg);
+    let (step4_loss, trained_params) = &trained[0];
+    let trainable: Named = whole
+        .iter()
+        .filter(|(n, _)| trained_params.iter().any(|(m, _)| m == n))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    assert_eq!(max_abs_difference(&trainable, trained_params), 0.0);
+    assert!(
+        whole.len() > trainable.len(),
+        "the layer scalars come back too"
+    );
+
+    let hf = tmp.path().join("whole");
+    write_whole_checkpoint(&dir, &hf, Kind::Float).unwrap();
+    let loaded = load_model(&hf, Device::Cpu, Kind::Float).unwrap();
+    let loaded_vars = loaded.vs.variables();
+    for (name, t) in &whole {
+        let diff = (&loaded_vars[name] - t).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0, "{name}");
+    }
+
+    let resumed = run(true);
+    assert_eq!(max_abs_difference(&resumed[0].1, trained_params), 0.0);
+    assert_eq!(
+        resumed[0].0, *step4_loss,
+        "the resumed step is the uninterrupted one"
+    );
+
+    // Another world size is refused with the way out named.
+    let group = local_group(&[Device::Cpu; 1], &CollectiveOptions::default()).unwrap();
+    let model = GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED).unwrap();
+    let mut one = ShardedModel::new(model, group[0].as_ref(), Kind::Float, adamw()).unwrap();
+    let err = one.load(&dir).unwrap_err().to_string();
+    assert!(err.contains("written by 2 ranks, this run has 1"), "{err}");
+}

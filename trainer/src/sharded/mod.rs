@@ -31,6 +31,7 @@
 //! the layers' code unchanged: gathering a unit points its variables at the gathered storage
 //! (`set_data`), releasing points them at an empty tensor.
 
+pub mod checkpoint;
 pub mod memory;
 
 use crate::config::GemmaConfig;
