@@ -91,6 +91,7 @@ fn sharded(
     world: usize,
     shape: (usize, i64, i64),
     lr: f64,
+    compute: Kind,
 ) -> anyhow::Result<(Vec<f64>, Named)> {
     let group = local_group(&vec![Device::Cpu; world], &CollectiveOptions::default())?;
     let results: Vec<anyhow::Result<(Vec<f64>, Named)>> = std::thread::scope(|scope| {
@@ -101,7 +102,7 @@ fn sharded(
                     let model =
                         GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)?;
                     let mut sharded =
-                        ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())?;
+                        ShardedModel::new(model, collective.as_ref(), compute, adamw())?;
                     let mut losses = Vec::new();
                     for b in &batches(cfg, shape.0, shape.1, shape.2) {
                         let out = sharded.train_step(collective.as_mut(), b, lr, MAX_NORM)?;
@@ -163,7 +164,7 @@ fn sharded_training_matches_one_process_on_1_2_and_4_ranks() {
         "the reference trains: {expected:?}"
     );
     for world in [1, 2, 4] {
-        let (losses, params) = sharded(&cfg, world, shape, LR).unwrap();
+        let (losses, params) = sharded(&cfg, world, shape, LR, Kind::Float).unwrap();
         let worst = losses
             .iter()
             .zip(&expected)
@@ -188,7 +189,9 @@ fn sharded_training_matches_one_process_on_1_2_and_4_ranks() {
 fn sharded_step_rejects_a_batch_the_ranks_do_not_divide() {
     tch::set_num_threads(1);
     let cfg = tiny_config();
-    let err = sharded(&cfg, 3, (1, 4, 16), LR).unwrap_err().to_string();
+    let err = sharded(&cfg, 3, (1, 4, 16), LR, Kind::Float)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("global batch of 4 rows does not split over 3 ranks"),
         "{err}"
@@ -341,4 +344,31 @@ fn sharded_checkpoint_reassembles_and_resumes() {
     let mut one = ShardedModel::new(model, group[0].as_ref(), Kind::Float, adamw()).unwrap();
     let err = one.load(&dir).unwrap_err().to_string();
     assert!(err.contains("written by 2 ranks, this run has 1"), "{err}");
+}
+
+/// bf16 compute (the GPU configuration: units gathered and computed in bf16, f32 master shards
+/// and AdamW): 2 ranks train gemma3-tiny for 20 steps within 0.05 of the f32 reference's loss
+/// at every step (measured at most 8e-3; bf16 has 8 bits of mantissa, the f32 masters keep the
+/// small updates).
+#[test]
+fn sharded_bf16_compute_tracks_f32_on_2_ranks() {
+    tch::set_num_threads(1);
+    let cfg = tiny_config();
+    let shape = (20, 4, 32);
+    let (expected, _) = reference(&cfg, &batches(&cfg, shape.0, shape.1, shape.2), LR);
+    let (losses, params) = sharded(&cfg, 2, shape, LR, Kind::BFloat16).unwrap();
+    let worst = losses
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    eprintln!("bf16 compute: largest loss difference to f32 {worst:e}");
+    for (step, (got, want)) in losses.iter().zip(&expected).enumerate() {
+        assert!(
+            (got - want).abs() < 0.05,
+            "step {step}: bf16 loss {got} vs f32 {want}"
+        );
+    }
+    assert!(losses[19] < losses[0] - 1.0, "{losses:?}");
+    assert!(params.iter().all(|(_, t)| t.kind() == Kind::Float));
 }

@@ -289,11 +289,12 @@ impl ShardedModel {
     }
 
     /// Points unit `unit`'s variables at empty tensors, freeing the gathered storage.
+    /// The empty tensors keep the compute dtype, so the skeleton reports it (`model.kind()`),
+    /// and what is derived from that (rotary tables, masks) matches the gathered units.
     fn release(&mut self, unit: usize) {
-        let device = self.model.device();
+        let (device, kind) = (self.model.device(), self.compute_kind);
         for group in &mut self.units[unit] {
             for variable in &mut group.variables {
-                let kind = variable.kind();
                 variable.set_data(&Tensor::empty([0], (kind, device)));
             }
         }
