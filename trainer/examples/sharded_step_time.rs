@@ -72,7 +72,7 @@ fn sharded(cfg: &GemmaConfig, ranks: usize, rows: i64, seq: i64, steps: usize) -
                 scope.spawn(move || -> Result<f64> {
                     let model = GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, 0)?;
                     let mut model =
-                        ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())?;
+                        ShardedModel::new(model, collective.as_mut(), Kind::Float, adamw())?;
                     let mut times = Vec::new();
                     for step in 0..steps {
                         let b = batch(cfg, rows * ranks as i64, seq, step);

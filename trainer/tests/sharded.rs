@@ -102,7 +102,7 @@ fn sharded(
                     let model =
                         GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)?;
                     let mut sharded =
-                        ShardedModel::new(model, collective.as_ref(), compute, adamw())?;
+                        ShardedModel::new(model, collective.as_mut(), compute, adamw())?;
                     let mut losses = Vec::new();
                     for b in &batches(cfg, shape.0, shape.1, shape.2) {
                         let out = sharded.train_step(collective.as_mut(), b, lr, MAX_NORM)?;
@@ -229,7 +229,7 @@ fn sharded_gemma4_gradient_matches_one_process_on_2_ranks() {
                     let model = GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)
                         .unwrap();
                     let mut sharded =
-                        ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())
+                        ShardedModel::new(model, collective.as_mut(), Kind::Float, adamw())
                             .unwrap();
                     let out = sharded
                         .train_step(collective.as_mut(), &data[0], 0.0, None)
@@ -287,7 +287,7 @@ fn sharded_checkpoint_reassembles_and_resumes() {
                             GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED)
                                 .unwrap();
                         let mut sharded =
-                            ShardedModel::new(model, collective.as_ref(), Kind::Float, adamw())
+                            ShardedModel::new(model, collective.as_mut(), Kind::Float, adamw())
                                 .unwrap();
                         let c = collective.as_mut();
                         if resume {
@@ -339,9 +339,9 @@ fn sharded_checkpoint_reassembles_and_resumes() {
     );
 
     // Another world size is refused with the way out named.
-    let group = local_group(&[Device::Cpu; 1], &CollectiveOptions::default()).unwrap();
+    let mut group = local_group(&[Device::Cpu; 1], &CollectiveOptions::default()).unwrap();
     let model = GemmaModel::new_seeded(cfg.clone(), Device::Cpu, Kind::Float, SEED).unwrap();
-    let mut one = ShardedModel::new(model, group[0].as_ref(), Kind::Float, adamw()).unwrap();
+    let mut one = ShardedModel::new(model, group[0].as_mut(), Kind::Float, adamw()).unwrap();
     let err = one.load(&dir).unwrap_err().to_string();
     assert!(err.contains("written by 2 ranks, this run has 1"), "{err}");
 }
@@ -371,4 +371,37 @@ fn sharded_bf16_compute_tracks_f32_on_2_ranks() {
     }
     assert!(losses[19] < losses[0] - 1.0, "{losses:?}");
     assert!(params.iter().all(|(_, t)| t.kind() == Kind::Float));
+}
+
+/// Ranks built with different model configs stop at construction with the collective's
+/// config check, which names the rank that differs.
+#[test]
+fn sharded_ranks_with_different_configs_are_refused() {
+    tch::set_num_threads(1);
+    let group = local_group(&[Device::Cpu; 2], &CollectiveOptions::default()).unwrap();
+    let errors: Vec<String> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = group
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut collective)| {
+                scope.spawn(move || {
+                    let mut cfg = tiny_config();
+                    if rank == 1 {
+                        cfg.num_hidden_layers = 2;
+                        cfg.layer_types.truncate(2);
+                    }
+                    let model =
+                        GemmaModel::new_seeded(cfg, Device::Cpu, Kind::Float, SEED).unwrap();
+                    match ShardedModel::new(model, collective.as_mut(), Kind::Float, adamw()) {
+                        Ok(_) => String::new(),
+                        Err(e) => format!("{e:#}"),
+                    }
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for err in errors {
+        assert!(err.contains("rank 1 has sha256"), "{err}");
+    }
 }

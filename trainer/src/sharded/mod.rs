@@ -169,14 +169,22 @@ impl ShardedModel {
     /// Takes this rank's shards of `model` (every rank passes the same weights, e.g. the same
     /// seeded initialisation or checkpoint) and releases the rest: afterwards the rank holds
     /// only its f32 shards. `compute_kind` is the dtype units are gathered and computed in
-    /// (bf16 on GPU; f32 on the CPU, where results then equal one rank's).
+    /// (bf16 on GPU; f32 on the CPU, where results then equal one rank's). Ranks whose model
+    /// config or compute dtype differ all fail here, the error naming them.
     pub fn new(
         model: GemmaModel,
-        collective: &dyn Collective,
+        collective: &mut dyn Collective,
         compute_kind: Kind,
         adamw: AdamWConfig,
     ) -> Result<Self> {
         let (rank, world) = (collective.rank(), collective.world_size());
+        let identity = format!("{} compute {compute_kind:?}", model.config.to_hf_json());
+        atoll_collective::verify_same_config(
+            collective,
+            "sharded model config",
+            identity.as_bytes(),
+        )
+        .with_context(|| format!("rank {rank}"))?;
         let plans = plan_units(&model.config, world)?;
         let vars = model.vs.variables();
         let device = model.device();
