@@ -13,6 +13,7 @@ pub mod presets;
 /// The recipe schema lives in its own crate (atoll-recipe) so the node, link and store sides can
 /// read it without the trainer; `atoll_trainer::recipe` and `crate::recipe` name it here.
 pub use atoll_recipe as recipe;
+pub mod sharded;
 pub mod simulate;
 pub mod train;
 pub mod worker;

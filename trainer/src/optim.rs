@@ -31,11 +31,24 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|param| {
+                let decay = param.dim() >= 2;
+                (param, decay)
+            })
+            .collect();
+        Self::with_decay(params, config)
+    }
+
+    /// Trainable `params`, each with whether weight decay applies to it: for flattened tensors
+    /// (the shards of [`crate::sharded`]) whose rank no longer tells matrices from vectors.
+    pub fn with_decay(params: Vec<(Tensor, bool)>, config: AdamWConfig) -> Self {
+        let params = params
+            .into_iter()
+            .map(|(param, decay)| {
                 let zeros = || Tensor::zeros_like(&param).to_kind(Kind::Float);
                 let master =
                     (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
                 ParamState {
-                    decay: param.dim() >= 2,
+                    decay,
                     exp_avg: zeros(),
                     exp_avg_sq: zeros(),
                     master,

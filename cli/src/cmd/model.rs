@@ -17,10 +17,13 @@ pub enum ModelCommand {
         /// Also estimate LoRA fine-tuning memory: r=N[,targets=q_proj+v_proj].
         #[arg(long, value_name = "r=N")]
         lora: Option<String>,
-        /// Sequence length of the LoRA estimate.
+        /// Also estimate per-rank memory of sharded data parallel (ZeRO-3 style) over R ranks.
+        #[arg(long, value_name = "R")]
+        ranks: Option<usize>,
+        /// Sequence length of the LoRA and sharded estimates.
         #[arg(long, default_value_t = 4096)]
         seq: u64,
-        /// Sequences per micro-batch of the LoRA estimate.
+        /// Sequences per micro-batch (per rank, with --ranks) of the LoRA and sharded estimates.
         #[arg(long, default_value_t = 1)]
         batch: u64,
     },
@@ -64,10 +67,17 @@ pub fn run(command: ModelCommand) -> Result<()> {
         ModelCommand::Info {
             model,
             lora,
+            ranks,
             seq,
             batch,
         } => {
+            if ranks == Some(0) {
+                bail!("--ranks: give at least 1 rank");
+            }
             let config = model_info(&model)?;
+            if let Some(ranks) = ranks {
+                print_sharded_memory(&config, ranks, seq, batch)?;
+            }
             match lora {
                 Some(flag) => super::finetune::print_lora_memory(&config, &flag, seq, batch),
                 None => Ok(()),
@@ -106,6 +116,41 @@ pub fn run(command: ModelCommand) -> Result<()> {
 
 fn gib(bytes: f64) -> String {
     format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+}
+
+/// Per-rank memory of a sharded data-parallel step (atoll_trainer::sharded::memory).
+fn print_sharded_memory(config: &GemmaConfig, ranks: usize, seq: u64, batch: u64) -> Result<()> {
+    let m = atoll_trainer::sharded::memory::estimate(config, ranks, seq, batch, 2.0)?;
+    println!(
+        "sharded data parallel over {ranks} ranks (bf16 compute, f32 master shards + AdamW, \
+         per-layer checkpointing), {batch} × seq {seq} per rank; per rank:"
+    );
+    println!(
+        "  weights: {} (f32 master shard of {} parameters {} + one gathered unit in bf16 {})",
+        gib(m.weights()),
+        m.shard_parameters,
+        gib(m.master_shards),
+        gib(m.gathered_unit)
+    );
+    println!(
+        "  gradients: {} (f32 shard {} + one unit's full gradient before its reduce-scatter {})",
+        gib(m.gradients()),
+        gib(m.gradient_shards),
+        gib(m.unit_gradient)
+    );
+    println!(
+        "  optimizer (f32 AdamW moments of the shard): {}",
+        gib(m.optimizer)
+    );
+    println!(
+        "  activations: {} (one hidden state per layer {} + one layer's graph {} + logits {})",
+        gib(m.activations()),
+        gib(m.checkpoints),
+        gib(m.layer_activations),
+        gib(m.logits)
+    );
+    println!("  total: {}", gib(m.total));
+    Ok(())
 }
 
 fn model_info(model: &str) -> Result<GemmaConfig> {

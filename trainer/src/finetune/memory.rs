@@ -24,7 +24,12 @@ pub struct LoraMemory {
 }
 
 /// Bytes per token that one layer's backward keeps (activations at `act` bytes per element).
-fn layer_bytes_per_token(cfg: &GemmaConfig, layer: usize, act: f64, adapted: &[bool; 7]) -> f64 {
+pub(crate) fn layer_bytes_per_token(
+    cfg: &GemmaConfig,
+    layer: usize,
+    act: f64,
+    adapted: &[bool; 7],
+) -> f64 {
     let shape = cfg.layer_attention(layer);
     let d = cfg.hidden_size as f64;
     let q = (cfg.num_attention_heads * shape.head_dim) as f64;

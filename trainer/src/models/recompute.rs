@@ -53,18 +53,18 @@ impl GemmaModel {
         }
     }
 
-    fn layer_count(&self) -> usize {
+    pub(crate) fn layer_count(&self) -> usize {
         self.config.num_hidden_layers
     }
 
-    fn embed(&self, ids: &Tensor) -> Tensor {
+    pub(crate) fn embed(&self, ids: &Tensor) -> Tensor {
         match &self.network {
             Network::Gemma3(m) => m.input_embeddings(ids),
             Network::Gemma4(m) => m.input_embeddings(ids),
         }
     }
 
-    fn final_norm(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
         match &self.network {
             Network::Gemma3(m) => m.final_norm(x),
             Network::Gemma4(m) => m.final_norm(x),
@@ -73,7 +73,7 @@ impl GemmaModel {
 
     /// Layer `i`. With `dropout_seed`, libtorch's generator is seeded from (seed, i) first, under
     /// the process-wide RNG lock, so a recomputation draws the same dropout masks.
-    fn layer_forward(
+    pub(crate) fn layer_forward(
         &self,
         i: usize,
         x: &Tensor,
@@ -97,7 +97,7 @@ impl GemmaModel {
     }
 
     /// Sum over labelled positions of the next-token cross-entropy (f32).
-    fn labelled_loss_sum(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
+    pub(crate) fn labelled_loss_sum(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
         let logits = self.logits_from_hidden(hidden);
         let vocab = logits.size()[2];
         logits.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
