@@ -266,13 +266,7 @@ pub fn reassemble(dir: &Path) -> Result<(GemmaConfig, Vec<(String, Tensor)>)> {
             out.push((name, t));
         }
     }
-    let order: std::collections::HashMap<String, usize> = config
-        .tensor_specs()
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| (s.name, i))
-        .collect();
-    out.sort_by_key(|(name, _)| order.get(name).copied().unwrap_or(usize::MAX));
+    super::sort_in_checkpoint_order(&config, &mut out);
     Ok((config, out))
 }
 

@@ -559,17 +559,21 @@ impl ShardedModel {
                 offset += n;
             }
         }
-        let order: std::collections::HashMap<String, usize> = self
-            .model
-            .config
-            .tensor_specs()
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| (s.name, i))
-            .collect();
-        out.sort_by_key(|(name, _)| order.get(name).copied().unwrap_or(usize::MAX));
+        sort_in_checkpoint_order(&self.model.config, &mut out);
         Ok(out)
     }
+}
+
+/// Puts named tensors in the order of `config.tensor_specs()` (the checkpoint's own order);
+/// names it does not list go last.
+pub(crate) fn sort_in_checkpoint_order(config: &GemmaConfig, tensors: &mut [(String, Tensor)]) {
+    let order: std::collections::HashMap<String, usize> = config
+        .tensor_specs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (s.name, i))
+        .collect();
+    tensors.sort_by_key(|(name, _)| order.get(name).copied().unwrap_or(usize::MAX));
 }
 
 #[cfg(test)]
