@@ -33,15 +33,7 @@ fn batch(cfg: &GemmaConfig, rows: i64, seq: i64, step: usize) -> TokenBatch {
     let ids: Vec<i64> = (0..rows * (seq + 1))
         .map(|i| (i * 7919 + step as i64 * 104_729) % cfg.vocab_size as i64)
         .collect();
-    let all = Tensor::from_slice(&ids).view([rows, seq + 1]);
-    TokenBatch {
-        ids: all.narrow(1, 0, seq).contiguous(),
-        labels: all.narrow(1, 1, seq).contiguous(),
-        positions: Tensor::arange(seq, (Kind::Int64, Device::Cpu))
-            .unsqueeze(0)
-            .repeat([rows, 1]),
-        segments: Tensor::zeros([rows, seq], (Kind::Int64, Device::Cpu)),
-    }
+    TokenBatch::from_rows(&Tensor::from_slice(&ids).view([rows, seq + 1]))
 }
 
 fn mean_after_warmup(times: &[f64]) -> f64 {

@@ -48,15 +48,7 @@ fn batches(cfg: &GemmaConfig, steps: usize, rows: i64, seq: i64) -> Vec<TokenBat
                     })
                 })
                 .collect();
-            let all = Tensor::from_slice(&tokens).view([rows, seq + 1]);
-            TokenBatch {
-                ids: all.narrow(1, 0, seq).contiguous(),
-                labels: all.narrow(1, 1, seq).contiguous(),
-                positions: Tensor::arange(seq, (Kind::Int64, Device::Cpu))
-                    .unsqueeze(0)
-                    .repeat([rows, 1]),
-                segments: Tensor::zeros([rows, seq], (Kind::Int64, Device::Cpu)),
-            }
+            TokenBatch::from_rows(&Tensor::from_slice(&tokens).view([rows, seq + 1]))
         })
         .collect()
 }

@@ -228,16 +228,11 @@ pub fn bench_lora_step(args: LoraStepArgs) -> Result<()> {
             weight_decay: 0.0,
         },
     );
-    let tokens = Tensor::randint(vocab, [batch, seq + 1], (Kind::Int64, Device::Cpu));
-    let positions = Tensor::arange(seq, (Kind::Int64, Device::Cpu))
-        .unsqueeze(0)
-        .repeat([batch, 1]);
-    let batch_tensors = TokenBatch {
-        ids: tokens.narrow(1, 0, seq),
-        labels: tokens.narrow(1, 1, seq),
-        segments: Tensor::zeros([batch, seq], (Kind::Int64, Device::Cpu)),
-        positions,
-    };
+    let batch_tensors = TokenBatch::from_rows(&Tensor::randint(
+        vocab,
+        [batch, seq + 1],
+        (Kind::Int64, Device::Cpu),
+    ));
     let targets = (batch * seq) as f64;
     let mut times = Vec::new();
     for i in 0..warmup + steps {

@@ -27,6 +27,21 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
+    /// Rows holding one example each, from tokens [B, T + 1]: position t predicts token t + 1.
+    pub fn from_rows(tokens: &Tensor) -> TokenBatch {
+        let (rows, width) = (tokens.size()[0], tokens.size()[1]);
+        let seq = width - 1;
+        let device = tokens.device();
+        TokenBatch {
+            ids: tokens.narrow(1, 0, seq).contiguous(),
+            labels: tokens.narrow(1, 1, seq).contiguous(),
+            positions: Tensor::arange(seq, (Kind::Int64, device))
+                .unsqueeze(0)
+                .repeat([rows, 1]),
+            segments: Tensor::zeros([rows, seq], (Kind::Int64, device)),
+        }
+    }
+
     /// Labelled positions: the token count the loss is a sum over.
     pub fn target_count(&self) -> i64 {
         self.labels
