@@ -347,6 +347,9 @@ fn learner(launch: &Launch, region: &RegionLaunch) -> Result<Value> {
         RUN_DIR,
         "--metrics",
         &format!("0.0.0.0:{}", d.learner_metrics_port),
+        // A sharded learner's ranks are processes of this one pod (rank 0 starts the others).
+        "--ranks",
+        &region.ranks.to_string(),
     ]
     .map(String::from)
     .to_vec();
@@ -358,7 +361,11 @@ fn learner(launch: &Launch, region: &RegionLaunch) -> Result<Value> {
             args,
             metrics_port: d.learner_metrics_port,
             extra_ports: Vec::new(),
-            resources: resources(region.cpus, region.memory_gb, region.gpus),
+            resources: resources(
+                region.cpus * region.ranks,
+                region.memory_gb * region.ranks,
+                region.gpus * region.ranks,
+            ),
             mounts: vec![
                 recipe_mount(),
                 json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}),

@@ -104,14 +104,6 @@ impl Launch {
                      rename one"
                 );
             }
-            if r.ranks.0 > 1 {
-                bail!(
-                    "{}: {} ranks per learner need the sharded learner, which is not built yet; \
-                     use 1 (one process per region)",
-                    field("ranks"),
-                    r.ranks.0
-                );
-            }
             if r.gpus.0 > 0 && recipe.train.device == atoll_recipe::DeviceChoice::Cpu {
                 bail!(
                     "{}: {} GPUs per rank requested but train.device is cpu; set train.device to \
@@ -428,11 +420,6 @@ mod tests {
         let e = launch.image_for(west).unwrap_err().to_string();
         assert!(
             e.starts_with("deploy.image: no container image for region west"),
-            "{e}"
-        );
-        let e = error("deploy: {regions: {east: {ranks: 2}}}");
-        assert!(
-            e.starts_with("deploy.regions.east.ranks: 2 ranks per learner"),
             "{e}"
         );
         let mut with_secret = recipe("");

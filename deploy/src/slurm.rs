@@ -11,6 +11,9 @@ use crate::{shell_quote, Launch, RegionLaunch, RenderedFile};
 use anyhow::{bail, Result};
 use std::fmt::Write;
 
+/// Where rank 0 of a sharded learner listens for its other ranks (torch.distributed's default).
+const RANK_PORT: u16 = 29500;
+
 pub fn render(launch: &Launch) -> Result<Vec<RenderedFile>> {
     check_words(launch)?;
     let mut files = vec![RenderedFile {
@@ -220,10 +223,20 @@ fn region_script(
     } else {
         shell_quote(launch.address_for(region)?)
     };
+    // Each task is one rank of the learner: srun numbers them, the learner reads RANK etc.
+    let rank_env = if region.ranks > 1 {
+        let _ = writeln!(
+            out,
+            "export MASTER_ADDR=\"$(hostname)\" MASTER_PORT={RANK_PORT}"
+        );
+        "bash -c 'RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS exec \"$0\" \"$@\"' "
+    } else {
+        ""
+    };
     let learner = format!(
-        "srun --ntasks={ranks} --kill-on-bad-exit=1 {atoll} learner \"$RECIPE\" --region {region} \
+        "srun --ntasks={ranks} --kill-on-bad-exit=1 {rank_env}{atoll} learner \"$RECIPE\" --region {region} \
          --coordinator {address} --ca \"$CA\" --run-dir \"$RUN_DIR\" --secret-file \"$SECRET_FILE\" \
-         --metrics 0.0.0.0:{metrics}",
+         --metrics 0.0.0.0:{metrics} --ranks {ranks}",
         ranks = region.ranks,
         atoll = s.atoll,
         region = shell_quote(&region.name),

@@ -7,12 +7,14 @@ use crate::link_tuning::link_tuning;
 use crate::parts::{receive_parts, send_part};
 use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
+use atoll_collective::RankConfig;
 use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, Progress};
 use atoll_link::{Hello, PartHeader, PartKind};
 use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
 use atoll_store::{CheckpointStore, ResumeFrom};
 use atoll_trainer::recipe::Recipe;
-use atoll_trainer::worker::Worker;
+use atoll_trainer::sharded::worker::ShardedWorker;
+use atoll_trainer::worker::{InnerLoop, Worker};
 use atoll_wire::{encode_frame, ErrorFeedback, DEFAULT_BLOCK};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -41,6 +43,10 @@ pub struct LearnerOptions {
     /// Send the QUIC data plane here instead of the coordinator's own data port (a link
     /// emulator or relay in between); the control plane still goes to `coordinator`.
     pub data_via: Option<SocketAddr>,
+    /// This process's rank when the learner is sharded over several ranks
+    /// (`atoll_trainer::sharded::worker`); `None` for a one-process learner. Rank 0 talks to
+    /// the coordinator, the other ranks only follow it.
+    pub ranks: Option<RankConfig>,
 }
 
 /// A fragment's version and values Θ_p.
@@ -138,7 +144,28 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let recipe = opts.recipe.clone();
-    let mut worker = Worker::new(&recipe)?;
+    let mut worker: Box<dyn InnerLoop> = match &opts.ranks {
+        None => Box::new(Worker::new(&recipe)?),
+        Some(ranks) => {
+            let sharded = ShardedWorker::connect(&recipe, ranks)?;
+            if ranks.rank != 0 {
+                tracing::info!(
+                    "rank {} of {}: following rank 0 of region {}",
+                    ranks.rank,
+                    ranks.world_size,
+                    opts.region
+                );
+                return sharded.follow();
+            }
+            tracing::info!(
+                "rank 0 of {}: the model is sharded over {} ranks",
+                ranks.world_size,
+                ranks.world_size
+            );
+            Box::new(sharded)
+        }
+    };
+    let worker = worker.as_mut();
     let plan = worker.plan()?;
     let model_hash = worker.model_hash()?;
     let tokens_per_step = worker.tokens_per_step();
@@ -212,6 +239,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let mut rate = crate::step_rate::StepRate::default();
     let mut last_loss = f64::NAN;
     loop {
+        worker.keep_alive()?;
         // Everything that arrived since the last step boundary, without waiting...
         let block = state.protocol.is_none() || worker.step() >= max_steps;
         let first = if block {
@@ -234,9 +262,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         for message in first.into_iter().chain(inbound.try_iter()) {
             match message {
                 Inbound::Fatal(why) => return Err(anyhow!(why)),
-                other => {
-                    state.on_message(other, &mut worker, codec, &recipe, &out_tx, &counters)?
-                }
+                other => state.on_message(other, worker, codec, &recipe, &out_tx, &counters)?,
             }
         }
         let Some(protocol) = state.protocol.as_mut() else {
@@ -250,7 +276,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             if held || network_gone || since.elapsed() > Duration::from_secs(10) {
                 for due in protocol.take_due() {
                     let tensors = &plan.fragments[due.received.fragment].tensors;
-                    worker.overwrite(tensors, &due.received.values);
+                    worker.overwrite(tensors, &due.received.values)?;
                 }
                 if !held {
                     tracing::warn!(
@@ -269,7 +295,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             let tensors = &plan.fragments[p].tensors;
             let at_pull = state.at_pull.remove(&p);
             if rule != ApplyRule::Rebase {
-                worker.apply(rule, tensors, &due.received.values, None);
+                worker.apply(rule, tensors, &due.received.values, None)?;
                 continue;
             }
             // The kept work is what this version does not hold: the steps since the pull it
@@ -282,7 +308,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                 ),
                 None => (due.replaced_anchor.to_vec(), due.progress),
             };
-            worker.apply(rule, tensors, &due.received.values, Some(&base));
+            worker.apply(rule, tensors, &due.received.values, Some(&base))?;
             protocol.keep_progress(p, kept);
         }
         let versions = protocol.versions();
@@ -372,7 +398,7 @@ impl LearnerState {
     fn on_message(
         &mut self,
         message: Inbound,
-        worker: &mut Worker,
+        worker: &mut dyn InnerLoop,
         codec: atoll_wire::Codec,
         recipe: &Recipe,
         out: &mpsc::Sender<Vec<Outgoing>>,
@@ -389,7 +415,7 @@ impl LearnerState {
                     self.resume_step = j.resume_step;
                 }
                 self.clock = j.clock;
-                self.try_start(worker);
+                self.try_start(worker)?;
             }
             Inbound::Pulls(pulls) => {
                 if let Some(protocol) = &self.protocol {
@@ -401,7 +427,7 @@ impl LearnerState {
                         let (base_version, progress) = protocol.on_pull(p);
                         let anchor = protocol.anchor(p);
                         let tensors = &self.plan.fragments[p].tensors;
-                        let local = worker.values(tensors);
+                        let local = worker.values(tensors)?;
                         let mut parts = Vec::with_capacity(tensors.len());
                         for (k, values) in local.iter().enumerate() {
                             let delta: Vec<f32> =
@@ -457,7 +483,7 @@ impl LearnerState {
             Inbound::Part(h, values, bytes) => {
                 counters.down.fetch_add(bytes, Ordering::Relaxed);
                 metrics::counter!("atoll_bytes_down_total").increment(bytes);
-                self.on_part(h, values, worker);
+                self.on_part(h, values, worker)?;
             }
             Inbound::JobDone(versions) => self.final_versions = Some(versions),
             Inbound::Fatal(_) => unreachable!("handled by the caller"),
@@ -465,11 +491,16 @@ impl LearnerState {
         Ok(())
     }
 
-    fn on_part(&mut self, h: PartHeader, values: Vec<f32>, worker: &mut Worker) {
+    fn on_part(
+        &mut self,
+        h: PartHeader,
+        values: Vec<f32>,
+        worker: &mut dyn InnerLoop,
+    ) -> Result<()> {
         let p = h.fragment as usize;
         if p >= self.plan.len() || h.tensors as usize != self.plan.fragments[p].tensors.len() {
             tracing::warn!("the coordinator sent a part for no fragment of the plan");
-            return;
+            return Ok(());
         }
         let key = (h.kind as u8, h.fragment, h.round_or_version);
         let entry = self
@@ -478,13 +509,13 @@ impl LearnerState {
             .or_insert_with(|| (h, vec![None; h.tensors as usize]));
         entry.1[h.tensor as usize] = Some(values);
         if !entry.1.iter().all(Option::is_some) {
-            return;
+            return Ok(());
         }
         let (h, tensors) = self.assembling.remove(&key).expect("present");
         let tensors: Vec<Vec<f32>> = tensors.into_iter().flatten().collect();
         let version = h.round_or_version;
         match h.kind {
-            PartKind::Full => self.on_fragment(p, version, tensors, worker),
+            PartKind::Full => self.on_fragment(p, version, tensors, worker)?,
             PartKind::Update => {
                 self.waiting_updates
                     .insert((p, h.base_version), (version, tensors));
@@ -492,18 +523,26 @@ impl LearnerState {
             }
             PartKind::Contribution => {}
         }
+        Ok(())
     }
 
-    fn on_fragment(&mut self, p: usize, version: u64, values: Vec<Vec<f32>>, worker: &mut Worker) {
+    fn on_fragment(
+        &mut self,
+        p: usize,
+        version: u64,
+        values: Vec<Vec<f32>>,
+        worker: &mut dyn InnerLoop,
+    ) -> Result<()> {
         self.note_round_trip(p);
         match self.protocol.as_mut() {
             Some(protocol) => protocol.on_broadcast(p, version, Arc::new(values)),
             None => {
                 self.initial.insert(p, (version, values));
-                self.try_start(worker);
+                self.try_start(worker)?;
             }
         }
         self.drain_updates(p);
+        Ok(())
     }
 
     /// A new version of fragment `p` arrived: the round trip since its pull is over.
@@ -543,9 +582,9 @@ impl LearnerState {
     }
 
     /// Starts training once every fragment of the join's clock has arrived.
-    fn try_start(&mut self, worker: &mut Worker) {
+    fn try_start(&mut self, worker: &mut dyn InnerLoop) -> Result<()> {
         if self.protocol.is_some() || self.clock.is_empty() {
-            return;
+            return Ok(());
         }
         let complete = (0..self.plan.len()).all(|p| {
             self.initial
@@ -553,14 +592,14 @@ impl LearnerState {
                 .is_some_and(|(v, _)| *v >= self.clock[p])
         });
         if !complete {
-            return;
+            return Ok(());
         }
         let catch_up: Vec<(usize, u64, Arc<Tensors>)> = std::mem::take(&mut self.initial)
             .into_iter()
             .map(|(p, (v, values))| (p, v, Arc::new(values)))
             .collect();
         for (p, _, values) in &catch_up {
-            worker.overwrite(&self.plan.fragments[*p].tensors, values);
+            worker.overwrite(&self.plan.fragments[*p].tensors, values)?;
         }
         let mut protocol = LearnerProtocol::new(catch_up);
         protocol.resume_at(self.resume_step);
@@ -569,6 +608,7 @@ impl LearnerState {
             protocol.versions()
         );
         self.protocol = Some(protocol);
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`link_bench`]: `atoll bench link`, the data plane through an emulated WAN link;
 //! - [`link_tuning`]: the QUIC tuning both ends take from the recipe's `sync.link`;
 //! - [`parts`]: data-plane parts over QUIC, sent and received alike on both ends;
+//! - [`ranks`]: the ranks of a sharded learner, from a cluster launcher or started here;
 //! - [`status`]: `atoll status` and the launcher's live display.
 
 pub mod coordinator;
@@ -17,6 +18,7 @@ pub mod link_bench;
 pub mod link_tuning;
 pub mod metrics_endpoint;
 pub mod parts;
+pub mod ranks;
 pub mod state;
 pub mod status;
 pub mod step_rate;

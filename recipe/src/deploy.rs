@@ -1,7 +1,7 @@
 //! The recipe's `deploy` section: what `atoll deploy k8s|slurm` needs to render launch material
-//! for real clusters (docs/deploy.md). The training processes never read it; every field has a
-//! default, so a recipe without the section parses as before, and the renderer names the fields
-//! it still needs.
+//! for real clusters (docs/deploy.md). The training processes read only `regions.<r>.ranks`;
+//! every field has a default, so a recipe without the section parses as before, and the renderer
+//! names the fields it still needs.
 
 use crate::{Count, PositiveInt};
 use anyhow::{bail, Result};
@@ -67,8 +67,8 @@ impl Default for CoordinatorDeploy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegionDeploy {
-    /// Processes of this region's learner. More than one needs the sharded learner, which is
-    /// not built yet: the renderer refuses it.
+    /// Processes (ranks) of this region's learner, its model sharded over them: read by
+    /// `atoll learner` (rank 0 starts the others), `atoll run`, `atoll plan` and the renderers.
     #[serde(default = "defaults::ranks")]
     pub ranks: PositiveInt,
     /// GPUs per rank (`nvidia.com/gpu`, `--gpus-per-task`); 0 trains on CPUs.

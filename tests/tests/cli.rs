@@ -326,6 +326,35 @@ fn plan_projects_the_12b_four_region_job_from_flags_and_a_recipe() {
     assert!(std::fs::read_to_string(d.join("plan/plan.svg"))
         .unwrap()
         .starts_with("<svg"));
+    // Memory per chip: the learner sharded over its 64 chips, one 4096-token sequence per rank
+    // at once, by the same model as `atoll model info --ranks`.
+    let total = |text: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with("total:"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no memory total in\n{text}"))
+    };
+    let info = atoll(
+        &[
+            "model",
+            "info",
+            "gemma4-12b",
+            "--ranks",
+            "64",
+            "--seq",
+            "4096",
+            "--batch",
+            "1",
+        ],
+        d,
+    );
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert!(
+        stdout(&o).contains("sharded data parallel over 64 ranks"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(total(&stdout(&o)), total(&stdout(&info)));
 
     // From a recipe: its model, learners, link and codec.
     let recipe = repo_root().join("recipes/decoupled-tiny.yaml");

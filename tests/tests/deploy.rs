@@ -316,11 +316,6 @@ fn bad_deploy_sections_get_one_error_naming_the_field() {
         ),
         (
             JOB,
-            Some("deploy.regions.us-east.ranks=4"),
-            "deploy.regions.us-east.ranks: 4 ranks per learner need the sharded learner",
-        ),
-        (
-            JOB,
             Some("deploy.regions.mars.gpus=1"),
             "deploy.regions.mars: not a region of this job",
         ),
@@ -407,6 +402,38 @@ fn slurm_scripts_parse_and_carry_the_recipe_s_regions_resources_and_addresses() 
     );
     assert!(!eu.contains("--gpus-per-task"), "{eu}");
     assert!(read("recipe.yaml").contains("eu_central"));
+
+    // A learner sharded over 4 ranks: 4 tasks, each told its rank by srun's numbering.
+    ok(&atoll(
+        &[
+            "deploy",
+            "slurm",
+            &recipe,
+            "--out",
+            "sharded",
+            "--set",
+            "deploy.regions.us-west.ranks=4",
+        ],
+        d,
+    ));
+    let sharded = d.join("sharded/us-west.sbatch");
+    let n = Command::new("bash")
+        .arg("-n")
+        .arg(&sharded)
+        .output()
+        .unwrap();
+    assert!(n.status.success(), "{}", stderr(&n));
+    let west = std::fs::read_to_string(&sharded).unwrap();
+    for needle in [
+        "#SBATCH --ntasks=4",
+        "#SBATCH --gpus-per-task=1",
+        "export MASTER_ADDR=\"$(hostname)\" MASTER_PORT=29500",
+        "srun --ntasks=4 --kill-on-bad-exit=1 bash -c 'RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID \
+         WORLD_SIZE=$SLURM_NTASKS exec \"$0\" \"$@\"' atoll learner",
+        "--ranks 4",
+    ] {
+        assert!(west.contains(needle), "{needle} in\n{west}");
+    }
 
     // The coordinator on a host of its own: coordinator.sh, and no region starts one.
     let o = atoll(

@@ -1,6 +1,10 @@
 //! One learner's inner loop as a plain object, for the learner process (and the coordinator,
 //! which builds the same model to know the initial global parameters and to evaluate the final
 //! one). No networking here: the process glue decides when to step, pull and apply.
+//!
+//! [`InnerLoop`] is what the learner process drives: a [`Worker`] (one process, one device) or
+//! rank 0 of a sharded group ([`crate::sharded::worker::ShardedWorker`]), whose other ranks
+//! follow its commands.
 
 use crate::data::Batcher;
 use crate::models::GemmaModel;
@@ -8,20 +12,159 @@ use crate::optim::AdamW;
 use crate::recipe::Recipe;
 use crate::train::PreparedData;
 use crate::train::{backward_micro_batches, build_model, evaluate, prepare_data, resolve_device};
+use crate::GemmaConfig;
 use anyhow::{anyhow, Result};
 use atoll_coordinator::{ApplyRule, FragmentPlan, TensorInfo};
 use std::path::Path;
 use tch::{Kind, Tensor};
+
+/// A learner's model and inner optimizer as the learner process uses them. Tensors are named
+/// by their index in the model's trainable-parameter order (the fragment plan's indices).
+pub trait InnerLoop {
+    /// The fragment plan every process derives identically from the model's tensors.
+    fn plan(&self) -> Result<FragmentPlan>;
+    /// Identifies the model and the plan: a learner whose hash differs from the coordinator's
+    /// is refused at Join.
+    fn model_hash(&self) -> Result<String>;
+    fn tokens_per_step(&self) -> u64;
+    fn step(&self) -> u64;
+    /// Trains on the windows of learner `index` of `count`, continuing at `resume_step`.
+    fn assign_shard(&mut self, index: usize, count: usize, resume_step: u64) -> Result<()>;
+    /// One inner AdamW step; returns its loss.
+    fn train_step(&mut self) -> Result<f64>;
+    /// Host f32 copies of the given tensors.
+    fn values(&mut self, tensors: &[usize]) -> Result<Vec<Vec<f32>>>;
+    /// Applies a merged fragment by `rule` (see [`Worker::apply`]).
+    fn apply(
+        &mut self,
+        rule: ApplyRule,
+        tensors: &[usize],
+        values: &[Vec<f32>],
+        rebase_base: Option<&[Vec<f32>]>,
+    ) -> Result<()>;
+    /// Sets the given tensors to `values`.
+    fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) -> Result<()>;
+    /// Called while the learner waits on the network (a sharded learner's rank 0 tells its
+    /// other ranks it is alive).
+    fn keep_alive(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The tensors' values once a merged fragment is applied by `rule` to `local`.
+pub fn applied_values(
+    rule: ApplyRule,
+    local: &[Vec<f32>],
+    values: &[Vec<f32>],
+    rebase_base: Option<&[Vec<f32>]>,
+) -> Vec<Vec<f32>> {
+    local
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(k, (local, global))| {
+            let base = rebase_base.map_or(&[][..], |b| b[k].as_slice());
+            assert!(
+                rule != ApplyRule::Rebase || base.len() == global.len(),
+                "rebase needs the values its kept work is measured from"
+            );
+            rule.applied(local, global, base)
+        })
+        .collect()
+}
+
+/// The fragment plan of a model with these trainable tensors.
+pub fn fragment_plan(tensors: Vec<TensorInfo>, recipe: &Recipe) -> Result<FragmentPlan> {
+    FragmentPlan::new(tensors, recipe.sync.fragments.0).map_err(|e| anyhow!("sync.fragments: {e}"))
+}
+
+/// The model hash of [`InnerLoop::model_hash`]: the HF config and the plan's fingerprint.
+pub fn model_hash(config: &GemmaConfig, plan: &FragmentPlan) -> Result<String> {
+    let config = serde_json::to_string(&config.to_hf_json())?;
+    let h = fnv(config.as_bytes(), 0xcbf2_9ce4_8422_2325);
+    Ok(format!(
+        "{:016x}",
+        fnv(&plan.fingerprint().to_le_bytes(), h)
+    ))
+}
+
+/// The trainable tensors' names and shapes, in trainable-parameter order.
+pub fn tensor_infos(model: &GemmaModel) -> Vec<TensorInfo> {
+    model
+        .named_trainable_parameters()
+        .into_iter()
+        .map(|(n, t)| {
+            let shape: Vec<u64> = t.size().iter().map(|&d| d as u64).collect();
+            TensorInfo::new(n, &shape)
+        })
+        .collect()
+}
 
 pub struct Worker {
     recipe: Recipe,
     model: GemmaModel,
     params: Vec<Tensor>,
     optimizer: AdamW,
-    data: PreparedData,
+    data: LearnerData,
+    step: u64,
+}
+
+/// A learner's data: the corpus prepared once, the windows of its shard and their order.
+pub struct LearnerData {
+    pub prepared: PreparedData,
     shard: Vec<usize>,
     batcher: Batcher,
-    step: u64,
+}
+
+impl LearnerData {
+    /// Every window of the corpus until [`LearnerData::assign`] narrows it.
+    pub fn prepare(recipe: &Recipe) -> Result<Self> {
+        let prepared = prepare_data(recipe, crate::data::BOS_ID, crate::data::EOS_ID)?;
+        let shard: Vec<usize> = (0..prepared.train.len()).collect();
+        let batcher = Batcher::new(shard.len(), recipe.seed);
+        Ok(LearnerData {
+            prepared,
+            shard,
+            batcher,
+        })
+    }
+
+    /// The windows of learner `index` of `count` (`data.sharding`, as the simulation does), in
+    /// the order `resume_step` steps would have reached.
+    pub fn assign(
+        &mut self,
+        recipe: &Recipe,
+        index: usize,
+        count: usize,
+        resume_step: u64,
+    ) -> Result<()> {
+        let shard = crate::data::learner_windows(
+            self.prepared.train.len(),
+            index,
+            count,
+            recipe.data.sharding,
+        )?;
+        self.batcher = Batcher::new(shard.len(), recipe.seed.wrapping_add(index as u64));
+        self.shard = shard;
+        for _ in 0..resume_step {
+            self.next_step(recipe);
+        }
+        Ok(())
+    }
+
+    /// The windows of the next step's micro-batches (`train.grad_accum` of `train.batch_size`).
+    pub fn next_step(&mut self, recipe: &Recipe) -> Vec<Vec<usize>> {
+        let t = &recipe.train;
+        (0..t.grad_accum.0)
+            .map(|_| {
+                self.batcher
+                    .next_windows(t.batch_size.0)
+                    .into_iter()
+                    .map(|i| self.shard[i])
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 /// Host copy of a tensor, flattened to f32.
@@ -55,23 +198,19 @@ impl Worker {
             tch::set_num_threads(t.0 as i32);
         }
         let device = resolve_device(recipe.train.device)?;
-        let data = prepare_data(recipe, crate::data::BOS_ID, crate::data::EOS_ID)?;
-        let model = build_model(recipe, data.tokenizer.get_vocab_size(true), device)?;
+        let data = LearnerData::prepare(recipe)?;
+        let model = build_model(recipe, data.prepared.tokenizer.get_vocab_size(true), device)?;
         let params = model.trainable_parameters();
         let optimizer = AdamW::new(
             params.iter().map(Tensor::shallow_clone).collect(),
             recipe.train.adamw(),
         );
-        let shard: Vec<usize> = (0..data.train.len()).collect();
-        let batcher = Batcher::new(shard.len(), recipe.seed);
         Ok(Worker {
             recipe: recipe.clone(),
             model,
             params,
             optimizer,
             data,
-            shard,
-            batcher,
             step: 0,
         })
     }
@@ -81,48 +220,24 @@ impl Worker {
     }
 
     pub fn tensor_infos(&self) -> Vec<TensorInfo> {
-        self.model
-            .named_trainable_parameters()
-            .into_iter()
-            .map(|(n, t)| {
-                let shape: Vec<u64> = t.size().iter().map(|&d| d as u64).collect();
-                TensorInfo::new(n, &shape)
-            })
-            .collect()
+        tensor_infos(&self.model)
     }
 
     /// The fragment plan every process derives identically from the model's tensors.
     pub fn plan(&self) -> Result<FragmentPlan> {
-        FragmentPlan::new(self.tensor_infos(), self.recipe.sync.fragments.0)
-            .map_err(|e| anyhow!("sync.fragments: {e}"))
+        fragment_plan(self.tensor_infos(), &self.recipe)
     }
 
     /// Identifies the model (config and tensors) and the plan: a learner whose hash differs
     /// from the coordinator's is refused at Join.
     pub fn model_hash(&self) -> Result<String> {
-        let config = serde_json::to_string(&self.model.config.to_hf_json())?;
-        let h = fnv(config.as_bytes(), 0xcbf2_9ce4_8422_2325);
-        Ok(format!(
-            "{:016x}",
-            fnv(&self.plan()?.fingerprint().to_le_bytes(), h)
-        ))
+        model_hash(&self.model.config, &self.plan()?)
     }
 
     /// Trains on the windows of learner `index` of `count` (`data.sharding`, as the simulation
     /// does), continuing at `resume_step` with the data order that step would have reached.
     pub fn assign_shard(&mut self, index: usize, count: usize, resume_step: u64) -> Result<()> {
-        let shard = crate::data::learner_windows(
-            self.data.train.len(),
-            index,
-            count,
-            self.recipe.data.sharding,
-        )?;
-        self.batcher = Batcher::new(shard.len(), self.recipe.seed.wrapping_add(index as u64));
-        self.shard = shard;
-        let t = &self.recipe.train;
-        for _ in 0..resume_step as usize * t.grad_accum.0 {
-            self.batcher.next_windows(t.batch_size.0);
-        }
+        self.data.assign(&self.recipe, index, count, resume_step)?;
         self.step = resume_step;
         Ok(())
     }
@@ -140,16 +255,8 @@ impl Worker {
     pub fn train_step(&mut self) -> Result<f64> {
         let t = &self.recipe.train;
         let lr = t.lr_at((self.step as usize).min(t.max_steps.0.saturating_sub(1)));
-        let micro_batches: Vec<Vec<usize>> = (0..t.grad_accum.0)
-            .map(|_| {
-                self.batcher
-                    .next_windows(t.batch_size.0)
-                    .into_iter()
-                    .map(|i| self.shard[i])
-                    .collect()
-            })
-            .collect();
-        let loss = backward_micro_batches(&self.model, &self.data.train, &micro_batches);
+        let micro_batches = self.data.next_step(&self.recipe);
+        let loss = backward_micro_batches(&self.model, &self.data.prepared.train, &micro_batches);
         if !loss.is_finite() {
             return Err(anyhow!(
                 "the learner diverged: loss is {loss}; lower train.lr"
@@ -182,15 +289,8 @@ impl Worker {
             // No need to copy the local values off the device.
             return self.overwrite(tensors, values);
         }
-        for (k, &ti) in tensors.iter().enumerate() {
-            let base = rebase_base.map_or(&[][..], |b| b[k].as_slice());
-            assert!(
-                rule != ApplyRule::Rebase || base.len() == values[k].len(),
-                "rebase needs the values its kept work is measured from"
-            );
-            let target = rule.applied(&flat(&self.params[ti]), &values[k], base);
-            set_flat(&mut self.params[ti], &target);
-        }
+        let targets = applied_values(rule, &Worker::values(self, tensors), values, rebase_base);
+        self.overwrite(tensors, &targets);
     }
 
     /// Sets a fragment's tensors to `values`.
@@ -211,7 +311,7 @@ impl Worker {
         let t = &self.recipe.train;
         evaluate(
             &self.model,
-            &self.data.eval,
+            &self.data.prepared.eval,
             t.batch_size.0,
             t.eval_batches.0,
         )
@@ -221,9 +321,56 @@ impl Worker {
     pub fn save(&self, dir: &Path) -> Result<()> {
         crate::checkpoint::save_model(&self.model, dir, self.model.kind(), 4 << 30)?;
         self.data
+            .prepared
             .tokenizer
             .save(dir.join("tokenizer.json"), false)
             .map_err(|e| anyhow!("writing the tokenizer: {e}"))?;
+        Ok(())
+    }
+}
+
+impl InnerLoop for Worker {
+    fn plan(&self) -> Result<FragmentPlan> {
+        Worker::plan(self)
+    }
+
+    fn model_hash(&self) -> Result<String> {
+        Worker::model_hash(self)
+    }
+
+    fn tokens_per_step(&self) -> u64 {
+        Worker::tokens_per_step(self)
+    }
+
+    fn step(&self) -> u64 {
+        Worker::step(self)
+    }
+
+    fn assign_shard(&mut self, index: usize, count: usize, resume_step: u64) -> Result<()> {
+        Worker::assign_shard(self, index, count, resume_step)
+    }
+
+    fn train_step(&mut self) -> Result<f64> {
+        Worker::train_step(self)
+    }
+
+    fn values(&mut self, tensors: &[usize]) -> Result<Vec<Vec<f32>>> {
+        Ok(Worker::values(self, tensors))
+    }
+
+    fn apply(
+        &mut self,
+        rule: ApplyRule,
+        tensors: &[usize],
+        values: &[Vec<f32>],
+        rebase_base: Option<&[Vec<f32>]>,
+    ) -> Result<()> {
+        Worker::apply(self, rule, tensors, values, rebase_base);
+        Ok(())
+    }
+
+    fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) -> Result<()> {
+        Worker::overwrite(self, tensors, values);
         Ok(())
     }
 }

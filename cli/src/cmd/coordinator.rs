@@ -43,7 +43,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         &args.overrides,
         args.secret_file.as_deref(),
         &args.run_dir,
-        "coordinator.log",
+        Some("coordinator.log"),
     )?;
     runtime()?.block_on(atoll_node::coordinator::run(
         atoll_node::coordinator::CoordinatorOptions {

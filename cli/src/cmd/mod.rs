@@ -41,13 +41,15 @@ pub fn node_process(
     overrides: &[String],
     secret_file: Option<&Path>,
     run_dir: &Path,
-    log: &str,
+    log: Option<&str>,
 ) -> Result<(Recipe, String)> {
     let recipe = Recipe::from_file(recipe, overrides)?;
     let secret = atoll_node::resolve_secret(recipe.sync.secret.as_deref(), secret_file)?;
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    logging::log_to_file(&run_dir.join(log))?;
+    if let Some(log) = log {
+        logging::log_to_file(&run_dir.join(log))?;
+    }
     Ok((recipe, secret))
 }
 

@@ -119,7 +119,12 @@ fn gib(bytes: f64) -> String {
 }
 
 /// Per-rank memory of a sharded data-parallel step (atoll_trainer::sharded::memory).
-fn print_sharded_memory(config: &GemmaConfig, ranks: usize, seq: u64, batch: u64) -> Result<()> {
+pub fn print_sharded_memory(
+    config: &GemmaConfig,
+    ranks: usize,
+    seq: u64,
+    batch: u64,
+) -> Result<()> {
     let m = atoll_trainer::sharded::memory::estimate(config, ranks, seq, batch, 2.0)?;
     println!(
         "sharded data parallel over {ranks} ranks (bf16 compute, f32 master shards + AdamW, \

@@ -55,6 +55,9 @@ pub struct PlanArgs {
     /// Syncer time to merge one fragment and take the outer step, e.g. 20ms (default 100ms).
     #[arg(long)]
     merge_time: Option<String>,
+    /// Sequence length of the per-rank memory estimate (default: the recipe's, else 4096).
+    #[arg(long)]
+    seq: Option<u64>,
     /// Where plan.json and plan.svg go.
     #[arg(long, default_value = "runs/plan")]
     out: PathBuf,
@@ -81,12 +84,20 @@ pub fn run(args: PlanArgs) -> Result<()> {
         step_time,
         mtbi,
         merge_time,
+        seq,
         out,
     } = args;
+    let recipe = match &recipe {
+        Some(path) => Some(Recipe::from_file(path, &overrides)?),
+        None => None,
+    };
     let mut input = match &recipe {
-        Some(path) => plan_input_from_recipe(&Recipe::from_file(path, &overrides)?)?,
+        Some(recipe) => plan_input_from_recipe(recipe)?,
         None => PlanInput::default(),
     };
+    let seq = seq
+        .or(recipe.as_ref().map(|r| r.data.seq_len.0 as u64))
+        .unwrap_or(4096);
     if let Some(m) = model {
         match atoll_planner::model_preset(&m) {
             Some(_) => {
@@ -158,6 +169,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let plan = atoll_planner::write_plan(&out, &input).map_err(plan_err)?;
     print_plan(&plan);
+    // Sequences one rank computes at once: the recipe's micro-batch over its ranks, else one
+    // (gradient accumulation makes up the rest of the batch).
+    let micro_rows = recipe.as_ref().map_or(1, |r| r.train.batch_size.0 as u64);
+    print_rank_memory(&input, seq, micro_rows)?;
     println!(
         "wrote {} and {}",
         out.join("plan.json").display(),
@@ -167,7 +182,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
 }
 
 /// The planner's view of a training recipe: its model, learners, fragments, H, τ, codec, link
-/// (one-way latency → RTT), batch and token budget; one accelerator per learner, the recipe's
+/// (one-way latency → RTT), batch and token budget; one accelerator per rank of a learner, the recipe's
 /// simulated step time, f32 DP gradients without overlap (as `atoll simulate` runs DP), no
 /// failures unless the recipe injects them.
 fn plan_input_from_recipe(recipe: &Recipe) -> Result<atoll_planner::PlanInput> {
@@ -186,7 +201,13 @@ fn plan_input_from_recipe(recipe: &Recipe) -> Result<atoll_planner::PlanInput> {
         model: Some(model),
         params: Some(config.config.num_parameters()),
         learners: s.learners.0 as u32,
-        gpus_per_learner: 1,
+        // A sharded learner has one chip per rank; the planner takes one figure for every region.
+        gpus_per_learner: s
+            .region_names()
+            .iter()
+            .map(|r| recipe.deploy.region(r).ranks.0 as u32)
+            .max()
+            .unwrap_or(1),
         link_rate_gbps: s.link.bandwidth_gbps.0,
         link_rtt_ms: 2.0 * s.link.latency_ms.0,
         codec,
@@ -206,6 +227,28 @@ fn plan_input_from_recipe(recipe: &Recipe) -> Result<atoll_planner::PlanInput> {
         reconfigure_s: s.failures.recovery_s.0,
         ..atoll_planner::PlanInput::default()
     })
+}
+
+/// Memory per chip of a learner sharded over its `gpus_per_learner` ranks, from the same model
+/// as `atoll model info --ranks` (a model given by name only: a bare parameter count has no
+/// shapes).
+fn print_rank_memory(input: &atoll_planner::PlanInput, seq: u64, micro_rows: u64) -> Result<()> {
+    let Some(name) = &input.model else {
+        return Ok(());
+    };
+    let Ok(p) = preset(name) else {
+        return Ok(());
+    };
+    let ranks = input.gpus_per_learner.max(1) as u64;
+    let learners = input.learners.max(1) as u64;
+    let rows = (input.batch_tokens / learners / seq.max(1)).max(1);
+    let per_rank = micro_rows.div_ceil(ranks);
+    let accumulation = rows.div_ceil(per_rank * ranks);
+    println!(
+        "memory per chip: {rows} sequences of {seq} tokens per learner step, {per_rank} per rank \
+         at once ({accumulation} accumulation step(s))"
+    );
+    super::model::print_sharded_memory(&p.config, ranks as usize, seq, per_rank)
 }
 
 fn print_plan(plan: &atoll_planner::PlanOutput) {

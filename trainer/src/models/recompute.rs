@@ -29,12 +29,20 @@ pub struct TokenBatch {
 impl TokenBatch {
     /// Rows holding one example each, from tokens [B, T + 1]: position t predicts token t + 1.
     pub fn from_rows(tokens: &Tensor) -> TokenBatch {
-        let (rows, width) = (tokens.size()[0], tokens.size()[1]);
-        let seq = width - 1;
-        let device = tokens.device();
+        let seq = tokens.size()[1] - 1;
+        Self::from_pair(
+            tokens.narrow(1, 0, seq).contiguous(),
+            tokens.narrow(1, 1, seq).contiguous(),
+        )
+    }
+
+    /// Rows holding one example each, from inputs [B, T] and the tokens they predict [B, T].
+    pub fn from_pair(ids: Tensor, labels: Tensor) -> TokenBatch {
+        let (rows, seq) = (ids.size()[0], ids.size()[1]);
+        let device = ids.device();
         TokenBatch {
-            ids: tokens.narrow(1, 0, seq).contiguous(),
-            labels: tokens.narrow(1, 1, seq).contiguous(),
+            ids,
+            labels,
             positions: Tensor::arange(seq, (Kind::Int64, device))
                 .unsqueeze(0)
                 .repeat([rows, 1]),

@@ -33,6 +33,7 @@
 
 pub mod checkpoint;
 pub mod memory;
+pub mod worker;
 
 use crate::config::GemmaConfig;
 use crate::models::recompute::TokenBatch;
