@@ -2,7 +2,11 @@
 //! recipe with `deploy.regions.<r>.ranks: 2` starts two learner processes, each of which starts
 //! its second rank; the coordinator sees two learners. Every process is real and on loopback.
 
-use atoll_system_tests::{atoll, stderr};
+use atoll_system_tests::{atoll, free_port, stderr, wait_until, Processes};
+use std::process::Command;
+use std::time::Duration;
+
+const SECRET: &str = "test-secret-0123456789abcdef";
 
 #[test]
 fn two_learners_of_two_ranks_each_train_a_decoupled_job_to_the_end() {
@@ -49,4 +53,116 @@ deploy:
     // ln(512) = 6.24 is the untrained model's loss; 32 steps of two sharded learners go below.
     let eval = summary["final_eval_loss"].as_f64().unwrap();
     assert!(eval < 5.9, "final eval loss {eval}: {summary}");
+}
+
+/// One rank of a two-rank learner is SIGKILLed mid-job: the learner (rank 0) exits with an error
+/// instead of hanging, the coordinator marks it absent, and the learner started again with both
+/// ranks rejoins and trains on.
+#[test]
+fn a_learner_whose_rank_dies_leaves_the_job_and_rejoins_with_all_its_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let recipe = d.join("job.yaml");
+    std::fs::write(
+        &recipe,
+        "name: rank-dies
+seed: 5
+model: {preset: gemma3-tiny}
+data: {corpus: builtin:tinyshakespeare, tokenizer: {vocab_size: 512}, seq_len: 32}
+train: {max_steps: 100000, batch_size: 4, lr: 3.0e-3, eval_batches: 2, threads: 1, device: cpu}
+run: {save_final: false}
+sync: {learners: 1, regions: [east], fragments: 2, h: 8, heartbeat_timeout_s: 2}
+deploy: {regions: {east: {ranks: 2}}}
+",
+    )
+    .unwrap();
+    let recipe = recipe.display().to_string();
+    let port = free_port();
+    let mut procs = Processes::default();
+    let coord_log = d.join("coordinator.log");
+    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    procs.start(
+        "coordinator",
+        &args(&[
+            "coordinator",
+            &recipe,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--run-dir",
+            &d.join("coordinator").display().to_string(),
+            "--metrics",
+            "127.0.0.1:0",
+        ]),
+        SECRET,
+        &coord_log,
+    );
+    let endpoint = d.join("coordinator/coordinator.json");
+    wait_until("the coordinator to serve", Duration::from_secs(120), || {
+        endpoint.exists()
+    });
+    let learner = args(&[
+        "learner",
+        &recipe,
+        "--region",
+        "east",
+        "--coordinator",
+        &format!("127.0.0.1:{port}"),
+        "--ca",
+        &d.join("coordinator/tls/ca.pem").display().to_string(),
+        "--run-dir",
+        &d.join("east").display().to_string(),
+        "--give-up-after-s",
+        "60",
+    ]);
+    let log = d.join("east.log");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    procs.start("east", &learner, SECRET, &log);
+    wait_until(
+        "the sharded learner to train",
+        Duration::from_secs(120),
+        || read(&log).contains("step 20/"),
+    );
+    let text = read(&log);
+    let pid = text
+        .split("started rank 1 of 2 (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no rank 1 pid in\n{text}"))
+        .to_string();
+    let killed = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    assert!(killed.success());
+    let status = procs.wait("east", Duration::from_secs(60));
+    assert!(!status.success(), "the learner must fail when a rank dies");
+    let text = read(&log);
+    assert!(
+        text.contains("the sharded learner lost a rank") && text.contains("rank 1"),
+        "{text}"
+    );
+    wait_until("east marked absent", Duration::from_secs(60), || {
+        read(&coord_log).contains("missed its heartbeat")
+    });
+
+    // Started again, it brings up both ranks and rejoins.
+    let before = read(&log)
+        .matches("caught up with the global model")
+        .count();
+    procs.start("east", &learner, SECRET, &log);
+    wait_until(
+        "east to rejoin with two ranks",
+        Duration::from_secs(120),
+        || {
+            let text = read(&log);
+            text.matches("caught up with the global model").count() > before
+                && text
+                    .matches("rank 0 of 2: the model is sharded over 2 ranks")
+                    .count()
+                    == 2
+        },
+    );
+    let steps_before = read(&log).matches(" loss ").count();
+    wait_until(
+        "east to train after rejoining",
+        Duration::from_secs(60),
+        || read(&log).matches(" loss ").count() >= steps_before + 2,
+    );
 }

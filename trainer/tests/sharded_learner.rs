@@ -213,7 +213,7 @@ fn a_dead_rank_turns_into_an_error_on_rank_zero() {
     follower.join().unwrap().unwrap();
     let e = InnerLoop::train_step(&mut sharded).unwrap_err();
     assert!(
-        format!("{e:#}").contains("the learner's other ranks are gone"),
+        format!("{e:#}").contains("the sharded learner lost a rank"),
         "{e:#}"
     );
 }

@@ -27,6 +27,10 @@ use atoll_coordinator::{ApplyRule, FragmentPlan, TensorInfo};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
+/// What rank 0 reports when an operation across the ranks fails (the cause follows it).
+const LOST_A_RANK: &str =
+    "the sharded learner lost a rank; start it again with all its ranks to rejoin the job";
+
 /// How often an idle rank 0 tells the other ranks it is alive.
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
@@ -205,7 +209,7 @@ impl ShardedWorker {
     /// waiting on the network).
     pub fn keep_alive(&mut self) -> Result<()> {
         if self.last_command.elapsed() >= KEEPALIVE {
-            self.send(&Command::KeepAlive)?;
+            self.send(&Command::KeepAlive).context(LOST_A_RANK)?;
         }
         Ok(())
     }
@@ -400,8 +404,9 @@ impl ShardedWorker {
         if self.rank() != 0 {
             bail!("only rank 0 drives a sharded learner");
         }
-        self.send(&command)?;
-        self.execute(&command, values)
+        self.send(&command)
+            .and_then(|()| self.execute(&command, values))
+            .context(LOST_A_RANK)
     }
 }
 
