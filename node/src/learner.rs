@@ -12,8 +12,8 @@ use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, 
 use atoll_link::{Hello, PartHeader, PartKind};
 use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
 use atoll_store::{CheckpointStore, ResumeFrom};
-use atoll_trainer::recipe::Recipe;
-use atoll_trainer::sharded::worker::ShardedWorker;
+use atoll_trainer::recipe::{RankParallelism, Recipe};
+use atoll_trainer::sharded::worker::RankedWorker;
 use atoll_trainer::worker::{InnerLoop, Worker};
 use atoll_wire::{encode_frame, ErrorFeedback, DEFAULT_BLOCK};
 use std::collections::BTreeMap;
@@ -147,7 +147,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let mut worker: Box<dyn InnerLoop> = match &opts.ranks {
         None => Box::new(Worker::new(&recipe)?),
         Some(ranks) => {
-            let sharded = ShardedWorker::connect(&recipe, ranks)?;
+            let ranked = RankedWorker::connect(&recipe, ranks)?;
             if ranks.rank != 0 {
                 tracing::info!(
                     "rank {} of {}: following rank 0 of region {}",
@@ -155,14 +155,18 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                     ranks.world_size,
                     opts.region
                 );
-                return sharded.follow();
+                return ranked.follow();
             }
+            let how = match recipe.train.parallel {
+                RankParallelism::Sharded => "sharded over",
+                RankParallelism::Replicated => "replicated on",
+            };
             tracing::info!(
-                "rank 0 of {}: the model is sharded over {} ranks",
+                "rank 0 of {}: the model is {how} {} ranks",
                 ranks.world_size,
                 ranks.world_size
             );
-            Box::new(sharded)
+            Box::new(ranked)
         }
     };
     let worker = worker.as_mut();

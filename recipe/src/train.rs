@@ -14,6 +14,19 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// How a learner with several ranks (`deploy.regions.<r>.ranks`) spreads its model over them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RankParallelism {
+    /// ZeRO-3 style: each rank holds 1/R of the parameters, gradients and AdamW moments, and
+    /// gathers one layer at a time (models that do not fit one device).
+    #[default]
+    Sharded,
+    /// Every rank holds the whole model and optimizer; gradients are averaged once per step
+    /// (models that fit one device: less traffic between ranks).
+    Replicated,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
@@ -49,6 +62,9 @@ pub struct TrainSection {
     pub eval_batches: PositiveInt,
     #[serde(default)]
     pub device: DeviceChoice,
+    /// How a learner of several ranks holds its model (docs/scale.md).
+    #[serde(default)]
+    pub parallel: RankParallelism,
     /// Data-parallel ranks of `atoll finetune`, one per device: CUDA device indices with
     /// `device: cuda` (or auto on a GPU machine), or that many ranks on the CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]

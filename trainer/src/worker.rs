@@ -3,7 +3,7 @@
 //! one). No networking here: the process glue decides when to step, pull and apply.
 //!
 //! [`InnerLoop`] is what the learner process drives: a [`Worker`] (one process, one device) or
-//! rank 0 of a sharded group ([`crate::sharded::worker::ShardedWorker`]), whose other ranks
+//! rank 0 of a learner with several ranks ([`crate::sharded::worker::RankedWorker`]), whose other ranks
 //! follow its commands.
 
 use crate::data::Batcher;

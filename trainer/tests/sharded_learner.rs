@@ -1,12 +1,12 @@
-//! A learner sharded over 2 CPU ranks (one thread each, TCP collective) as the learner process
-//! drives it (`InnerLoop`): rank 0 leads, rank 1 follows its commands. Against a one-process
-//! `Worker` on the same recipe: the same losses step by step, the same fragment values, and
-//! broadcasts applied (overwrite, rebase) to the same weights.
+//! A learner on 2 CPU ranks (one thread each, TCP collective), its model sharded or replicated,
+//! as the learner process drives it (`InnerLoop`): rank 0 leads, rank 1 follows its commands.
+//! Against a one-process `Worker` on the same recipe: the same losses step by step, the same
+//! fragment values, and broadcasts applied (overwrite, rebase) to the same weights.
 
 use atoll_collective::{local_group, CollectiveOptions};
 use atoll_coordinator::ApplyRule;
 use atoll_trainer::recipe::Recipe;
-use atoll_trainer::sharded::worker::ShardedWorker;
+use atoll_trainer::sharded::worker::RankedWorker;
 use atoll_trainer::worker::{InnerLoop, Worker};
 use std::time::Duration;
 use tch::Device;
@@ -35,8 +35,16 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 #[test]
-fn a_two_rank_learner_trains_and_applies_fragments_like_one_process() {
-    let recipe = recipe();
+fn a_sharded_two_rank_learner_trains_and_applies_fragments_like_one_process() {
+    two_ranks_match_one_process(recipe());
+}
+
+#[test]
+fn a_replicated_two_rank_learner_trains_and_applies_fragments_like_one_process() {
+    two_ranks_match_one_process(recipe_with(&["train.parallel=replicated".to_string()]));
+}
+
+fn two_ranks_match_one_process(recipe: Recipe) {
     let mut group = local_group(
         &[Device::Cpu, Device::Cpu],
         &CollectiveOptions::with_timeout(Duration::from_secs(120)),
@@ -46,9 +54,9 @@ fn a_two_rank_learner_trains_and_applies_fragments_like_one_process() {
     let leader_collective = group.pop().unwrap();
     let follower_recipe = recipe.clone();
     let follower = std::thread::spawn(move || {
-        ShardedWorker::new(&follower_recipe, follower_collective, 1)?.follow()
+        RankedWorker::new(&follower_recipe, follower_collective, 1)?.follow()
     });
-    let mut sharded = ShardedWorker::new(&recipe, leader_collective, 0).unwrap();
+    let mut sharded = RankedWorker::new(&recipe, leader_collective, 0).unwrap();
     let mut plain = Worker::new(&recipe).unwrap();
 
     // The coordinator sees the same model: same plan, same hash.
@@ -145,7 +153,7 @@ train: {max_steps: 2, batch_size: 3, threads: 1, device: cpu}
             .enumerate()
             .map(|(rank, c)| {
                 let recipe = &recipe;
-                s.spawn(move || match ShardedWorker::new(recipe, c, rank) {
+                s.spawn(move || match RankedWorker::new(recipe, c, rank) {
                     Ok(_) => String::new(),
                     Err(e) => format!("{e:#}"),
                 })
@@ -178,7 +186,7 @@ fn ranks_with_different_recipes_are_refused_at_start() {
             .zip(&recipes)
             .enumerate()
             .map(|(rank, (c, recipe))| {
-                s.spawn(move || match ShardedWorker::new(recipe, c, rank) {
+                s.spawn(move || match RankedWorker::new(recipe, c, rank) {
                     Ok(_) => String::new(),
                     Err(e) => format!("{e:#}"),
                 })
@@ -207,9 +215,9 @@ fn a_dead_rank_turns_into_an_error_on_rank_zero() {
     let follower_recipe = recipe.clone();
     // Rank 1 builds its share, then exits without following.
     let follower = std::thread::spawn(move || {
-        ShardedWorker::new(&follower_recipe, follower_collective, 1).map(drop)
+        RankedWorker::new(&follower_recipe, follower_collective, 1).map(drop)
     });
-    let mut sharded = ShardedWorker::new(&recipe, leader_collective, 0).unwrap();
+    let mut sharded = RankedWorker::new(&recipe, leader_collective, 0).unwrap();
     follower.join().unwrap().unwrap();
     let e = InnerLoop::train_step(&mut sharded).unwrap_err();
     assert!(

@@ -1,15 +1,20 @@
-//! A learner whose model is sharded over R ranks ([`ShardedModel`]): rank 0 is the learner the
-//! coordinator sees and drives the [`InnerLoop`]; ranks 1.. run [`ShardedWorker::follow`],
-//! executing the commands rank 0 broadcasts before each operation that needs every rank.
+//! A learner whose model lives on R ranks: rank 0 is the learner the coordinator sees and drives
+//! the [`InnerLoop`]; ranks 1.. run [`RankedWorker::follow`], executing the commands rank 0
+//! broadcasts before each operation that needs every rank. The model is either sharded over the
+//! ranks ([`ShardedModel`], `train.parallel: sharded`, the default) or replicated on each
+//! (`replicated`, for models that fit one device).
 //!
-//! * A step: every rank draws the same global batch (same shard, same seeded order) and
-//!   [`ShardedModel::train_step`] trains on its rows of it.
-//! * A fragment's values (the learner's side of an outer gradient): the layer groups holding the
-//!   fragment's tensors are all-gathered one at a time and only the fragment's tensors are
-//!   kept, so rank 0 holds one fragment on the host, never the whole model on its device.
+//! * A step: every rank draws the same global batch (same shard, same seeded order). Sharded:
+//!   [`ShardedModel::train_step`] trains on the rank's rows of it. Replicated: each rank
+//!   back-propagates its rows, the gradients are averaged over the ranks, and every rank takes the
+//!   same AdamW step.
+//! * A fragment's values (the learner's side of an outer gradient). Sharded: the layer groups
+//!   holding the fragment's tensors are all-gathered one at a time and only the fragment's tensors
+//!   are kept, so rank 0 holds one fragment on the host, never the whole model on its device.
+//!   Replicated: rank 0's own copy.
 //! * Setting a fragment (a broadcast applied): rank 0 broadcasts one tensor at a time and every
-//!   rank copies the part that falls in its shard into its f32 master shard; the AdamW moments
-//!   stay, as they do for a one-process learner.
+//!   rank copies it (sharded: the part that falls in its shard) into its f32 weights; the AdamW
+//!   moments stay, as they do for a one-process learner.
 //!
 //! Rank 0 keeps the others alive with a no-op command while it waits on the network, so their
 //! collective timeout only fires when rank 0 is gone or hung; when it exits it tells them to stop
@@ -17,12 +22,15 @@
 
 use super::ShardedModel;
 use crate::models::recompute::TokenBatch;
-use crate::recipe::Recipe;
+use crate::models::GemmaModel;
+use crate::optim::AdamW;
+use crate::recipe::{RankParallelism, Recipe};
 use crate::train::{build_model, resolve_device};
-use crate::worker::{applied_values, fragment_plan, model_hash, tensor_infos};
+use crate::worker::{applied_values, flat, fragment_plan, model_hash, tensor_infos};
 use crate::worker::{InnerLoop, LearnerData};
+use crate::GemmaConfig;
 use anyhow::{anyhow, bail, Context, Result};
-use atoll_collective::{Collective, CollectiveOptions, RankConfig};
+use atoll_collective::{Collective, CollectiveOptions, RankConfig, ReduceOp};
 use atoll_coordinator::{ApplyRule, FragmentPlan, TensorInfo};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -76,17 +84,65 @@ struct Location {
     numel: i64,
 }
 
-/// One rank of a sharded learner (see the module doc).
-pub struct ShardedWorker {
+/// How this rank holds the model.
+enum RankModel {
+    /// 1/R of every unit, with where each trainable tensor lives in the units.
+    Sharded {
+        model: ShardedModel,
+        locations: Vec<Location>,
+    },
+    /// The whole model and its optimizer.
+    Replicated {
+        model: GemmaModel,
+        params: Vec<Tensor>,
+        optimizer: AdamW,
+    },
+}
+
+/// One rank of a learner with several ranks (see the module doc).
+pub struct RankedWorker {
     recipe: Recipe,
-    model: ShardedModel,
+    config: GemmaConfig,
+    model: RankModel,
     collective: Box<dyn Collective>,
     data: LearnerData,
     infos: Vec<TensorInfo>,
-    locations: Vec<Location>,
+    device: Device,
     step: u64,
     last_command: Instant,
     stopped: bool,
+}
+
+/// Where each trainable tensor (in `infos` order) lives in the sharded units.
+fn tensor_locations(model: &ShardedModel, infos: &[TensorInfo]) -> Result<Vec<Location>> {
+    let mut by_name = std::collections::HashMap::new();
+    for (u, unit) in model.units.iter().enumerate() {
+        for (g, group) in unit.iter().enumerate() {
+            let mut offset = 0;
+            for (name, shape) in group.plan.names.iter().zip(&group.plan.shapes) {
+                let numel: i64 = shape.iter().product();
+                by_name.insert(
+                    name.as_str(),
+                    Location {
+                        unit: u,
+                        group: g,
+                        offset,
+                        numel,
+                    },
+                );
+                offset += numel;
+            }
+        }
+    }
+    infos
+        .iter()
+        .map(|i| {
+            by_name
+                .get(i.name.as_str())
+                .copied()
+                .ok_or_else(|| anyhow!("tensor {} is in no sharded unit", i.name))
+        })
+        .collect()
 }
 
 /// The device of this rank: its `LOCAL_RANK`-th GPU when the recipe trains on CUDA.
@@ -106,7 +162,7 @@ fn rank_device(recipe: &Recipe, local_rank: usize) -> Result<Device> {
     })
 }
 
-impl ShardedWorker {
+impl RankedWorker {
     /// Builds this rank's share: every rank prepares the same data and seeded model, checks that
     /// the others run the same recipe, and keeps only its shards. `local_rank` picks the GPU.
     pub fn new(
@@ -137,46 +193,38 @@ impl ShardedWorker {
         }
         let model = build_model(recipe, data.prepared.tokenizer.get_vocab_size(true), device)?;
         let infos = tensor_infos(&model);
-        let compute = match device {
-            Device::Cuda(_) => Kind::BFloat16,
-            _ => Kind::Float,
-        };
-        let model = ShardedModel::new(model, collective.as_mut(), compute, t.adamw())?;
-        let mut by_name = std::collections::HashMap::new();
-        for (u, unit) in model.units.iter().enumerate() {
-            for (g, group) in unit.iter().enumerate() {
-                let mut offset = 0;
-                for (name, shape) in group.plan.names.iter().zip(&group.plan.shapes) {
-                    let numel: i64 = shape.iter().product();
-                    by_name.insert(
-                        name.clone(),
-                        Location {
-                            unit: u,
-                            group: g,
-                            offset,
-                            numel,
-                        },
-                    );
-                    offset += numel;
+        let config = model.config.clone();
+        let model = match t.parallel {
+            RankParallelism::Sharded => {
+                let compute = match device {
+                    Device::Cuda(_) => Kind::BFloat16,
+                    _ => Kind::Float,
+                };
+                let model = ShardedModel::new(model, collective.as_mut(), compute, t.adamw())?;
+                let locations = tensor_locations(&model, &infos)?;
+                RankModel::Sharded { model, locations }
+            }
+            RankParallelism::Replicated => {
+                let params = model.trainable_parameters();
+                let optimizer = AdamW::new(
+                    params.iter().map(Tensor::shallow_clone).collect(),
+                    t.adamw(),
+                );
+                RankModel::Replicated {
+                    model,
+                    params,
+                    optimizer,
                 }
             }
-        }
-        let locations = infos
-            .iter()
-            .map(|i| {
-                by_name
-                    .get(&i.name)
-                    .copied()
-                    .ok_or_else(|| anyhow!("tensor {} is in no sharded unit", i.name))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ShardedWorker {
+        };
+        Ok(RankedWorker {
             recipe: recipe.clone(),
+            config,
             model,
             collective,
             data,
             infos,
-            locations,
+            device,
             step: 0,
             last_command: Instant::now(),
             stopped: false,
@@ -308,33 +356,71 @@ impl ShardedWorker {
         let lr = t.lr_at((self.step as usize).min(t.max_steps.0.saturating_sub(1)));
         let clip = t.clip();
         let windows: Vec<usize> = self.data.next_step(&self.recipe).concat();
-        let device = self.model.model.device();
-        let (ids, labels) = self.data.prepared.train.batch(&windows, device);
-        let batch = TokenBatch::from_pair(ids, labels);
-        let outcome = self
-            .model
-            .train_step(self.collective.as_mut(), &batch, lr, clip)?;
-        if !outcome.loss.is_finite() {
-            bail!(
-                "the learner diverged: loss is {}; lower train.lr",
-                outcome.loss
-            );
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let train = &self.data.prepared.train;
+        let loss = match &mut self.model {
+            RankModel::Sharded { model, .. } => {
+                let (ids, labels) = train.batch(&windows, self.device);
+                let batch = TokenBatch::from_pair(ids, labels);
+                model
+                    .train_step(self.collective.as_mut(), &batch, lr, clip)?
+                    .loss
+            }
+            RankModel::Replicated {
+                model,
+                params,
+                optimizer,
+            } => {
+                // Every window holds seq_len labelled tokens, so the mean of the ranks' mean
+                // losses is the global batch's, and so are the averaged gradients.
+                let per_rank = windows.len() / world;
+                let mine = &windows[rank * per_rank..(rank + 1) * per_rank];
+                let (x, y) = train.batch(mine, self.device);
+                let loss = model.loss(&x, &y);
+                loss.backward();
+                atoll_collective::average_gradients(self.collective.as_mut(), params)
+                    .with_context(|| format!("rank {rank}: averaging gradients failed"))?;
+                let mut mean = Tensor::from_slice(&[loss.double_value(&[])]);
+                self.collective.all_reduce_(&mut mean, ReduceOp::Mean)?;
+                optimizer.clipped_step(lr, clip);
+                mean.double_value(&[0])
+            }
+        };
+        if !loss.is_finite() {
+            bail!("the learner diverged: loss is {loss}; lower train.lr");
         }
         self.step += 1;
-        Ok(outcome.loss)
+        Ok(loss)
     }
 
-    /// The tensors' values, gathered group by group in ascending order (the same on every rank).
+    /// The tensors' values on rank 0 (nothing elsewhere). Sharded: gathered group by group in
+    /// ascending order (the same on every rank).
     fn gather(&mut self, tensors: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let rank = self.rank();
+        let _guard = tch::no_grad_guard();
+        let (model, locations) = match &self.model {
+            RankModel::Replicated { params, .. } => {
+                return Ok(if rank == 0 {
+                    tensors.iter().map(|&i| flat(&params[i])).collect()
+                } else {
+                    Vec::new()
+                });
+            }
+            RankModel::Sharded { model, locations } => (model, locations),
+        };
+        let located = |i: usize| {
+            locations
+                .get(i)
+                .copied()
+                .ok_or_else(|| anyhow!("no trainable tensor {i}"))
+        };
         let groups: std::collections::BTreeSet<(usize, usize)> = tensors
             .iter()
-            .map(|&i| self.location(i).map(|l| (l.unit, l.group)))
+            .map(|&i| located(i).map(|l| (l.unit, l.group)))
             .collect::<Result<_>>()?;
-        let rank = self.rank();
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); tensors.len()];
-        let _guard = tch::no_grad_guard();
         for (unit, group) in groups {
-            let shard = self.model.units[unit][group].shard.detach();
+            let shard = model.units[unit][group].shard.detach();
             let parts = self
                 .collective
                 .all_gather(&shard)
@@ -342,57 +428,66 @@ impl ShardedWorker {
             if rank != 0 {
                 continue;
             }
-            let flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+            let whole = Tensor::cat(&parts, 0).to_device(Device::Cpu);
             for (k, &i) in tensors.iter().enumerate() {
-                let l = self.locations[i];
+                let l = locations[i];
                 if (l.unit, l.group) == (unit, group) {
-                    out[k] = Vec::<f32>::try_from(&flat.narrow(0, l.offset, l.numel))?;
+                    out[k] = Vec::<f32>::try_from(&whole.narrow(0, l.offset, l.numel))?;
                 }
             }
         }
         Ok(out)
     }
 
-    /// Sets the tensors to rank 0's `values`: one broadcast per tensor, each rank keeping the
-    /// part inside its shard.
+    /// Sets the tensors to rank 0's `values`: one broadcast per tensor, each rank keeping what it
+    /// holds of it (sharded: the part inside its shard).
     fn set(&mut self, tensors: &[usize], values: Option<&[Vec<f32>]>) -> Result<()> {
         let rank = self.rank();
         let _guard = tch::no_grad_guard();
         for (k, &i) in tensors.iter().enumerate() {
-            let l = self.location(i)?;
-            let mut full = match values {
-                Some(v) if v[k].len() as i64 == l.numel => Tensor::from_slice(&v[k]),
+            let info = self
+                .infos
+                .get(i)
+                .ok_or_else(|| anyhow!("no trainable tensor {i}"))?;
+            let numel: i64 = info.shape.iter().product::<u64>() as i64;
+            let mut whole = match values {
+                Some(v) if v[k].len() as i64 == numel => Tensor::from_slice(&v[k]),
                 Some(v) => bail!(
-                    "tensor {} has {} values, expected {}",
-                    self.infos[i].name,
-                    v[k].len(),
-                    l.numel
+                    "tensor {} has {} values, expected {numel}",
+                    info.name,
+                    v[k].len()
                 ),
-                None => Tensor::zeros([l.numel], (Kind::Float, Device::Cpu)),
+                None => Tensor::zeros([numel], (Kind::Float, Device::Cpu)),
             };
             self.collective
-                .broadcast_(&mut full, 0)
+                .broadcast_(&mut whole, 0)
                 .with_context(|| format!("rank {rank}: setting a fragment failed"))?;
-            let shard = &self.model.units[l.unit][l.group].shard;
-            let len = shard.size()[0];
-            let (start, end) = (rank as i64 * len, (rank as i64 + 1) * len);
-            let (from, to) = (l.offset.max(start), (l.offset + l.numel).min(end));
-            if from < to {
-                let src = full
-                    .narrow(0, from - l.offset, to - from)
-                    .to_device(shard.device());
-                let mut inside = shard.detach().narrow(0, from - start, to - from);
-                inside.copy_(&src);
+            match &mut self.model {
+                RankModel::Replicated { params, .. } => {
+                    let param = &mut params[i];
+                    let src = whole
+                        .view(param.size().as_slice())
+                        .to_kind(param.kind())
+                        .to_device(param.device());
+                    param.copy_(&src);
+                }
+                RankModel::Sharded { model, locations } => {
+                    let l = locations[i];
+                    let shard = &model.units[l.unit][l.group].shard;
+                    let len = shard.size()[0];
+                    let (start, end) = (rank as i64 * len, (rank as i64 + 1) * len);
+                    let (from, to) = (l.offset.max(start), (l.offset + l.numel).min(end));
+                    if from < to {
+                        let src = whole
+                            .narrow(0, from - l.offset, to - from)
+                            .to_device(shard.device());
+                        let mut inside = shard.detach().narrow(0, from - start, to - from);
+                        inside.copy_(&src);
+                    }
+                }
             }
         }
         Ok(())
-    }
-
-    fn location(&self, tensor: usize) -> Result<Location> {
-        self.locations
-            .get(tensor)
-            .copied()
-            .ok_or_else(|| anyhow!("no trainable tensor {tensor}"))
     }
 
     /// Rank 0: sends `command` and runs its own share.
@@ -410,13 +505,13 @@ impl ShardedWorker {
     }
 }
 
-impl InnerLoop for ShardedWorker {
+impl InnerLoop for RankedWorker {
     fn plan(&self) -> Result<FragmentPlan> {
         fragment_plan(self.infos.clone(), &self.recipe)
     }
 
     fn model_hash(&self) -> Result<String> {
-        model_hash(self.model.config(), &self.plan()?)
+        model_hash(&self.config, &self.plan()?)
     }
 
     fn tokens_per_step(&self) -> u64 {
@@ -470,11 +565,11 @@ impl InnerLoop for ShardedWorker {
     }
 
     fn keep_alive(&mut self) -> Result<()> {
-        ShardedWorker::keep_alive(self)
+        RankedWorker::keep_alive(self)
     }
 }
 
-impl Drop for ShardedWorker {
+impl Drop for RankedWorker {
     fn drop(&mut self) {
         if self.rank() == 0 && !self.stopped {
             self.stopped = true;
