@@ -130,6 +130,43 @@ impl Drop for Processes {
     }
 }
 
+/// `atoll coordinator` on 127.0.0.1:`port`, its run directory `dir/coordinator`.
+pub fn coordinator_args(recipe: &str, port: u16, dir: &std::path::Path) -> Vec<String> {
+    [
+        "coordinator",
+        recipe,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--run-dir",
+        &dir.join("coordinator").display().to_string(),
+        "--metrics",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `atoll learner` for `region` against that coordinator, its run directory
+/// `dir/learner-<region>`.
+pub fn learner_args(recipe: &str, port: u16, dir: &std::path::Path, region: &str) -> Vec<String> {
+    [
+        "learner",
+        recipe,
+        "--region",
+        region,
+        "--coordinator",
+        &format!("127.0.0.1:{port}"),
+        "--ca",
+        &dir.join("coordinator/tls/ca.pem").display().to_string(),
+        "--run-dir",
+        &dir.join(format!("learner-{region}")).display().to_string(),
+        "--give-up-after-s",
+        "120",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: std::time::Duration, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;

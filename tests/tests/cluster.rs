@@ -2,7 +2,9 @@
 //! SIGKILLed and restarted, the coordinator SIGKILLed and restarted, and the job still finishing
 //! consistently. Every wait is bounded; every process is killed by id at the end.
 
-use atoll_system_tests::{count_lines, free_port, wait_until, Processes};
+use atoll_system_tests::{
+    coordinator_args, count_lines, free_port, learner_args, wait_until, Processes,
+};
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,40 +28,6 @@ sync: {{learners: {learners}, fragments: 2, h: 8, tau: 2, quorum: 1, outer_lr: 1
     )
     .unwrap();
     path.display().to_string()
-}
-
-fn coordinator_args(recipe: &str, port: u16, dir: &Path) -> Vec<String> {
-    [
-        "coordinator",
-        recipe,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--run-dir",
-        &dir.join("coordinator").display().to_string(),
-        "--metrics",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn learner_args(recipe: &str, port: u16, dir: &Path, region: &str) -> Vec<String> {
-    [
-        "learner",
-        recipe,
-        "--region",
-        region,
-        "--coordinator",
-        &format!("127.0.0.1:{port}"),
-        "--ca",
-        &dir.join("coordinator/tls/ca.pem").display().to_string(),
-        "--run-dir",
-        &dir.join(format!("learner-{region}")).display().to_string(),
-        "--give-up-after-s",
-        "120",
-    ]
-    .map(String::from)
-    .to_vec()
 }
 
 fn json(path: &Path) -> serde_json::Value {

@@ -2,7 +2,9 @@
 //! recipe with `deploy.regions.<r>.ranks: 2` starts two learner processes, each of which starts
 //! its second rank; the coordinator sees two learners. Every process is real and on loopback.
 
-use atoll_system_tests::{atoll, free_port, stderr, wait_until, Processes};
+use atoll_system_tests::{
+    atoll, coordinator_args, free_port, learner_args, stderr, wait_until, Processes,
+};
 use std::process::Command;
 use std::time::Duration;
 
@@ -80,19 +82,9 @@ deploy: {regions: {east: {ranks: 2}}}
     let port = free_port();
     let mut procs = Processes::default();
     let coord_log = d.join("coordinator.log");
-    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     procs.start(
         "coordinator",
-        &args(&[
-            "coordinator",
-            &recipe,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--run-dir",
-            &d.join("coordinator").display().to_string(),
-            "--metrics",
-            "127.0.0.1:0",
-        ]),
+        &coordinator_args(&recipe, port, d),
         SECRET,
         &coord_log,
     );
@@ -100,20 +92,7 @@ deploy: {regions: {east: {ranks: 2}}}
     wait_until("the coordinator to serve", Duration::from_secs(120), || {
         endpoint.exists()
     });
-    let learner = args(&[
-        "learner",
-        &recipe,
-        "--region",
-        "east",
-        "--coordinator",
-        &format!("127.0.0.1:{port}"),
-        "--ca",
-        &d.join("coordinator/tls/ca.pem").display().to_string(),
-        "--run-dir",
-        &d.join("east").display().to_string(),
-        "--give-up-after-s",
-        "60",
-    ]);
+    let learner = learner_args(&recipe, port, d, "east");
     let log = d.join("east.log");
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     procs.start("east", &learner, SECRET, &log);

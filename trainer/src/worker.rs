@@ -34,14 +34,22 @@ pub trait InnerLoop {
     fn train_step(&mut self) -> Result<f64>;
     /// Host f32 copies of the given tensors.
     fn values(&mut self, tensors: &[usize]) -> Result<Vec<Vec<f32>>>;
-    /// Applies a merged fragment by `rule` (see [`Worker::apply`]).
+    /// Applies a merged fragment by `rule`: `rebase_base` holds, per tensor, what the local work
+    /// kept under [`ApplyRule::Rebase`] is measured from (the other rules do not read it).
     fn apply(
         &mut self,
         rule: ApplyRule,
         tensors: &[usize],
         values: &[Vec<f32>],
         rebase_base: Option<&[Vec<f32>]>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        if rule == ApplyRule::Overwrite {
+            // No need to read the local values.
+            return self.overwrite(tensors, values);
+        }
+        let local = self.values(tensors)?;
+        self.overwrite(tensors, &applied_values(rule, &local, values, rebase_base))
+    }
     /// Sets the given tensors to `values`.
     fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) -> Result<()>;
     /// Called while the learner waits on the network (a sharded learner's rank 0 tells its
@@ -276,23 +284,6 @@ impl Worker {
         self.params.iter().map(flat).collect()
     }
 
-    /// Applies a merged fragment by `rule`; `rebase_base` holds, per tensor, what the local work
-    /// kept under [`ApplyRule::Rebase`] is measured from (the other rules do not read it).
-    pub fn apply(
-        &mut self,
-        rule: ApplyRule,
-        tensors: &[usize],
-        values: &[Vec<f32>],
-        rebase_base: Option<&[Vec<f32>]>,
-    ) {
-        if rule == ApplyRule::Overwrite {
-            // No need to copy the local values off the device.
-            return self.overwrite(tensors, values);
-        }
-        let targets = applied_values(rule, &Worker::values(self, tensors), values, rebase_base);
-        self.overwrite(tensors, &targets);
-    }
-
     /// Sets a fragment's tensors to `values`.
     pub fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) {
         for (&ti, v) in tensors.iter().zip(values) {
@@ -356,17 +347,6 @@ impl InnerLoop for Worker {
 
     fn values(&mut self, tensors: &[usize]) -> Result<Vec<Vec<f32>>> {
         Ok(Worker::values(self, tensors))
-    }
-
-    fn apply(
-        &mut self,
-        rule: ApplyRule,
-        tensors: &[usize],
-        values: &[Vec<f32>],
-        rebase_base: Option<&[Vec<f32>]>,
-    ) -> Result<()> {
-        Worker::apply(self, rule, tensors, values, rebase_base);
-        Ok(())
     }
 
     fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) -> Result<()> {

@@ -26,6 +26,28 @@ sync: {learners: 2, fragments: 2}
     Recipe::from_yaml(text, "sharded-learner.yaml", sets).unwrap()
 }
 
+/// Rank 0 of a two-rank learner on `recipe`, and the thread running `rank1` on rank 1.
+fn two_ranks(
+    recipe: &Recipe,
+    rank1: impl FnOnce(RankedWorker) -> anyhow::Result<()> + Send + 'static,
+) -> (RankedWorker, std::thread::JoinHandle<anyhow::Result<()>>) {
+    let mut group = local_group(
+        &[Device::Cpu, Device::Cpu],
+        &CollectiveOptions::with_timeout(Duration::from_secs(120)),
+    )
+    .unwrap();
+    let follower_collective = group.pop().unwrap();
+    let leader_collective = group.pop().unwrap();
+    let follower_recipe = recipe.clone();
+    let follower = std::thread::spawn(move || {
+        rank1(RankedWorker::new(&follower_recipe, follower_collective, 1)?)
+    });
+    (
+        RankedWorker::new(recipe, leader_collective, 0).unwrap(),
+        follower,
+    )
+}
+
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter()
         .flatten()
@@ -45,18 +67,7 @@ fn a_replicated_two_rank_learner_trains_and_applies_fragments_like_one_process()
 }
 
 fn two_ranks_match_one_process(recipe: Recipe) {
-    let mut group = local_group(
-        &[Device::Cpu, Device::Cpu],
-        &CollectiveOptions::with_timeout(Duration::from_secs(120)),
-    )
-    .unwrap();
-    let follower_collective = group.pop().unwrap();
-    let leader_collective = group.pop().unwrap();
-    let follower_recipe = recipe.clone();
-    let follower = std::thread::spawn(move || {
-        RankedWorker::new(&follower_recipe, follower_collective, 1)?.follow()
-    });
-    let mut sharded = RankedWorker::new(&recipe, leader_collective, 0).unwrap();
+    let (mut sharded, follower) = two_ranks(&recipe, |rank1| rank1.follow());
     let mut plain = Worker::new(&recipe).unwrap();
 
     // The coordinator sees the same model: same plan, same hash.
@@ -110,7 +121,7 @@ fn two_ranks_match_one_process(recipe: Recipe) {
         .map(|v| v.iter().map(|x| x * 0.9).collect())
         .collect();
     InnerLoop::apply(&mut sharded, ApplyRule::Rebase, f1, &merged, Some(&base)).unwrap();
-    plain.apply(ApplyRule::Rebase, f1, &merged, Some(&base));
+    InnerLoop::apply(&mut plain, ApplyRule::Rebase, f1, &merged, Some(&base)).unwrap();
     assert!(
         max_abs_diff(
             &InnerLoop::values(&mut sharded, f1).unwrap(),
@@ -204,20 +215,11 @@ fn ranks_with_different_recipes_are_refused_at_start() {
 /// process exits and leaves the job as a killed learner does.
 #[test]
 fn a_dead_rank_turns_into_an_error_on_rank_zero() {
-    let recipe = recipe();
-    let mut group = local_group(
-        &[Device::Cpu, Device::Cpu],
-        &CollectiveOptions::with_timeout(Duration::from_secs(60)),
-    )
-    .unwrap();
-    let follower_collective = group.pop().unwrap();
-    let leader_collective = group.pop().unwrap();
-    let follower_recipe = recipe.clone();
     // Rank 1 builds its share, then exits without following.
-    let follower = std::thread::spawn(move || {
-        RankedWorker::new(&follower_recipe, follower_collective, 1).map(drop)
+    let (mut sharded, follower) = two_ranks(&recipe(), |rank1| {
+        drop(rank1);
+        Ok(())
     });
-    let mut sharded = RankedWorker::new(&recipe, leader_collective, 0).unwrap();
     follower.join().unwrap().unwrap();
     let e = InnerLoop::train_step(&mut sharded).unwrap_err();
     assert!(

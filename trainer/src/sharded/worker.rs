@@ -26,12 +26,12 @@ use crate::models::GemmaModel;
 use crate::optim::AdamW;
 use crate::recipe::{RankParallelism, Recipe};
 use crate::train::{build_model, resolve_device};
-use crate::worker::{applied_values, flat, fragment_plan, model_hash, tensor_infos};
+use crate::worker::{flat, fragment_plan, model_hash, tensor_infos};
 use crate::worker::{InnerLoop, LearnerData};
 use crate::GemmaConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_collective::{Collective, CollectiveOptions, RankConfig, ReduceOp};
-use atoll_coordinator::{ApplyRule, FragmentPlan, TensorInfo};
+use atoll_coordinator::{FragmentPlan, TensorInfo};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -542,21 +542,6 @@ impl InnerLoop for RankedWorker {
     fn values(&mut self, tensors: &[usize]) -> Result<Vec<Vec<f32>>> {
         self.lead(Command::Gather(tensors.to_vec()), None)
             .map(|(_, v)| v)
-    }
-
-    fn apply(
-        &mut self,
-        rule: ApplyRule,
-        tensors: &[usize],
-        values: &[Vec<f32>],
-        rebase_base: Option<&[Vec<f32>]>,
-    ) -> Result<()> {
-        if rule == ApplyRule::Overwrite {
-            return self.overwrite(tensors, values);
-        }
-        let local = self.values(tensors)?;
-        let targets = applied_values(rule, &local, values, rebase_base);
-        self.overwrite(tensors, &targets)
     }
 
     fn overwrite(&mut self, tensors: &[usize], values: &[Vec<f32>]) -> Result<()> {
