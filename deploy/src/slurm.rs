@@ -223,12 +223,11 @@ fn region_script(
     } else {
         shell_quote(launch.address_for(region)?)
     };
-    // Each task is one rank of the learner: srun numbers them, the learner reads RANK etc.
+    // Each task is one rank of the learner: srun numbers them, the learner reads RANK etc. The
+    // ranks share the allocation's one node, so they meet on loopback (the collective between
+    // them is neither authenticated nor encrypted).
     let rank_env = if region.ranks > 1 {
-        let _ = writeln!(
-            out,
-            "export MASTER_ADDR=\"$(hostname)\" MASTER_PORT={RANK_PORT}"
-        );
+        let _ = writeln!(out, "export MASTER_ADDR=127.0.0.1 MASTER_PORT={RANK_PORT}");
         "bash -c 'RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS exec \"$0\" \"$@\"' "
     } else {
         ""

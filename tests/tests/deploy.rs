@@ -427,7 +427,7 @@ fn slurm_scripts_parse_and_carry_the_recipe_s_regions_resources_and_addresses() 
     for needle in [
         "#SBATCH --ntasks=4",
         "#SBATCH --gpus-per-task=1",
-        "export MASTER_ADDR=\"$(hostname)\" MASTER_PORT=29500",
+        "export MASTER_ADDR=127.0.0.1 MASTER_PORT=29500",
         "srun --ntasks=4 --kill-on-bad-exit=1 bash -c 'RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID \
          WORLD_SIZE=$SLURM_NTASKS exec \"$0\" \"$@\"' atoll learner",
         "--ranks 4",
