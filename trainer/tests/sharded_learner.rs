@@ -48,6 +48,29 @@ fn two_ranks(
     )
 }
 
+/// What starting rank r with `recipes[r]` gives on each of two ranks: empty, or the error.
+fn start_errors(recipes: [&Recipe; 2]) -> Vec<String> {
+    let group = local_group(
+        &[Device::Cpu, Device::Cpu],
+        &CollectiveOptions::with_timeout(Duration::from_secs(60)),
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .zip(recipes)
+            .enumerate()
+            .map(|(rank, (c, recipe))| {
+                s.spawn(move || match RankedWorker::new(recipe, c, rank) {
+                    Ok(_) => String::new(),
+                    Err(e) => format!("{e:#}"),
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter()
         .flatten()
@@ -153,25 +176,7 @@ train: {max_steps: 2, batch_size: 3, threads: 1, device: cpu}
         &[],
     )
     .unwrap();
-    let group = local_group(
-        &[Device::Cpu, Device::Cpu],
-        &CollectiveOptions::with_timeout(Duration::from_secs(60)),
-    )
-    .unwrap();
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(rank, c)| {
-                let recipe = &recipe;
-                s.spawn(move || match RankedWorker::new(recipe, c, rank) {
-                    Ok(_) => String::new(),
-                    Err(e) => format!("{e:#}"),
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errors = start_errors([&recipe, &recipe]);
     for e in errors {
         assert!(
             e.contains("3 rows per step do not split over 2 ranks"),
@@ -185,26 +190,7 @@ train: {max_steps: 2, batch_size: 3, threads: 1, device: cpu}
 fn ranks_with_different_recipes_are_refused_at_start() {
     let first = recipe();
     let second = recipe_with(&["train.lr=1.0e-3".to_string()]);
-    let group = local_group(
-        &[Device::Cpu, Device::Cpu],
-        &CollectiveOptions::with_timeout(Duration::from_secs(60)),
-    )
-    .unwrap();
-    let recipes = [first, second];
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .zip(&recipes)
-            .enumerate()
-            .map(|(rank, (c, recipe))| {
-                s.spawn(move || match RankedWorker::new(recipe, c, rank) {
-                    Ok(_) => String::new(),
-                    Err(e) => format!("{e:#}"),
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errors = start_errors([&first, &second]);
     for e in errors {
         assert!(e.contains("must share the recipe"), "{e}");
         assert!(e.contains("ranks disagree on the recipe"), "{e}");
