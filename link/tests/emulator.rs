@@ -330,3 +330,52 @@ fn the_provisioned_controller_keeps_its_window_through_random_loss() {
         t.path.lost_packets
     );
 }
+
+/// `LinkTuning::mtu` lets QUIC probe for datagrams as large as the path carries, and the path
+/// decides: with jumbo frames both ways the transfer moves a few times fewer, larger datagrams;
+/// where the path is narrower than configured, the emulator drops the oversized probes (as a
+/// router would) and QUIC keeps to Ethernet-sized datagrams. Either way every byte arrives.
+#[test]
+fn datagrams_grow_to_the_path_mtu_and_no_further() {
+    const LEN: usize = 8 << 20;
+    let run = |configured: u16, path: u16| {
+        let tuning = LinkTuning {
+            bandwidth_bps: 400e6,
+            rtt: Duration::from_millis(10),
+            congestion: atoll_link::Congestion::Provisioned,
+            mtu: configured,
+            ..LinkTuning::default()
+        };
+        let t = quic_transfer(
+            tuning,
+            |c| {
+                c.rate_bps = Some(400_000_000);
+                c.rtt = Duration::from_millis(10);
+                c.mtu = path;
+            },
+            LEN,
+        );
+        assert!(t.intact, "payload corrupted (mtu {configured} over {path})");
+        let up = t.stats.up;
+        let per_packet = up.forwarded_bytes as f64 / up.forwarded_packets as f64;
+        eprintln!("mtu {configured} over a {path} path: {per_packet:.0} B per datagram, {up:?}");
+        (per_packet, up.dropped_mtu, t.path.lost_packets)
+    };
+    let (jumbo, jumbo_drops, jumbo_lost) = run(9000, 9000);
+    assert!(
+        jumbo > 3000.0,
+        "{jumbo:.0} B per datagram on a 9000-byte path"
+    );
+    assert_eq!(jumbo_drops, 0);
+    // No loss on this link: a lost packet would mean oversized segmentation-offload sends.
+    assert_eq!(jumbo_lost, 0);
+    let (narrow, narrow_drops, _) = run(9000, 1500);
+    assert!(
+        narrow <= 1472.0,
+        "{narrow:.0} B per datagram on a 1500-byte path"
+    );
+    assert!(narrow_drops > 0, "no MTU probe beyond the path was dropped");
+    let (default, default_drops, _) = run(atoll_link::quic::DEFAULT_MTU, 1500);
+    assert!(default <= 1452.0, "{default:.0}");
+    assert_eq!(default_drops, 0, "the default MTU never exceeds Ethernet's");
+}

@@ -654,15 +654,18 @@ impl Net {
                 if current.is_empty() {
                     continue;
                 }
-                for (k, part) in parts.iter().enumerate() {
+                for (k, part) in parts.into_iter().enumerate() {
                     let conn = &current[k % current.len()];
-                    if send_part(conn, &part.header, &part.frame).await.is_ok() {
+                    let len = part.frame.len();
+                    if send_part(conn, &part.header, part.frame.into())
+                        .await
+                        .is_ok()
+                    {
                         counters.up.fetch_add(
-                            (part.frame.len() + atoll_link::data::HEADER_LEN) as u64,
+                            (len + atoll_link::data::HEADER_LEN) as u64,
                             Ordering::Relaxed,
                         );
-                        metrics::counter!("atoll_bytes_up_total")
-                            .increment(part.frame.len() as u64);
+                        metrics::counter!("atoll_bytes_up_total").increment(len as u64);
                     }
                 }
             }

@@ -24,6 +24,8 @@ pub struct Case {
     pub congestion: Congestion,
     /// QUIC connections striped over the link, as `sync.link.connections`.
     pub connections: usize,
+    /// The path MTU: the emulator drops larger datagrams and QUIC probes up to it.
+    pub mtu: u16,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +75,12 @@ pub struct TransportStats {
 }
 
 impl Outcome {
+    /// UDP payload bytes per datagram the client sent towards the server.
+    pub fn bytes_per_packet(&self) -> f64 {
+        let up = &self.emulator.up;
+        up.offered_bytes as f64 / up.offered_packets.max(1) as f64
+    }
+
     pub fn efficiency(&self) -> f64 {
         self.achieved_bps / self.case.rate_bps as f64
     }
@@ -85,12 +93,16 @@ impl Outcome {
             "loss": c.loss,
             "congestion": congestion_name(c.congestion),
             "connections": c.connections,
+            "mtu": c.mtu,
+            "bytes_per_packet": self.bytes_per_packet(),
             "achieved_bps": self.achieved_bps,
             "efficiency": self.efficiency(),
             "endpoint_cpu_s_per_gb": self.endpoint_cpu_s_per_gb,
             "emulator_cpu_s_per_gb": self.emulator_cpu_s_per_gb,
             "dropped_loss": self.emulator.up.dropped_loss + self.emulator.down.dropped_loss,
             "dropped_queue": self.emulator.up.dropped_queue + self.emulator.down.dropped_queue,
+            "dropped_mtu": self.emulator.up.dropped_mtu + self.emulator.down.dropped_mtu,
+            "dropped_send": self.emulator.up.dropped_send + self.emulator.down.dropped_send,
             "sent_packets": self.transport.sent_packets,
             "lost_packets": self.transport.lost_packets,
             "congestion_events": self.transport.congestion_events,
@@ -123,6 +135,7 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
         rtt: case.rtt,
         congestion: case.congestion,
         connections: case.connections,
+        mtu: case.mtu,
         ..LinkTuning::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -132,7 +145,12 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("literal");
-    let frames: Arc<Vec<Vec<u8>>> = Arc::new(frames.to_vec());
+    let frames: Arc<Vec<bytes::Bytes>> = Arc::new(
+        frames
+            .iter()
+            .map(|f| bytes::Bytes::copy_from_slice(f))
+            .collect(),
+    );
     let cpu_start = process_cpu_time();
     let result = runtime.block_on(async {
         let server = server_endpoint(loopback, tls, tuning)?;
@@ -140,6 +158,7 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
         config.rate_bps = Some(case.rate_bps);
         config.rtt = case.rtt;
         config.loss = case.loss;
+        config.mtu = case.mtu;
         config.seed = 7;
         // Its start-up line would interleave with the table.
         let quiet = tracing::Dispatch::none();
@@ -185,7 +204,7 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
                             tensors: 1,
                             frame_len: frame.len() as u32,
                         };
-                        if send_part(&conn, &header, frame).await.is_err() {
+                        if send_part(&conn, &header, frame.clone()).await.is_err() {
                             return;
                         }
                         k += 1;
@@ -265,18 +284,20 @@ pub fn run_all(cases: &[Case], opts: &Options) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
-pub const TABLE_HEADER: &str = "rate      RTT    loss   cc     conns  achieved    of rate  endpoints CPU s/GB  emulator CPU s/GB  drops loss/queue  QUIC lost/congestion";
+pub const TABLE_HEADER: &str = "rate      RTT    loss   cc     conns  MTU    B/pkt  achieved    of rate  endpoints CPU s/GB  emulator CPU s/GB  drops loss/queue  QUIC lost/congestion";
 
 impl Outcome {
     pub fn table_row(&self) -> String {
         let c = &self.case;
         format!(
-            "{:<9} {:<6} {:<6} {:<6} {:>5}  {:>7.2} Gb/s {:>6.1}%  {:>18.2}  {:>17.2}  {:<16}  {}/{}",
+            "{:<9} {:<6} {:<6} {:<6} {:>5}  {:<5} {:>6.0}  {:>7.2} Gb/s {:>6.1}%  {:>18.2}  {:>17.2}  {:<16}  {}/{}",
             format!("{} Gb/s", c.rate_bps as f64 / 1e9),
             format!("{} ms", c.rtt.as_millis()),
             format!("{}%", c.loss * 100.0),
             congestion_name(c.congestion),
             c.connections,
+            c.mtu,
+            self.bytes_per_packet(),
             self.achieved_bps / 1e9,
             self.efficiency() * 100.0,
             self.endpoint_cpu_s_per_gb,
@@ -317,6 +338,7 @@ mod tests {
             loss: 0.0,
             congestion: Congestion::Provisioned,
             connections: 1,
+            mtu: atoll_link::quic::DEFAULT_MTU,
         };
         let opts = Options {
             warmup: Duration::from_millis(300),

@@ -17,5 +17,6 @@ pub fn link_tuning(recipe: &Recipe) -> LinkTuning {
         },
         idle_timeout: Duration::from_secs_f64(recipe.sync.heartbeat_timeout_s.0.max(5.0)),
         connections: l.connections.0,
+        mtu: l.mtu,
     }
 }

@@ -5,6 +5,7 @@ use anyhow::{anyhow, Result};
 use atoll_link::data::HEADER_LEN;
 use atoll_link::PartHeader;
 use atoll_wire::{decode_frame, FrameLimits};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 /// A received part: its header, the decoded values, and the bytes it took on the wire.
@@ -15,15 +16,16 @@ pub type ReceivedPart = (PartHeader, Vec<f32>, u64);
 const RECEIVED_QUEUE: usize = 64;
 
 /// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
-/// (`stopped`) for the peer's acknowledgement.
+/// (`stopped`) for the peer's acknowledgement. The frame is handed to QUIC as it is, not copied
+/// into the stream's send buffer; a frame sent to several peers is shared, not cloned.
 pub async fn send_part(
     conn: &quinn::Connection,
     header: &PartHeader,
-    frame: &[u8],
+    frame: Bytes,
 ) -> Result<quinn::SendStream> {
     let mut s = conn.open_uni().await?;
-    s.write_all(&header.encode()).await?;
-    s.write_all(frame).await?;
+    let mut chunks = [Bytes::copy_from_slice(&header.encode()), frame];
+    s.write_all_chunks(&mut chunks).await?;
     s.finish()?;
     Ok(s)
 }
@@ -162,7 +164,7 @@ mod tests {
                         tensors: PARTS as u32,
                         frame_len: frame.len() as u32,
                     };
-                    send_part(&conn, &header, &frame).await.unwrap();
+                    send_part(&conn, &header, Bytes::from(frame)).await.unwrap();
                 }));
             }
             let mut got = tokio::time::timeout(Duration::from_secs(60), receiver)

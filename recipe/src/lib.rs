@@ -167,6 +167,13 @@ impl Recipe {
                 self.sync.learners.0
             );
         }
+        // QUIC's smallest datagram (1200 bytes) plus IPv6 and UDP headers.
+        if self.sync.link.mtu < 1248 {
+            bail!(
+                "sync.link.mtu: {} bytes is below QUIC's minimum path MTU of 1248 (1200-byte datagrams plus IPv6 and UDP headers)",
+                self.sync.link.mtu
+            );
+        }
         if !(0..=22).contains(&self.sync.zstd_level) {
             bail!(
                 "sync.zstd_level: expected 0 (off) to 22, got {}",
@@ -293,6 +300,13 @@ mod tests {
         assert!(err(base, &["sync.quorum=5", "sync.learners=4"])
             .contains("sync.quorum: expected at most sync.learners (4), got 5"));
         assert!(err(base, &["sync.h=0"]).contains("sync.h: expected a positive integer, got 0"));
+        assert!(err(base, &["sync.link.mtu=1000"])
+            .contains("sync.link.mtu: 1000 bytes is below QUIC's minimum path MTU of 1248"));
+        assert_eq!(
+            parse(base, &["sync.link.mtu=9000"]).unwrap().sync.link.mtu,
+            9000
+        );
+        assert_eq!(parse(base, &[]).unwrap().sync.link.mtu, 1500);
         assert!(err(base, &["sync.codec=int3"]).contains("sync.codec: unknown variant `int3`"));
         assert!(err(base, &["sync.outer_lr=-0.7"])
             .contains("sync.outer_lr: expected a positive number, got -0.7"));

@@ -31,6 +31,10 @@ pub enum BenchCommand {
         /// QUIC connections striped over the link (`sync.link.connections`).
         #[arg(long, value_delimiter = ',', default_value = "1")]
         connections: Vec<usize>,
+        /// Path MTUs in bytes (`sync.link.mtu`): the emulator drops larger datagrams, QUIC probes
+        /// up to it. 9000 for jumbo frames.
+        #[arg(long, value_delimiter = ',', default_value = "1500")]
+        mtus: Vec<u16>,
         /// Time to leave slow start before measuring.
         #[arg(long, default_value = "1.5s")]
         warmup: String,
@@ -84,6 +88,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             losses,
             congestion,
             connections,
+            mtus,
             warmup,
             measure,
             json,
@@ -92,7 +97,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             &rtts,
             &losses,
             &congestion,
-            &connections,
+            (&connections, &mtus),
             (&warmup, &measure),
             json.as_deref(),
         ),
@@ -195,7 +200,7 @@ fn bench_link(
     rtts: &[String],
     losses: &[String],
     congestion: &[CongestionArg],
-    connections: &[usize],
+    (connections, mtus): (&[usize], &[u16]),
     (warmup, measure): (&str, &str),
     json: Option<&Path>,
 ) -> Result<()> {
@@ -219,6 +224,12 @@ fn bench_link(
     if connections.contains(&0) {
         bail!("--connections: at least one connection");
     }
+    if let Some(bad) = mtus.iter().find(|&&m| m < atoll_link::quic::MIN_MTU) {
+        bail!(
+            "--mtus: {bad} bytes is below QUIC's minimum path MTU of {}",
+            atoll_link::quic::MIN_MTU
+        );
+    }
     let opts = Options {
         warmup: parse_duration(warmup).map_err(|e| anyhow!("--warmup: {e}"))?,
         measure: parse_duration(measure).map_err(|e| anyhow!("--measure: {e}"))?,
@@ -232,7 +243,10 @@ fn bench_link(
         for &rtt in &rtts {
             for &loss in &losses {
                 for cc in congestion {
-                    for &conns in connections {
+                    for (&conns, &mtu) in connections
+                        .iter()
+                        .flat_map(|c| mtus.iter().map(move |m| (c, m)))
+                    {
                         cases.push(Case {
                             rate_bps,
                             rtt,
@@ -243,6 +257,7 @@ fn bench_link(
                                 CongestionArg::Provisioned => atoll_link::Congestion::Provisioned,
                             },
                             connections: conns,
+                            mtu,
                         });
                     }
                 }

@@ -33,6 +33,9 @@ pub struct LinkEmulatorArgs {
     outages: Vec<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The path MTU in bytes: larger datagrams are dropped (9000 for jumbo frames).
+    #[arg(long, default_value_t = atoll_link::quic::DEFAULT_MTU)]
+    mtu: u16,
     /// Print counters every this many seconds (0: only at the end).
     #[arg(long, default_value_t = 5)]
     report_every_s: u64,
@@ -52,8 +55,15 @@ pub fn run(args: LinkEmulatorArgs) -> Result<()> {
         queue,
         outages,
         seed,
+        mtu,
         report_every_s,
     } = args;
+    if mtu < atoll_link::quic::MIN_MTU {
+        return Err(anyhow!(
+            "--mtu {mtu}: below QUIC's minimum path MTU of {} bytes",
+            atoll_link::quic::MIN_MTU
+        ));
+    }
     let mut config = EmulatorConfig::new(listen, forward);
     config.rate_bps = rate.as_deref().map(parse_rate).transpose()?;
     config.rtt = parse_duration(&rtt)?;
@@ -61,6 +71,7 @@ pub fn run(args: LinkEmulatorArgs) -> Result<()> {
     config.loss = parse_percent(&loss)?;
     config.queue_limit_bytes = queue.as_deref().map(parse_bytes).transpose()?;
     config.seed = seed;
+    config.mtu = mtu;
     for o in &outages {
         let (at, dur) = o
             .split_once(':')

@@ -80,6 +80,8 @@ pub struct EmulatorConfig {
     pub tick: Duration,
     /// Requested SO_RCVBUF/SO_SNDBUF of the relay's sockets (capped by the kernel).
     pub socket_buffer_bytes: usize,
+    /// The path MTU in bytes: larger datagrams are dropped (see [`model`]).
+    pub mtu: u16,
 }
 
 impl EmulatorConfig {
@@ -98,6 +100,7 @@ impl EmulatorConfig {
             seed: 0,
             tick: Duration::from_micros(100),
             socket_buffer_bytes: 16 << 20,
+            mtu: crate::quic::DEFAULT_MTU,
         }
     }
 
@@ -110,6 +113,7 @@ impl EmulatorConfig {
             queue_limit_bytes: spec.queue_bytes,
             outages: spec.outages.clone(),
             seed: spec.seed.unwrap_or(0),
+            mtu: spec.mtu.unwrap_or(crate::quic::DEFAULT_MTU),
             ..EmulatorConfig::new(listen, forward)
         }
     }
@@ -136,6 +140,7 @@ impl EmulatorConfig {
             queue_limit_bytes: self.queue_limit(),
             burst_bytes: self.burst_bytes,
             outages: self.outages.clone(),
+            mtu: self.mtu as u32,
         }
     }
 

@@ -4,6 +4,9 @@
 //! virtual time and get exact, reproducible answers; the relay feeds it `Instant::elapsed()`.
 //!
 //! Per direction, a packet goes through:
+//! 0. **MTU**: dropped if it would not fit the path's MTU (its payload plus 28 bytes of IPv4 and
+//!    UDP headers), as a router on a path without fragmentation drops it; this is what QUIC's
+//!    path-MTU discovery probes for;
 //! 1. **outage**: dropped if it arrives during a scheduled outage;
 //! 2. **bottleneck queue** (drop-tail): dropped if the bytes still waiting for transmission plus
 //!    this packet exceed `queue_limit_bytes` (a packet arriving at an empty queue always fits);
@@ -43,7 +46,12 @@ pub struct LinkParams {
     /// Depth of the token bucket: bytes that may leave back-to-back after an idle period.
     pub burst_bytes: u64,
     pub outages: Vec<Outage>,
+    /// The largest IP packet the path carries, headers included.
+    pub mtu: u32,
 }
+
+/// IPv4 (20) + UDP (8) headers, which count against the path MTU.
+pub const IPV4_UDP_HEADERS: u32 = 28;
 
 impl Default for LinkParams {
     fn default() -> Self {
@@ -55,12 +63,14 @@ impl Default for LinkParams {
             queue_limit_bytes: u64::MAX,
             burst_bytes: 0,
             outages: Vec::new(),
+            mtu: u32::MAX,
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
+    Mtu,
     Outage,
     Queue,
     Loss,
@@ -81,6 +91,7 @@ pub struct Counters {
     /// Accepted for delivery (scheduled on the delay line).
     pub delivered_packets: u64,
     pub delivered_bytes: u64,
+    pub dropped_mtu: u64,
     pub dropped_outage: u64,
     pub dropped_queue: u64,
     pub dropped_loss: u64,
@@ -147,6 +158,10 @@ impl LinkModel {
         let c = &mut self.counters;
         c.offered_packets += 1;
         c.offered_bytes += len as u64;
+        if (len as u64).saturating_add(IPV4_UDP_HEADERS as u64) > self.params.mtu as u64 {
+            c.dropped_mtu += 1;
+            return Verdict::Drop(DropReason::Mtu);
+        }
         if self.in_outage(now) {
             self.counters.dropped_outage += 1;
             return Verdict::Drop(DropReason::Outage);
@@ -281,6 +296,29 @@ mod tests {
             Verdict::Deliver(t) => t,
             Verdict::Drop(r) => panic!("dropped: {r:?}"),
         }
+    }
+
+    /// A datagram whose IP packet exceeds the MTU never reaches the far end and takes no link time.
+    #[test]
+    fn packets_beyond_the_mtu_are_dropped() {
+        let mut m = LinkModel::new(
+            LinkParams {
+                mtu: 1500,
+                ..eight_mbps()
+            },
+            1,
+        );
+        assert_eq!(at(m.offer(Duration::ZERO, 1472)), 1472 * US + 10 * MS);
+        assert_eq!(
+            m.offer(Duration::ZERO, 1473),
+            Verdict::Drop(DropReason::Mtu)
+        );
+        assert_eq!(m.queued_bytes(Duration::ZERO), 1472);
+        let c = m.counters();
+        assert_eq!(
+            (c.offered_packets, c.delivered_packets, c.dropped_mtu),
+            (2, 1, 1)
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub(crate) struct SharedCounters {
     offered_bytes: AtomicU64,
     forwarded_packets: AtomicU64,
     forwarded_bytes: AtomicU64,
+    dropped_mtu: AtomicU64,
     dropped_outage: AtomicU64,
     dropped_queue: AtomicU64,
     dropped_loss: AtomicU64,
@@ -57,6 +58,8 @@ pub struct DirectionStats {
     /// Datagrams sent on to the far end.
     pub forwarded_packets: u64,
     pub forwarded_bytes: u64,
+    /// Datagrams larger than the path MTU (QUIC's MTU probes beyond it).
+    pub dropped_mtu: u64,
     pub dropped_outage: u64,
     pub dropped_queue: u64,
     pub dropped_loss: u64,
@@ -75,6 +78,7 @@ impl SharedCounters {
             offered_bytes: self.offered_bytes.load(Relaxed),
             forwarded_packets: self.forwarded_packets.load(Relaxed),
             forwarded_bytes: self.forwarded_bytes.load(Relaxed),
+            dropped_mtu: self.dropped_mtu.load(Relaxed),
             dropped_outage: self.dropped_outage.load(Relaxed),
             dropped_queue: self.dropped_queue.load(Relaxed),
             dropped_loss: self.dropped_loss.load(Relaxed),
@@ -87,6 +91,7 @@ impl SharedCounters {
     fn publish(&self, model: &Counters, local: &LocalCounters, in_flight: u64) {
         self.offered_packets.store(model.offered_packets, Relaxed);
         self.offered_bytes.store(model.offered_bytes, Relaxed);
+        self.dropped_mtu.store(model.dropped_mtu, Relaxed);
         self.dropped_outage.store(model.dropped_outage, Relaxed);
         self.dropped_queue.store(model.dropped_queue, Relaxed);
         self.dropped_loss.store(model.dropped_loss, Relaxed);

@@ -211,6 +211,17 @@ pub fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
     with(d, parse_bytes).map(Some)
 }
 
+pub fn de_mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let mtu = u16::deserialize(d)?;
+    if mtu < crate::quic::MIN_MTU {
+        return Err(serde::de::Error::custom(format!(
+            "mtu {mtu} is below QUIC's minimum path MTU of {} bytes",
+            crate::quic::MIN_MTU
+        )));
+    }
+    Ok(Some(mtu))
+}
+
 /// A scheduled outage: from `at` (time since the emulator started) for `duration`, every packet
 /// in either direction is dropped, as when a region is partitioned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -250,6 +261,10 @@ pub struct LinkSpec {
     pub queue_bytes: Option<u64>,
     #[serde(default)]
     pub outages: Vec<Outage>,
+    /// The path MTU in bytes (IP packet, headers included); absent: 1500. Larger datagrams are
+    /// dropped.
+    #[serde(default, deserialize_with = "de_mtu")]
+    pub mtu: Option<u16>,
     /// Seed of the loss and jitter draws; absent: 0 (runs are reproducible by default).
     #[serde(default)]
     pub seed: Option<u64>,
@@ -332,6 +347,12 @@ mod tests {
         let empty: LinkSpec = serde_yaml::from_str("{}").unwrap();
         assert_eq!(empty, LinkSpec::default());
         let zero: LinkSpec = serde_yaml::from_str("{loss: 0, jitter: 0, queue: 65536}").unwrap();
+        let jumbo: LinkSpec = serde_yaml::from_str("{mtu: 9000}").unwrap();
+        assert_eq!(jumbo.mtu, Some(9000));
+        let e = serde_yaml::from_str::<LinkSpec>("{mtu: 576}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mtu 576 is below"), "{e}");
         assert_eq!(zero.queue_bytes, Some(65536));
         // Errors name the field and the problem.
         let e = serde_yaml::from_str::<LinkSpec>("{rate: 2gbs}")

@@ -97,7 +97,7 @@ impl Core {
                     frame_len: frame.len() as u32,
                 };
                 let conn = &conns[k % conns.len()];
-                match send_part(conn, &header, &frame).await {
+                match send_part(conn, &header, bytes::Bytes::from(frame)).await {
                     Ok(stream) => streams.push(stream),
                     Err(e) => {
                         tracing::debug!("sending fragment {p} to learner {learner}: {e}");
