@@ -15,7 +15,7 @@ use atoll_store::{CheckpointStore, ResumeFrom};
 use atoll_trainer::recipe::{RankParallelism, Recipe};
 use atoll_trainer::sharded::worker::RankedWorker;
 use atoll_trainer::worker::{InnerLoop, Worker};
-use atoll_wire::{encode_frame, ErrorFeedback, DEFAULT_BLOCK};
+use atoll_wire::{encode_frame, frame_encoded, ErrorFeedback, DEFAULT_BLOCK};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -436,7 +436,10 @@ impl LearnerState {
                         for (k, values) in local.iter().enumerate() {
                             let delta: Vec<f32> =
                                 anchor[k].iter().zip(values).map(|(a, x)| a - x).collect();
-                            let delta = if recipe.sync.error_feedback {
+                            // With error feedback the codec's bytes come from the feedback
+                            // state (which keeps what they leave out); they are framed as they
+                            // are rather than decoded and encoded again.
+                            let frame = if recipe.sync.error_feedback {
                                 let mut buf = Vec::new();
                                 self.feedback[p][k].encode(
                                     codec,
@@ -444,19 +447,22 @@ impl LearnerState {
                                     DEFAULT_BLOCK,
                                     &mut buf,
                                 )?;
-                                let mut q = vec![0.0; delta.len()];
-                                atoll_wire::decode(codec, &buf, DEFAULT_BLOCK, &mut q)?;
-                                q
+                                frame_encoded(
+                                    codec,
+                                    DEFAULT_BLOCK as u32,
+                                    &[delta.len() as u64],
+                                    buf,
+                                    recipe.sync.zstd_level,
+                                )?
                             } else {
-                                delta
+                                encode_frame(
+                                    codec,
+                                    DEFAULT_BLOCK as u32,
+                                    &[delta.len() as u64],
+                                    &delta,
+                                    recipe.sync.zstd_level,
+                                )?
                             };
-                            let frame = encode_frame(
-                                codec,
-                                DEFAULT_BLOCK as u32,
-                                &[delta.len() as u64],
-                                &delta,
-                                recipe.sync.zstd_level,
-                            )?;
                             parts.push(Outgoing {
                                 header: PartHeader {
                                     kind: PartKind::Contribution,

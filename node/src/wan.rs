@@ -43,6 +43,7 @@ fn direction_json(d: &DirectionStats) -> serde_json::Value {
         "dropped_loss": d.dropped_loss,
         "dropped_queue": d.dropped_queue,
         "dropped_outage": d.dropped_outage,
+        "dropped_mtu": d.dropped_mtu,
         "dropped_send": d.dropped_send,
         "cpu_s": d.cpu_time.as_secs_f64(),
     })
@@ -57,12 +58,13 @@ pub fn stats_line(s: &EmulatorStats, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64().max(1e-9);
     let dir = |name: &str, d: &DirectionStats| {
         format!(
-            "{name} {:.1} MB ({:.1} Mbit/s), dropped loss/queue/outage {}/{}/{}",
+            "{name} {:.1} MB ({:.1} Mbit/s), dropped loss/queue/outage/mtu {}/{}/{}/{}",
             d.forwarded_bytes as f64 / 1e6,
             d.forwarded_bytes as f64 * 8.0 / secs / 1e6,
             d.dropped_loss,
             d.dropped_queue,
-            d.dropped_outage
+            d.dropped_outage,
+            d.dropped_mtu
         )
     };
     format!(

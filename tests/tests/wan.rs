@@ -1,6 +1,8 @@
 //! Emulated WAN links as a user meets them: `atoll run` with `sync.wan` puts a userspace link
 //! between each learner and the coordinator, and `atoll link-emulator` relays any UDP traffic.
-//! The run applies broadcasts with `rebase`, so the learners' kept-work path runs end to end.
+//! The run applies broadcasts with `rebase`, so the learners' kept-work path runs end to end; its
+//! learners send 2-bit contributions with error feedback, and one region's path carries jumbo
+//! frames.
 
 use atoll_system_tests::{atoll, free_port, stderr, wait_until};
 use std::net::UdpSocket;
@@ -24,10 +26,12 @@ sync:
   fragments: 2
   h: 8
   apply: rebase
-  link: {bandwidth_gbps: 0.2, latency_ms: 20}
+  codec: int2
+  error_feedback: true
+  link: {bandwidth_gbps: 0.2, latency_ms: 20, mtu: 9000}
   wan:
     all: {rate: 200mbps, rtt: 40ms}
-    west: {rate: 200mbps, rtt: 40ms, loss: 0.1%}
+    west: {rate: 200mbps, rtt: 40ms, loss: 0.1%, mtu: 1500}
 ",
     )
     .unwrap();
@@ -46,6 +50,26 @@ sync:
         assert!(down > 4_200_000, "{region}: {link}");
         assert!(up > 100_000, "{region}: {link}");
     }
+    // QUIC grows its datagrams to what each path carries (`sync.link.mtu: 9000`): east's link
+    // takes the recipe's jumbo MTU, west's own entry keeps Ethernet's, and drops the probes.
+    let per_packet = |region: &str, dir: &str| {
+        let d = &summary["wan"][region][dir];
+        d["forwarded_bytes"].as_f64().unwrap() / d["forwarded_packets"].as_f64().unwrap()
+    };
+    assert!(per_packet("east", "down") > 2000.0, "{}", summary["wan"]);
+    assert!(per_packet("west", "down") <= 1472.0, "{}", summary["wan"]);
+    assert!(
+        summary["wan"]["west"]["down"]["dropped_mtu"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(summary["wan"]["east"]["down"]["dropped_mtu"], 0);
+    let eval = summary["final_eval_loss"].as_f64().unwrap();
+    assert!(
+        eval.is_finite() && eval < 6.0,
+        "2-bit contributions with error feedback: {eval}"
+    );
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
     // Under `rebase` a learner left out of a round keeps its work and the last rounds merge it,
     // so (almost) every token reaches the global model. Not exactly: a contribution merged in a
