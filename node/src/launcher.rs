@@ -184,10 +184,7 @@ async fn drive(
     let data_port: SocketAddr = address.parse()?;
     let mut emulators = BTreeMap::new();
     for (region, spec) in crate::wan::links(&opts.recipe)? {
-        let mut config = EmulatorConfig::from_spec("127.0.0.1:0".parse()?, data_port, &spec);
-        if spec.mtu.is_none() {
-            config.mtu = opts.recipe.sync.link.mtu;
-        }
+        let config = EmulatorConfig::from_spec("127.0.0.1:0".parse()?, data_port, &spec);
         let emulator = Emulator::start(config)
             .with_context(|| format!("starting the emulated link of region {region}"))?;
         emulators.insert(region, emulator);

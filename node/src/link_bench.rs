@@ -10,6 +10,7 @@ use atoll_link::emulator::{process_cpu_time, Emulator, EmulatorConfig, EmulatorS
 use atoll_link::quic::{client_endpoint, connect, server_endpoint};
 use atoll_link::{Congestion, JobTls, LinkTuning, PartHeader, PartKind};
 use atoll_wire::{encode_frame, synthetic_outer_gradient, Codec, DEFAULT_BLOCK};
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -111,11 +112,12 @@ impl Outcome {
 }
 
 /// A few e3m0 frames of outer-gradient-like values.
-pub fn sample_frames(values: usize, count: usize) -> Result<Vec<Vec<u8>>> {
+pub fn sample_frames(values: usize, count: usize) -> Result<Vec<Bytes>> {
     (0..count as u64)
         .map(|k| {
             let v = synthetic_outer_gradient(values, 0x9e37_79b9_7f4a_7c15 ^ k);
             encode_frame(Codec::E3M0, DEFAULT_BLOCK as u32, &[values as u64], &v, 0)
+                .map(Bytes::from)
                 .map_err(|e| anyhow!("encoding a sample frame: {e}"))
         })
         .collect()
@@ -123,7 +125,7 @@ pub fn sample_frames(values: usize, count: usize) -> Result<Vec<Vec<u8>>> {
 
 /// Runs one case on loopback: the emulator between a client and a server, for
 /// `warmup + measure`, with the job TLS material in `tls`.
-pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) -> Result<Outcome> {
+pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Bytes]) -> Result<Outcome> {
     if case.connections == 0 || frames.is_empty() {
         return Err(anyhow!(
             "a link case needs at least one connection and one frame"
@@ -145,12 +147,7 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Vec<u8>]) ->
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("literal");
-    let frames: Arc<Vec<bytes::Bytes>> = Arc::new(
-        frames
-            .iter()
-            .map(|f| bytes::Bytes::copy_from_slice(f))
-            .collect(),
-    );
+    let frames: Arc<Vec<Bytes>> = Arc::new(frames.to_vec());
     let cpu_start = process_cpu_time();
     let result = runtime.block_on(async {
         let server = server_endpoint(loopback, tls, tuning)?;

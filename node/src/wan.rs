@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Each region's link: its own `sync.wan` entry, else `sync.wan.all`; regions without either
-/// are not emulated.
+/// are not emulated. Unset seeds and MTUs are filled in from the recipe.
 pub fn links(recipe: &Recipe) -> Result<BTreeMap<String, LinkSpec>> {
     let parse = |key: &str, value: &serde_yaml::Value| -> Result<LinkSpec> {
         let mut spec: LinkSpec =
@@ -21,6 +21,8 @@ pub fn links(recipe: &Recipe) -> Result<BTreeMap<String, LinkSpec>> {
                 .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
             spec.seed = Some(recipe.seed ^ region_hash);
         }
+        // The path QUIC is tuned for, unless the link says otherwise.
+        spec.mtu.get_or_insert(recipe.sync.link.mtu);
         Ok(spec)
     };
     let wan = &recipe.sync.wan;

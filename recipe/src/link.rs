@@ -20,7 +20,7 @@ pub struct LinkSection {
     pub congestion: CongestionChoice,
     /// The path MTU in bytes (IP packet, headers included). QUIC probes for datagrams up to it:
     /// 9000 (or a cloud VPC's 8896) where the path carries jumbo frames cuts the data plane's
-    /// packets, and so its CPU per byte, about sixfold. Too high costs nothing but a few lost
+    /// datagrams about fourfold and its CPU per byte about in half. Too high costs nothing but a few lost
     /// probes; an emulated link (`sync.wan`) carries this MTU unless its own `mtu` says otherwise.
     #[serde(default = "defaults::mtu")]
     pub mtu: u16,

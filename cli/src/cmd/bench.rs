@@ -224,11 +224,8 @@ fn bench_link(
     if connections.contains(&0) {
         bail!("--connections: at least one connection");
     }
-    if let Some(bad) = mtus.iter().find(|&&m| m < atoll_link::quic::MIN_MTU) {
-        bail!(
-            "--mtus: {bad} bytes is below QUIC's minimum path MTU of {}",
-            atoll_link::quic::MIN_MTU
-        );
+    for &mtu in mtus {
+        atoll_link::quic::check_mtu(mtu).map_err(|e| anyhow!("--mtus: {e}"))?;
     }
     let opts = Options {
         warmup: parse_duration(warmup).map_err(|e| anyhow!("--warmup: {e}"))?,
@@ -243,22 +240,23 @@ fn bench_link(
         for &rtt in &rtts {
             for &loss in &losses {
                 for cc in congestion {
-                    for (&conns, &mtu) in connections
-                        .iter()
-                        .flat_map(|c| mtus.iter().map(move |m| (c, m)))
-                    {
-                        cases.push(Case {
-                            rate_bps,
-                            rtt,
-                            loss,
-                            congestion: match cc {
-                                CongestionArg::Cubic => atoll_link::Congestion::Cubic,
-                                CongestionArg::Bbr => atoll_link::Congestion::Bbr,
-                                CongestionArg::Provisioned => atoll_link::Congestion::Provisioned,
-                            },
-                            connections: conns,
-                            mtu,
-                        });
+                    for &conns in connections {
+                        for &mtu in mtus {
+                            cases.push(Case {
+                                rate_bps,
+                                rtt,
+                                loss,
+                                congestion: match cc {
+                                    CongestionArg::Cubic => atoll_link::Congestion::Cubic,
+                                    CongestionArg::Bbr => atoll_link::Congestion::Bbr,
+                                    CongestionArg::Provisioned => {
+                                        atoll_link::Congestion::Provisioned
+                                    }
+                                },
+                                connections: conns,
+                                mtu,
+                            });
+                        }
                     }
                 }
             }

@@ -58,12 +58,7 @@ pub fn run(args: LinkEmulatorArgs) -> Result<()> {
         mtu,
         report_every_s,
     } = args;
-    if mtu < atoll_link::quic::MIN_MTU {
-        return Err(anyhow!(
-            "--mtu {mtu}: below QUIC's minimum path MTU of {} bytes",
-            atoll_link::quic::MIN_MTU
-        ));
-    }
+    let mtu = atoll_link::quic::check_mtu(mtu).map_err(|e| anyhow!("--mtu: {e}"))?;
     let mut config = EmulatorConfig::new(listen, forward);
     config.rate_bps = rate.as_deref().map(parse_rate).transpose()?;
     config.rtt = parse_duration(&rtt)?;

@@ -213,13 +213,9 @@ pub fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
 
 pub fn de_mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     let mtu = u16::deserialize(d)?;
-    if mtu < crate::quic::MIN_MTU {
-        return Err(serde::de::Error::custom(format!(
-            "mtu {mtu} is below QUIC's minimum path MTU of {} bytes",
-            crate::quic::MIN_MTU
-        )));
-    }
-    Ok(Some(mtu))
+    crate::quic::check_mtu(mtu)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("mtu {e}")))
 }
 
 /// A scheduled outage: from `at` (time since the emulator started) for `duration`, every packet
