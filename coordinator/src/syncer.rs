@@ -219,6 +219,8 @@ struct LearnerState {
     heartbeat_seq: u64,
     /// Vector clock: the version of each fragment last sent to this learner.
     clock: Vec<u64>,
+    /// Per fragment, the base version and counters of this learner's latest merged contribution.
+    last_merged: BTreeMap<usize, (u64, Progress)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
@@ -360,6 +362,7 @@ impl Syncer {
                         step_time_s: None,
                         heartbeat_seq: 0,
                         clock: l.clock,
+                        last_merged: BTreeMap::new(),
                     },
                 )
             })
@@ -566,10 +569,12 @@ impl Syncer {
             step_time_s: None,
             heartbeat_seq: 0,
             clock: clock.clone(),
+            last_merged: BTreeMap::new(),
         });
         entry.active = true;
         entry.clock = clock;
         entry.last_report = None;
+        entry.last_merged.clear(); // its contributions are measured from the catch-up on
         let fragments = self
             .fragments
             .iter()
@@ -880,24 +885,20 @@ impl Syncer {
         let values = frag.theta.clone();
         self.sync_time_s = ema(self.sync_time_s, now - round.pulled_at);
         self.stats.merges += 1;
+        let contributors = contributions
+            .iter()
+            .zip(&weights)
+            .map(|(c, w)| {
+                let new = self.newly_merged(c);
+                (c.learner, *w, new.c_steps, new.c_tokens, c.base_version)
+            })
+            .collect();
         self.merge_log.push(MergeRecord {
             fragment: p,
             round: round.round,
             version,
             at: now,
-            contributors: contributions
-                .iter()
-                .zip(&weights)
-                .map(|(c, w)| {
-                    (
-                        c.learner,
-                        *w,
-                        c.progress.c_steps,
-                        c.progress.c_tokens,
-                        c.base_version,
-                    )
-                })
-                .collect(),
+            contributors,
             quorum_wait_s: round.quorum_at.map_or(0.0, |q| q - round.opened_at),
             grace_s: round.grace_s,
             average,
@@ -914,6 +915,29 @@ impl Syncer {
             values,
             to,
         });
+    }
+
+    /// The work a merged contribution adds to what this learner's earlier merged contributions
+    /// of the fragment reported, which is what the merge log and the job's tokens-merged count.
+    /// A learner pulled again before it applied the broadcast answering its previous pull still
+    /// measures Δ and its counters from the same anchor, so the counters include the steps that
+    /// pull already reported (the syncer re-anchors Δ itself, so the model holds them once).
+    /// Counters from one anchor only grow: the difference is the new work.
+    fn newly_merged(&mut self, c: &Contribution) -> Progress {
+        let Some(learner) = self.learners.get_mut(&c.learner) else {
+            return c.progress;
+        };
+        let new = match learner.last_merged.get(&c.fragment) {
+            Some((base, earlier)) if *base == c.base_version => Progress {
+                c_steps: c.progress.c_steps.saturating_sub(earlier.c_steps),
+                c_tokens: c.progress.c_tokens.saturating_sub(earlier.c_tokens),
+            },
+            _ => c.progress,
+        };
+        learner
+            .last_merged
+            .insert(c.fragment, (c.base_version, c.progress));
+        new
     }
 
     fn mark_absent(

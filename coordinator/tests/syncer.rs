@@ -403,3 +403,36 @@ fn the_final_round_averages_the_learners_without_momentum() {
     let outer = theta_after_flush(FinalStep::Outer);
     assert!(outer[0] < -0.2 && outer[1] < -0.9, "{outer:?}");
 }
+
+/// A learner pulled again before it applied the broadcast answering its previous pull measures
+/// both contributions from the same anchor: the merge log counts the steps they share once, while
+/// the merge still weighs each contribution by all the work its Δ holds.
+#[test]
+fn work_reported_by_two_pulls_from_one_anchor_is_merged_once() {
+    let mut s = syncer(1, 0.0);
+    join_all(&mut s, &[1]);
+    let mut merged = |s: &mut Syncer, now: f64, step: u64, round: u64, base: u64, steps: u64| {
+        let a = report_since(s, now, 1, step, steps);
+        assert_eq!(pulls(&a), vec![1], "round {round} pulls at step {step}");
+        let a = s.handle(now + 0.1, contribution(1, round, base, [0.1, 0.1], steps));
+        assert!(broadcast(&a).is_some(), "round {round} merges");
+        let record = s.merge_log().last().unwrap().clone();
+        (
+            record.contributors[0].1,
+            record.contributors[0].2,
+            record.contributors[0].3,
+        )
+    };
+    assert_eq!(merged(&mut s, 4.0, 4, 1, 0, 4), (40000.0, 4, 400));
+    // Version 1 has not reached the learner: its second Δ is still measured from version 0 and
+    // its counters hold all 8 steps since then.
+    assert_eq!(merged(&mut s, 8.0, 8, 2, 0, 8), (80000.0, 4, 400));
+    // Version 2 applied at step 8 (counters reset): the next 4 steps are all new.
+    assert_eq!(merged(&mut s, 12.0, 12, 3, 2, 4), (40000.0, 4, 400));
+    let tokens: u64 = s
+        .merge_log()
+        .iter()
+        .flat_map(|r| r.contributors.iter().map(|c| c.3))
+        .sum();
+    assert_eq!(tokens, 1200, "12 steps of 100 tokens");
+}
