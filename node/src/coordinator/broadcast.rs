@@ -7,6 +7,7 @@ use atoll_coordinator::LearnerId;
 use atoll_link::data::HEADER_LEN;
 use atoll_link::{PartHeader, PartKind};
 use atoll_wire::{encode_frame, frame_encoded, Codec, DEFAULT_BLOCK};
+use bytes::Bytes;
 
 impl Core {
     /// Fragment sends in flight to one learner at most.
@@ -33,42 +34,52 @@ impl Core {
             m.sent[p] = None;
             return;
         };
-        let update = self.syncer.broadcast_update(p, version).cloned();
         let shapes: Vec<u64> = self.plan.fragments[p]
             .tensors
             .iter()
             .map(|&t| self.plan.tensors[t].elements())
             .collect();
-        let (kind, base, frames) = match update {
-            Some(u) if !full && m.sent[p] == Some(u.base_version) => {
-                let frames: Result<Vec<Vec<u8>>, _> = u
-                    .tensors
-                    .iter()
-                    .zip(&shapes)
-                    .map(|(bytes, &n)| {
-                        frame_encoded(
-                            u.codec,
-                            DEFAULT_BLOCK as u32,
-                            &[n],
-                            bytes.clone(),
-                            self.zstd_level,
-                        )
-                    })
-                    .collect();
-                (PartKind::Update, u.base_version, frames)
+        let holds_base = |base: u64| !full && m.sent[p] == Some(base);
+        let framed = match self.syncer.broadcast_update(p, version) {
+            Some(u) if holds_base(u.base_version) => {
+                let cached = self.framed_updates[p]
+                    .as_ref()
+                    .filter(|(v, _)| *v == version)
+                    .map(|(_, frames)| frames.clone());
+                let frames = match cached {
+                    Some(frames) => Ok(frames),
+                    None => u
+                        .tensors
+                        .iter()
+                        .zip(&shapes)
+                        .map(|(bytes, &n)| {
+                            frame_encoded(
+                                u.codec,
+                                DEFAULT_BLOCK as u32,
+                                &[n],
+                                bytes.clone(),
+                                self.zstd_level,
+                            )
+                            .map(Bytes::from)
+                        })
+                        .collect::<Result<Vec<Bytes>, _>>()
+                        .inspect(|frames| self.framed_updates[p] = Some((version, frames.clone()))),
+                };
+                frames.map(|f| (PartKind::Update, u.base_version, f))
             }
             _ => {
                 let values = self.syncer.fragment_values(p);
-                let frames: Result<Vec<Vec<u8>>, _> = values
+                values
                     .iter()
                     .zip(&shapes)
-                    .map(|(v, &n)| encode_frame(Codec::F32, DEFAULT_BLOCK as u32, &[n], v, 0))
-                    .collect();
-                (PartKind::Full, version, frames)
+                    .map(|(v, &n)| {
+                        encode_frame(Codec::F32, DEFAULT_BLOCK as u32, &[n], v, 0).map(Bytes::from)
+                    })
+                    .collect::<Result<Vec<Bytes>, _>>()
+                    .map(|f| (PartKind::Full, version, f))
             }
         };
-        let _ = self.down_codec;
-        let frames = match frames {
+        let (kind, base, frames) = match framed {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!("encoding fragment {p} for learner {learner}: {e}");
@@ -97,7 +108,7 @@ impl Core {
                     frame_len: frame.len() as u32,
                 };
                 let conn = &conns[k % conns.len()];
-                match send_part(conn, &header, bytes::Bytes::from(frame)).await {
+                match send_part(conn, &header, frame).await {
                     Ok(stream) => streams.push(stream),
                     Err(e) => {
                         tracing::debug!("sending fragment {p} to learner {learner}: {e}");

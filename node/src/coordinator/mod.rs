@@ -140,8 +140,10 @@ struct Core {
     /// When the first learner joined: goodput counts the learners' training window, from then
     /// to the end of the last rounds, not the coordinator's start-up or its final evaluation.
     training_since: Option<Instant>,
-    down_codec: Codec,
     zstd_level: i32,
+    /// Per fragment, the newest encoded update framed for the wire (version, one frame per
+    /// tensor): framed (and zstd-compressed) once, sent to every learner holding its base.
+    framed_updates: Vec<Option<(u64, Vec<bytes::Bytes>)>>,
     data_port: u16,
     run_dir: PathBuf,
     merges_log: std::io::BufWriter<std::fs::File>,
@@ -238,8 +240,8 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     );
     let s = &recipe.sync;
     let mut core = Core {
-        down_codec: s.down_codec.unwrap_or(s.codec).codec(),
         zstd_level: s.zstd_level,
+        framed_updates: vec![None; plan.len()],
         recipe: recipe.clone(),
         syncer,
         plan,
