@@ -169,7 +169,8 @@ pub struct MergeRecord {
     pub round: u64,
     pub version: u64,
     pub at: f64,
-    /// (learner, weight, c_steps, c_tokens, base_version)
+    /// (learner, weight, steps, tokens, base_version): the steps and tokens this merge added to
+    /// what the learner's earlier merged contributions reported (see `newly_merged`).
     pub contributors: Vec<(LearnerId, f64, u64, u64, u64)>,
     pub quorum_wait_s: f64,
     pub grace_s: f64,
