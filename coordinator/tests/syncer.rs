@@ -411,7 +411,7 @@ fn the_final_round_averages_the_learners_without_momentum() {
 fn work_reported_by_two_pulls_from_one_anchor_is_merged_once() {
     let mut s = syncer(1, 0.0);
     join_all(&mut s, &[1]);
-    let mut merged = |s: &mut Syncer, now: f64, step: u64, round: u64, base: u64, steps: u64| {
+    let merged = |s: &mut Syncer, now: f64, step: u64, round: u64, base: u64, steps: u64| {
         let a = report_since(s, now, 1, step, steps);
         assert_eq!(pulls(&a), vec![1], "round {round} pulls at step {step}");
         let a = s.handle(now + 0.1, contribution(1, round, base, [0.1, 0.1], steps));
