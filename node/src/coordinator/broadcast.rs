@@ -3,7 +3,7 @@
 
 use super::Core;
 use crate::parts::send_part;
-use atoll_coordinator::LearnerId;
+use atoll_coordinator::{EncodedUpdate, LearnerId};
 use atoll_link::data::HEADER_LEN;
 use atoll_link::{PartHeader, PartKind};
 use atoll_wire::{encode_frame, frame_encoded, Codec, DEFAULT_BLOCK};
@@ -39,34 +39,15 @@ impl Core {
             .iter()
             .map(|&t| self.plan.tensors[t].elements())
             .collect();
-        let holds_base = |base: u64| !full && m.sent[p] == Some(base);
         let framed = match self.syncer.broadcast_update(p, version) {
-            Some(u) if holds_base(u.base_version) => {
-                let cached = self.framed_updates[p]
-                    .as_ref()
-                    .filter(|(v, _)| *v == version)
-                    .map(|(_, frames)| frames.clone());
-                let frames = match cached {
-                    Some(frames) => Ok(frames),
-                    None => u
-                        .tensors
-                        .iter()
-                        .zip(&shapes)
-                        .map(|(bytes, &n)| {
-                            frame_encoded(
-                                u.codec,
-                                DEFAULT_BLOCK as u32,
-                                &[n],
-                                bytes.clone(),
-                                self.zstd_level,
-                            )
-                            .map(Bytes::from)
-                        })
-                        .collect::<Result<Vec<Bytes>, _>>()
-                        .inspect(|frames| self.framed_updates[p] = Some((version, frames.clone()))),
-                };
-                frames.map(|f| (PartKind::Update, u.base_version, f))
-            }
+            Some(u) if !full && m.sent[p] == Some(u.base_version) => frame_update_once(
+                &mut self.framed_updates[p],
+                version,
+                u,
+                &shapes,
+                self.zstd_level,
+            )
+            .map(|f| (PartKind::Update, u.base_version, f)),
             _ => {
                 let values = self.syncer.fragment_values(p);
                 values
@@ -123,4 +104,37 @@ impl Core {
             }
         });
     }
+}
+
+/// The wire frames of an encoded update, framed (and compressed) on the first send of `version`
+/// and shared by every later one, which `slot` keeps.
+fn frame_update_once(
+    slot: &mut Option<(u64, Vec<Bytes>)>,
+    version: u64,
+    update: &EncodedUpdate,
+    shapes: &[u64],
+    zstd_level: i32,
+) -> Result<Vec<Bytes>, atoll_wire::WireError> {
+    if let Some((v, frames)) = slot {
+        if *v == version {
+            return Ok(frames.clone());
+        }
+    }
+    let frames = update
+        .tensors
+        .iter()
+        .zip(shapes)
+        .map(|(bytes, &n)| {
+            frame_encoded(
+                update.codec,
+                DEFAULT_BLOCK as u32,
+                &[n],
+                bytes.clone(),
+                zstd_level,
+            )
+            .map(Bytes::from)
+        })
+        .collect::<Result<Vec<Bytes>, _>>()?;
+    *slot = Some((version, frames.clone()));
+    Ok(frames)
 }
