@@ -49,6 +49,21 @@ pub struct SyncerConfig {
     /// syncer applies the same quantised update to its own Θ, so learners and syncer agree bit
     /// for bit on every version.
     pub broadcast_codec: Option<atoll_wire::Codec>,
+    /// Carry each broadcast's quantisation error into the fragment's next update (error
+    /// feedback on the down-link), so Θ tracks the unquantised outer steps instead of drifting
+    /// from them by one rounding per round.
+    pub broadcast_error_feedback: bool,
+}
+
+impl SyncerConfig {
+    /// A zero residual per tensor where broadcasts carry error feedback, none otherwise.
+    fn fresh_residual(&self, theta: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        if self.broadcast_error_feedback && self.broadcast_codec.is_some() {
+            theta.iter().map(|v| vec![0.0; v.len()]).collect()
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 impl Default for SyncerConfig {
@@ -69,6 +84,7 @@ impl Default for SyncerConfig {
             heartbeat_timeout_s: 60.0,
             version_history: 4,
             broadcast_codec: None,
+            broadcast_error_feedback: false,
         }
     }
 }
@@ -209,6 +225,9 @@ struct FragmentState {
     next_round: u64,
     open: Option<Round>,
     last_update: Option<EncodedUpdate>,
+    /// Per tensor, what the broadcasts so far left out of the outer steps (empty without
+    /// `broadcast_error_feedback`).
+    residual: Vec<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -248,14 +267,44 @@ const EMA: f64 = 0.3;
 /// reconstruct from the broadcast update, so both sides hold the same Θ.
 /// Returns the encoded update, which is what goes on the wire: a learner holding `old` decodes it
 /// and adds it with [`apply_update`], landing on the same bits.
-fn quantise_update(codec: atoll_wire::Codec, old: &[f32], new: &mut [f32]) -> Option<Vec<u8>> {
-    let update: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
+/// Replaces `new` by `old + Q(new − old + residual)`, Q being the codec's round trip: what learners
+/// reconstruct from the broadcast update, so both sides hold the same Θ.
+/// Returns the encoded update, which is what goes on the wire: a learner holding `old` decodes it
+/// and adds it with [`apply_update`], landing on the same bits.
+/// With a residual (error feedback), what Q left out is carried to the next update.
+fn quantise_update(
+    codec: atoll_wire::Codec,
+    old: &[f32],
+    new: &mut [f32],
+    residual: Option<&mut Vec<f32>>,
+) -> Option<Vec<u8>> {
+    let mut update: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
+    if let Some(r) = residual.as_deref() {
+        for (u, r) in update.iter_mut().zip(r) {
+            *u += r;
+        }
+    }
     let mut bytes = Vec::new();
     // The update is finite (contributions with NaN/Inf were rejected), so the codec accepts it.
-    atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes).ok()?;
+    let encoded = atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes);
     let mut quantised = vec![0.0f32; update.len()];
-    atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised).ok()?;
+    let decoded = encoded.and_then(|()| {
+        atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised)
+    });
+    let Some(residual) = residual else {
+        decoded.ok()?;
+        apply_update(old, &quantised, new);
+        return Some(bytes);
+    };
+    if decoded.is_err() {
+        // Θ takes the exact step (sent as full values), which owes nothing.
+        residual.fill(0.0);
+        return None;
+    }
     apply_update(old, &quantised, new);
+    for ((r, u), q) in residual.iter_mut().zip(&update).zip(&quantised) {
+        *r = u - q;
+    }
     Some(bytes)
 }
 
@@ -283,6 +332,8 @@ pub struct FragmentSnapshot {
     pub next_round: u64,
     pub theta: FragmentValues,
     pub momentum: Vec<Vec<f32>>,
+    /// The broadcast error-feedback residual per tensor; empty when the job runs without it.
+    pub residual: Vec<Vec<f32>>,
 }
 
 /// What survives a coordinator restart, per learner: it comes back absent and rejoins.
@@ -306,6 +357,7 @@ impl Syncer {
             .map(|f| {
                 let theta: Vec<Vec<f32>> = f.tensors.iter().map(|&t| initial[t].clone()).collect();
                 let momentum = theta.iter().map(|v| vec![0.0; v.len()]).collect();
+                let residual = config.fresh_residual(&theta);
                 FragmentState {
                     theta: Arc::new(theta),
                     momentum,
@@ -314,6 +366,7 @@ impl Syncer {
                     next_round: 1,
                     open: None,
                     last_update: None,
+                    residual,
                 }
             })
             .collect();
@@ -341,14 +394,24 @@ impl Syncer {
     ) -> Self {
         let fragments = fragments
             .into_iter()
-            .map(|f| FragmentState {
-                theta: f.theta,
-                momentum: f.momentum,
-                version: f.version,
-                history: VecDeque::new(),
-                next_round: f.next_round,
-                open: None,
-                last_update: None,
+            .map(|f| {
+                // A state saved without a residual (or by a job that ran without error feedback)
+                // resumes owing nothing.
+                let residual = if f.residual.is_empty() {
+                    config.fresh_residual(&f.theta)
+                } else {
+                    f.residual
+                };
+                FragmentState {
+                    theta: f.theta,
+                    momentum: f.momentum,
+                    version: f.version,
+                    history: VecDeque::new(),
+                    next_round: f.next_round,
+                    open: None,
+                    last_update: None,
+                    residual,
+                }
             })
             .collect();
         let learners = learners
@@ -386,6 +449,7 @@ impl Syncer {
             next_round: f.next_round,
             theta: f.theta.clone(),
             momentum: f.momentum.clone(),
+            residual: f.residual.clone(),
         }
     }
 
@@ -864,7 +928,8 @@ impl Syncer {
                     .step(values, &mut frag.momentum[k], &merged);
             }
             if let Some(codec) = self.config.broadcast_codec {
-                encoded.push(quantise_update(codec, &frag.theta[k], values));
+                let residual = frag.residual.get_mut(k);
+                encoded.push(quantise_update(codec, &frag.theta[k], values, residual));
             }
         }
         frag.last_update = match (

@@ -1,7 +1,7 @@
 //! The coordinator's persisted state, written at every fragment boundary (after a merge, before
 //! its broadcast leaves, so no learner ever holds a version the saved state lacks):
-//! `<run dir>/state/fragment-<p>.safetensors` (Θ_p and its outer momentum, version and next
-//! round in the metadata) and `<run dir>/state/coordinator.json` (regions, learners' clocks and
+//! `<run dir>/state/fragment-<p>.safetensors` (Θ_p, its outer momentum and, with down-link error
+//! feedback, the broadcast residual; version and next round in the metadata) and `<run dir>/state/coordinator.json` (regions, learners' clocks and
 //! steps, counters). Every file is written to a temporary name and renamed.
 
 use anyhow::{anyhow, Context, Result};
@@ -52,7 +52,14 @@ impl StateStore {
     pub fn save_fragment(&self, p: usize, f: &FragmentSnapshot) -> Result<()> {
         let theta: Vec<Vec<u8>> = f.theta.iter().map(|v| f32_bytes(v)).collect();
         let momentum: Vec<Vec<u8>> = f.momentum.iter().map(|v| f32_bytes(v)).collect();
+        let residual: Vec<Vec<u8>> = f.residual.iter().map(|v| f32_bytes(v)).collect();
         let mut views = Vec::new();
+        for (k, r) in residual.iter().enumerate() {
+            views.push((
+                format!("residual.{k}"),
+                TensorView::new(Dtype::F32, vec![r.len() / 4], r)?,
+            ));
+        }
         for (k, (t, m)) in theta.iter().zip(&momentum).enumerate() {
             let n = t.len() / 4;
             views.push((
@@ -111,20 +118,61 @@ impl StateStore {
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect())
             };
-            let count = st.names().len() / 2;
+            let count = st
+                .names()
+                .iter()
+                .filter(|n| n.starts_with("theta."))
+                .count();
             let theta = (0..count)
                 .map(|k| read(format!("theta.{k}")))
                 .collect::<Result<Vec<_>>>()?;
             let momentum = (0..count)
                 .map(|k| read(format!("momentum.{k}")))
                 .collect::<Result<Vec<_>>>()?;
+            let has_residual = st.names().iter().any(|n| n.starts_with("residual."));
+            let residual = if has_residual {
+                (0..count)
+                    .map(|k| read(format!("residual.{k}")))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
             snaps.push(FragmentSnapshot {
                 version: field("version")?,
                 next_round: field("next_round")?,
                 theta: Arc::new(theta),
                 momentum,
+                residual,
             });
         }
         Ok(Some((state, snaps)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(residual: Vec<Vec<f32>>) -> FragmentSnapshot {
+        FragmentSnapshot {
+            version: 7,
+            next_round: 9,
+            theta: Arc::new(vec![vec![1.0, -2.5], vec![0.25]]),
+            momentum: vec![vec![0.5, 0.0], vec![-1.0]],
+            residual,
+        }
+    }
+
+    #[test]
+    fn fragments_round_trip_with_and_without_a_residual() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path()).unwrap();
+        store.save(&CoordinatorState::default()).unwrap();
+        let with = snapshot(vec![vec![0.125, -0.0625], vec![3.0e-5]]);
+        let without = snapshot(Vec::new());
+        store.save_fragment(0, &with).unwrap();
+        store.save_fragment(1, &without).unwrap();
+        let (_, loaded) = store.load(2).unwrap().unwrap();
+        assert_eq!(loaded, vec![with, without]);
     }
 }

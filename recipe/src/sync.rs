@@ -109,8 +109,13 @@ pub struct SyncSection {
     /// zstd level on top of the codec (0: off).
     #[serde(default)]
     pub zstd_level: i32,
+    /// Learners carry what the up-link codec rounded away into their next contribution.
     #[serde(default)]
     pub error_feedback: bool,
+    /// The syncer carries what the down-link codec rounded away into the fragment's next
+    /// broadcast (no effect with an f32 down-link).
+    #[serde(default)]
+    pub down_error_feedback: bool,
     /// Streaming DiLoCo's α (θ ← α·θ_local + (1 − α)·Θ); absent: `apply` decides.
     #[serde(default)]
     pub mix_alpha: Option<Fraction>,

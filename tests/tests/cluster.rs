@@ -23,7 +23,7 @@ model: {{preset: gemma3-tiny}}
 data: {{corpus: builtin:tinyshakespeare, tokenizer: {{vocab_size: 512}}, seq_len: 32}}
 train: {{max_steps: {MAX_STEPS}, batch_size: 4, lr: 3.0e-3, warmup_steps: 10, eval_batches: 2, threads: 1, device: cpu}}
 run: {{save_final: false}}
-sync: {{learners: {learners}, fragments: 2, h: 8, tau: 2, quorum: 1, outer_lr: 1.0, outer_momentum: 0.5, codec: e3m0, zstd_level: 3, heartbeat_timeout_s: 2}}
+sync: {{learners: {learners}, fragments: 2, h: 8, tau: 2, quorum: 1, outer_lr: 1.0, outer_momentum: 0.5, codec: e3m0, down_error_feedback: true, zstd_level: 3, heartbeat_timeout_s: 2}}
 "
         ),
     )

@@ -170,6 +170,7 @@ fn syncer_config(recipe: &Recipe) -> SyncerConfig {
         heartbeat_timeout_s: s.heartbeat_timeout_s.0,
         version_history: 4,
         broadcast_codec: (down != Codec::F32).then_some(down),
+        broadcast_error_feedback: s.down_error_feedback,
     }
 }
 

@@ -76,6 +76,7 @@ pub(super) fn simulate_diloco_family(
                 .fold(f64::INFINITY, f64::min),
         version_history: 4,
         broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
+        broadcast_error_feedback: sync.down_error_feedback,
     };
     let apply_rule = sync.apply_rule();
     let mut syncer = Syncer::new(config, plan.clone(), &initial);
