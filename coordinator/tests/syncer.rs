@@ -441,7 +441,18 @@ fn work_reported_by_two_pulls_from_one_anchor_is_merged_once() {
 /// exact f32. Returns the syncer after `rounds` merges.
 fn constant_rounds(codec: Option<atoll_wire::Codec>, error_feedback: bool, rounds: u64) -> Syncer {
     let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
-    let config = SyncerConfig {
+    let mut s = Syncer::new(
+        broadcast_config(codec, error_feedback),
+        plan,
+        &[vec![1.0, 1.0]],
+    );
+    join_all(&mut s, &[1]);
+    run_rounds(&mut s, 1..=rounds);
+    s
+}
+
+fn broadcast_config(codec: Option<atoll_wire::Codec>, error_feedback: bool) -> SyncerConfig {
+    SyncerConfig {
         h: 4,
         quorum: 1,
         grace_gamma: 0.0,
@@ -452,11 +463,7 @@ fn constant_rounds(codec: Option<atoll_wire::Codec>, error_feedback: bool, round
         broadcast_codec: codec,
         broadcast_error_feedback: error_feedback,
         ..SyncerConfig::default()
-    };
-    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
-    join_all(&mut s, &[1]);
-    run_rounds(&mut s, 1..=rounds);
-    s
+    }
 }
 
 fn run_rounds(s: &mut Syncer, rounds: std::ops::RangeInclusive<u64>) {
@@ -523,18 +530,7 @@ fn a_restored_syncer_keeps_the_broadcast_residual() {
         if !residual {
             snapshot.residual.clear();
         }
-        let config = SyncerConfig {
-            h: 4,
-            quorum: 1,
-            grace_gamma: 0.0,
-            outer: OuterOptimizer {
-                lr: 0.7,
-                momentum: 0.5,
-            },
-            broadcast_codec: int2,
-            broadcast_error_feedback: true,
-            ..SyncerConfig::default()
-        };
+        let config = broadcast_config(int2, true);
         let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
         let mut s = Syncer::restore(
             config,
