@@ -263,15 +263,11 @@ pub struct Syncer {
 
 const EMA: f64 = 0.3;
 
-/// Replaces `new` by `old + Q(new − old)`, Q being the codec's round trip: what learners
-/// reconstruct from the broadcast update, so both sides hold the same Θ.
-/// Returns the encoded update, which is what goes on the wire: a learner holding `old` decodes it
-/// and adds it with [`apply_update`], landing on the same bits.
-/// Replaces `new` by `old + Q(new − old + residual)`, Q being the codec's round trip: what learners
-/// reconstruct from the broadcast update, so both sides hold the same Θ.
-/// Returns the encoded update, which is what goes on the wire: a learner holding `old` decodes it
-/// and adds it with [`apply_update`], landing on the same bits.
-/// With a residual (error feedback), what Q left out is carried to the next update.
+/// Replaces `new` by `old + Q(new − old + residual)`, Q being the codec's round trip: what
+/// learners reconstruct from the broadcast update, so both sides hold the same Θ. Returns the
+/// encoded update, which is what goes on the wire: a learner holding `old` decodes it and adds it
+/// with [`apply_update`], landing on the same bits. With a residual (error feedback), what Q left
+/// out becomes the residual carried into the next update; without one it is lost.
 fn quantise_update(
     codec: atoll_wire::Codec,
     old: &[f32],
@@ -285,25 +281,24 @@ fn quantise_update(
         }
     }
     let mut bytes = Vec::new();
-    // The update is finite (contributions with NaN/Inf were rejected), so the codec accepts it.
-    let encoded = atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes);
     let mut quantised = vec![0.0f32; update.len()];
-    let decoded = encoded.and_then(|()| {
-        atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised)
-    });
-    let Some(residual) = residual else {
-        decoded.ok()?;
-        apply_update(old, &quantised, new);
-        return Some(bytes);
-    };
-    if decoded.is_err() {
+    // The update is finite (contributions with NaN/Inf were rejected), so the codec accepts it.
+    let round_trip = atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes)
+        .and_then(|()| {
+            atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised)
+        });
+    if round_trip.is_err() {
         // Θ takes the exact step (sent as full values), which owes nothing.
-        residual.fill(0.0);
+        if let Some(r) = residual {
+            r.fill(0.0);
+        }
         return None;
     }
     apply_update(old, &quantised, new);
-    for ((r, u), q) in residual.iter_mut().zip(&update).zip(&quantised) {
-        *r = u - q;
+    if let Some(r) = residual {
+        for ((r, u), q) in r.iter_mut().zip(&update).zip(&quantised) {
+            *r = u - q;
+        }
     }
     Some(bytes)
 }

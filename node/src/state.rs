@@ -1,8 +1,9 @@
 //! The coordinator's persisted state, written at every fragment boundary (after a merge, before
 //! its broadcast leaves, so no learner ever holds a version the saved state lacks):
 //! `<run dir>/state/fragment-<p>.safetensors` (Θ_p, its outer momentum and, with down-link error
-//! feedback, the broadcast residual; version and next round in the metadata) and `<run dir>/state/coordinator.json` (regions, learners' clocks and
-//! steps, counters). Every file is written to a temporary name and renamed.
+//! feedback, the broadcast residual; version and next round in the metadata) and
+//! `<run dir>/state/coordinator.json` (regions, learners' clocks and steps, counters). Every file
+//! is written to a temporary name and renamed.
 
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{FragmentSnapshot, LearnerSnapshot, SyncerStats};
