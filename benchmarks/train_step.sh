@@ -4,8 +4,9 @@
 # the ratio (transformers time / Atoll time; >= 1.0 means Atoll is at least as fast).
 # Usage: PYTHON=/path/to/venv/python benchmarks/train_step.sh   (or `make bench-train-step`)
 # Env: THREADS (default: all cores), BATCH (8), SEQ (256), STEPS (10), PRESET (gemma3-bench),
-# ROUNDS (3): the two implementations run alternately ROUNDS times and each keeps its best median,
-# so a background hiccup on a shared machine does not decide the ratio.
+# ROUNDS (3): the two implementations run alternately ROUNDS times (which goes first alternates
+# too) and each keeps its best median, so a background hiccup on a shared machine does not decide
+# the ratio; each round's own ratio and their median are printed beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -16,9 +17,12 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
 "$ATOLL" model init "$PRESET" --out "$WORK/model" --seed 0 >/dev/null
+ours() { "$ATOLL" bench train-step --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null >> "$WORK/ours.jsonl"; }
+theirs() { "$PYTHON" benchmarks/train_step.py --model "$WORK/model" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | tail -1 >> "$WORK/theirs.jsonl"; }
+# Which side goes first alternates too: in runs where Atoll always went first, transformers'
+# fastest round was always its last, so a fixed order can favour the side that runs second.
 for round in $(seq "$ROUNDS"); do
-    "$ATOLL" bench train-step --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null >> "$WORK/ours.jsonl"
-    "$PYTHON" benchmarks/train_step.py --model "$WORK/model" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | tail -1 >> "$WORK/theirs.jsonl"
+    if (( round % 2 )); then ours; theirs; else theirs; ours; fi
 done
 
 "$PYTHON" - "$WORK/ours.jsonl" "$WORK/theirs.jsonl" "$PRESET" <<'PY'
@@ -34,4 +38,10 @@ print(f"  {'implementation':<50} {'ms/step':>10} {'tokens/s':>10}")
 print(f"  {'atoll (tch, libtorch 2.11)':<50} {ours['median_ms']:>10.1f} {ours['tokens_per_s']:>10.0f}")
 print(f"  {theirs['impl']:<50} {theirs['median_ms']:>10.1f} {theirs['tokens_per_s']:>10.0f}")
 print(f"  ratio (transformers ms / atoll ms): {theirs['median_ms'] / ours['median_ms']:.2f}")
+# Both sides of one round share the machine's state at that time, so the per-round ratio is
+# less exposed to drift between rounds than the ratio of the two bests.
+paired = sorted(t / o for o, t in zip(ours_all, theirs_all))
+mid = len(paired) // 2
+median = paired[mid] if len(paired) % 2 else (paired[mid - 1] + paired[mid]) / 2
+print(f"  per-round ratios: {[round(r, 2) for r in paired]}, median {median:.2f}")
 PY
