@@ -19,18 +19,18 @@ trap 'rm -rf "$WORK"' EXIT
 "$ATOLL" model init "$PRESET" --out "$WORK/model" --seed 0 >/dev/null
 ours() { "$ATOLL" bench train-step --preset "$PRESET" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null >> "$WORK/ours.jsonl"; }
 theirs() { "$PYTHON" benchmarks/train_step.py --model "$WORK/model" --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | tail -1 >> "$WORK/theirs.jsonl"; }
-# Which side goes first alternates too: in runs where Atoll always went first, transformers'
-# fastest round was always its last, so a fixed order can favour the side that runs second.
+# Which side goes first alternates too, so neither always runs on the machine the other warmed.
 for round in $(seq "$ROUNDS"); do
     if (( round % 2 )); then ours; theirs; else theirs; ours; fi
 done
 
 "$PYTHON" - "$WORK/ours.jsonl" "$WORK/theirs.jsonl" "$PRESET" <<'PY'
-import json, sys
-def best(path):
-    runs = [json.loads(l) for l in open(path)]
-    return min(runs, key=lambda r: r["median_ms"]), [round(r["median_ms"]) for r in runs]
-(ours, ours_all), (theirs, theirs_all), preset = best(sys.argv[1]), best(sys.argv[2]), sys.argv[3]
+import json, statistics, sys
+def load_runs(path):
+    return [json.loads(l) for l in open(path)]
+ours_runs, theirs_runs, preset = load_runs(sys.argv[1]), load_runs(sys.argv[2]), sys.argv[3]
+ours, theirs = (min(runs, key=lambda r: r["median_ms"]) for runs in (ours_runs, theirs_runs))
+ours_all, theirs_all = ([round(r["median_ms"]) for r in runs] for runs in (ours_runs, theirs_runs))
 print(f"training step, preset {preset}: batch {ours['batch']} x seq {ours['seq']}, {ours['threads']} threads,"
       f" best of {len(ours_all)} alternating rounds of {ours['steps']} timed steps (median per round)")
 print(f"  per-round medians, ms: atoll {ours_all}, transformers {theirs_all}")
@@ -40,8 +40,6 @@ print(f"  {theirs['impl']:<50} {theirs['median_ms']:>10.1f} {theirs['tokens_per_
 print(f"  ratio (transformers ms / atoll ms): {theirs['median_ms'] / ours['median_ms']:.2f}")
 # Both sides of one round share the machine's state at that time, so the per-round ratio is
 # less exposed to drift between rounds than the ratio of the two bests.
-paired = sorted(t / o for o, t in zip(ours_all, theirs_all))
-mid = len(paired) // 2
-median = paired[mid] if len(paired) % 2 else (paired[mid - 1] + paired[mid]) / 2
-print(f"  per-round ratios: {[round(r, 2) for r in paired]}, median {median:.2f}")
+paired = sorted(t["median_ms"] / o["median_ms"] for o, t in zip(ours_runs, theirs_runs))
+print(f"  per-round ratios: {[round(r, 2) for r in paired]}, median {statistics.median(paired):.2f}")
 PY
