@@ -6,6 +6,8 @@ use atoll_link::emulator::{Emulator, EmulatorConfig, Outage};
 use atoll_link::quic::{client_endpoint, connect, server_endpoint};
 use atoll_link::{JobTls, LinkTuning};
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn loopback() -> SocketAddr {
@@ -216,19 +218,40 @@ struct Transfer {
 
 /// Sends `len` bytes on one stream from a client to a server tuned by `tuning`, through an
 /// emulator configured by `link`; bounded by 60 s.
+/// A job's TLS material (in a directory removed on drop) and a runtime for QUIC endpoints.
+struct QuicFixture {
+    _dir: tempfile::TempDir,
+    tls: JobTls,
+    ca: Vec<u8>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl QuicFixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tls =
+            JobTls::load_or_create(dir.path(), "emulator-test", &["127.0.0.1".into()]).unwrap();
+        let ca = std::fs::read(&tls.ca_cert).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        QuicFixture {
+            _dir: dir,
+            tls,
+            ca,
+            rt,
+        }
+    }
+}
+
 fn quic_transfer(
     tuning: LinkTuning,
     link: impl FnOnce(&mut EmulatorConfig),
     len: usize,
 ) -> Transfer {
-    let dir = tempfile::tempdir().unwrap();
-    let tls = JobTls::load_or_create(dir.path(), "emulator-test", &["127.0.0.1".into()]).unwrap();
-    let ca = std::fs::read(&tls.ca_cert).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let QuicFixture { _dir, tls, ca, rt } = QuicFixture::new();
     rt.block_on(async {
         let server = server_endpoint(loopback(), &tls, tuning).unwrap();
         let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
@@ -384,4 +407,74 @@ fn datagrams_grow_to_the_path_mtu_and_no_further() {
     let (default, default_drops, _) = run(atoll_link::quic::DEFAULT_MTU, 1500);
     assert!(default <= 1452.0, "{default:.0}");
     assert_eq!(default_drops, 0, "the default MTU never exceeds Ethernet's");
+}
+
+/// Streams written together are sent in the order they were written, not interleaved: a
+/// learner's first parts reach the coordinator whole (and can be decoded) while later parts of
+/// the same fragment are still on the wire. With QUIC's round-robin the two parts below would
+/// finish within a packet of each other.
+#[test]
+fn parts_written_together_arrive_one_after_another() {
+    // A frame part's size (`node/src/parts.rs`), within one stream's flow-control window.
+    const LEN: usize = 512 << 10;
+    let tuning = LinkTuning {
+        bandwidth_bps: 200e6,
+        rtt: Duration::from_millis(10),
+        congestion: atoll_link::Congestion::Provisioned,
+        ..LinkTuning::default()
+    };
+    let QuicFixture { _dir, tls, ca, rt } = QuicFixture::new();
+    let other_when_first_done = rt.block_on(async {
+        let server = server_endpoint(loopback(), &tls, tuning).unwrap();
+        let mut config = EmulatorConfig::new(loopback(), server.local_addr().unwrap());
+        config.rate_bps = Some(200_000_000);
+        config.rtt = Duration::from_millis(10);
+        let emulator = Emulator::start(config).unwrap();
+        let received = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let counts = received.clone();
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let (finished_tx, mut finished) = tokio::sync::mpsc::unbounded_channel();
+            for _ in 0..2 {
+                let mut stream = conn.accept_uni().await.unwrap();
+                let (counts, finished_tx) = (counts.clone(), finished_tx.clone());
+                tokio::spawn(async move {
+                    let index = usize::try_from(stream.id().index()).unwrap();
+                    while let Some(chunk) = stream.read_chunk(usize::MAX, false).await.unwrap() {
+                        counts[index].fetch_add(chunk.bytes.len(), SeqCst);
+                    }
+                    finished_tx.send(index).unwrap();
+                });
+            }
+            let first = finished.recv().await.unwrap();
+            let other = counts[1 - first].load(SeqCst);
+            finished.recv().await.unwrap();
+            conn.close(0u32.into(), b"done");
+            other
+        });
+        let client = client_endpoint(&ca, tuning, loopback()).unwrap();
+        let conn = connect(&client, emulator.local_addr()).await.unwrap();
+        let payload = vec![0x5au8; LEN];
+        let (mut a, mut b) = (
+            conn.open_uni().await.unwrap(),
+            conn.open_uni().await.unwrap(),
+        );
+        let (ra, rb) = tokio::join!(a.write_all(&payload), b.write_all(&payload));
+        ra.unwrap();
+        rb.unwrap();
+        a.finish().unwrap();
+        b.finish().unwrap();
+        let other = tokio::time::timeout(Duration::from_secs(60), accept)
+            .await
+            .expect("transfer within 60 s")
+            .unwrap();
+        assert_eq!(received[0].load(SeqCst), LEN);
+        assert_eq!(received[1].load(SeqCst), LEN);
+        emulator.stop();
+        other
+    });
+    assert!(
+        other_when_first_done < LEN / 2,
+        "the second part had {other_when_first_done} of {LEN} bytes when the first was complete"
+    );
 }
