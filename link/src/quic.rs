@@ -102,14 +102,15 @@ impl LinkTuning {
         t.mtu_discovery_config(Some(mtu));
         // The peer acknowledges every tenth packet rather than every second one (QUIC's
         // ACK-frequency extension): below saturation each ACK costs both endpoints a wake-up,
-        // and at 1–2 Gbit/s with jumbo frames that cut their CPU per GB by 20–40%
+        // and at 1–2 Gbit/s with jumbo frames that cut their CPU per GB by 20–35%
         // (benchmarks/README.md). Losses and reordering are still acknowledged at once.
         let mut ack = quinn::AckFrequencyConfig::default();
         ack.ack_eliciting_threshold(VarInt::from_u32(ACK_EVERY_PACKETS - 1));
         t.ack_frequency_config(Some(ack));
-        // Parts go out in the order they were written rather than round-robin: each part then
-        // arrives whole as early as it can (and is decoded while the next is on the wire), and
-        // packets carry one stream's data, which cut the endpoints' CPU per GB by 7–20%.
+        // Parts go out in the order they were written rather than round-robin: each part within
+        // a stream's flow-control window then arrives whole as early as it can (and is decoded
+        // while the next is on the wire), and packets carry one stream's data, which cut the
+        // endpoints' CPU per GB by 7–20%.
         t.send_fairness(false);
         if let Ok(idle) = self.idle_timeout.try_into() {
             t.max_idle_timeout(Some(idle));
