@@ -84,7 +84,7 @@ bench-train-step: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/train_step.sh
 
 bench-codecs: build
-	$(ATOLL) bench codecs
+	benchmarks/codecs.sh
 
 bench-link: build
 	$(ATOLL) bench link

@@ -86,6 +86,23 @@ fn every_mode_trains_and_decoupled_sends_far_fewer_bytes_than_ddp() {
     );
 }
 
+/// zstd is lossless: the same trajectory, bit for bit, and fewer bytes counted both ways, the
+/// broadcasts as `atoll run` frames them (one compressed frame per tensor of the update).
+#[test]
+fn zstd_changes_the_bytes_both_ways_and_nothing_else() {
+    let wire = [
+        "sync.codec=int2",
+        "sync.error_feedback=true",
+        "sync.down_error_feedback=true",
+    ];
+    let (plain, _) = run(&wire);
+    let (zstd, _) = run(&[&wire[..], &["sync.zstd_level=3"]].concat());
+    assert_eq!(plain.final_eval_loss, zstd.final_eval_loss);
+    assert_eq!(plain.merged_tokens, zstd.merged_tokens);
+    assert!(zstd.bytes_up < plain.bytes_up, "{zstd:?} vs {plain:?}");
+    assert!(zstd.bytes_down < plain.bytes_down, "{zstd:?} vs {plain:?}");
+}
+
 /// The sanity check of the DiLoCo family: one learner that syncs every fragment every step with
 /// plain averaging (outer lr 1, no momentum) and an exact wire is plain training. With `rebase`
 /// the steps taken while a fragment is in flight survive the broadcast, so the global model

@@ -214,13 +214,29 @@ pub fn encode(
                 let scale = absmax(chunk);
                 out.extend_from_slice(&scale.to_le_bytes());
                 let inv = if scale > 0.0 { 1.5 / scale } else { 0.0 };
-                for quad in chunk.chunks(4) {
-                    let mut byte = 0u8;
-                    for (i, v) in quad.iter().enumerate() {
-                        let q = (v * inv + 1.5).round().clamp(0.0, 3.0) as u8;
-                        byte |= q << (2 * i);
-                    }
-                    out.push(byte);
+                // The nearest of the levels −1.5, −0.5, 0.5, 1.5 (in steps) by counting the
+                // midpoints −1, 0, 1 at or below the value: ties go up, as rounding half away
+                // from zero does after the +1.5 shift, and the comparisons vectorise.
+                let code = |v: f32| {
+                    let y = v * inv;
+                    (y >= -1.0) as u8 + (y >= 0.0) as u8 + (y >= 1.0) as u8
+                };
+                let mut quads = chunk.chunks_exact(4);
+                for quad in &mut quads {
+                    out.push(
+                        code(quad[0])
+                            | code(quad[1]) << 2
+                            | code(quad[2]) << 4
+                            | code(quad[3]) << 6,
+                    );
+                }
+                let rest = quads.remainder();
+                if !rest.is_empty() {
+                    out.push(
+                        rest.iter()
+                            .enumerate()
+                            .fold(0u8, |byte, (i, v)| byte | code(*v) << (2 * i)),
+                    );
                 }
             }
         }
@@ -297,11 +313,19 @@ pub fn decode(
             let mut pos = 0;
             for chunk in out.chunks_mut(block) {
                 let step = read_scale(&payload[pos..])? / 1.5;
+                let table = INT2_LEVELS.map(|l| l * step);
                 pos += 4;
                 let bytes = &payload[pos..pos + chunk.len().div_ceil(4)];
-                for (i, o) in chunk.iter_mut().enumerate() {
-                    let q = (bytes[i / 4] >> (2 * (i % 4))) & 3;
-                    *o = INT2_LEVELS[q as usize] * step;
+                let mut quads = chunk.chunks_exact_mut(4);
+                for (quad, &byte) in (&mut quads).zip(bytes) {
+                    quad[0] = table[(byte & 3) as usize];
+                    quad[1] = table[((byte >> 2) & 3) as usize];
+                    quad[2] = table[((byte >> 4) & 3) as usize];
+                    quad[3] = table[(byte >> 6) as usize];
+                }
+                let last = bytes[bytes.len() - 1];
+                for (i, o) in quads.into_remainder().iter_mut().enumerate() {
+                    *o = table[((last >> (2 * i)) & 3) as usize];
                 }
                 pos += bytes.len();
             }

@@ -9,13 +9,22 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Encode and decode throughput of each wire codec on one core, in GB/s of f32 input.
+    /// Each wire codec's error and its encode and decode throughput on one core, in GB/s of f32
+    /// input; with zstd, what it saves and what whole frames then cost.
     Codecs {
         /// Values per tensor (f32).
         #[arg(long, default_value_t = 16 << 20)]
         values: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// zstd level for the frame columns (0 leaves them out).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
+        zstd_level: i32,
+        /// Real outer-gradient values instead of synthetic ones: FROM − TO over every tensor the
+        /// two checkpoints share (`model.safetensors` files or directories holding one), for
+        /// example two checkpoints of `atoll train` H steps apart.
+        #[arg(long, value_name = "FROM,TO", value_delimiter = ',')]
+        outer_gradient: Option<Vec<PathBuf>>,
     },
     /// The data plane through the userspace WAN emulator: achieved vs configured rate and CPU
     /// per GB for every combination of the lists given (see benchmarks/README.md).
@@ -81,7 +90,20 @@ pub fn run(command: BenchCommand) -> Result<()> {
             threads,
         } => bench_train_step(&name, batch, seq, warmup, steps, threads),
         BenchCommand::LoraStep(args) => super::finetune::bench_lora_step(args),
-        BenchCommand::Codecs { values, repeats } => bench_codecs(values, repeats),
+        BenchCommand::Codecs {
+            values,
+            repeats,
+            zstd_level,
+            outer_gradient,
+        } => {
+            let values = match outer_gradient.as_deref() {
+                Some([from, to]) => checkpoint_difference(from, to)?,
+                Some(_) => bail!("--outer-gradient takes two checkpoints: FROM,TO"),
+                None if values == 0 => bail!("--values must be positive"),
+                None => atoll_wire::synthetic_outer_gradient(values, 0x2545_f491_4f6c_dd1d),
+            };
+            bench_codecs(&values, repeats, zstd_level)
+        }
         BenchCommand::Link {
             rates,
             rtts,
@@ -163,34 +185,116 @@ fn bench_train_step(
     Ok(())
 }
 
-fn bench_codecs(n: usize, repeats: usize) -> Result<()> {
-    use atoll_wire::{decode, encode, ALL_CODECS, DEFAULT_BLOCK};
-    let values = atoll_wire::synthetic_outer_gradient(n, 0x2545_f491_4f6c_dd1d);
+/// FROM − TO, tensor by tensor in name order, over the floating-point tensors both checkpoints
+/// hold with the same shape.
+fn checkpoint_difference(from: &Path, to: &Path) -> Result<Vec<f32>> {
+    let load = |path: &Path| -> Result<std::collections::BTreeMap<String, Tensor>> {
+        let file = if path.is_dir() {
+            path.join("model.safetensors")
+        } else {
+            path.to_path_buf()
+        };
+        Ok(Tensor::read_safetensors(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .into_iter()
+            .collect())
+    };
+    let (from_tensors, to_tensors) = (load(from)?, load(to)?);
+    let mut values = Vec::new();
+    for (name, a) in &from_tensors {
+        let Some(b) = to_tensors.get(name) else {
+            continue;
+        };
+        if a.size() != b.size() || !a.is_floating_point() {
+            continue;
+        }
+        let delta = (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).flatten(0, -1);
+        values.extend(Vec::<f32>::try_from(&delta)?);
+    }
+    if values.is_empty() {
+        bail!(
+            "{} and {} share no floating-point tensor of equal shape",
+            from.display(),
+            to.display()
+        );
+    }
+    if values.iter().all(|v| *v == 0.0) {
+        bail!(
+            "{} and {} hold the same weights",
+            from.display(),
+            to.display()
+        );
+    }
+    Ok(values)
+}
+
+fn bench_codecs(values: &[f32], repeats: usize, zstd_level: i32) -> Result<()> {
+    use atoll_wire::DEFAULT_BLOCK;
+    use atoll_wire::{decode, decode_frame, encode, encode_frame, FrameLimits, ALL_CODECS};
+    let n = values.len();
     let gb = (n * 4) as f64 / 1e9;
-    println!(
-        "{:<6} {:>10} {:>14} {:>14}",
-        "codec", "bits/value", "encode GB/s", "decode GB/s"
+    let best_of = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats.max(1) {
+            let start = std::time::Instant::now();
+            f()?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let energy: f64 = values.iter().map(|v| (*v as f64).powi(2)).sum();
+    print!(
+        "{:<6} {:>10} {:>10} {:>12} {:>12}",
+        "codec", "bits/value", "rel. error", "encode GB/s", "decode GB/s"
     );
+    if zstd_level > 0 {
+        print!(
+            " {:>16} {:>18} {:>18}",
+            format!("zstd {zstd_level} bits/val"),
+            "frame+zstd enc GB/s",
+            "frame+zstd dec GB/s"
+        );
+    }
+    println!();
     for codec in ALL_CODECS {
         let mut buf = Vec::new();
         let mut out = vec![0.0f32; n];
-        let (mut enc, mut dec) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..repeats.max(1) {
+        let enc = best_of(&mut || {
             buf.clear();
-            let start = std::time::Instant::now();
-            encode(codec, &values, DEFAULT_BLOCK, &mut buf)?;
-            enc = enc.min(start.elapsed().as_secs_f64());
-            let start = std::time::Instant::now();
-            decode(codec, &buf, DEFAULT_BLOCK, &mut out)?;
-            dec = dec.min(start.elapsed().as_secs_f64());
-        }
-        println!(
-            "{:<6} {:>10.3} {:>14.2} {:>14.2}",
+            Ok(encode(codec, values, DEFAULT_BLOCK, &mut buf)?)
+        })?;
+        let dec = best_of(&mut || Ok(decode(codec, &buf, DEFAULT_BLOCK, &mut out)?))?;
+        let error: f64 = out
+            .iter()
+            .zip(values)
+            .map(|(o, v)| ((o - v) as f64).powi(2))
+            .sum();
+        print!(
+            "{:<6} {:>10.3} {:>10.4} {:>12.2} {:>12.2}",
             codec.name(),
             codec.bits_per_value(DEFAULT_BLOCK),
+            (error / energy).sqrt(),
             gb / enc,
             gb / dec
         );
+        if zstd_level > 0 {
+            let shape = [n as u64];
+            let mut frame = Vec::new();
+            let frame_enc = best_of(&mut || {
+                frame = encode_frame(codec, DEFAULT_BLOCK as u32, &shape, values, zstd_level)?;
+                Ok(())
+            })?;
+            let limits = FrameLimits::default();
+            let frame_dec =
+                best_of(&mut || decode_frame(&frame, limits).map(drop).map_err(Into::into))?;
+            print!(
+                " {:>16.3} {:>18.2} {:>18.2}",
+                8.0 * frame.len() as f64 / n as f64,
+                gb / frame_enc,
+                gb / frame_dec
+            );
+        }
+        println!();
     }
     Ok(())
 }

@@ -8,11 +8,13 @@ use super::Outcome;
 use crate::data::PackedSequences;
 use crate::recipe::{Recipe, SyncMode};
 use anyhow::{anyhow, Context, Result};
-use atoll_coordinator::syncer::{Contribution, Event, MergeRecord, Progress};
+use atoll_coordinator::syncer::{Contribution, Event, Progress};
 use atoll_coordinator::{
     Action, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig, TensorInfo,
 };
-use atoll_wire::{decode_frame, encode_frame, ErrorFeedback, FrameLimits, DEFAULT_BLOCK};
+use atoll_wire::{
+    decode_frame, encode_frame, frame_encoded, ErrorFeedback, FrameLimits, DEFAULT_BLOCK,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -102,12 +104,10 @@ pub(super) fn simulate_diloco_family(
     let mut tokens_done = 0u64;
     let mut last_step_at = 0.0;
     let total_steps = t.max_steps.0;
-    let fragment_bytes = |c: atoll_wire::Codec, p: usize| -> u64 {
-        plan.fragments[p]
-            .tensors
-            .iter()
-            .map(|&i| c.encoded_len(plan.tensors[i].elements() as usize, DEFAULT_BLOCK) as u64 + 64)
-            .sum()
+    let down_wire = DownWire {
+        plan: &plan,
+        codec: down_codec,
+        zstd_level: sync.zstd_level,
     };
 
     let mut flushed = false;
@@ -139,13 +139,12 @@ pub(super) fn simulate_diloco_family(
             let actions = syncer.flush(last_step_at, &progress);
             bytes_down += carry_out(
                 actions,
-                syncer.merge_log(),
+                &syncer,
                 last_step_at,
                 learners,
                 &mut queue,
-                &fragment_bytes,
-                down_codec,
-            );
+                &down_wire,
+            )?;
             continue;
         };
         match event {
@@ -161,15 +160,7 @@ pub(super) fn simulate_diloco_family(
                     continue;
                 }
                 let actions = syncer.handle(now, e);
-                bytes_down += carry_out(
-                    actions,
-                    syncer.merge_log(),
-                    now,
-                    learners,
-                    &mut queue,
-                    &fragment_bytes,
-                    down_codec,
-                );
+                bytes_down += carry_out(actions, &syncer, now, learners, &mut queue, &down_wire)?;
             }
             SimEvent::CatchUpArrives {
                 learner: m,
@@ -380,17 +371,61 @@ fn global_values(syncer: &Syncer, plan: &FragmentPlan, template: &[Vec<f32>]) ->
     g
 }
 
+/// What the down-link sends, and how many bytes it costs.
+struct DownWire<'a> {
+    plan: &'a FragmentPlan,
+    codec: atoll_wire::Codec,
+    zstd_level: i32,
+}
+
+impl DownWire<'_> {
+    /// Fragment `p` in `codec`, uncompressed: a catch-up, or a broadcast without an encoded update.
+    fn fragment_bytes(&self, codec: atoll_wire::Codec, p: usize) -> u64 {
+        self.plan.fragments[p]
+            .tensors
+            .iter()
+            .map(|&i| {
+                codec.encoded_len(self.plan.tensors[i].elements() as usize, DEFAULT_BLOCK) as u64
+                    + 64
+            })
+            .sum()
+    }
+
+    /// The broadcast of `version` of fragment `p`: its encoded update in the frames `atoll run`
+    /// sends, compressed with the recipe's zstd level.
+    fn broadcast_bytes(&self, syncer: &Syncer, p: usize, version: u64) -> Result<u64> {
+        let Some(update) = syncer.broadcast_update(p, version) else {
+            return Ok(self.fragment_bytes(self.codec, p));
+        };
+        if self.zstd_level == 0 {
+            return Ok(self.fragment_bytes(update.codec, p));
+        }
+        let mut bytes = 0;
+        for (raw, &t) in update.tensors.iter().zip(&self.plan.fragments[p].tensors) {
+            let n = self.plan.tensors[t].elements();
+            let frame = frame_encoded(
+                update.codec,
+                DEFAULT_BLOCK as u32,
+                &[n],
+                raw.clone(),
+                self.zstd_level,
+            )
+            .context("framing a broadcast")?;
+            bytes += frame.len() as u64;
+        }
+        Ok(bytes)
+    }
+}
+
 /// Carries out the syncer's actions on the simulated network; returns the bytes sent down.
-#[allow(clippy::too_many_arguments)]
 fn carry_out(
     actions: Vec<Action>,
-    merge_log: &[MergeRecord],
+    syncer: &Syncer,
     now: f64,
     learners: &mut [Learner],
     queue: &mut Queue,
-    fragment_bytes: &dyn Fn(atoll_wire::Codec, usize) -> u64,
-    down_codec: atoll_wire::Codec,
-) -> u64 {
+    wire: &DownWire,
+) -> Result<u64> {
     let mut bytes_down = 0;
     for action in actions {
         match action {
@@ -415,8 +450,9 @@ fn carry_out(
                 values,
                 to,
             } => {
-                let bytes = fragment_bytes(down_codec, fragment);
-                let record = merge_log
+                let bytes = wire.broadcast_bytes(syncer, fragment, version)?;
+                let record = syncer
+                    .merge_log()
                     .iter()
                     .rev()
                     .find(|r| r.fragment == fragment && r.version == version);
@@ -440,7 +476,7 @@ fn carry_out(
             }
             Action::CatchUp { learner, fragments } => {
                 let bytes: u64 = (0..fragments.len())
-                    .map(|p| fragment_bytes(atoll_wire::Codec::F32, p))
+                    .map(|p| wire.fragment_bytes(atoll_wire::Codec::F32, p))
                     .sum();
                 // The initial download is the same for every mode; count only re-joins.
                 if learners[learner as usize].protocol.is_some() {
@@ -459,5 +495,5 @@ fn carry_out(
             Action::Rejected { .. } | Action::MarkedAbsent { .. } => {}
         }
     }
-    bytes_down
+    Ok(bytes_down)
 }
