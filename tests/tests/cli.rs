@@ -376,3 +376,64 @@ fn plan_projects_the_12b_four_region_job_from_flags_and_a_recipe() {
     let o = atoll(&["plan", "--merge-time", "soon", "--out", "x"], d);
     assert_clean_error(&o, "--merge-time");
 }
+
+/// `atoll bench codecs` on a real difference of two checkpoints: one row per codec, the lossless
+/// codec exact, e3m0's error that of a 4-bit code, zstd's column filled; bad pairs refused.
+#[test]
+fn bench_codecs_measures_the_difference_of_two_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for seed in ["1", "2"] {
+        let o = atoll(
+            &[
+                "model",
+                "init",
+                "gemma3-tiny",
+                "--seed",
+                seed,
+                "--out",
+                seed,
+            ],
+            d,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let bench = |pair: &str| {
+        atoll(
+            &[
+                "bench",
+                "codecs",
+                "--repeats",
+                "1",
+                "--zstd-level",
+                "1",
+                "--outer-gradient",
+                pair,
+            ],
+            d,
+        )
+    };
+    let o = bench("1,2");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let row = |codec: &str| -> Vec<f64> {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(codec))
+            .unwrap_or_else(|| panic!("no {codec} row in:\n{out}"))
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    // bits/value, rel. error, encode, decode, zstd bits/value, frame encode, frame decode.
+    let (f32_row, e3m0, int2) = (row("f32"), row("e3m0"), row("int2"));
+    assert_eq!(f32_row[1], 0.0, "{out}");
+    assert_eq!(e3m0[0], 4.125);
+    assert!(e3m0[1] > 0.05 && e3m0[1] < 0.4, "{out}");
+    assert!(int2[4] > 1.0 && int2[4] < 2.125 * 1.05, "{out}");
+    assert!(row("bf16").len() == 7 && row("int8").len() == 7, "{out}");
+
+    assert_clean_error(&bench("1"), "takes two checkpoints");
+    assert_clean_error(&bench("1,1"), "hold the same weights");
+    assert_clean_error(&bench("1,missing"), "missing");
+}
