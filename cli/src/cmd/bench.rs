@@ -17,8 +17,9 @@ pub enum BenchCommand {
         values: usize,
         #[arg(long, default_value_t = 5)]
         repeats: usize,
-        /// zstd level for the frame columns (0 leaves them out).
-        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=22))]
+        /// zstd level for the frame columns (0 leaves them out; 1 saves as much as 3 on real
+        /// outer gradients for less CPU, see benchmarks/README.md).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=22))]
         zstd_level: i32,
         /// Real outer-gradient values instead of synthetic ones: FROM − TO over every tensor the
         /// two checkpoints share (`model.safetensors` files or directories holding one), for
