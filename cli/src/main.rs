@@ -89,6 +89,16 @@ fn main() -> ExitCode {
     if cli.command.computes_tensors() {
         malloc_tuning::reexec_with_tuned_malloc();
     }
+    if cli.command.only_prints() {
+        // Rust ignores SIGPIPE, so `atoll plan | head` would end in a panic on the closed pipe;
+        // the default action ends the process quietly, as `cat` does. Not for commands that
+        // start processes or hold connections, where a write to a dead child's pipe must stay
+        // an error rather than end the job.
+        // SAFETY: setting a signal's disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     logging::init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,6 +126,19 @@ impl Command {
                 | Command::Drafter { .. }
                 | Command::Logits(_)
                 | Command::Bench { .. }
+        )
+    }
+}
+
+impl Command {
+    /// Commands that print a report and end: no child processes, no connections to keep.
+    fn only_prints(&self) -> bool {
+        matches!(
+            self,
+            Command::Bench { .. }
+                | Command::Model { .. }
+                | Command::Plan(_)
+                | Command::Checkpoints { .. }
         )
     }
 }

@@ -437,3 +437,25 @@ fn bench_codecs_measures_the_difference_of_two_checkpoints() {
     assert_clean_error(&bench("1,1"), "hold the same weights");
     assert_clean_error(&bench("1,missing"), "missing");
 }
+
+/// `atoll plan | head`: a reader that closed its end ends a printing command quietly (SIGPIPE's
+/// default action), not with a panic and a backtrace on stderr.
+#[test]
+fn a_closed_stdout_ends_a_printing_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(atoll_system_tests::atoll_bin())
+        .args(["model", "info", "gemma3-12b"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the process has loaded its libraries, so its first write finds no reader.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "stderr:\n{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "stderr:\n{err}");
+}
