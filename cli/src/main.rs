@@ -128,9 +128,7 @@ impl Command {
                 | Command::Bench { .. }
         )
     }
-}
 
-impl Command {
     /// Commands that print a report and end: no child processes, no connections to keep.
     fn only_prints(&self) -> bool {
         matches!(

@@ -1,6 +1,6 @@
 //! `atoll` as a user runs it: training, model info, the logits probe and bad input.
 
-use atoll_system_tests::{assert_clean_error, atoll, repo_root, stderr, stdout};
+use atoll_system_tests::{assert_clean_error, atoll, atoll_bin, repo_root, stderr, stdout};
 use std::path::Path;
 
 fn fixture(name: &str) -> String {
@@ -445,7 +445,7 @@ fn a_closed_stdout_ends_a_printing_command_quietly() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(atoll_system_tests::atoll_bin())
+    let mut child = Command::new(atoll_bin())
         .args(["model", "info", "gemma3-12b"])
         .current_dir(dir.path())
         .stdout(Stdio::piped())

@@ -187,18 +187,21 @@ fn bench_train_step(
 }
 
 /// FROM − TO, tensor by tensor in name order, over the floating-point tensors both checkpoints
-/// hold with the same shape.
+/// hold with the same shape. Each is a safetensors file or a Hugging Face checkpoint directory
+/// (single file or shards).
 fn checkpoint_difference(from: &Path, to: &Path) -> Result<Vec<f32>> {
+    use atoll_trainer::checkpoint::{read_tensors, weight_files};
     let load = |path: &Path| -> Result<std::collections::BTreeMap<String, Tensor>> {
-        let file = if path.is_dir() {
-            path.join("model.safetensors")
+        let files = if path.is_dir() {
+            weight_files(path)?
         } else {
-            path.to_path_buf()
+            vec![path.to_path_buf()]
         };
-        Ok(Tensor::read_safetensors(&file)
-            .with_context(|| format!("reading {}", file.display()))?
-            .into_iter()
-            .collect())
+        let mut tensors = std::collections::BTreeMap::new();
+        for file in files {
+            tensors.extend(read_tensors(&file)?);
+        }
+        Ok(tensors)
     };
     let (from_tensors, to_tensors) = (load(from)?, load(to)?);
     let mut values = Vec::new();
@@ -230,8 +233,9 @@ fn checkpoint_difference(from: &Path, to: &Path) -> Result<Vec<f32>> {
 }
 
 fn bench_codecs(values: &[f32], repeats: usize, zstd_level: i32) -> Result<()> {
-    use atoll_wire::DEFAULT_BLOCK;
-    use atoll_wire::{decode, decode_frame, encode, encode_frame, FrameLimits, ALL_CODECS};
+    use atoll_wire::{
+        decode, decode_frame, encode, encode_frame, FrameLimits, ALL_CODECS, DEFAULT_BLOCK,
+    };
     let n = values.len();
     let gb = (n * 4) as f64 / 1e9;
     let best_of = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
