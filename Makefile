@@ -7,13 +7,13 @@ REFERENCE_VENV ?= $(HOME)/.cache/atoll/reference-venv
 S3_VENV ?= $(HOME)/.cache/atoll/s3-venv
 K8S_VENV ?= $(HOME)/.cache/atoll/k8s-venv
 
-.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-link bench-wan-calibration bench-diloco bench-diloco-robust bench-checkpoint bench-export bench-gguf check-transformers bench-drafter clean-runs help finetune-demo bench-lora lora-fixtures
+.PHONY: demo test build setup lint fmt fixtures s3-server reference k8s-validate bench-train-step bench-codecs bench-merge bench-link bench-wan-calibration bench-diloco bench-diloco-robust bench-checkpoint bench-export bench-gguf check-transformers bench-drafter clean-runs help finetune-demo bench-lora lora-fixtures
 
 help:
 	@echo "make demo    install what is missing, build, run a 4-region Decoupled DiLoCo job on this machine (a few minutes)"
 	@echo "make test    format + lint checks and the whole test suite"
 	@echo "make build   build $(ATOLL)"
-	@echo "make bench-codecs | bench-link | bench-wan-calibration | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
+	@echo "make bench-codecs | bench-merge | bench-link | bench-wan-calibration | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
 	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
 	@echo "make finetune-demo | bench-lora | lora-fixtures   LoRA fine-tuning demo, LoRA step vs peft, PEFT fixtures (docs/finetune.md)"
 
@@ -85,6 +85,9 @@ bench-train-step: build $(REFERENCE_VENV)/.installed
 
 bench-codecs: build
 	benchmarks/codecs.sh
+
+bench-merge: build
+	$(ATOLL) bench merge
 
 bench-link: build
 	$(ATOLL) bench link

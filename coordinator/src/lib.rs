@@ -1,10 +1,12 @@
 //! Decoupled DiLoCo as pure logic: the fragment plan, merge rules and outer optimizer, the
-//! syncer state machine and the learner protocol. No sockets, threads, clocks or tch: drivers
-//! (the deterministic simulation, the network service) feed timestamped events and carry out the
-//! returned actions.
+//! syncer state machine and the learner protocol. No sockets, clocks or tch: drivers (the
+//! deterministic simulation, the network service) feed timestamped events and carry out the
+//! returned actions. The one use of threads is inside a merge, which splits large tensors into
+//! fixed chunks so that its result does not depend on how many threads ran it.
 
 pub mod learner;
 pub mod merge;
+pub mod parallel;
 pub mod plan;
 pub mod syncer;
 

@@ -18,7 +18,10 @@
 //! Contributions are keyed by (learner, fragment, round): a duplicate, a late one (round closed),
 //! one nobody asked for, or one holding NaN/Inf is rejected and counted, never merged.
 
-use crate::merge::{learner_weight, rda, weighted_mean, FinalStep, MergeRule, OuterOptimizer};
+use crate::merge::{
+    learner_weight, merge_tensor, BroadcastCodec, FinalStep, MergeRule, OuterOptimizer, OuterStep,
+    TensorMerge,
+};
 use crate::plan::FragmentPlan;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -259,49 +262,11 @@ pub struct Syncer {
     sync_time_s: Option<f64>,
     merge_log: Vec<MergeRecord>,
     stats: SyncerStats,
+    /// Threads a merge may use (the result does not depend on it).
+    merge_threads: usize,
 }
 
 const EMA: f64 = 0.3;
-
-/// Replaces `new` by `old + Q(new − old + residual)`, Q being the codec's round trip: what
-/// learners reconstruct from the broadcast update, so both sides hold the same Θ. Returns the
-/// encoded update, which is what goes on the wire: a learner holding `old` decodes it and adds it
-/// with [`apply_update`], landing on the same bits. With a residual (error feedback), what Q left
-/// out becomes the residual carried into the next update; without one it is lost.
-fn quantise_update(
-    codec: atoll_wire::Codec,
-    old: &[f32],
-    new: &mut [f32],
-    residual: Option<&mut Vec<f32>>,
-) -> Option<Vec<u8>> {
-    let mut update: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
-    if let Some(r) = residual.as_deref() {
-        for (u, r) in update.iter_mut().zip(r) {
-            *u += r;
-        }
-    }
-    let mut bytes = Vec::new();
-    let mut quantised = vec![0.0f32; update.len()];
-    // The update is finite (contributions with NaN/Inf were rejected), so the codec accepts it.
-    let round_trip = atoll_wire::encode(codec, &update, atoll_wire::DEFAULT_BLOCK, &mut bytes)
-        .and_then(|()| {
-            atoll_wire::decode(codec, &bytes, atoll_wire::DEFAULT_BLOCK, &mut quantised)
-        });
-    if round_trip.is_err() {
-        // Θ takes the exact step (sent as full values), which owes nothing.
-        if let Some(r) = residual {
-            r.fill(0.0);
-        }
-        return None;
-    }
-    apply_update(old, &quantised, new);
-    if let Some(r) = residual {
-        for ((r, u), q) in r.iter_mut().zip(&update).zip(&quantised) {
-            *r = u - q;
-        }
-    }
-    Some(bytes)
-}
 
 /// Θ_new = Θ_old + Q(update), element by element in f32: the one rule both the syncer and the
 /// learners use, so they agree bit for bit.
@@ -373,6 +338,7 @@ impl Syncer {
             sync_time_s: None,
             merge_log: Vec::new(),
             stats: SyncerStats::default(),
+            merge_threads: crate::parallel::available_threads(),
         }
     }
 
@@ -434,7 +400,13 @@ impl Syncer {
             sync_time_s: None,
             merge_log,
             stats,
+            merge_threads: crate::parallel::available_threads(),
         }
+    }
+
+    /// Caps the threads a merge uses (default: every core). Results are the same for any count.
+    pub fn set_merge_threads(&mut self, threads: usize) {
+        self.merge_threads = threads.max(1);
     }
 
     pub fn fragment_snapshot(&self, fragment: usize) -> FragmentSnapshot {
@@ -897,34 +869,40 @@ impl Syncer {
         if weights.iter().sum::<f64>() <= 0.0 {
             return; // nothing usable arrived: Θ_p stays, no broadcast
         }
-        let mut theta: Vec<Vec<f32>> = (*frag.theta).clone();
+        let mut theta: Vec<Vec<f32>> = Vec::with_capacity(frag.theta.len());
         let mut encoded = Vec::new();
-        for (k, values) in theta.iter_mut().enumerate() {
+        for k in 0..frag.theta.len() {
             let deltas: Vec<&[f32]> = contributions
                 .iter()
                 .map(|c| c.delta[k].as_slice())
                 .collect();
             let name = &self.plan.tensors[frag_meta.tensors[k]].name;
-            let merged = if average
-                || self.config.merge == MergeRule::Mean
-                || crate::plan::is_embedding(name)
-            {
-                weighted_mean(&deltas, &weights)
+            let rule = if average || crate::plan::is_embedding(name) {
+                MergeRule::Mean
             } else {
-                rda(&deltas, &weights)
+                self.config.merge
             };
-            if average {
-                for (t, d) in values.iter_mut().zip(&merged) {
-                    *t -= d;
-                }
+            let step = if average {
+                OuterStep::Average
             } else {
-                self.config
-                    .outer
-                    .step(values, &mut frag.momentum[k], &merged);
-            }
-            if let Some(codec) = self.config.broadcast_codec {
-                let residual = frag.residual.get_mut(k);
-                encoded.push(quantise_update(codec, &frag.theta[k], values, residual));
+                OuterStep::Nesterov {
+                    optimizer: self.config.outer,
+                    momentum: &mut frag.momentum[k],
+                }
+            };
+            let broadcast = self.config.broadcast_codec.map(|codec| BroadcastCodec {
+                codec,
+                residual: frag.residual.get_mut(k).map(Vec::as_mut_slice),
+            });
+            let round = TensorMerge {
+                deltas: &deltas,
+                weights: &weights,
+                rule,
+            };
+            let merged = merge_tensor(&round, &frag.theta[k], step, broadcast, self.merge_threads);
+            theta.push(merged.values);
+            if self.config.broadcast_codec.is_some() {
+                encoded.push(merged.encoded);
             }
         }
         frag.last_update = match (

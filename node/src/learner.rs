@@ -398,6 +398,38 @@ type Assembling = BTreeMap<(u8, u32, u64), (PartHeader, Vec<Option<Vec<f32>>>)>;
 /// Per-tensor values of one fragment.
 type Tensors = Vec<Vec<f32>>;
 
+/// One wire frame per tensor of a contribution: Δ = anchor − local, encoded (through the
+/// tensor's error feedback where the recipe asks for it) and framed. Tensors are independent, so
+/// they are encoded on every core: at 12B scale a fragment is billions of values, and the learner
+/// trains on only once its contribution is on its way.
+fn contribution_frames(
+    codec: atoll_wire::Codec,
+    recipe: &Recipe,
+    anchor: &[Vec<f32>],
+    local: &[Vec<f32>],
+    feedback: &mut [ErrorFeedback],
+) -> Result<Vec<Vec<u8>>> {
+    let work: Vec<_> = anchor.iter().zip(local).zip(feedback.iter_mut()).collect();
+    let threads = atoll_coordinator::parallel::available_threads();
+    atoll_coordinator::parallel::map(work, threads, |((anchor, values), feedback)| {
+        let delta: Vec<f32> = anchor.iter().zip(values).map(|(a, x)| a - x).collect();
+        let shape = [delta.len() as u64];
+        let level = recipe.sync.zstd_level;
+        // With error feedback the codec's bytes come from the feedback state (which keeps what
+        // they leave out); they are framed as they are rather than decoded and encoded again.
+        let frame = if recipe.sync.error_feedback {
+            let mut buf = Vec::new();
+            feedback.encode(codec, &delta, DEFAULT_BLOCK, &mut buf)?;
+            frame_encoded(codec, DEFAULT_BLOCK as u32, &shape, buf, level)?
+        } else {
+            encode_frame(codec, DEFAULT_BLOCK as u32, &shape, &delta, level)?
+        };
+        Ok(frame)
+    })
+    .into_iter()
+    .collect()
+}
+
 impl LearnerState {
     fn on_message(
         &mut self,
@@ -432,38 +464,17 @@ impl LearnerState {
                         let anchor = protocol.anchor(p);
                         let tensors = &self.plan.fragments[p].tensors;
                         let local = worker.values(tensors)?;
-                        let mut parts = Vec::with_capacity(tensors.len());
-                        for (k, values) in local.iter().enumerate() {
-                            let delta: Vec<f32> =
-                                anchor[k].iter().zip(values).map(|(a, x)| a - x).collect();
-                            // With error feedback the codec's bytes come from the feedback
-                            // state (which keeps what they leave out); they are framed as they
-                            // are rather than decoded and encoded again.
-                            let frame = if recipe.sync.error_feedback {
-                                let mut buf = Vec::new();
-                                self.feedback[p][k].encode(
-                                    codec,
-                                    &delta,
-                                    DEFAULT_BLOCK,
-                                    &mut buf,
-                                )?;
-                                frame_encoded(
-                                    codec,
-                                    DEFAULT_BLOCK as u32,
-                                    &[delta.len() as u64],
-                                    buf,
-                                    recipe.sync.zstd_level,
-                                )?
-                            } else {
-                                encode_frame(
-                                    codec,
-                                    DEFAULT_BLOCK as u32,
-                                    &[delta.len() as u64],
-                                    &delta,
-                                    recipe.sync.zstd_level,
-                                )?
-                            };
-                            parts.push(Outgoing {
+                        let frames = contribution_frames(
+                            codec,
+                            recipe,
+                            anchor,
+                            &local,
+                            &mut self.feedback[p],
+                        )?;
+                        let parts = frames
+                            .into_iter()
+                            .enumerate()
+                            .map(|(k, frame)| Outgoing {
                                 header: PartHeader {
                                     kind: PartKind::Contribution,
                                     fragment: p as u32,
@@ -476,8 +487,8 @@ impl LearnerState {
                                     frame_len: frame.len() as u32,
                                 },
                                 frame,
-                            });
-                        }
+                            })
+                            .collect();
                         self.at_pull.insert(p, (worker.step(), local));
                         self.pulled_at.insert(p, Instant::now());
                         // A full queue means the up link is behind: drop this contribution (the

@@ -438,6 +438,42 @@ fn bench_codecs_measures_the_difference_of_two_checkpoints() {
     assert_clean_error(&bench("1,missing"), "missing");
 }
 
+/// `atoll bench merge`: one row per thread count asked for, with positive timings; bad
+/// arguments refused with one clear line.
+#[test]
+fn bench_merge_times_each_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", "merge", "--values", "300000", "--repeats", "1"];
+        args.extend_from_slice(extra);
+        atoll(&args, dir.path())
+    };
+    let o = bench(&["--threads", "1,2", "--learners", "3", "--codec", "int2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("3 learners, int2 broadcast"), "{out}");
+    let rows: Vec<Vec<f64>> = out
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<f64> = l
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            (v.len() == 5).then_some(v)
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!((rows[0][0], rows[1][0]), (1.0, 2.0), "{out}");
+    assert!(
+        rows.iter().all(|r| r[1..].iter().all(|x| *x > 0.0)),
+        "{out}"
+    );
+
+    assert_clean_error(&bench(&["--codec", "e5m2"]), "unknown codec");
+    assert_clean_error(&bench(&["--threads", "0"]), "positive thread counts");
+    assert_clean_error(&bench(&["--learners", "0"]), "must be positive");
+}
+
 /// `atoll plan | head`: a reader that closed its end ends a printing command quietly (SIGPIPE's
 /// default action), not with a panic and a backtrace on stderr.
 #[test]

@@ -27,6 +27,25 @@ pub enum BenchCommand {
         #[arg(long, value_name = "FROM,TO", value_delimiter = ',')]
         outer_gradient: Option<Vec<PathBuf>>,
     },
+    /// The syncer's merge of one fragment (RDA over each learner's outer gradient, the outer
+    /// Nesterov step, the broadcast's quantisation with error feedback) on each thread count:
+    /// seconds per merge and what a fragment of a larger model would take.
+    Merge {
+        /// Values in the fragment (f32).
+        #[arg(long, default_value_t = 16 << 20)]
+        values: usize,
+        /// Contributions merged (learners in the round).
+        #[arg(long, default_value_t = 4)]
+        learners: usize,
+        /// Broadcast codec (f32 sends the exact step).
+        #[arg(long, default_value = "e3m0")]
+        codec: String,
+        /// Thread counts to time (default: 1 and every core).
+        #[arg(long, value_delimiter = ',')]
+        threads: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// The data plane through the userspace WAN emulator: achieved vs configured rate and CPU
     /// per GB for every combination of the lists given (see benchmarks/README.md).
     Link {
@@ -104,6 +123,32 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 None => atoll_wire::synthetic_outer_gradient(values, 0x2545_f491_4f6c_dd1d),
             };
             bench_codecs(&values, repeats, zstd_level)
+        }
+        BenchCommand::Merge {
+            values,
+            learners,
+            codec,
+            threads,
+            repeats,
+        } => {
+            let codec = atoll_wire::Codec::from_name(&codec)
+                .ok_or_else(|| anyhow!("unknown codec {codec:?} (f32, bf16, int8, e3m0, int2)"))?;
+            if values == 0 || learners == 0 {
+                bail!("--values and --learners must be positive");
+            }
+            let threads = if threads.is_empty() {
+                let all = atoll_coordinator::parallel::available_threads();
+                if all > 1 {
+                    vec![1, all]
+                } else {
+                    vec![1]
+                }
+            } else if threads.contains(&0) {
+                bail!("--threads takes positive thread counts");
+            } else {
+                threads
+            };
+            bench_merge(values, learners, codec, &threads, repeats)
         }
         BenchCommand::Link {
             rates,
@@ -230,6 +275,74 @@ fn checkpoint_difference(from: &Path, to: &Path) -> Result<Vec<f32>> {
         );
     }
     Ok(values)
+}
+
+fn bench_merge(
+    n: usize,
+    learners: usize,
+    codec: atoll_wire::Codec,
+    threads: &[usize],
+    repeats: usize,
+) -> Result<()> {
+    use atoll_coordinator::merge::{
+        learner_weight, merge_tensor, BroadcastCodec, MergeRule, OuterOptimizer, OuterStep,
+        TensorMerge,
+    };
+    let deltas: Vec<Vec<f32>> = (0..learners)
+        .map(|i| atoll_wire::synthetic_outer_gradient(n, 0x9e37_79b9_7f4a_7c15 + i as u64))
+        .collect();
+    let deltas: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    let weights = vec![learner_weight(16 * 1024, 16); learners];
+    let theta = atoll_wire::synthetic_outer_gradient(n, 7);
+    let mut momentum = vec![0.0f32; n];
+    let mut residual = vec![0.0f32; n];
+    let round = TensorMerge {
+        deltas: &deltas,
+        weights: &weights,
+        rule: MergeRule::Rda,
+    };
+    // A 12B model's fragment with the recipe default of 4 fragments.
+    let fragment_12b = 12e9 / 4.0;
+    println!(
+        "merge of {n} values from {learners} learners, {} broadcast with error feedback (best of {repeats})",
+        codec.name()
+    );
+    println!(
+        "{:>7} {:>10} {:>9} {:>14} {:>22}",
+        "threads", "s/merge", "ns/value", "GB/s of Δ in", "12B fragment (P=4), s"
+    );
+    for &t in threads {
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats.max(1) {
+            let start = std::time::Instant::now();
+            let merged = merge_tensor(
+                &round,
+                &theta,
+                OuterStep::Nesterov {
+                    optimizer: OuterOptimizer {
+                        lr: 0.7,
+                        momentum: 0.5,
+                    },
+                    momentum: &mut momentum,
+                },
+                (codec != atoll_wire::Codec::F32).then(|| BroadcastCodec {
+                    codec,
+                    residual: Some(&mut residual),
+                }),
+                t,
+            );
+            best = best.min(start.elapsed().as_secs_f64());
+            std::hint::black_box(merged);
+        }
+        let per_value = best / n as f64;
+        println!(
+            "{t:>7} {best:>10.3} {:>9.2} {:>14.2} {:>22.1}",
+            per_value * 1e9,
+            (n * learners * 4) as f64 / best / 1e9,
+            per_value * fragment_12b
+        );
+    }
+    Ok(())
 }
 
 fn bench_codecs(values: &[f32], repeats: usize, zstd_level: i32) -> Result<()> {

@@ -120,21 +120,21 @@ fn frame_update_once(
             return Ok(frames.clone());
         }
     }
-    let frames = update
-        .tensors
-        .iter()
-        .zip(shapes)
-        .map(|(bytes, &n)| {
-            frame_encoded(
-                update.codec,
-                DEFAULT_BLOCK as u32,
-                &[n],
-                bytes.clone(),
-                zstd_level,
-            )
-            .map(Bytes::from)
-        })
-        .collect::<Result<Vec<Bytes>, _>>()?;
+    // Tensors frame (and compress) independently: on every core, since the actor waits.
+    let work: Vec<_> = update.tensors.iter().zip(shapes).collect();
+    let threads = atoll_coordinator::parallel::available_threads();
+    let frames = atoll_coordinator::parallel::map(work, threads, |(bytes, &n)| {
+        frame_encoded(
+            update.codec,
+            DEFAULT_BLOCK as u32,
+            &[n],
+            bytes.clone(),
+            zstd_level,
+        )
+        .map(Bytes::from)
+    })
+    .into_iter()
+    .collect::<Result<Vec<Bytes>, _>>()?;
     *slot = Some((version, frames.clone()));
     Ok(frames)
 }
