@@ -4,6 +4,7 @@
 //! returned actions. The one use of threads is inside a merge, which splits large tensors into
 //! fixed chunks so that its result does not depend on how many threads ran it.
 
+pub mod history;
 pub mod learner;
 pub mod merge;
 pub mod parallel;

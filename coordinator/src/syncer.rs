@@ -18,13 +18,14 @@
 //! Contributions are keyed by (learner, fragment, round): a duplicate, a late one (round closed),
 //! one nobody asked for, or one holding NaN/Inf is rejected and counted, never merged.
 
+use crate::history::VersionHistory;
 use crate::merge::{
     learner_weight, merge_tensor, BroadcastCodec, FinalStep, MergeRule, OuterOptimizer, OuterStep,
     TensorMerge,
 };
 use crate::plan::FragmentPlan;
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub type LearnerId = u32;
@@ -224,7 +225,7 @@ struct FragmentState {
     theta: FragmentValues,
     momentum: Vec<Vec<f32>>,
     version: u64,
-    history: VecDeque<(u64, FragmentValues)>,
+    history: VersionHistory,
     next_round: u64,
     open: Option<Round>,
     last_update: Option<EncodedUpdate>,
@@ -322,7 +323,7 @@ impl Syncer {
                     theta: Arc::new(theta),
                     momentum,
                     version: 0,
-                    history: VecDeque::new(),
+                    history: VersionHistory::new(config.version_history),
                     next_round: 1,
                     open: None,
                     last_update: None,
@@ -367,7 +368,7 @@ impl Syncer {
                     theta: f.theta,
                     momentum: f.momentum,
                     version: f.version,
-                    history: VecDeque::new(),
+                    history: VersionHistory::new(config.version_history),
                     next_round: f.next_round,
                     open: None,
                     last_update: None,
@@ -790,10 +791,9 @@ impl Syncer {
         if c.base_version == frag.version || average {
             return Ok(());
         }
-        let (_, base) = frag
+        let base = frag
             .history
-            .iter()
-            .find(|(v, _)| *v == c.base_version)
+            .get(c.base_version)
             .ok_or(RejectReason::StaleBase)?;
         // Re-anchor at the current Θ: Θ_cur − θ_m = Δ_m + (Θ_cur − Θ_base).
         for ((d, cur), old) in c.delta.iter_mut().zip(frag.theta.iter()).zip(base.iter()) {
@@ -905,6 +905,7 @@ impl Syncer {
                 encoded.push(merged.encoded);
             }
         }
+        let reached_by = frag.last_update.take();
         frag.last_update = match (
             self.config.broadcast_codec,
             encoded.iter().all(Option::is_some),
@@ -916,8 +917,8 @@ impl Syncer {
             }),
             _ => None,
         };
-        frag.history.push_front((frag.version, frag.theta.clone()));
-        frag.history.truncate(self.config.version_history);
+        frag.history
+            .push(frag.version, frag.theta.clone(), reached_by.as_ref());
         frag.version += 1;
         frag.theta = Arc::new(theta);
         let version = frag.version;

@@ -551,3 +551,57 @@ fn a_restored_syncer_keeps_the_broadcast_residual() {
         "a dropped residual changes what the next broadcasts owe"
     );
 }
+
+/// With quantised broadcasts the syncer keeps old versions as their updates (one full copy for
+/// the oldest): a contribution measured against a version three merges old is re-anchored
+/// exactly as one measured against the current version with Θ_cur − Θ_old added by hand.
+#[test]
+fn contributions_against_a_version_kept_as_updates_are_re_anchored_exactly() {
+    // Five merges with e3m0 broadcasts and feedback; Θ of every version from the broadcasts.
+    let five_rounds = || {
+        let mut s = constant_rounds(Some(atoll_wire::Codec::E3M0), true, 0);
+        let mut thetas = vec![vec![1.0f32, 1.0]];
+        for round in 1..=5u64 {
+            for step in 4 * (round - 1) + 1..=4 * round {
+                report_since(&mut s, step as f64, 1, step, step - 4 * (round - 1));
+            }
+            let delta = [0.1 / round as f32, -0.03 * round as f32];
+            let a = s.handle(
+                4.0 * round as f64 + 0.5,
+                contribution(1, round, round - 1, delta, 4),
+            );
+            thetas.push(broadcast(&a).expect("merged").1);
+        }
+        (s, thetas)
+    };
+    let sixth = |s: &mut Syncer, base: u64, delta: [f32; 2]| {
+        for step in 21..=24 {
+            report_since(s, step as f64, 1, step, step - 20);
+        }
+        let a = s.handle(24.5, contribution(1, 6, base, delta, 4));
+        assert!(broadcast(&a).is_some(), "round 6 merges");
+        s.fragment_snapshot(0)
+    };
+    let (mut s, thetas) = five_rounds();
+    // Version 2 is kept as the update from version 1, which is kept in full.
+    let re_anchored = sixth(&mut s, 2, [0.02, 0.01]);
+    let (cur, old) = (&thetas[5], &thetas[2]);
+    let by_hand = [0.02 + (cur[0] - old[0]), 0.01 + (cur[1] - old[1])];
+    assert_eq!(re_anchored, sixth(&mut five_rounds().0, 5, by_hand));
+    // Older than the four kept versions: refused as stale.
+    let (mut s, _) = five_rounds();
+    for step in 21..=24 {
+        report_since(&mut s, step as f64, 1, step, step - 20);
+    }
+    let a = s.handle(24.5, contribution(1, 6, 0, [0.02, 0.01], 4));
+    assert!(
+        a.iter().any(|a| matches!(
+            a,
+            Action::Rejected {
+                reason: RejectReason::StaleBase,
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+}

@@ -13,7 +13,7 @@ use crate::recipe::Recipe;
 use crate::train::PreparedData;
 use crate::train::{backward_micro_batches, build_model, evaluate, prepare_data, resolve_device};
 use crate::GemmaConfig;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use atoll_coordinator::{ApplyRule, FragmentPlan, TensorInfo};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -112,7 +112,8 @@ pub struct Worker {
     recipe: Recipe,
     model: GemmaModel,
     params: Vec<Tensor>,
-    optimizer: AdamW,
+    /// None in a worker that only holds, evaluates and saves the model (the coordinator's).
+    optimizer: Option<AdamW>,
     data: LearnerData,
     step: u64,
 }
@@ -202,6 +203,17 @@ impl Worker {
     /// Prepares data and the seeded model; the learner trains on every window until
     /// [`Worker::assign_shard`] narrows it.
     pub fn new(recipe: &Recipe) -> Result<Self> {
+        Self::build(recipe, true)
+    }
+
+    /// The model and data without the inner optimizer's two moments per parameter: for a
+    /// process that holds, evaluates and saves the global model but never trains (the
+    /// coordinator), which at 12B would otherwise keep 96 GB of AdamW state it never uses.
+    pub fn without_optimizer(recipe: &Recipe) -> Result<Self> {
+        Self::build(recipe, false)
+    }
+
+    fn build(recipe: &Recipe, with_optimizer: bool) -> Result<Self> {
         if let Some(t) = recipe.train.threads {
             tch::set_num_threads(t.0 as i32);
         }
@@ -209,10 +221,12 @@ impl Worker {
         let data = LearnerData::prepare(recipe)?;
         let model = build_model(recipe, data.prepared.tokenizer.get_vocab_size(true), device)?;
         let params = model.trainable_parameters();
-        let optimizer = AdamW::new(
-            params.iter().map(Tensor::shallow_clone).collect(),
-            recipe.train.adamw(),
-        );
+        let optimizer = with_optimizer.then(|| {
+            AdamW::new(
+                params.iter().map(Tensor::shallow_clone).collect(),
+                recipe.train.adamw(),
+            )
+        });
         Ok(Worker {
             recipe: recipe.clone(),
             model,
@@ -261,6 +275,9 @@ impl Worker {
 
     /// One inner AdamW step; returns its loss.
     pub fn train_step(&mut self) -> Result<f64> {
+        let Some(optimizer) = self.optimizer.as_mut() else {
+            bail!("this worker was built without an optimizer: it evaluates, it does not train");
+        };
         let t = &self.recipe.train;
         let lr = t.lr_at((self.step as usize).min(t.max_steps.0.saturating_sub(1)));
         let micro_batches = self.data.next_step(&self.recipe);
@@ -270,7 +287,7 @@ impl Worker {
                 "the learner diverged: loss is {loss}; lower train.lr"
             ));
         }
-        self.optimizer.clipped_step(lr, t.clip());
+        optimizer.clipped_step(lr, t.clip());
         self.step += 1;
         Ok(loss)
     }

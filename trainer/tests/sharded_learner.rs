@@ -213,3 +213,17 @@ fn a_dead_rank_turns_into_an_error_on_rank_zero() {
         "{e:#}"
     );
 }
+
+/// The coordinator's worker holds the same model (same hash and plan as a learner's) without the
+/// optimizer's state, and refuses to train rather than silently skipping the update.
+#[test]
+fn a_worker_without_optimizer_holds_the_same_model_and_refuses_to_train() {
+    let recipe = recipe();
+    let mut learner = Worker::new(&recipe).unwrap();
+    let mut holder = Worker::without_optimizer(&recipe).unwrap();
+    assert_eq!(holder.model_hash().unwrap(), learner.model_hash().unwrap());
+    assert_eq!(holder.plan().unwrap(), learner.plan().unwrap());
+    assert!(learner.train_step().is_ok());
+    let err = holder.train_step().unwrap_err().to_string();
+    assert!(err.contains("without an optimizer"), "{err}");
+}

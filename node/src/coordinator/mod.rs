@@ -181,7 +181,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     let recipe = opts.recipe.clone();
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
-    let worker = tokio::task::block_in_place(|| Worker::new(&recipe))?;
+    let worker = tokio::task::block_in_place(|| Worker::without_optimizer(&recipe))?;
     let plan = worker.plan()?;
     let model_hash = worker.model_hash()?;
     let ckpt = &recipe.checkpoint;

@@ -1,0 +1,220 @@
+//! The past versions of one fragment that the syncer keeps to re-anchor contributions measured
+//! against them. A version reached by a quantised broadcast is kept as that broadcast's encoded
+//! update (an eighth of the values' size with e3m0), and only the oldest kept version in full:
+//! any kept version is rebuilt exactly by replaying the updates on the nearest full one with the
+//! same f32 additions that produced it ([`apply_update`]). At 12B scale this is the difference
+//! between four extra copies of the model in the coordinator's memory and about one and a half.
+
+use crate::syncer::{apply_update, EncodedUpdate, FragmentValues};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+enum Kept {
+    Full(FragmentValues),
+    /// Θ_v = Θ_{v−1} + Q(update): the broadcast that led to this version.
+    Reached(EncodedUpdate),
+}
+
+#[derive(Debug, Clone)]
+pub struct VersionHistory {
+    /// Oldest first; the oldest is always `Full`.
+    kept: VecDeque<(u64, Kept)>,
+    capacity: usize,
+}
+
+impl VersionHistory {
+    pub fn new(capacity: usize) -> Self {
+        VersionHistory {
+            kept: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// Keeps `theta`, the values of `version`, which the fragment is leaving; `reached_by` is
+    /// the encoded update that turned the version before into this one, if there was one.
+    pub fn push(
+        &mut self,
+        version: u64,
+        theta: FragmentValues,
+        reached_by: Option<&EncodedUpdate>,
+    ) {
+        if self.capacity == 0 {
+            return;
+        }
+        let follows_the_newest = self.kept.back().is_some_and(|(v, _)| v + 1 == version);
+        let kept = match reached_by {
+            Some(u) if follows_the_newest && u.base_version + 1 == version => {
+                Kept::Reached(u.clone())
+            }
+            _ => {
+                // A gap (or an exact step) breaks the chain: what came before cannot be replayed.
+                if !follows_the_newest {
+                    self.kept.clear();
+                }
+                Kept::Full(theta)
+            }
+        };
+        self.kept.push_back((version, kept));
+        while self.kept.len() > self.capacity {
+            let (_, oldest) = self.kept.pop_front().expect("longer than capacity");
+            let Kept::Full(oldest) = oldest else {
+                unreachable!("the oldest kept version is full")
+            };
+            if let Some((_, next)) = self.kept.front_mut() {
+                if let Kept::Reached(update) = next {
+                    *next = Kept::Full(Arc::new(replay(&oldest, update)));
+                }
+            }
+        }
+    }
+
+    /// The values of `version`, if it is kept.
+    pub fn get(&self, version: u64) -> Option<FragmentValues> {
+        let at = self.kept.iter().position(|(v, _)| *v == version)?;
+        let full = (0..=at)
+            .rev()
+            .find(|&i| matches!(self.kept[i].1, Kept::Full(_)))
+            .expect("the oldest kept version is full");
+        let Kept::Full(base) = &self.kept[full].1 else {
+            unreachable!("found above")
+        };
+        if full == at {
+            return Some(base.clone());
+        }
+        let mut values: Vec<Vec<f32>> = (**base).clone();
+        for (_, kept) in self.kept.range(full + 1..=at) {
+            let Kept::Reached(update) = kept else {
+                unreachable!("the nearest full version is the last one")
+            };
+            values = replay(&values, update);
+        }
+        Some(Arc::new(values))
+    }
+
+    /// Versions kept in full (the rest as updates).
+    pub fn full_versions(&self) -> usize {
+        self.kept
+            .iter()
+            .filter(|(_, k)| matches!(k, Kept::Full(_)))
+            .count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+}
+
+/// `values` + Q(update), tensor by tensor, exactly as learners and the syncer applied it.
+fn replay(values: &[Vec<f32>], update: &EncodedUpdate) -> Vec<Vec<f32>> {
+    values
+        .iter()
+        .zip(update.tensors.iter())
+        .map(|(old, bytes)| {
+            let mut q = vec![0.0f32; old.len()];
+            // The syncer decoded these very bytes when it applied them.
+            atoll_wire::decode(update.codec, bytes, atoll_wire::DEFAULT_BLOCK, &mut q)
+                .expect("a kept update decodes");
+            let mut new = vec![0.0f32; old.len()];
+            apply_update(old, &q, &mut new);
+            new
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atoll_wire::Codec;
+
+    /// Versions 0..=n of a two-tensor fragment, each reached from the last by a quantised
+    /// update (or, at `exact`, by an exact step), with the updates.
+    fn versions(n: u64, exact: Option<u64>) -> Vec<(FragmentValues, Option<EncodedUpdate>)> {
+        let mut theta = vec![vec![0.5f32; 300], vec![-0.25f32; 7]];
+        let mut out = vec![(Arc::new(theta.clone()), None)];
+        for v in 1..=n {
+            let steps: Vec<Vec<f32>> = theta
+                .iter()
+                .enumerate()
+                .map(|(t, x)| {
+                    (0..x.len())
+                        .map(|i| ((i as f32 + v as f32 * 0.37 + t as f32).sin()) * 1e-3)
+                        .collect()
+                })
+                .collect();
+            if exact == Some(v) {
+                for (x, s) in theta.iter_mut().zip(&steps) {
+                    x.iter_mut().zip(s).for_each(|(x, s)| *x -= s);
+                }
+                out.push((Arc::new(theta.clone()), None));
+                continue;
+            }
+            let mut tensors = Vec::new();
+            for (x, s) in theta.iter_mut().zip(&steps) {
+                let mut bytes = Vec::new();
+                atoll_wire::encode(Codec::E3M0, s, atoll_wire::DEFAULT_BLOCK, &mut bytes).unwrap();
+                let mut q = vec![0.0f32; s.len()];
+                atoll_wire::decode(Codec::E3M0, &bytes, atoll_wire::DEFAULT_BLOCK, &mut q).unwrap();
+                let old = x.clone();
+                apply_update(&old, &q, x);
+                tensors.push(bytes);
+            }
+            let update = EncodedUpdate {
+                base_version: v - 1,
+                codec: Codec::E3M0,
+                tensors: Arc::new(tensors),
+            };
+            out.push((Arc::new(theta.clone()), Some(update)));
+        }
+        out
+    }
+
+    #[test]
+    fn kept_versions_come_back_bit_for_bit_from_one_full_copy_and_updates() {
+        for exact in [None, Some(5)] {
+            let all = versions(9, exact);
+            let mut history = VersionHistory::new(4);
+            for (v, (theta, reached_by)) in all.iter().enumerate() {
+                history.push(v as u64, theta.clone(), reached_by.as_ref());
+                assert!(history.len() <= 4);
+                let first_kept = (v + 1).saturating_sub(4);
+                for (k, (expected, _)) in all.iter().enumerate().take(v + 1) {
+                    let got = history.get(k as u64);
+                    if k < first_kept {
+                        assert!(got.is_none(), "version {k} should be gone after {v}");
+                    } else {
+                        assert!(got.as_deref() == Some(&**expected), "version {k} after {v}");
+                    }
+                }
+            }
+            let full = history.full_versions();
+            // Versions 6..=9 kept: the oldest in full, the rest as updates.
+            assert_eq!(full, 1, "exact step {exact:?}");
+        }
+        // With the exact step among the kept versions, it starts a new full copy.
+        let all = versions(6, Some(5));
+        let mut history = VersionHistory::new(4);
+        for (v, (theta, reached_by)) in all.iter().enumerate() {
+            history.push(v as u64, theta.clone(), reached_by.as_ref());
+        }
+        assert_eq!(history.full_versions(), 2);
+        assert!(history.get(4).as_deref() == Some(&*all[4].0));
+        assert!(history.get(6).as_deref() == Some(&*all[6].0));
+    }
+
+    #[test]
+    fn a_gap_in_the_versions_restarts_the_history() {
+        let all = versions(3, None);
+        let mut history = VersionHistory::new(4);
+        history.push(0, all[0].0.clone(), None);
+        history.push(2, all[2].0.clone(), all[2].1.as_ref());
+        assert_eq!((history.len(), history.full_versions()), (1, 1));
+        assert!(history.get(0).is_none());
+        assert!(history.get(2).as_deref() == Some(&*all[2].0));
+        assert!(VersionHistory::new(0).get(0).is_none());
+    }
+}
