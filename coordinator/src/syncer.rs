@@ -194,6 +194,10 @@ pub struct MergeRecord {
     pub contributors: Vec<(LearnerId, f64, u64, u64, u64)>,
     pub quorum_wait_s: f64,
     pub grace_s: f64,
+    /// From the pull to the last contribution: the round's sync time, which the grace window of
+    /// later rounds budgets for (an average of these).
+    #[serde(default)]
+    pub pull_s: f64,
     /// The job's last round, which set Θ_p to the learners' average (`FinalStep::Average`).
     pub average: bool,
 }
@@ -238,13 +242,26 @@ struct FragmentState {
 struct LearnerState {
     active: bool,
     step: u64,
-    last_report: Option<(f64, u64)>,
     step_time_s: Option<f64>,
+    /// Where the current step-time measurement started, and the last report: (time, step).
+    rate_since: Option<(f64, u64)>,
+    last_report: Option<(f64, u64)>,
     heartbeat_seq: u64,
     /// Vector clock: the version of each fragment last sent to this learner.
     clock: Vec<u64>,
     /// Per fragment, the base version and counters of this learner's latest merged contribution.
     last_merged: BTreeMap<usize, (u64, Progress)>,
+}
+
+impl LearnerState {
+    /// Its step time: the average of its windowed samples, or, before the first window is
+    /// complete, its average since it started reporting.
+    fn step_time(&self) -> Option<f64> {
+        self.step_time_s.or_else(|| {
+            let ((t0, s0), (t1, s1)) = (self.rate_since?, self.last_report?);
+            (s1 > s0 && t1 > t0).then(|| (t1 - t0) / (s1 - s0) as f64)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
@@ -268,6 +285,13 @@ pub struct Syncer {
 }
 
 const EMA: f64 = 0.3;
+
+/// Steps a learner's step-time sample spans. Reports reach the syncer with the jitter of the
+/// network and of its own queue (a busy coordinator handles several back to back), so one-step
+/// intervals are noise: on a loaded machine their average came out at a fifth of the real step,
+/// which closed every grace window and let the first learner to report make each round alone.
+/// Over eight steps the same jitter is an eighth of a step's worth of error.
+const STEP_TIME_WINDOW: u64 = 8;
 
 /// Θ_new = Θ_old + Q(update), element by element in f32: the one rule both the syncer and the
 /// learners use, so they agree bit for bit.
@@ -384,8 +408,9 @@ impl Syncer {
                     LearnerState {
                         active: false,
                         step: l.step,
-                        last_report: None,
                         step_time_s: None,
+                        rate_since: None,
+                        last_report: None,
                         heartbeat_seq: 0,
                         clock: l.clock,
                         last_merged: BTreeMap::new(),
@@ -505,7 +530,7 @@ impl Syncer {
         self.learners
             .values()
             .filter(|l| l.active)
-            .filter_map(|l| l.step_time_s)
+            .filter_map(LearnerState::step_time)
             .min_by(f64::total_cmp)
     }
 
@@ -598,14 +623,16 @@ impl Syncer {
         let entry = self.learners.entry(learner).or_insert(LearnerState {
             active: true,
             step: 0,
-            last_report: None,
             step_time_s: None,
+            rate_since: None,
+            last_report: None,
             heartbeat_seq: 0,
             clock: clock.clone(),
             last_merged: BTreeMap::new(),
         });
         entry.active = true;
         entry.clock = clock;
+        entry.rate_since = None;
         entry.last_report = None;
         entry.last_merged.clear(); // its contributions are measured from the catch-up on
         let fragments = self
@@ -634,10 +661,13 @@ impl Syncer {
             self.on_join(now, learner, actions);
         }
         let l = self.learners.get_mut(&learner).expect("present");
-        if let Some((t0, s0)) = l.last_report {
-            if step > s0 && now > t0 {
+        match l.rate_since {
+            Some((t0, s0)) if step >= s0 + STEP_TIME_WINDOW && now > t0 => {
                 l.step_time_s = ema(l.step_time_s, (now - t0) / (step - s0) as f64);
+                l.rate_since = Some((now, step));
             }
+            Some((_, s0)) if step >= s0 => {}
+            _ => l.rate_since = Some((now, step)),
         }
         l.last_report = Some((now, step));
         l.step = l.step.max(step);
@@ -941,6 +971,7 @@ impl Syncer {
             contributors,
             quorum_wait_s: round.quorum_at.map_or(0.0, |q| q - round.opened_at),
             grace_s: round.grace_s,
+            pull_s: now - round.pulled_at,
             average,
         });
         let to = self.active_learners();

@@ -160,6 +160,34 @@ fn the_grace_window_waits_for_stragglers_up_to_its_cap() {
         .is_empty());
 }
 
+/// Reports that reach the syncer in bursts (here four at a time, as a busy coordinator handles
+/// them) still measure the learner's real step time, so the grace window keeps its length. Timed
+/// one interval at a time, the bursts shortened the window to 0.54 s.
+#[test]
+fn reports_in_bursts_do_not_shorten_the_grace_window() {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 16,
+        quorum: 1,
+        grace_gamma: 0.5,
+        ..SyncerConfig::default()
+    };
+    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+    join_all(&mut s, &[1, 2]);
+    // Learner 1 steps every second; its reports arrive four at a time, 1 ms apart.
+    let mut last = Vec::new();
+    for step in 1..=16u64 {
+        let burst_end = step.div_ceil(4) * 4;
+        let at = burst_end as f64 + 0.001 * (step - (burst_end - 4)) as f64;
+        last = report(&mut s, at, 1, step);
+    }
+    // grace = γ·τ·t_step = 0.5 · 2 · 1 s, within the one-step cap: the timer 1 s after the
+    // round opened (within the bursts' jitter of a few ms per eight steps).
+    let at = grace_timer(&last).expect("grace armed");
+    let opened = 16.004;
+    assert!((at - opened - 1.0).abs() < 0.01, "grace ends at {at}");
+}
+
 #[test]
 fn the_grace_window_is_capped_at_one_step() {
     let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();

@@ -93,6 +93,18 @@ sync:
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // The summary's learners per round is the mean over the merge log's regular rounds.
+    let regular: Vec<f64> = merges
+        .iter()
+        .filter(|m| m["average"] != true)
+        .map(|m| m["contributors"].as_array().unwrap().len() as f64)
+        .collect();
+    let mean = regular.iter().sum::<f64>() / regular.len() as f64;
+    let per_round = summary["learners_per_round"].as_f64().unwrap();
+    assert!(
+        (per_round - mean).abs() < 0.006 && (1.0..=2.0).contains(&per_round),
+        "{summary}"
+    );
     for fragment in 0..2u64 {
         let of_fragment: Vec<&serde_json::Value> = merges
             .iter()

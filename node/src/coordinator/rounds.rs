@@ -237,6 +237,20 @@ impl Core {
             .iter()
             .map(|l| l.step * self.worker.tokens_per_step())
             .sum();
+        // How many learners the rounds merged (the job's final average rounds, which take
+        // everyone, left out): with a working grace window close to M.
+        let rounds: Vec<usize> = self
+            .syncer
+            .merge_log()
+            .iter()
+            .filter(|r| !r.average)
+            .map(|r| r.contributors.len())
+            .collect();
+        let learners_per_round = if rounds.is_empty() {
+            0.0
+        } else {
+            rounds.iter().sum::<usize>() as f64 / rounds.len() as f64
+        };
         let summary = serde_json::json!({
             "name": self.recipe.name(),
             "mode": "decoupled",
@@ -252,6 +266,7 @@ impl Core {
             "goodput": status.goodput,
             "rejected_contributions": self.syncer.stats().rejected,
             "merges": self.syncer.stats().merges,
+            "learners_per_round": (learners_per_round * 100.0).round() / 100.0,
             "fragment_versions": status.fragment_versions,
             "learner_steps": status.learners.iter().map(|l| (l.region.clone(), l.step)).collect::<BTreeMap<_, _>>(),
         });
