@@ -389,6 +389,17 @@ mod tests {
             .collect()
     }
 
+    /// Values a hair below int2's midpoints (0 and +1 step) get their nearest level. Adding 1.5
+    /// in f32 before rounding, as the first encoder did, put them on the midpoint and then a
+    /// level up.
+    #[test]
+    fn int2_gives_values_next_to_a_midpoint_their_nearest_level() {
+        // absmax 1.5: one step is exactly 1.0, the levels are ±0.5 and ±1.5.
+        let values = [1.5f32, -3e-8, 0.99999994, -1.0000001, 3e-8];
+        let out = round_trip(Codec::Int2, &values, 8);
+        assert_eq!(out, vec![1.5, -0.5, 0.5, -1.5, 0.5]);
+    }
+
     fn round_trip(codec: Codec, values: &[f32], block: usize) -> Vec<f32> {
         let mut buf = Vec::new();
         encode(codec, values, block, &mut buf).unwrap();
