@@ -93,19 +93,17 @@ impl VersionHistory {
     }
 
     /// Versions kept in full (the rest as updates).
-    pub fn full_versions(&self) -> usize {
+    #[cfg(test)]
+    fn full_versions(&self) -> usize {
         self.kept
             .iter()
             .filter(|(_, k)| matches!(k, Kept::Full(_)))
             .count()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.kept.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
     }
 }
 

@@ -237,11 +237,6 @@ fn merge_scale(
         .map(|(r, w)| r * w)
         .sum::<f64>()
         / total;
-    let direction_only = Scale::Rda {
-        norms,
-        radius,
-        dir_norm: 1.0,
-    };
     let partial = crate::parallel::map((0..chunks).collect(), threads, |c| {
         let r = range(c);
         let mut acc = [0.0f64; TILE];
@@ -249,7 +244,7 @@ fn merge_scale(
         for start in r.clone().step_by(TILE) {
             let tile = start..(start + TILE).min(r.end);
             let acc = &mut acc[..tile.len()];
-            direction_tile(round, &direction_only, tile, acc);
+            direction_tile(round, Some(&norms), tile, acc);
             for a in acc.iter() {
                 sum += a * a;
             }
@@ -257,9 +252,6 @@ fn merge_scale(
         sum
     });
     let dir_norm = partial.iter().sum::<f64>().sqrt();
-    let Scale::Rda { norms, radius, .. } = direction_only else {
-        unreachable!("built above")
-    };
     if dir_norm == 0.0 || n == 0 {
         return Scale::Zero;
     }
@@ -274,19 +266,20 @@ fn sum_of_squares(v: &[f32]) -> f64 {
     v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()
 }
 
-/// Fills `acc` with the unscaled merge of elements `tile`: Σ w·Δ (mean) or Σ w·Δ/‖Δ‖ (RDA),
-/// each element summed over the contributions in order, as [`weighted_mean`] and [`rda`] do.
+/// Fills `acc` with the unscaled merge of elements `tile`: Σ w·Δ (mean, without `norms`) or
+/// Σ w·Δ/‖Δ‖ (RDA), each element summed over the contributions in order, as the whole-tensor
+/// loops did.
 fn direction_tile(
     round: &TensorMerge,
-    scale: &Scale,
+    norms: Option<&[f64]>,
     tile: std::ops::Range<usize>,
     acc: &mut [f64],
 ) {
     acc.fill(0.0);
     for (i, (d, w)) in round.deltas.iter().zip(round.weights).enumerate() {
         let d = &d[tile.clone()];
-        match scale {
-            Scale::Rda { norms, .. } => {
+        match norms {
+            Some(norms) => {
                 let r = norms[i];
                 if r > 0.0 {
                     for (a, x) in acc.iter_mut().zip(d) {
@@ -294,9 +287,44 @@ fn direction_tile(
                     }
                 }
             }
-            _ => {
+            None => {
                 for (a, x) in acc.iter_mut().zip(d) {
                     *a += w * *x as f64;
+                }
+            }
+        }
+    }
+}
+
+impl Scale {
+    /// The merged Δ of one tile, in f32.
+    fn merge_tile(
+        &self,
+        round: &TensorMerge,
+        tile: std::ops::Range<usize>,
+        acc: &mut [f64],
+        merged: &mut [f32],
+    ) {
+        let (norms, factor) = match self {
+            Scale::Zero => {
+                merged.fill(0.0);
+                return;
+            }
+            Scale::Mean { total } => (None, *total),
+            Scale::Rda {
+                norms, dir_norm, ..
+            } => (Some(norms.as_slice()), *dir_norm),
+        };
+        direction_tile(round, norms, tile, acc);
+        match self {
+            Scale::Rda { radius, .. } => {
+                for (m, a) in merged.iter_mut().zip(acc.iter()) {
+                    *m = (radius * a / factor) as f32;
+                }
+            }
+            _ => {
+                for (m, a) in merged.iter_mut().zip(acc.iter()) {
+                    *m = (a / factor) as f32;
                 }
             }
         }
@@ -332,33 +360,12 @@ fn step_chunk(
         let end = (start + TILE).min(chunk.len());
         let merged = &mut merged[..end - start];
         let acc = &mut acc[..end - start];
-        match &rule.scale {
-            Scale::Zero => merged.fill(0.0),
-            Scale::Mean { total } => {
-                direction_tile(
-                    rule.round,
-                    &rule.scale,
-                    chunk.start + start..chunk.start + end,
-                    acc,
-                );
-                for (m, a) in merged.iter_mut().zip(acc.iter()) {
-                    *m = (a / total) as f32;
-                }
-            }
-            Scale::Rda {
-                radius, dir_norm, ..
-            } => {
-                direction_tile(
-                    rule.round,
-                    &rule.scale,
-                    chunk.start + start..chunk.start + end,
-                    acc,
-                );
-                for (m, a) in merged.iter_mut().zip(acc.iter()) {
-                    *m = (radius * a / dir_norm) as f32;
-                }
-            }
-        }
+        rule.scale.merge_tile(
+            rule.round,
+            chunk.start + start..chunk.start + end,
+            acc,
+            merged,
+        );
         let old = &old[start..end];
         let new = &mut new[start..end];
         match (rule.optimizer, momentum.as_deref_mut()) {

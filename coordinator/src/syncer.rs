@@ -430,11 +430,6 @@ impl Syncer {
         }
     }
 
-    /// Caps the threads a merge uses (default: every core). Results are the same for any count.
-    pub fn set_merge_threads(&mut self, threads: usize) {
-        self.merge_threads = threads.max(1);
-    }
-
     pub fn fragment_snapshot(&self, fragment: usize) -> FragmentSnapshot {
         let f = &self.fragments[fragment];
         FragmentSnapshot {
