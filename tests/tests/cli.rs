@@ -440,6 +440,59 @@ fn bench_codecs_measures_the_difference_of_two_checkpoints() {
 
 /// `atoll bench merge`: one row per thread count asked for, with positive timings; bad
 /// arguments refused with one clear line.
+/// `atoll bench lm-head` times the fused loss against whole logits, with and without softcap;
+/// the logits it holds are its blocks, not every row. Bad shapes are one clear error.
+#[test]
+fn bench_lm_head_times_fused_and_whole_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "lm-head",
+            "--rows",
+            "600",
+            "--hidden",
+            "32",
+            "--vocab",
+            "8192",
+            "--repeats",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        atoll(&args, dir.path())
+    };
+    for extra in [&[][..], &["--softcap", "30"][..]] {
+        let o = bench(extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let number_after = |label: &str| -> Vec<f64> {
+            let line = out
+                .lines()
+                .find(|l| l.contains(label))
+                .unwrap_or_else(|| panic!("{out}"));
+            line.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        };
+        // Whole logits: 3 × 600 × 8192 f32 = 56.25 MiB; blocks of 512 rows: 2 (with the softcap
+        // 3) × 16 MiB.
+        let whole = number_after("whole logits");
+        assert!(whole[0] > 0.0 && (whole[1] - 56.25).abs() < 0.1, "{out}");
+        let fused = number_after("fused, blocks of");
+        assert_eq!(fused[0], 512.0, "{out}");
+        let blocks = if extra.is_empty() { 2.0 } else { 3.0 };
+        assert!(
+            fused[1] > 0.0 && (fused[2] - blocks * 16.0).abs() < 0.1,
+            "{out}"
+        );
+        assert!(out.contains("ratio (unfused / fused)"), "{out}");
+        assert_eq!(out.contains("softcap 30"), !extra.is_empty(), "{out}");
+    }
+    let bad = |flag: &str| atoll(&["bench", "lm-head", flag, "0"], dir.path());
+    assert_clean_error(&bad("--vocab"), "must be positive");
+    assert_clean_error(&bad("--threads"), "--threads must be positive");
+}
+
 #[test]
 fn bench_merge_times_each_thread_count() {
     let dir = tempfile::tempdir().unwrap();

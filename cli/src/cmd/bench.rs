@@ -90,6 +90,24 @@ pub enum BenchCommand {
     },
     /// One LoRA training step (adapters on every projection, AdamW) of a preset on CPU.
     LoraStep(super::finetune::LoraStepArgs),
+    /// The LM head and cross-entropy, forward and backward, fused in blocks of rows (what
+    /// training runs) against whole logits through autograd, alternating; f32 on CPU.
+    LmHead {
+        /// Positions (batch × sequence).
+        #[arg(long, default_value_t = 2048)]
+        rows: i64,
+        #[arg(long, default_value_t = 256)]
+        hidden: i64,
+        #[arg(long, default_value_t = 8192)]
+        vocab: i64,
+        /// cap·tanh(logits/cap) before the softmax, as Gemma 4 does (cap 30).
+        #[arg(long)]
+        softcap: Option<f64>,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        #[arg(long)]
+        threads: Option<i32>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,6 +128,25 @@ pub fn run(command: BenchCommand) -> Result<()> {
             threads,
         } => bench_train_step(&name, batch, seq, warmup, steps, threads),
         BenchCommand::LoraStep(args) => super::finetune::bench_lora_step(args),
+        BenchCommand::LmHead {
+            rows,
+            hidden,
+            vocab,
+            softcap,
+            repeats,
+            threads,
+        } => {
+            if rows <= 0 || hidden <= 0 || vocab <= 0 || repeats == 0 {
+                bail!("--rows, --hidden, --vocab and --repeats must be positive");
+            }
+            if let Some(t) = threads {
+                if t <= 0 {
+                    bail!("--threads must be positive");
+                }
+                tch::set_num_threads(t);
+            }
+            bench_lm_head(rows, hidden, vocab, softcap, repeats)
+        }
         BenchCommand::Codecs {
             values,
             repeats,
@@ -228,6 +265,68 @@ fn bench_train_step(
             "tokens_per_s": (batch * seq) as f64 / (median / 1000.0),
         })
     );
+    Ok(())
+}
+
+/// Median milliseconds of forward + backward through the head and the loss, fused and unfused,
+/// the two alternating so the machine's drift reaches both alike.
+fn bench_lm_head(
+    rows: i64,
+    hidden: i64,
+    vocab: i64,
+    softcap: Option<f64>,
+    repeats: usize,
+) -> Result<()> {
+    use atoll_trainer::models::head_loss::{lm_head_cross_entropy, Reduction};
+    use atoll_trainer::models::layers::lm_logits;
+    let options = (Kind::Float, Device::Cpu);
+    let states = Tensor::randn([rows, hidden], options);
+    let head = (Tensor::randn([vocab, hidden], options) * 0.02).set_requires_grad(true);
+    let labels = Tensor::randint(vocab, [rows], (Kind::Int64, Device::Cpu));
+    let mut times = [Vec::new(), Vec::new()];
+    let warmup = 2;
+    for i in 0..warmup + repeats {
+        for (fused, times) in times.iter_mut().enumerate() {
+            let h = states.copy().set_requires_grad(true);
+            let start = std::time::Instant::now();
+            let loss = if fused == 1 {
+                lm_head_cross_entropy(&h, &head, softcap, &labels, Reduction::Mean)
+            } else {
+                lm_logits(&h, &head, softcap).cross_entropy_for_logits(&labels)
+            };
+            loss.backward();
+            let _ = h.grad().sum(Kind::Float).double_value(&[]);
+            if i >= warmup {
+                times.push(start.elapsed().as_secs_f64() * 1000.0);
+            }
+            let _ = head.grad().zero_();
+        }
+    }
+    let median = |t: &mut Vec<f64>| {
+        t.sort_by(|a, b| a.total_cmp(b));
+        t[t.len() / 2]
+    };
+    let (unfused, fused) = (median(&mut times[0]), median(&mut times[1]));
+    println!(
+        "LM head + cross-entropy, forward and backward: {rows} rows x hidden {hidden} x vocabulary {vocab}{}, {} threads, median of {repeats}",
+        softcap.map(|c| format!(", softcap {c}")).unwrap_or_default(),
+        tch::get_num_threads()
+    );
+    println!("  implementation                        ms    logits held (MiB)");
+    let whole = (rows * vocab * 4) as f64 / (1 << 20) as f64;
+    println!(
+        "  whole logits through autograd  {unfused:>10.1}  {:>10.1}",
+        3.0 * whole
+    );
+    let block = atoll_trainer::models::head_loss::block_rows(Device::Cpu, vocab).min(rows);
+    let held = (block * vocab * 4) as f64 / (1 << 20) as f64;
+    // Blocks alive at once: logits and their log-softmax, and with a softcap its tanh too.
+    let blocks = if softcap.is_some() { 3.0 } else { 2.0 };
+    println!(
+        "  fused, blocks of {block:>5} rows   {fused:>10.1}  {:>10.1}",
+        blocks * held
+    );
+    println!("  ratio (unfused / fused): {:.2}", unfused / fused);
     Ok(())
 }
 

@@ -125,7 +125,7 @@ pub fn print_lora_memory(config: &GemmaConfig, flag: &str, seq: u64, batch: u64)
             );
         }
         println!(
-            "    logits, log-softmax and their gradient (f32): {}",
+            "    logits of the fused loss (f32, three blocks of at most 512 rows): {}",
             gib(m.logits)
         );
         println!(

@@ -138,17 +138,19 @@ pub fn print_sharded_memory(
         gib(m.gathered_unit)
     );
     println!(
-        "  gradients: {} (f32 shard {} + one unit's full gradient before its reduce-scatter {})",
+        "  gradients: {} (f32 shard {} + one unit's full gradient before its reduce-scatter {} \
+         + the head's gradient the fused loss holds until then {})",
         gib(m.gradients()),
         gib(m.gradient_shards),
-        gib(m.unit_gradient)
+        gib(m.unit_gradient),
+        gib(m.head_gradient)
     );
     println!(
         "  optimizer (f32 AdamW moments of the shard): {}",
         gib(m.optimizer)
     );
     println!(
-        "  activations: {} (one hidden state per layer {} + one layer's graph {} + logits {})",
+        "  activations: {} (one hidden state per layer {} + one layer's graph {} + the fused loss's logits blocks {})",
         gib(m.activations()),
         gib(m.checkpoints),
         gib(m.layer_activations),

@@ -18,7 +18,7 @@ pub struct LoraMemory {
     pub checkpoints: f64,
     /// What autograd keeps for one layer (checkpointing) or for all of them.
     pub layer_activations: f64,
-    /// f32 logits, their log-softmax and gradient over the whole vocabulary.
+    /// The fused loss's f32 logits blocks ([`crate::models::head_loss`]).
     pub logits: f64,
     pub total: f64,
 }
@@ -104,7 +104,7 @@ pub fn estimate(
     } else {
         (0.0, per_layer.iter().sum())
     };
-    let logits = 3.0 * 4.0 * tokens * cfg.vocab_size as f64;
+    let logits = crate::models::head_loss::logits_bytes_on_gpu(tokens, cfg.vocab_size);
     let base_weights = cfg.num_parameters() as f64 * base_bytes_per_param;
     let adapter_state = 16.0 * adapter_parameters as f64;
     LoraMemory {
@@ -152,5 +152,10 @@ mod tests {
         let m = estimate(&cfg, 16, &targets(), 4096, 1, 2.0, true);
         assert!(m.total < 80e9, "{m:?}");
         assert!(m.base_weights > 20e9);
+        // The fused loss holds three f32 blocks of 512 rows of the 262,144-token vocabulary,
+        // whatever the sequence length beyond them (unfused: three of all 4,096 rows, 12 GiB).
+        assert_eq!(m.logits, 12.0 * 512.0 * 262_144.0);
+        let longer = estimate(&cfg, 16, &targets(), 8192, 1, 2.0, true);
+        assert_eq!(longer.logits, m.logits);
     }
 }

@@ -2,6 +2,7 @@
 //! the GeGLU MLP and the attention kernel. Numerics follow transformers: norms, RoPE tables and
 //! softmax in f32, cast back to the activation dtype afterwards.
 
+use super::head_loss::{lm_head_cross_entropy, Reduction};
 use crate::config::{GemmaConfig, LayerType, RopeKind, RopeParams};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -337,10 +338,21 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        lm_logits(
-            hidden,
-            self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
-            self.final_softcap,
-        )
+        lm_logits(hidden, self.head(), self.final_softcap)
+    }
+
+    /// The next-token cross-entropy of final hidden states against `labels`, without the whole
+    /// logits tensor (`head_loss.rs`).
+    pub fn next_token_loss(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        reduction: Reduction,
+    ) -> Tensor {
+        lm_head_cross_entropy(hidden, self.head(), self.final_softcap, labels, reduction)
+    }
+
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 }

@@ -3,6 +3,7 @@
 pub mod gemma3;
 pub mod gemma4;
 pub mod gemma4_assistant;
+pub mod head_loss;
 pub mod layers;
 pub mod lora;
 pub mod recompute;
@@ -197,11 +198,25 @@ impl GemmaModel {
 
     /// Mean next-token cross-entropy of `inputs` [B, T] predicting `targets` [B, T].
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
-        let logits = self.forward(inputs);
-        let vocab = logits.size()[2];
-        logits
-            .reshape([-1, vocab])
-            .cross_entropy_for_logits(&targets.reshape([-1]))
+        self.next_token_loss(
+            &self.hidden_states(inputs),
+            targets,
+            head_loss::Reduction::Mean,
+        )
+    }
+
+    /// The cross-entropy of final hidden states [B, T, d] against `labels` [B, T] (positions
+    /// labelled [`head_loss::IGNORE_LABEL`] left out), computed without the whole logits tensor.
+    pub fn next_token_loss(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        reduction: head_loss::Reduction,
+    ) -> Tensor {
+        match &self.network {
+            Network::Gemma3(m) => m.next_token_loss(hidden, labels, reduction),
+            Network::Gemma4(m) => m.next_token_loss(hidden, labels, reduction),
+        }
     }
 
     /// Checks that token ids are inside the vocabulary before they reach an embedding lookup.

@@ -10,10 +10,9 @@
 
 use super::layers::{DecoderLayerForward, LayerInputs, Linear};
 use super::{GemmaModel, Network};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
-/// Label of a position that has no target (prompt tokens, padding).
-pub const IGNORE_LABEL: i64 = -100;
+pub use super::head_loss::IGNORE_LABEL;
 
 /// One micro-batch of packed rows, all [B, T] int64 on the model's device.
 pub struct TokenBatch {
@@ -121,15 +120,7 @@ impl GemmaModel {
 
     /// Sum over labelled positions of the next-token cross-entropy (f32).
     pub(crate) fn labelled_loss_sum(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
-        let logits = self.logits_from_hidden(hidden);
-        let vocab = logits.size()[2];
-        logits.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
-            &labels.reshape([-1]),
-            None,
-            Reduction::Sum,
-            IGNORE_LABEL,
-            0.0,
-        )
+        self.next_token_loss(hidden, labels, super::head_loss::Reduction::Sum)
     }
 
     /// Logits [B, T, vocab] of packed rows (each example attended and positioned on its own).

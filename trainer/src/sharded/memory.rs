@@ -33,8 +33,10 @@ pub struct ShardedMemory {
     pub checkpoints: f64,
     /// What autograd keeps for the largest layer while it is recomputed.
     pub layer_activations: f64,
-    /// f32 logits, their log-softmax and gradient over the vocabulary.
+    /// The fused loss's f32 logits blocks ([`crate::models::head_loss`]).
     pub logits: f64,
+    /// ∂L/∂head in the compute dtype, which the fused loss holds until the outer unit's backward.
+    pub head_gradient: f64,
     pub total: f64,
 }
 
@@ -44,7 +46,7 @@ impl ShardedMemory {
     }
 
     pub fn gradients(&self) -> f64 {
-        self.gradient_shards + self.unit_gradient
+        self.gradient_shards + self.unit_gradient + self.head_gradient
     }
 
     pub fn activations(&self) -> f64 {
@@ -83,7 +85,8 @@ pub fn estimate(
         optimizer: 8.0 * s,
         checkpoints: cfg.num_hidden_layers as f64 * tokens * cfg.hidden_size as f64 * compute_bytes,
         layer_activations,
-        logits: 3.0 * 4.0 * tokens * cfg.vocab_size as f64,
+        logits: crate::models::head_loss::logits_bytes_on_gpu(tokens, cfg.vocab_size),
+        head_gradient: compute_bytes * (cfg.vocab_size * cfg.hidden_size) as f64,
         total: 0.0,
     };
     m.total = m.weights() + m.gradients() + m.optimizer + m.activations();
@@ -118,9 +121,12 @@ mod tests {
         // projection inputs 2·(2·128 + 128 + 512) = 1792, q/k/v/attention 2·(2·128 + 2·64) = 768,
         // MLP 2·3·512 = 3072, residual 2·2·128 = 512: 9216 bytes.
         assert_eq!(m.layer_activations, tokens * 9216.0);
+        // 128 positions make one block of the fused loss: three f32 blocks of 128 × 4096.
         assert_eq!(m.logits, 12.0 * tokens * 4096.0);
+        assert_eq!(m.head_gradient, 2.0 * 4096.0 * 128.0);
         let total = 16.0 * shard as f64
             + 8.0 * 524_418.0
+            + 2.0 * 4096.0 * 128.0
             + 4.0 * tokens * 256.0
             + tokens * 9216.0
             + 12.0 * tokens * 4096.0;
