@@ -292,7 +292,10 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                Some(cmd) => core.handle(cmd)?,
+                // A merge runs inside `handle` and takes seconds at 12B (on every core): the
+                // runtime hands this worker's other tasks (QUIC connections) to another thread
+                // meanwhile instead of leaving them stalled behind it.
+                Some(cmd) => tokio::task::block_in_place(|| core.handle(cmd))?,
                 None => break,
             },
             _ = tick.tick() => {}
