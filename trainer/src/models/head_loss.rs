@@ -121,15 +121,15 @@ fn cross_entropy_in_blocks(
                 let _ = grad.g_mul_(&t.square_().neg_().g_add_scalar_(1.0));
             }
             drop(tanh);
-            let row_factor = &keep * scale;
+            let row_factor = (&keep * scale).to_kind(weights.kind());
             let grad_z = grad.to_kind(weights.kind());
             drop(grad);
             if let Some(g) = &grad_hidden {
-                let rows_grad = grad_z.mm(&weights) * row_factor.to_kind(weights.kind());
-                g.narrow(0, start, n).copy_(&rows_grad);
+                g.narrow(0, start, n)
+                    .copy_(&(grad_z.mm(&weights) * &row_factor));
             }
             if let Some(g) = &grad_head {
-                let h_scaled = &h * row_factor.to_kind(h.kind());
+                let h_scaled = &h * &row_factor;
                 let mut sum = g.shallow_clone();
                 if weights.kind() == Kind::Float {
                     let _ = sum.addmm_(&grad_z.tr(), &h_scaled);
