@@ -8,13 +8,16 @@
 //! (teacher forcing on the text's tokens, gradients through the chain). Step s is trained towards
 //! the base's own next-token distribution at position c+s, softmax(z_{c+s}), by cross-entropy
 //! (distillation: greedy verification accepts a draft when it equals the base's argmax there).
-//! The loss is the mean over steps and anchors. The base's hidden states, K/V, embeddings and
-//! logits are computed once per batch under no_grad.
+//! The loss is the mean over steps and anchors. The base's hidden states, K/V and embeddings are
+//! computed once per batch under no_grad; the base's logits and the drafter's are never whole
+//! tensors: `head_loss::lm_head_distillation` makes them a block of rows at a time, each block
+//! of the base's once for all k steps.
 
 use super::{drafter_recipe, export::write_drafter_dir, initial_drafter, run_drafter_dir};
 use crate::checkpoint::{load_model, write_json_atomic};
 use crate::data::{Batcher, PackedSequences};
 use crate::models::gemma4_assistant::Gemma4Assistant;
+use crate::models::head_loss::lm_head_distillation;
 use crate::models::GemmaModel;
 use crate::optim::AdamW;
 use crate::recipe::{ParamDtype, Recipe};
@@ -40,28 +43,31 @@ pub fn drafter_loss(
         bail!("sequences of {t} tokens are too short to train a {k}-token drafter (data.seq_len must exceed model.drafter.num_assistant_tokens)");
     }
     let anchors = t - k; // c = 1..=T-k
-    let (hidden, kv, log_targets, embeds) = tch::no_grad(|| -> Result<_> {
+    let (hidden, kv, embeds) = tch::no_grad(|| -> Result<_> {
         let (hidden, kv) = base.hidden_states_and_shared_kv(tokens)?;
-        let log_targets = base
-            .logits_from_hidden(&hidden)
-            .log_softmax(-1, Kind::Float);
         let embeds = base.input_embeddings(tokens);
-        Ok((hidden, kv, log_targets, embeds))
+        Ok((hidden, kv, embeds))
     })?;
     let positions = Tensor::arange_start(1, anchors + 1, (Kind::Int64, tokens.device()));
+    // The chain first (its steps feed on projected states, not on logits), then every step's
+    // loss at once, so that each block of the base's logits is made once for all k steps.
     let mut state = hidden.narrow(1, 0, anchors);
-    let mut total = Tensor::zeros([], (Kind::Float, tokens.device()));
+    let mut students = Vec::with_capacity(k as usize);
     for s in 0..k {
         let inputs = Tensor::cat(&[embeds.narrow(1, 1 + s, anchors), state], -1);
-        let step = drafter.forward(&inputs, &positions, &kv);
-        let target = log_targets.narrow(1, 1 + s, anchors);
-        let ce = -(target.exp() * step.logits.log_softmax(-1, Kind::Float))
-            .sum_dim_intlist(Some([-1i64].as_slice()), false, Kind::Float)
-            .mean(Kind::Float);
-        total += ce;
+        let step = drafter.step_states(&inputs, &positions, &kv);
+        students.push(step.hidden);
         state = step.projected;
     }
-    Ok(total / k as f64)
+    // Step s of anchor c is trained towards the base's distribution at position c + s.
+    let offsets: Vec<i64> = (1..=k).collect();
+    lm_head_distillation(
+        &students,
+        &offsets,
+        drafter.lm_head(),
+        &hidden,
+        base.lm_head(),
+    )
 }
 
 /// The sequences of some windows with their final target token: [B, seq_len + 1].

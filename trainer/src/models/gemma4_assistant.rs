@@ -18,6 +18,7 @@
 //! `model.embed_tokens.weight`, ...). Centroid-masked ("ordered") embeddings are not supported.
 
 use super::gemma4::SharedKv;
+use super::head_loss::LmHead;
 use super::layers::{
     attend, linear_weight, lm_logits, Mlp, NormScale, RmsNorm, RotaryTable, INIT_STD,
 };
@@ -330,6 +331,15 @@ pub struct DraftStep {
     pub projected: Tensor,
 }
 
+/// One draft step's states before the LM head.
+#[derive(Debug)]
+pub struct DraftStates {
+    /// [B, Q, hidden]: after the final norm, what the LM head reads.
+    pub hidden: Tensor,
+    /// [B, Q, backbone]: the next step's stand-in for the target's hidden state.
+    pub projected: Tensor,
+}
+
 /// A greedy draft chain of one round.
 #[derive(Debug)]
 pub struct Draft {
@@ -429,6 +439,29 @@ impl Gemma4Assistant {
     /// and in sliding layers only to c - 1 - j <= sliding_window, as transformers' flipped
     /// bidirectional masks over K/V cut to c positions.
     pub fn forward(&self, inputs_embeds: &Tensor, positions: &Tensor, kv: &SharedKv) -> DraftStep {
+        let states = self.step_states(inputs_embeds, positions, kv);
+        DraftStep {
+            logits: lm_logits(&states.hidden, self.lm_head().weights, None),
+            projected: states.projected,
+        }
+    }
+
+    /// The LM head (tied to the embeddings by default; no softcap).
+    pub fn lm_head(&self) -> LmHead<'_> {
+        LmHead {
+            weights: self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
+            softcap: None,
+        }
+    }
+
+    /// [`Self::forward`] without the logits: the final hidden states the LM head reads, for a
+    /// loss that applies the head a block of rows at a time (`head_loss.rs`).
+    pub fn step_states(
+        &self,
+        inputs_embeds: &Tensor,
+        positions: &Tensor,
+        kv: &SharedKv,
+    ) -> DraftStates {
         let cfg = &self.config.text;
         let keys = kv
             .full
@@ -461,14 +494,10 @@ impl Gemma4Assistant {
         for layer in &self.layers {
             x = layer.forward(&x, kv, &inputs);
         }
-        let h = self.norm.forward(&x);
-        DraftStep {
-            logits: lm_logits(
-                &h,
-                self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
-                None,
-            ),
-            projected: h.linear::<Tensor>(&self.post_projection, None),
+        let hidden = self.norm.forward(&x);
+        DraftStates {
+            projected: hidden.linear::<Tensor>(&self.post_projection, None),
+            hidden,
         }
     }
 

@@ -1,12 +1,14 @@
-//! The LM head and the next-token cross-entropy, fused and computed a block of rows at a time.
+//! The LM head and its losses, fused and computed a block of rows at a time: the next-token
+//! cross-entropy against labels, and the distillation loss against a teacher's distributions.
 //!
 //! Unfused, the head's f32 logits, their log-softmax and their gradient are three tensors of
 //! rows × vocabulary: at Gemma's 262,144-token vocabulary and 4,096 positions, 12 GiB, the
 //! largest activation of a 12B step. Here each block of rows gets its logits, its loss and,
-//! when gradients are wanted, the gradient of its logits at once (softmax − one-hot, through the
+//! when gradients are wanted, the gradient of its logits at once (softmax − target, through the
 //! softcap), which is multiplied straight into the gradients of the hidden states and of the
 //! head; only one block's logits exist at a time. The GEMMs are the same three as autograd's
-//! (logits, then the two products of the backward pass), done during the forward call.
+//! (logits, then the two products of the backward pass), done during the forward call. A
+//! teacher's logits are made a block at a time too, once per block however many students read it.
 //!
 //! tch has no custom autograd functions, so the precomputed gradients re-enter the graph through
 //! a surrogate: `s = ⟨hidden, ∂L/∂hidden⟩ + ⟨head, ∂L/∂head⟩` has exactly those gradients, and
@@ -15,6 +17,7 @@
 //! unfused loss would. A trained head's gradient (the head's size) is held from this call to the
 //! backward pass; a frozen head (LoRA) has none.
 
+use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Label of a position that has no target (prompt tokens, padding).
@@ -46,6 +49,13 @@ pub fn logits_bytes_on_gpu(tokens: f64, vocab: usize) -> f64 {
     3.0 * 4.0 * rows * vocab as f64
 }
 
+/// An LM head: `weights` [vocab, d], then `cap`·tanh(z/`cap`) if `softcap`.
+#[derive(Clone, Copy, Debug)]
+pub struct LmHead<'a> {
+    pub weights: &'a Tensor,
+    pub softcap: Option<f64>,
+}
+
 /// The cross-entropy of `hidden` [..., d] through `head` [vocab, d] (then `cap`·tanh(z/`cap`)
 /// if `softcap`) against `labels` [...] (ignored where [`IGNORE_LABEL`]), as an f32 scalar.
 /// `Mean` divides by the labelled positions (NaN if there are none, as libtorch's does).
@@ -60,6 +70,148 @@ pub fn lm_head_cross_entropy(
     cross_entropy_in_blocks(hidden, head, softcap, labels, reduction, rows)
 }
 
+/// The mean distillation loss −Σ_v p_v log q_v of several sets of student rows against one
+/// teacher: `students[s]` [B, A_s, d] through `student_head` gives q, and its row [b, i] is
+/// trained towards the teacher's distribution p at position [b, i + offsets[s]], the softmax of
+/// `teacher_hidden` [B, T, d'] through `teacher_head`. The mean is over every row of every set.
+/// The teacher gets no gradient; its logits are made once per block of its positions.
+pub fn lm_head_distillation(
+    students: &[Tensor],
+    offsets: &[i64],
+    student_head: LmHead,
+    teacher_hidden: &Tensor,
+    teacher_head: LmHead,
+) -> Result<Tensor> {
+    let rows = block_rows(teacher_hidden.device(), teacher_head.weights.size()[0]);
+    distillation_in_blocks(
+        students,
+        offsets,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        rows,
+    )
+}
+
+/// What a block of student rows is trained towards.
+enum BlockTarget<'a> {
+    /// Token ids [n, 1] and which rows count [n, 1] (f32, 0 or 1).
+    Labels { ids: &'a Tensor, keep: &'a Tensor },
+    /// Probabilities [n, vocab] (f32) and which rows count [n, 1] (f32, 0 or 1).
+    Distribution { probs: &'a Tensor, keep: &'a Tensor },
+}
+
+/// The student's head while a loss runs over it: its weights (detached), and the f32 gradient
+/// accumulated into when the head is trained.
+struct StudentHead {
+    weights: Tensor,
+    softcap: Option<f64>,
+    grad: Option<Tensor>,
+}
+
+impl StudentHead {
+    fn new(head: LmHead) -> Self {
+        // A view of a leaf that requires gradients requires them only where autograd is on.
+        let trained = head.weights.narrow(0, 0, 1).requires_grad();
+        StudentHead {
+            weights: head.weights.detach(),
+            softcap: head.softcap,
+            grad: trained
+                .then(|| Tensor::zeros(head.weights.size(), (Kind::Float, head.weights.device()))),
+        }
+    }
+
+    /// One block of rows `h` [n, d] (detached): the unscaled loss sum, and, if `want_hidden`,
+    /// ∂L/∂h times `row_factor` [n, 1]; the head's gradient (also times `row_factor`) is added to
+    /// `self.grad`.
+    fn block(
+        &self,
+        h: &Tensor,
+        target: BlockTarget,
+        row_factor: &Tensor,
+        want_hidden: bool,
+    ) -> (Tensor, Option<Tensor>) {
+        // At most three f32 blocks live at once (with a softcap: tanh, the capped logits, their
+        // log-softmax), each dropped as soon as the next is made.
+        let (logits, mut tanh) = block_logits(h, &self.weights, self.softcap);
+        let mut log_probs = logits.log_softmax(1, Kind::Float);
+        drop(logits);
+        let loss = match &target {
+            BlockTarget::Labels { ids, keep } => {
+                -(log_probs.gather(1, ids, false) * *keep).sum(Kind::Float)
+            }
+            BlockTarget::Distribution { probs, keep } => {
+                // Rows that do not count are zeroed in place (their gradient is masked below),
+                // so one dot product of the flattened blocks sums the rest.
+                let _ = log_probs.g_mul_(keep);
+                -probs.reshape([-1]).dot(&log_probs.reshape([-1]))
+            }
+        };
+        if !want_hidden && self.grad.is_none() {
+            return (loss, None);
+        }
+        // ∂L/∂logits = softmax − target; the row factor is applied to the narrow side of each
+        // product (h, and P·E), not to P.
+        let mut grad = log_probs.exp_();
+        match target {
+            BlockTarget::Labels { ids, keep } => {
+                let _ = grad.scatter_add_(1, ids, &(-keep));
+            }
+            BlockTarget::Distribution { probs, .. } => {
+                let _ = grad.g_sub_(probs);
+            }
+        }
+        if let Some(t) = tanh.as_mut() {
+            // Through the softcap: d(cap·tanh(z/cap))/dz = 1 − tanh².
+            let _ = grad.g_mul_(&t.square_().neg_().g_add_scalar_(1.0));
+        }
+        drop(tanh);
+        let row_factor = row_factor.to_kind(self.weights.kind());
+        let grad_z = grad.to_kind(self.weights.kind());
+        drop(grad);
+        if let Some(g) = &self.grad {
+            let h_scaled = h * &row_factor;
+            let mut sum = g.shallow_clone();
+            if self.weights.kind() == Kind::Float {
+                let _ = sum.addmm_(&grad_z.tr(), &h_scaled);
+            } else {
+                let _ = sum.g_add_(&grad_z.tr().mm(&h_scaled).to_kind(Kind::Float));
+            }
+        }
+        let grad_h = want_hidden.then(|| grad_z.mm(&self.weights) * &row_factor);
+        (loss, grad_h)
+    }
+}
+
+/// The f32 logits of rows `h` [n, d] through `weights` and the softcap, with the softcap's tanh
+/// (which its derivative needs).
+fn block_logits(h: &Tensor, weights: &Tensor, softcap: Option<f64>) -> (Tensor, Option<Tensor>) {
+    let mut z = h.linear::<Tensor>(weights, None).to_kind(Kind::Float);
+    match softcap {
+        Some(cap) => {
+            let t = z.g_div_scalar_(cap).tanh_();
+            (&t * cap, Some(t))
+        }
+        None => (z, None),
+    }
+}
+
+/// `loss` carrying the precomputed gradients `(tensor, ∂L/∂tensor)` back into the graph.
+fn with_gradients(loss: Tensor, gradients: Vec<(&Tensor, Tensor)>) -> Tensor {
+    let surrogate = gradients
+        .into_iter()
+        .map(|(x, g)| {
+            x.reshape([-1])
+                .dot(&g.to_kind(x.kind()).reshape([-1]))
+                .to_kind(Kind::Float)
+        })
+        .reduce(|a, b| a + b);
+    match surrogate {
+        Some(s) => loss + (&s - s.detach()),
+        None => loss,
+    }
+}
+
 fn cross_entropy_in_blocks(
     hidden: &Tensor,
     head: &Tensor,
@@ -72,9 +224,11 @@ fn cross_entropy_in_blocks(
     let rows_in = hidden.reshape([-1, width]).detach();
     let labels = labels.reshape([-1]);
     let rows = rows_in.size()[0];
-    let vocab = head.size()[0];
     let device = hidden.device();
-    let weights = head.detach();
+    let student = StudentHead::new(LmHead {
+        weights: head,
+        softcap,
+    });
 
     let labelled = labels.ne(IGNORE_LABEL);
     let mask = labelled.to_kind(Kind::Float).unsqueeze(1);
@@ -85,10 +239,100 @@ fn cross_entropy_in_blocks(
     };
 
     let want_hidden = hidden.requires_grad();
-    // A view of a leaf that requires gradients requires them only where autograd is on.
-    let want_head = head.narrow(0, 0, 1).requires_grad();
     let grad_hidden = want_hidden.then(|| Tensor::empty([rows, width], (hidden.kind(), device)));
-    let grad_head = want_head.then(|| Tensor::zeros([vocab, width], (Kind::Float, device)));
+    let block = block_rows.clamp(1, rows.max(1));
+    let mut loss = Tensor::zeros([], (Kind::Float, device));
+    let _no_graph = tch::no_grad_guard();
+    let mut start = 0;
+    while start < rows {
+        let n = block.min(rows - start);
+        let keep = mask.narrow(0, start, n);
+        let target = BlockTarget::Labels {
+            ids: &targets.narrow(0, start, n),
+            keep: &keep,
+        };
+        let (sum, grad) = student.block(
+            &rows_in.narrow(0, start, n),
+            target,
+            &(&keep * scale),
+            want_hidden,
+        );
+        loss += sum;
+        if let (Some(g), Some(all)) = (grad, &grad_hidden) {
+            all.narrow(0, start, n).copy_(&g);
+        }
+        start += n;
+    }
+    let loss = loss * scale;
+    drop(_no_graph);
+
+    let mut gradients = Vec::new();
+    if let Some(g) = grad_hidden {
+        gradients.push((hidden, g));
+    }
+    if let Some(g) = student.grad {
+        gradients.push((head, g));
+    }
+    with_gradients(loss, gradients)
+}
+
+fn distillation_in_blocks(
+    students: &[Tensor],
+    offsets: &[i64],
+    student_head: LmHead,
+    teacher_hidden: &Tensor,
+    teacher_head: LmHead,
+    block_rows: i64,
+) -> Result<Tensor> {
+    let [batch, positions, teacher_width] = teacher_hidden.size()[..] else {
+        bail!(
+            "distillation: the teacher's hidden states must be [batch, positions, width], not {:?}",
+            teacher_hidden.size()
+        );
+    };
+    if students.len() != offsets.len() {
+        bail!(
+            "distillation: {} student sets but {} offsets",
+            students.len(),
+            offsets.len()
+        );
+    }
+    let device = teacher_hidden.device();
+    // Blocks run over the teacher's rows, batch after batch; each set's rows are gathered to
+    // line up with them (a row with no student row there is masked out), so that each block of
+    // the teacher's probabilities serves every set as it is, and blocks span sequences.
+    let rows = batch * positions;
+    let teacher_position = Tensor::arange(rows, (Kind::Int64, device)).remainder(positions);
+    let teacher_sequence =
+        Tensor::arange(rows, (Kind::Int64, device)).floor_divide_scalar(positions);
+    let mut sets = Vec::with_capacity(students.len());
+    let mut total_rows = 0;
+    for (s, (x, &offset)) in students.iter().zip(offsets).enumerate() {
+        let [b, set_rows, width] = x.size()[..] else {
+            bail!(
+                "distillation: student set {s} must be [batch, rows, width], not {:?}",
+                x.size()
+            );
+        };
+        if b != batch || offset < 0 || offset + set_rows > positions {
+            bail!("distillation: student set {s} ({b} x {set_rows} rows from teacher position {offset}) does not fit the teacher's {batch} x {positions} positions");
+        }
+        total_rows += b * set_rows;
+        let row = &teacher_position - offset;
+        let present = row.ge(0).logical_and(&row.lt(set_rows));
+        sets.push(StudentSet {
+            rows: x.detach().reshape([-1, width]),
+            index: (&teacher_sequence * set_rows + row).where_scalarother(&present, 0),
+            present: present.to_kind(Kind::Float).unsqueeze(1),
+            grad: x
+                .requires_grad()
+                .then(|| Tensor::zeros([b * set_rows, width], (x.kind(), device))),
+        });
+    }
+    let scale = 1.0 / total_rows as f64;
+    let student = StudentHead::new(student_head);
+    let teacher_rows = teacher_hidden.detach().reshape([rows, teacher_width]);
+    let teacher_weights = teacher_head.weights.detach();
 
     let block = block_rows.clamp(1, rows.max(1));
     let mut loss = Tensor::zeros([], (Kind::Float, device));
@@ -96,46 +340,29 @@ fn cross_entropy_in_blocks(
     let mut start = 0;
     while start < rows {
         let n = block.min(rows - start);
-        let h = rows_in.narrow(0, start, n);
-        let (target, keep) = (targets.narrow(0, start, n), mask.narrow(0, start, n));
-        // At most three f32 blocks live at once (with a softcap: tanh, the capped logits, their
-        // log-softmax), each dropped as soon as the next is made.
-        let mut z = h.linear::<Tensor>(&weights, None).to_kind(Kind::Float);
-        let (logits, mut tanh) = match softcap {
-            Some(cap) => {
-                let t = z.g_div_scalar_(cap).tanh_();
-                (&t * cap, Some(t))
-            }
-            None => (z, None),
-        };
-        let mut log_probs = logits.log_softmax(1, Kind::Float);
+        let (logits, _) = block_logits(
+            &teacher_rows.narrow(0, start, n),
+            &teacher_weights,
+            teacher_head.softcap,
+        );
+        let probs = logits.softmax(1, Kind::Float);
         drop(logits);
-        loss -= (log_probs.gather(1, &target, false) * &keep).sum(Kind::Float);
-        if want_hidden || want_head {
-            // ∂L/∂logits = (softmax − one-hot)·scale on labelled rows and 0 elsewhere; the row
-            // factor is applied to the narrow side of each product (h, and P·E), not to P.
-            let mut grad = log_probs.exp_();
-            let _ = grad.scatter_add_(1, &target, &(-&keep));
-            if let Some(t) = tanh.as_mut() {
-                // Through the softcap: d(cap·tanh(z/cap))/dz = 1 − tanh².
-                let _ = grad.g_mul_(&t.square_().neg_().g_add_scalar_(1.0));
-            }
-            drop(tanh);
-            let row_factor = (&keep * scale).to_kind(weights.kind());
-            let grad_z = grad.to_kind(weights.kind());
-            drop(grad);
-            if let Some(g) = &grad_hidden {
-                g.narrow(0, start, n)
-                    .copy_(&(grad_z.mm(&weights) * &row_factor));
-            }
-            if let Some(g) = &grad_head {
-                let h_scaled = &h * &row_factor;
-                let mut sum = g.shallow_clone();
-                if weights.kind() == Kind::Float {
-                    let _ = sum.addmm_(&grad_z.tr(), &h_scaled);
-                } else {
-                    let _ = sum.g_add_(&grad_z.tr().mm(&h_scaled).to_kind(Kind::Float));
-                }
+        for set in &sets {
+            let index = set.index.narrow(0, start, n);
+            let present = set.present.narrow(0, start, n);
+            let (sum, grad) = student.block(
+                &set.rows.index_select(0, &index),
+                BlockTarget::Distribution {
+                    probs: &probs,
+                    keep: &present,
+                },
+                &(&present * scale),
+                set.grad.is_some(),
+            );
+            loss += sum;
+            if let (Some(g), Some(all)) = (grad, &set.grad) {
+                // Rows masked out add zeros.
+                let _ = all.shallow_clone().index_add_(0, &index, &g);
             }
         }
         start += n;
@@ -143,30 +370,25 @@ fn cross_entropy_in_blocks(
     let loss = loss * scale;
     drop(_no_graph);
 
-    // The surrogate carrying the precomputed gradients back into the graph.
-    let mut surrogate: Option<Tensor> = None;
-    let mut add = |term: Tensor| {
-        surrogate = Some(match surrogate.take() {
-            Some(s) => s + term,
-            None => term,
-        })
-    };
-    if let Some(g) = grad_hidden {
-        add(hidden
-            .reshape([-1])
-            .dot(&g.reshape([-1]))
-            .to_kind(Kind::Float));
+    let mut gradients: Vec<(&Tensor, Tensor)> = students
+        .iter()
+        .zip(sets)
+        .filter_map(|(x, set)| set.grad.map(|g| (x, g)))
+        .collect();
+    if let Some(g) = student.grad {
+        gradients.push((student_head.weights, g));
     }
-    if let Some(g) = grad_head {
-        add(head
-            .reshape([-1])
-            .dot(&g.to_kind(head.kind()).reshape([-1]))
-            .to_kind(Kind::Float));
-    }
-    match surrogate {
-        Some(s) => loss + (&s - s.detach()),
-        None => loss,
-    }
+    Ok(with_gradients(loss, gradients))
+}
+
+/// One set of student rows in a distillation: its rows [B·A, d] (detached), for each of the
+/// teacher's rows the student row trained towards it and whether there is one, and the
+/// gradient of its rows when they want one.
+struct StudentSet {
+    rows: Tensor,
+    index: Tensor,
+    present: Tensor,
+    grad: Option<Tensor>,
 }
 
 #[cfg(test)]
@@ -276,6 +498,123 @@ mod tests {
             tch::no_grad(|| lm_head_cross_entropy(&hidden, &e, None, &labels, Reduction::Mean));
         assert!(!loss.requires_grad());
         assert!((loss.double_value(&[]) - want).abs() <= 1e-5 * want.abs());
+    }
+
+    /// Distillation of three student sets (different row counts and teacher offsets, as a
+    /// drafter's steps) against float64 autograd on whole logits: the mean over every row of
+    /// −Σ softmax(teacher)·log_softmax(student). Within 1e-5 relative to the largest value, for
+    /// the loss, each set's ∂/∂hidden and the student head's ∂/∂head, over block sizes that cut
+    /// the 11 teacher positions unevenly, with and without a student softcap (the teacher has
+    /// one), under a scaled backward. The teacher gets no gradient.
+    #[test]
+    fn distillation_blocks_give_the_loss_and_gradients_of_float64_autograd() {
+        tch::manual_seed(11);
+        let opts = (Kind::Float, Device::Cpu);
+        let teacher_hidden = Tensor::randn([2, 11, 12], opts).set_requires_grad(true);
+        let teacher_head = Tensor::randn([40, 12], opts) * 2.0;
+        let head = Tensor::randn([40, 8], opts) * 1.5;
+        let students: Vec<Tensor> = [10, 9, 7]
+            .iter()
+            .map(|&rows| Tensor::randn([2, rows, 8], opts))
+            .collect();
+        let offsets = [1, 2, 4];
+        let teacher_cap = Some(4.0);
+        for student_cap in [None, Some(3.0)] {
+            // The reference: float64, whole logits, autograd.
+            let xs: Vec<Tensor> = students
+                .iter()
+                .map(|x| x.to_kind(Kind::Double).set_requires_grad(true))
+                .collect();
+            let e = head.to_kind(Kind::Double).set_requires_grad(true);
+            let capped = |z: Tensor, cap: Option<f64>| match cap {
+                Some(c) => (z / c).tanh() * c,
+                None => z,
+            };
+            let p = capped(
+                teacher_hidden
+                    .detach()
+                    .to_kind(Kind::Double)
+                    .matmul(&teacher_head.to_kind(Kind::Double).tr()),
+                teacher_cap,
+            )
+            .softmax(-1, Kind::Double);
+            let mut sum = Tensor::zeros([], (Kind::Double, Device::Cpu));
+            let mut rows = 0;
+            for (x, &offset) in xs.iter().zip(&offsets) {
+                let n = x.size()[1];
+                let log_q = capped(x.matmul(&e.tr()), student_cap).log_softmax(-1, Kind::Double);
+                sum -= (p.narrow(1, offset, n) * log_q).sum(Kind::Double);
+                rows += 2 * n;
+            }
+            let want = sum / rows as f64;
+            want.backward();
+            let want_loss = want.double_value(&[]);
+
+            for block in [1, 3, 5, 11, 1000] {
+                let got_xs: Vec<Tensor> = students
+                    .iter()
+                    .map(|x| x.copy().set_requires_grad(true))
+                    .collect();
+                let got_e = head.copy().set_requires_grad(true);
+                let loss = distillation_in_blocks(
+                    &got_xs,
+                    &offsets,
+                    LmHead {
+                        weights: &got_e,
+                        softcap: student_cap,
+                    },
+                    &teacher_hidden,
+                    LmHead {
+                        weights: &teacher_head,
+                        softcap: teacher_cap,
+                    },
+                    block,
+                )
+                .unwrap();
+                let case = format!("student softcap {student_cap:?}, block {block}");
+                let got = loss.double_value(&[]);
+                assert!(
+                    (got - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                    "{case}: loss {got} vs {want_loss}"
+                );
+                (loss * 0.25).backward();
+                let mut pairs: Vec<(String, Tensor, Tensor)> = got_xs
+                    .iter()
+                    .zip(&xs)
+                    .enumerate()
+                    .map(|(s, (g, w))| (format!("student set {s}"), g.grad(), w.grad()))
+                    .collect();
+                pairs.push(("head".into(), got_e.grad(), e.grad()));
+                for (name, got, want) in pairs {
+                    let err = max_abs(&(got.to_kind(Kind::Double) - &want * 0.25));
+                    let scale = max_abs(&want) * 0.25;
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "{case}: ∂/∂{name} off by {err} (largest {scale})"
+                    );
+                }
+            }
+            assert!(
+                !teacher_hidden.grad().defined(),
+                "the teacher got a gradient"
+            );
+        }
+    }
+
+    #[test]
+    fn distillation_refuses_student_rows_past_the_teacher() {
+        let opts = (Kind::Float, Device::Cpu);
+        let teacher = Tensor::zeros([2, 5, 4], opts);
+        let head = Tensor::zeros([10, 4], opts);
+        let students = [Tensor::zeros([2, 4, 4], opts)];
+        let lm = LmHead {
+            weights: &head,
+            softcap: None,
+        };
+        let err = lm_head_distillation(&students, &[2], lm, &teacher, lm).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert!(lm_head_distillation(&students, &[1], lm, &teacher, lm).is_ok());
+        assert!(lm_head_distillation(&students, &[1, 2], lm, &teacher, lm).is_err());
     }
 
     #[test]

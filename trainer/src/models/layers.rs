@@ -2,7 +2,7 @@
 //! the GeGLU MLP and the attention kernel. Numerics follow transformers: norms, RoPE tables and
 //! softmax in f32, cast back to the activation dtype afterwards.
 
-use super::head_loss::{lm_head_cross_entropy, Reduction};
+use super::head_loss::{lm_head_cross_entropy, LmHead, Reduction};
 use crate::config::{GemmaConfig, LayerType, RopeKind, RopeParams};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -354,5 +354,13 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
 
     fn head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// The LM head with its softcap.
+    pub fn lm_head(&self) -> LmHead<'_> {
+        LmHead {
+            weights: self.head(),
+            softcap: self.final_softcap,
+        }
     }
 }

@@ -191,6 +191,14 @@ impl GemmaModel {
         }
     }
 
+    /// The LM head with its softcap.
+    pub fn lm_head(&self) -> head_loss::LmHead<'_> {
+        match &self.network {
+            Network::Gemma3(m) => m.lm_head(),
+            Network::Gemma4(m) => m.lm_head(),
+        }
+    }
+
     /// ids [B, T] (int64) -> logits [B, T, vocab] in f32.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         self.logits_from_hidden(&self.hidden_states(ids))
