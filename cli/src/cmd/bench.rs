@@ -320,8 +320,7 @@ fn bench_lm_head(
     );
     let block = atoll_trainer::models::head_loss::block_rows(Device::Cpu, vocab).min(rows);
     let held = (block * vocab * 4) as f64 / (1 << 20) as f64;
-    // Blocks alive at once: logits and their log-softmax, and with a softcap its tanh too.
-    let blocks = if softcap.is_some() { 3.0 } else { 2.0 };
+    let blocks = atoll_trainer::models::head_loss::logits_blocks_held(softcap.is_some());
     println!(
         "  fused, blocks of {block:>5} rows   {fused:>10.1}  {:>10.1}",
         blocks * held

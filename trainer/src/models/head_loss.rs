@@ -42,11 +42,21 @@ pub fn block_rows(device: Device, vocab: i64) -> i64 {
     (values / vocab.max(1)).max(256)
 }
 
-/// Accelerator bytes the logits take at the fused loss's peak for `tokens` positions: three f32
-/// blocks (tanh, capped logits, log-softmax). Unfused it was three tensors of every position.
-pub fn logits_bytes_on_gpu(tokens: f64, vocab: usize) -> f64 {
+/// f32 blocks of logits alive at once at the fused loss's peak: the logits and their
+/// log-softmax, and with a softcap its tanh too.
+pub fn logits_blocks_held(softcap: bool) -> f64 {
+    if softcap {
+        3.0
+    } else {
+        2.0
+    }
+}
+
+/// Accelerator bytes the logits take at the fused loss's peak for `tokens` positions (unfused it
+/// was three tensors of every position).
+pub fn logits_bytes_on_gpu(tokens: f64, vocab: usize, softcap: bool) -> f64 {
     let rows = (block_rows(Device::Cuda(0), vocab as i64) as f64).min(tokens);
-    3.0 * 4.0 * rows * vocab as f64
+    logits_blocks_held(softcap) * 4.0 * rows * vocab as f64
 }
 
 /// An LM head: `weights` [vocab, d], then `cap`·tanh(z/`cap`) if `softcap`.

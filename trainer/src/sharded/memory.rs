@@ -85,7 +85,11 @@ pub fn estimate(
         optimizer: 8.0 * s,
         checkpoints: cfg.num_hidden_layers as f64 * tokens * cfg.hidden_size as f64 * compute_bytes,
         layer_activations,
-        logits: crate::models::head_loss::logits_bytes_on_gpu(tokens, cfg.vocab_size),
+        logits: crate::models::head_loss::logits_bytes_on_gpu(
+            tokens,
+            cfg.vocab_size,
+            cfg.final_logit_softcapping.is_some(),
+        ),
         head_gradient: compute_bytes * (cfg.vocab_size * cfg.hidden_size) as f64,
         total: 0.0,
     };
@@ -121,15 +125,16 @@ mod tests {
         // projection inputs 2·(2·128 + 128 + 512) = 1792, q/k/v/attention 2·(2·128 + 2·64) = 768,
         // MLP 2·3·512 = 3072, residual 2·2·128 = 512: 9216 bytes.
         assert_eq!(m.layer_activations, tokens * 9216.0);
-        // 128 positions make one block of the fused loss: three f32 blocks of 128 × 4096.
-        assert_eq!(m.logits, 12.0 * tokens * 4096.0);
+        // 128 positions make one block of the fused loss: Gemma 3 has no final softcap, so two
+        // f32 blocks of 128 × 4096 (logits and log-softmax).
+        assert_eq!(m.logits, 8.0 * tokens * 4096.0);
         assert_eq!(m.head_gradient, 2.0 * 4096.0 * 128.0);
         let total = 16.0 * shard as f64
             + 8.0 * 524_418.0
             + 2.0 * 4096.0 * 128.0
             + 4.0 * tokens * 256.0
             + tokens * 9216.0
-            + 12.0 * tokens * 4096.0;
+            + 8.0 * tokens * 4096.0;
         assert!((m.total - total).abs() < 1e-6, "{} vs {total}", m.total);
     }
 
