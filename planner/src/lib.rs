@@ -158,7 +158,7 @@ pub fn plan(input: &PlanInput) -> Result<PlanOutput, PlanError> {
         let mut warnings = Vec::new();
         if mode == Mode::Decoupled && tl.lag_steps > u64::from(r.tau.max(1)) {
             warnings.push(format!(
-                "fragments land {} steps after they are sent (budget τ = {}): the links cannot carry one fragment every {:.2} s; raise H, lower the codec's bits or add bandwidth",
+                "fragments land {} steps after they are sent (budget τ = {}): the links cannot carry one fragment every {:.2} s; raise H, lower the codec's bits, compress the frames (sync.zstd_level: 1 takes about 15% off e3m0 frames and a third off int2 ones) or add bandwidth",
                 tl.lag_steps,
                 r.tau,
                 r.step_compute_s * f64::from(r.h) / f64::from(r.fragments),

@@ -277,7 +277,7 @@ fn bench_lm_head(
     softcap: Option<f64>,
     repeats: usize,
 ) -> Result<()> {
-    use atoll_trainer::models::head_loss::{lm_head_cross_entropy, Reduction};
+    use atoll_trainer::models::head_loss::{lm_head_cross_entropy, LmHead, Reduction};
     use atoll_trainer::models::layers::lm_logits;
     let options = (Kind::Float, Device::Cpu);
     let states = Tensor::randn([rows, hidden], options);
@@ -290,7 +290,15 @@ fn bench_lm_head(
             let h = states.copy().set_requires_grad(true);
             let start = std::time::Instant::now();
             let loss = if fused == 1 {
-                lm_head_cross_entropy(&h, &head, softcap, &labels, Reduction::Mean)
+                lm_head_cross_entropy(
+                    &h,
+                    LmHead {
+                        weights: &head,
+                        softcap,
+                    },
+                    &labels,
+                    Reduction::Mean,
+                )
             } else {
                 lm_logits(&h, &head, softcap).cross_entropy_for_logits(&labels)
             };

@@ -66,18 +66,17 @@ pub struct LmHead<'a> {
     pub softcap: Option<f64>,
 }
 
-/// The cross-entropy of `hidden` [..., d] through `head` [vocab, d] (then `cap`·tanh(z/`cap`)
-/// if `softcap`) against `labels` [...] (ignored where [`IGNORE_LABEL`]), as an f32 scalar.
-/// `Mean` divides by the labelled positions (NaN if there are none, as libtorch's does).
+/// The cross-entropy of `hidden` [..., d] through `head` against `labels` [...] (ignored where
+/// [`IGNORE_LABEL`]), as an f32 scalar. `Mean` divides by the labelled positions (NaN if there
+/// are none, as libtorch's does).
 pub fn lm_head_cross_entropy(
     hidden: &Tensor,
-    head: &Tensor,
-    softcap: Option<f64>,
+    head: LmHead,
     labels: &Tensor,
     reduction: Reduction,
 ) -> Tensor {
-    let rows = block_rows(hidden.device(), head.size()[0]);
-    cross_entropy_in_blocks(hidden, head, softcap, labels, reduction, rows)
+    let rows = block_rows(hidden.device(), head.weights.size()[0]);
+    cross_entropy_in_blocks(hidden, head.weights, head.softcap, labels, reduction, rows)
 }
 
 /// The mean distillation loss −Σ_v p_v log q_v of several sets of student rows against one
@@ -510,7 +509,11 @@ mod tests {
         let (hidden, head, labels) = inputs(None);
         let (want, want_dh, _) = reference(&hidden, &head, None, &labels, Reduction::Mean);
         let h = hidden.copy().set_requires_grad(true);
-        let loss = lm_head_cross_entropy(&h, &head, None, &labels, Reduction::Mean);
+        let plain = |weights| LmHead {
+            weights,
+            softcap: None,
+        };
+        let loss = lm_head_cross_entropy(&h, plain(&head), &labels, Reduction::Mean);
         loss.backward();
         assert!(
             !head.grad().defined(),
@@ -520,7 +523,7 @@ mod tests {
 
         let e = head.copy().set_requires_grad(true);
         let loss =
-            tch::no_grad(|| lm_head_cross_entropy(&hidden, &e, None, &labels, Reduction::Mean));
+            tch::no_grad(|| lm_head_cross_entropy(&hidden, plain(&e), &labels, Reduction::Mean));
         assert!(!loss.requires_grad());
         assert!((loss.double_value(&[]) - want).abs() <= 1e-5 * want.abs());
     }

@@ -349,7 +349,7 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
         labels: &Tensor,
         reduction: Reduction,
     ) -> Tensor {
-        lm_head_cross_entropy(hidden, self.head(), self.final_softcap, labels, reduction)
+        lm_head_cross_entropy(hidden, self.lm_head(), labels, reduction)
     }
 
     fn head(&self) -> &Tensor {
