@@ -48,10 +48,12 @@ pub fn drafter_loss(
         let embeds = base.input_embeddings(tokens);
         Ok((hidden, kv, embeds))
     })?;
+    // The drafter computes in f32 whatever dtype the frozen base is held in.
+    let (kv, embeds) = (kv.to_kind(Kind::Float), embeds.to_kind(Kind::Float));
     let positions = Tensor::arange_start(1, anchors + 1, (Kind::Int64, tokens.device()));
     // The chain first (its steps feed on projected states, not on logits), then every step's
     // loss at once, so that each block of the base's logits is made once for all k steps.
-    let mut state = hidden.narrow(1, 0, anchors);
+    let mut state = hidden.narrow(1, 0, anchors).to_kind(Kind::Float);
     let mut students = Vec::with_capacity(k as usize);
     for s in 0..k {
         let inputs = Tensor::cat(&[embeds.narrow(1, 1 + s, anchors), state], -1);
@@ -128,10 +130,13 @@ pub fn train(recipe: &Recipe, run_dir: &Path, resuming: bool) -> Result<Summary>
     }
     let device = resolve_device(recipe.train.device)?;
     std::fs::write(run_dir.join("recipe.yaml"), recipe.to_yaml()?)?;
-    if recipe.model.dtype != ParamDtype::F32 {
-        bail!("model.dtype: drafter training runs in f32 (base and drafter); set model.dtype: f32");
-    }
-    let base = load_model(base_dir, device, Kind::Float)
+    // The base is frozen, so it may be held in bf16 (half its memory, and a GPU runs its forward
+    // at bf16 speed); the drafter always trains in f32.
+    let base_kind = match recipe.model.dtype {
+        ParamDtype::F32 => Kind::Float,
+        ParamDtype::Bf16 => Kind::BFloat16,
+    };
+    let base = load_model(base_dir, device, base_kind)
         .with_context(|| format!("model.init_from: {}", base_dir.display()))?;
     let data_recipe = with_base_tokenizer(recipe, base_dir)?;
     let prepared = prepare_data(
@@ -154,11 +159,12 @@ pub fn train(recipe: &Recipe, run_dir: &Path, resuming: bool) -> Result<Summary>
     let k = section.num_assistant_tokens.0;
     let params = drafter.config.num_parameters();
     tracing::info!(
-        "drafter: {params} parameters, {} layers, hidden {}, k = {k}, against the frozen base {} ({} parameters) on {}",
+        "drafter: {params} parameters, {} layers, hidden {}, k = {k}, against the frozen base {} ({} parameters, held in {}) on {}",
         drafter.config.text.num_hidden_layers,
         drafter.config.text.hidden_size,
         base_dir.display(),
         base.config.num_parameters(),
+        dtype_name(base_kind),
         crate::train::device_name(device)
     );
 

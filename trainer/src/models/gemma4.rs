@@ -13,7 +13,7 @@ use super::layers::{
     attend, DecoderLayerForward, DecoderStack, LayerInputs, Linear, Mlp, NormScale, RmsNorm,
 };
 use crate::config::{GemmaConfig, LayerType};
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
 
 #[derive(Debug)]
 struct Attention {
@@ -104,6 +104,20 @@ pub struct SharedKv {
 }
 
 impl SharedKv {
+    /// The same K/V in `kind` (a drafter computing in f32 over a bf16 target).
+    pub fn to_kind(&self, kind: Kind) -> SharedKv {
+        let convert = |kv: &Option<LayerKv>| {
+            kv.as_ref().map(|kv| LayerKv {
+                keys: kv.keys.to_kind(kind),
+                values: kv.values.to_kind(kind),
+            })
+        };
+        SharedKv {
+            sliding: convert(&self.sliding),
+            full: convert(&self.full),
+        }
+    }
+
     pub fn of(&self, layer_type: LayerType) -> Option<&LayerKv> {
         match layer_type {
             LayerType::Sliding => self.sliding.as_ref(),
