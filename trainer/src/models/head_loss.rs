@@ -331,9 +331,13 @@ fn distillation_in_blocks(
             bail!("distillation: student set {s} ({b} x {set_rows} rows from teacher position {offset}) does not fit the teacher's {batch} x {positions} positions");
         }
         total_rows += b * set_rows;
+        if set_rows == 0 {
+            continue; // nothing to gather from
+        }
         let row = &teacher_position - offset;
         let present = row.ge(0).logical_and(&row.lt(set_rows));
         sets.push(StudentSet {
+            source: s,
             rows: x.detach().reshape([-1, width]),
             index: (&teacher_sequence * set_rows + row).where_scalarother(&present, 0),
             present: present.to_kind(Kind::Float).unsqueeze(1),
@@ -341,6 +345,9 @@ fn distillation_in_blocks(
                 .requires_grad()
                 .then(|| Tensor::zeros([b * set_rows, width], (x.kind(), device))),
         });
+    }
+    if total_rows == 0 {
+        bail!("distillation: the student sets have no rows");
     }
     let scale = 1.0 / total_rows as f64;
     let student = StudentHead::new(student_head);
@@ -379,10 +386,9 @@ fn distillation_in_blocks(
     let loss = loss * scale;
     drop(_no_graph);
 
-    let mut gradients: Vec<(&Tensor, Tensor)> = students
-        .iter()
-        .zip(sets)
-        .filter_map(|(x, set)| set.grad.map(|g| (x, g)))
+    let mut gradients: Vec<(&Tensor, Tensor)> = sets
+        .into_iter()
+        .filter_map(|set| set.grad.map(|g| (&students[set.source], g)))
         .collect();
     if let Some(g) = student.grad {
         gradients.push((student_head.weights, g));
@@ -394,6 +400,8 @@ fn distillation_in_blocks(
 /// teacher's rows the student row trained towards it and whether there is one, and the
 /// gradient of its rows when they want one.
 struct StudentSet {
+    /// Which of the students it is.
+    source: usize,
     rows: Tensor,
     index: Tensor,
     present: Tensor,
@@ -619,7 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn distillation_refuses_student_rows_past_the_teacher() {
+    fn distillation_refuses_rows_past_the_teacher_and_passes_over_empty_sets() {
         let opts = (Kind::Float, Device::Cpu);
         let teacher = Tensor::zeros([2, 5, 4], opts);
         let head = Tensor::zeros([10, 4], opts);
@@ -632,6 +640,15 @@ mod tests {
         assert!(err.to_string().contains("does not fit"), "{err}");
         assert!(lm_head_distillation(&students, &[1], lm, &teacher, lm).is_ok());
         assert!(lm_head_distillation(&students, &[1, 2], lm, &teacher, lm).is_err());
+        // A set without rows adds nothing; no rows at all is refused.
+        let with_empty = [
+            Tensor::zeros([2, 4, 4], opts),
+            Tensor::zeros([2, 0, 4], opts),
+        ];
+        let alone = lm_head_distillation(&with_empty[..1], &[1], lm, &teacher, lm).unwrap();
+        let both = lm_head_distillation(&with_empty, &[1, 5], lm, &teacher, lm).unwrap();
+        assert_eq!(alone.double_value(&[]), both.double_value(&[]));
+        assert!(lm_head_distillation(&with_empty[1..], &[0], lm, &teacher, lm).is_err());
     }
 
     #[test]
