@@ -3,6 +3,7 @@
 //! and the data plane (contributions up, fragments down) going, reconnecting with backoff when
 //! the coordinator goes away.
 
+use crate::contribution::{contribution_deltas, ContributionEncoder, Wire};
 use crate::link_tuning::link_tuning;
 use crate::parts::{receive_parts, send_part};
 use crate::state::StateStore;
@@ -15,7 +16,6 @@ use atoll_store::{CheckpointStore, ResumeFrom};
 use atoll_trainer::recipe::{RankParallelism, Recipe};
 use atoll_trainer::sharded::worker::RankedWorker;
 use atoll_trainer::worker::{InnerLoop, Worker};
-use atoll_wire::{encode_frame, frame_encoded, ErrorFeedback, DEFAULT_BLOCK};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -181,6 +181,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         .enable_all()
         .build()?;
     let (inbound_tx, inbound) = std_mpsc::channel::<Inbound>();
+    let fatal_tx = inbound_tx.clone();
     let (report_tx, report_rx) = watch::channel(ReportState::default());
     let (out_tx, out_rx) = mpsc::channel::<Vec<Outgoing>>(2 * plan.len().max(1));
     let initial = match opts.resume {
@@ -218,6 +219,44 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
 
     let mut metrics_file =
         std::io::BufWriter::new(std::fs::File::create(opts.run_dir.join("metrics.jsonl"))?);
+    let wire = Wire {
+        codec: recipe.sync.codec.codec(),
+        error_feedback: recipe.sync.error_feedback,
+        zstd_level: recipe.sync.zstd_level,
+    };
+    let fragment_tensors: Vec<usize> = plan.fragments.iter().map(|f| f.tensors.len()).collect();
+    let encoder = ContributionEncoder::start(wire, &fragment_tensors, {
+        let out = out_tx.clone();
+        let fatal = fatal_tx;
+        move |header: PartHeader, frames: Result<Vec<Vec<u8>>>| match frames {
+            Ok(frames) => {
+                let p = header.fragment;
+                let parts = frames
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, frame)| Outgoing {
+                        header: PartHeader {
+                            tensor: k as u32,
+                            frame_len: frame.len() as u32,
+                            ..header
+                        },
+                        frame,
+                    })
+                    .collect();
+                // A full queue means the up link is behind: drop this contribution (the
+                // syncer's pull times out) rather than buffer without bound.
+                if out.try_send(parts).is_err() {
+                    tracing::warn!("up link saturated: contribution to fragment {p} dropped");
+                }
+            }
+            Err(e) => {
+                let _ = fatal.send(Inbound::Fatal(format!(
+                    "cannot encode a contribution to fragment {}: {e:#}",
+                    header.fragment
+                )));
+            }
+        }
+    })?;
     let mut state = LearnerState {
         plan: plan.clone(),
         protocol: None,
@@ -227,18 +266,13 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         at_pull: BTreeMap::new(),
         pulled_at: BTreeMap::new(),
         round_trips: (0.0, 0),
-        feedback: plan
-            .fragments
-            .iter()
-            .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
-            .collect(),
+        encoder,
         clock: Vec::new(),
         resume_step: 0,
         final_versions: None,
     };
     let mut done_waiting_since: Option<Instant> = None;
     let mut network_gone = false;
-    let codec = recipe.sync.codec.codec();
     let mut last = Instant::now();
     let mut rate = crate::step_rate::StepRate::default();
     let mut last_loss = f64::NAN;
@@ -266,7 +300,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         for message in first.into_iter().chain(inbound.try_iter()) {
             match message {
                 Inbound::Fatal(why) => return Err(anyhow!(why)),
-                other => state.on_message(other, worker, codec, &recipe, &out_tx, &counters)?,
+                other => state.on_message(other, worker, &counters)?,
             }
         }
         let Some(protocol) = state.protocol.as_mut() else {
@@ -386,7 +420,8 @@ struct LearnerState {
     pulled_at: BTreeMap<usize, Instant>,
     /// Sum and count of those round trips, for the summary.
     round_trips: (f64, u64),
-    feedback: Vec<Vec<ErrorFeedback>>,
+    /// Encodes contributions off this thread; its frames go straight to the up link.
+    encoder: ContributionEncoder<PartHeader>,
     clock: Vec<u64>,
     resume_step: u64,
     /// Set when the job is done: the versions to hold before exiting.
@@ -398,46 +433,11 @@ type Assembling = BTreeMap<(u8, u32, u64), (PartHeader, Vec<Option<Vec<f32>>>)>;
 /// Per-tensor values of one fragment.
 type Tensors = Vec<Vec<f32>>;
 
-/// One wire frame per tensor of a contribution: Δ = anchor − local, encoded (through the
-/// tensor's error feedback where the recipe asks for it) and framed. Tensors are independent, so
-/// they are encoded on every core: at 12B scale a fragment is billions of values, and the learner
-/// trains on only once its contribution is on its way.
-fn contribution_frames(
-    codec: atoll_wire::Codec,
-    recipe: &Recipe,
-    anchor: &[Vec<f32>],
-    local: &[Vec<f32>],
-    feedback: &mut [ErrorFeedback],
-) -> Result<Vec<Vec<u8>>> {
-    let work: Vec<_> = anchor.iter().zip(local).zip(feedback.iter_mut()).collect();
-    let threads = atoll_coordinator::parallel::available_threads();
-    atoll_coordinator::parallel::map(work, threads, |((anchor, values), feedback)| {
-        let delta: Vec<f32> = anchor.iter().zip(values).map(|(a, x)| a - x).collect();
-        let shape = [delta.len() as u64];
-        let level = recipe.sync.zstd_level;
-        // With error feedback the codec's bytes come from the feedback state (which keeps what
-        // they leave out); they are framed as they are rather than decoded and encoded again.
-        let frame = if recipe.sync.error_feedback {
-            let mut buf = Vec::new();
-            feedback.encode(codec, &delta, DEFAULT_BLOCK, &mut buf)?;
-            frame_encoded(codec, DEFAULT_BLOCK as u32, &shape, buf, level)?
-        } else {
-            encode_frame(codec, DEFAULT_BLOCK as u32, &shape, &delta, level)?
-        };
-        Ok(frame)
-    })
-    .into_iter()
-    .collect()
-}
-
 impl LearnerState {
     fn on_message(
         &mut self,
         message: Inbound,
         worker: &mut dyn InnerLoop,
-        codec: atoll_wire::Codec,
-        recipe: &Recipe,
-        out: &mpsc::Sender<Vec<Outgoing>>,
         counters: &Counters,
     ) -> Result<()> {
         match message {
@@ -464,40 +464,21 @@ impl LearnerState {
                         let anchor = protocol.anchor(p);
                         let tensors = &self.plan.fragments[p].tensors;
                         let local = worker.values(tensors)?;
-                        let frames = contribution_frames(
-                            codec,
-                            recipe,
-                            anchor,
-                            &local,
-                            &mut self.feedback[p],
-                        )?;
-                        let parts = frames
-                            .into_iter()
-                            .enumerate()
-                            .map(|(k, frame)| Outgoing {
-                                header: PartHeader {
-                                    kind: PartKind::Contribution,
-                                    fragment: p as u32,
-                                    round_or_version: pull.round,
-                                    base_version,
-                                    steps: progress.c_steps,
-                                    tokens: progress.c_tokens,
-                                    tensor: k as u32,
-                                    tensors: tensors.len() as u32,
-                                    frame_len: frame.len() as u32,
-                                },
-                                frame,
-                            })
-                            .collect();
+                        let header = PartHeader {
+                            kind: PartKind::Contribution,
+                            fragment: p as u32,
+                            round_or_version: pull.round,
+                            base_version,
+                            steps: progress.c_steps,
+                            tokens: progress.c_tokens,
+                            tensor: 0,
+                            tensors: tensors.len() as u32,
+                            frame_len: 0,
+                        };
+                        self.encoder
+                            .submit(p, contribution_deltas(anchor, &local), header)?;
                         self.at_pull.insert(p, (worker.step(), local));
                         self.pulled_at.insert(p, Instant::now());
-                        // A full queue means the up link is behind: drop this contribution (the
-                        // syncer's pull times out) rather than buffer without bound.
-                        if out.try_send(parts).is_err() {
-                            tracing::warn!(
-                                "up link saturated: contribution to fragment {p} dropped"
-                            );
-                        }
                     }
                 }
             }

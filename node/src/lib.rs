@@ -10,6 +10,7 @@
 //! - [`ranks`]: the ranks of a sharded learner, from a cluster launcher or started here;
 //! - [`status`]: `atoll status` and the launcher's live display.
 
+pub mod contribution;
 pub mod coordinator;
 pub mod job_metrics;
 pub mod launcher;
