@@ -1,15 +1,16 @@
 //! A learner's contributions, encoded off its training thread.
 //!
-//! When a pull arrives the training thread takes the fragment's values and Δ = anchor − local
-//! (one pass over memory); encoding Δ (the codec through its error feedback, framing, zstd) is
-//! several passes more and, at 12B scale, billions of values per fragment. A thread of its own
-//! does that, one contribution after another in the order they were handed over, while the
+//! When a pull arrives the training thread takes the fragment's values (it keeps them anyway,
+//! for `apply: rebase`) and hands them over with the anchor, both shared rather than copied.
+//! Everything else, Δ = anchor − local, the codec through its error feedback, framing and zstd,
+//! is several passes over what at 12B scale is billions of values per fragment. A thread of its
+//! own does that, one contribution after another in the order they were handed over, while the
 //! training thread goes on to its next step. It owns the error-feedback state, which nothing
 //! else reads.
 
 use anyhow::{anyhow, Result};
 use atoll_wire::{encode_frame, frame_encoded, Codec, ErrorFeedback, DEFAULT_BLOCK};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 /// How contributions go on the wire (the recipe's `sync.codec`, `sync.error_feedback` and
@@ -21,31 +22,25 @@ pub struct Wire {
     pub zstd_level: i32,
 }
 
-/// Δ = anchor − local, tensor by tensor (on every core: tensors are independent).
-pub fn contribution_deltas(anchor: &[Vec<f32>], local: &[Vec<f32>]) -> Vec<Vec<f32>> {
-    let work: Vec<_> = anchor.iter().zip(local).collect();
-    let threads = atoll_coordinator::parallel::available_threads();
-    atoll_coordinator::parallel::map(work, threads, |(anchor, values)| {
-        anchor.iter().zip(values).map(|(a, x)| a - x).collect()
-    })
-}
-
-/// One wire frame per tensor of a contribution's Δ, encoded through the tensor's error feedback
-/// where `wire` asks for it, on every core.
+/// One wire frame per tensor of a contribution: Δ = anchor − local, encoded through the tensor's
+/// error feedback where `wire` asks for it. Tensors are independent, so they are encoded on every
+/// core.
 pub fn contribution_frames(
     wire: Wire,
-    deltas: &[Vec<f32>],
+    anchor: &[Vec<f32>],
+    local: &[Vec<f32>],
     feedback: &mut [ErrorFeedback],
 ) -> Result<Vec<Vec<u8>>> {
-    let work: Vec<_> = deltas.iter().zip(feedback.iter_mut()).collect();
+    let work: Vec<_> = anchor.iter().zip(local).zip(feedback.iter_mut()).collect();
     let threads = atoll_coordinator::parallel::available_threads();
-    atoll_coordinator::parallel::map(work, threads, |(delta, feedback)| {
+    atoll_coordinator::parallel::map(work, threads, |((anchor, values), feedback)| {
+        let delta: Vec<f32> = anchor.iter().zip(values).map(|(a, x)| a - x).collect();
         let shape = [delta.len() as u64];
         // With error feedback the codec's bytes come from the feedback state (which keeps what
         // they leave out); they are framed as they are rather than decoded and encoded again.
         if wire.error_feedback {
             let mut buf = Vec::new();
-            feedback.encode(wire.codec, delta, DEFAULT_BLOCK, &mut buf)?;
+            feedback.encode(wire.codec, &delta, DEFAULT_BLOCK, &mut buf)?;
             frame_encoded(
                 wire.codec,
                 DEFAULT_BLOCK as u32,
@@ -58,7 +53,7 @@ pub fn contribution_frames(
                 wire.codec,
                 DEFAULT_BLOCK as u32,
                 &shape,
-                delta,
+                &delta,
                 wire.zstd_level,
             )
         }
@@ -68,10 +63,15 @@ pub fn contribution_frames(
     .collect()
 }
 
-/// A fragment's Δ to encode, with what the caller needs to send its frames (`tag`).
+/// Values of a fragment's tensors, shared between the training thread and the encoder.
+pub type SharedTensors = Arc<Vec<Vec<f32>>>;
+
+/// A fragment's anchor and local values to encode the Δ of, with what the caller needs to send
+/// its frames (`tag`).
 struct Job<T> {
     fragment: usize,
-    deltas: Vec<Vec<f32>>,
+    anchor: SharedTensors,
+    local: SharedTensors,
     tag: T,
 }
 
@@ -99,14 +99,14 @@ impl<T: Send + 'static> ContributionEncoder<T> {
             .name("atoll-encoder".into())
             .spawn(move || {
                 for job in queue {
+                    let tensors = job.local.len();
                     let frames = match feedback.get_mut(job.fragment) {
-                        Some(states) if states.len() == job.deltas.len() => {
-                            contribution_frames(wire, &job.deltas, states)
+                        Some(states) if states.len() == tensors && job.anchor.len() == tensors => {
+                            contribution_frames(wire, &job.anchor, &job.local, states)
                         }
                         _ => Err(anyhow!(
-                            "a contribution to fragment {} with {} tensors does not fit the plan",
+                            "a contribution to fragment {} with {tensors} tensors does not fit the plan",
                             job.fragment,
-                            job.deltas.len()
                         )),
                     };
                     sink(job.tag, frames);
@@ -118,14 +118,21 @@ impl<T: Send + 'static> ContributionEncoder<T> {
         })
     }
 
-    /// Queues fragment `fragment`'s Δ; returns at once.
-    pub fn submit(&self, fragment: usize, deltas: Vec<Vec<f32>>, tag: T) -> Result<()> {
+    /// Queues fragment `fragment`'s contribution, Δ = `anchor` − `local`; returns at once.
+    pub fn submit(
+        &self,
+        fragment: usize,
+        anchor: SharedTensors,
+        local: SharedTensors,
+        tag: T,
+    ) -> Result<()> {
         self.jobs
             .as_ref()
             .ok_or_else(|| anyhow!("the contribution encoder has stopped"))?
             .send(Job {
                 fragment,
-                deltas,
+                anchor,
+                local,
                 tag,
             })
             .map_err(|_| anyhow!("the contribution encoder has stopped"))
@@ -145,7 +152,7 @@ impl<T: Send + 'static> Drop for ContributionEncoder<T> {
 mod tests {
     use super::*;
 
-    fn deltas(seed: u32, sizes: &[usize]) -> Vec<Vec<f32>> {
+    fn values(seed: u32, sizes: &[usize]) -> Vec<Vec<f32>> {
         sizes
             .iter()
             .enumerate()
@@ -181,8 +188,9 @@ mod tests {
         })
         .expect("starts");
         for &(p, seed) in &jobs {
+            let (anchor, local) = (values(seed, &tensors[p]), values(seed + 100, &tensors[p]));
             encoder
-                .submit(p, deltas(seed, &tensors[p]), seed)
+                .submit(p, Arc::new(anchor), Arc::new(local), seed)
                 .expect("queued");
         }
         drop(encoder);
@@ -195,8 +203,8 @@ mod tests {
         let want: Vec<(u32, Vec<Vec<u8>>)> = jobs
             .iter()
             .map(|&(p, seed)| {
-                let frames =
-                    contribution_frames(wire, &deltas(seed, &tensors[p]), &mut feedback[p]);
+                let (anchor, local) = (values(seed, &tensors[p]), values(seed + 100, &tensors[p]));
+                let frames = contribution_frames(wire, &anchor, &local, &mut feedback[p]);
                 (seed, frames.expect("encodes"))
             })
             .collect();
@@ -205,7 +213,8 @@ mod tests {
         // state's encoding of the same Δ.
         let fresh = contribution_frames(
             wire,
-            &deltas(3, &tensors[0]),
+            &values(3, &tensors[0]),
+            &values(103, &tensors[0]),
             &mut vec![ErrorFeedback::default(); 2],
         )
         .expect("encodes");
@@ -224,9 +233,16 @@ mod tests {
             tx.send(frames.map(|f| f.len())).expect("test receives");
         })
         .expect("starts");
-        encoder.submit(0, deltas(1, &[10, 10]), ()).expect("queued");
-        encoder.submit(3, deltas(1, &[10]), ()).expect("queued");
-        encoder.submit(0, deltas(1, &[10]), ()).expect("queued");
+        let shared = |sizes: &[usize]| Arc::new(values(1, sizes));
+        encoder
+            .submit(0, shared(&[10, 10]), shared(&[10, 10]), ())
+            .expect("queued");
+        encoder
+            .submit(3, shared(&[10]), shared(&[10]), ())
+            .expect("queued");
+        encoder
+            .submit(0, shared(&[10]), shared(&[10]), ())
+            .expect("queued");
         drop(encoder);
         let results: Vec<_> = rx.iter().collect();
         assert!(results[0].is_err() && results[1].is_err());

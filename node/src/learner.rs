@@ -3,7 +3,7 @@
 //! and the data plane (contributions up, fragments down) going, reconnecting with backoff when
 //! the coordinator goes away.
 
-use crate::contribution::{contribution_deltas, ContributionEncoder, Wire};
+use crate::contribution::{ContributionEncoder, SharedTensors, Wire};
 use crate::link_tuning::link_tuning;
 use crate::parts::{receive_parts, send_part};
 use crate::state::StateStore;
@@ -344,7 +344,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                     local,
                     Progress::of_steps(step_now - pulled_at_step, tokens_per_step),
                 ),
-                None => (due.replaced_anchor.to_vec(), due.progress),
+                None => (Arc::new(due.replaced_anchor.to_vec()), due.progress),
             };
             worker.apply(rule, tensors, &due.received.values, Some(&base))?;
             protocol.keep_progress(p, kept);
@@ -415,7 +415,7 @@ struct LearnerState {
     /// Updates whose base version has not arrived yet, by (fragment, base version).
     waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
     /// The step and local values of each fragment's latest pull (what `rebase` keeps work from).
-    at_pull: BTreeMap<usize, (u64, Tensors)>,
+    at_pull: BTreeMap<usize, (u64, SharedTensors)>,
     /// When each fragment was last sent up: its round trip ends when a new version arrives.
     pulled_at: BTreeMap<usize, Instant>,
     /// Sum and count of those round trips, for the summary.
@@ -463,7 +463,7 @@ impl LearnerState {
                         let (base_version, progress) = protocol.on_pull(p);
                         let anchor = protocol.anchor(p);
                         let tensors = &self.plan.fragments[p].tensors;
-                        let local = worker.values(tensors)?;
+                        let local = Arc::new(worker.values(tensors)?);
                         let header = PartHeader {
                             kind: PartKind::Contribution,
                             fragment: p as u32,
@@ -476,7 +476,7 @@ impl LearnerState {
                             frame_len: 0,
                         };
                         self.encoder
-                            .submit(p, contribution_deltas(anchor, &local), header)?;
+                            .submit(p, anchor.clone(), local.clone(), header)?;
                         self.at_pull.insert(p, (worker.step(), local));
                         self.pulled_at.insert(p, Instant::now());
                     }
