@@ -245,8 +245,14 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                     .collect();
                 // A full queue means the up link is behind: drop this contribution (the
                 // syncer's pull times out) rather than buffer without bound.
-                if out.try_send(parts).is_err() {
-                    tracing::warn!("up link saturated: contribution to fragment {p} dropped");
+                match out.try_send(parts) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!("up link saturated: contribution to fragment {p} dropped")
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::debug!("network side gone: contribution to fragment {p} not sent")
+                    }
                 }
             }
             Err(e) => {
