@@ -15,6 +15,6 @@ pub use learner::{ApplyRule, LearnerProtocol};
 pub use merge::{FinalStep, MergeRule, OuterOptimizer};
 pub use plan::{FragmentPlan, TensorInfo};
 pub use syncer::{
-    apply_update, Action, Contribution, EncodedUpdate, Event, FragmentSnapshot, LearnerId,
-    LearnerSnapshot, MergeRecord, Progress, Syncer, SyncerConfig, SyncerStats, TimerId,
+    apply_update, Action, Contribution, EncodedUpdate, Event, FragmentSnapshot, FragmentValues,
+    LearnerId, LearnerSnapshot, MergeRecord, Progress, Syncer, SyncerConfig, SyncerStats, TimerId,
 };

@@ -9,8 +9,9 @@
 //! else reads.
 
 use anyhow::{anyhow, Result};
+use atoll_coordinator::FragmentValues;
 use atoll_wire::{encode_frame, frame_encoded, Codec, ErrorFeedback, DEFAULT_BLOCK};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 /// How contributions go on the wire (the recipe's `sync.codec`, `sync.error_feedback` and
@@ -63,15 +64,12 @@ pub fn contribution_frames(
     .collect()
 }
 
-/// Values of a fragment's tensors, shared between the training thread and the encoder.
-pub type SharedTensors = Arc<Vec<Vec<f32>>>;
-
 /// A fragment's anchor and local values to encode the Δ of, with what the caller needs to send
 /// its frames (`tag`).
 struct Job<T> {
     fragment: usize,
-    anchor: SharedTensors,
-    local: SharedTensors,
+    anchor: FragmentValues,
+    local: FragmentValues,
     tag: T,
 }
 
@@ -122,8 +120,8 @@ impl<T: Send + 'static> ContributionEncoder<T> {
     pub fn submit(
         &self,
         fragment: usize,
-        anchor: SharedTensors,
-        local: SharedTensors,
+        anchor: FragmentValues,
+        local: FragmentValues,
         tag: T,
     ) -> Result<()> {
         self.jobs
@@ -151,6 +149,7 @@ impl<T: Send + 'static> Drop for ContributionEncoder<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn values(seed: u32, sizes: &[usize]) -> Vec<Vec<f32>> {
         sizes

@@ -3,13 +3,15 @@
 //! and the data plane (contributions up, fragments down) going, reconnecting with backoff when
 //! the coordinator goes away.
 
-use crate::contribution::{ContributionEncoder, SharedTensors, Wire};
+use crate::contribution::{ContributionEncoder, Wire};
 use crate::link_tuning::link_tuning;
 use crate::parts::{receive_parts, send_part};
 use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
 use atoll_collective::RankConfig;
-use atoll_coordinator::{apply_update, ApplyRule, FragmentPlan, LearnerProtocol, Progress};
+use atoll_coordinator::{
+    apply_update, ApplyRule, FragmentPlan, FragmentValues, LearnerProtocol, Progress,
+};
 use atoll_link::{Hello, PartHeader, PartKind};
 use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
 use atoll_store::{CheckpointStore, ResumeFrom};
@@ -225,44 +227,11 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         zstd_level: recipe.sync.zstd_level,
     };
     let fragment_tensors: Vec<usize> = plan.fragments.iter().map(|f| f.tensors.len()).collect();
-    let encoder = ContributionEncoder::start(wire, &fragment_tensors, {
-        let out = out_tx.clone();
-        let fatal = fatal_tx;
-        move |header: PartHeader, frames: Result<Vec<Vec<u8>>>| match frames {
-            Ok(frames) => {
-                let p = header.fragment;
-                let parts = frames
-                    .into_iter()
-                    .enumerate()
-                    .map(|(k, frame)| Outgoing {
-                        header: PartHeader {
-                            tensor: k as u32,
-                            frame_len: frame.len() as u32,
-                            ..header
-                        },
-                        frame,
-                    })
-                    .collect();
-                // A full queue means the up link is behind: drop this contribution (the
-                // syncer's pull times out) rather than buffer without bound.
-                match out.try_send(parts) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::warn!("up link saturated: contribution to fragment {p} dropped")
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        tracing::debug!("network side gone: contribution to fragment {p} not sent")
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = fatal.send(Inbound::Fatal(format!(
-                    "cannot encode a contribution to fragment {}: {e:#}",
-                    header.fragment
-                )));
-            }
-        }
-    })?;
+    let encoder = ContributionEncoder::start(
+        wire,
+        &fragment_tensors,
+        send_contribution(out_tx.clone(), fatal_tx),
+    )?;
     let mut state = LearnerState {
         plan: plan.clone(),
         protocol: None,
@@ -350,7 +319,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                     local,
                     Progress::of_steps(step_now - pulled_at_step, tokens_per_step),
                 ),
-                None => (Arc::new(due.replaced_anchor.to_vec()), due.progress),
+                None => (due.replaced_anchor.clone(), due.progress),
             };
             worker.apply(rule, tensors, &due.received.values, Some(&base))?;
             protocol.keep_progress(p, kept);
@@ -421,7 +390,7 @@ struct LearnerState {
     /// Updates whose base version has not arrived yet, by (fragment, base version).
     waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
     /// The step and local values of each fragment's latest pull (what `rebase` keeps work from).
-    at_pull: BTreeMap<usize, (u64, SharedTensors)>,
+    at_pull: BTreeMap<usize, (u64, FragmentValues)>,
     /// When each fragment was last sent up: its round trip ends when a new version arrives.
     pulled_at: BTreeMap<usize, Instant>,
     /// Sum and count of those round trips, for the summary.
@@ -438,6 +407,48 @@ struct LearnerState {
 type Assembling = BTreeMap<(u8, u32, u64), (PartHeader, Vec<Option<Vec<f32>>>)>;
 /// Per-tensor values of one fragment.
 type Tensors = Vec<Vec<f32>>;
+
+/// What becomes of an encoded contribution: its frames, one part each, onto the up-link queue, or
+/// the encoding error to the learner's loop.
+fn send_contribution(
+    out: mpsc::Sender<Vec<Outgoing>>,
+    fatal: std_mpsc::Sender<Inbound>,
+) -> impl FnMut(PartHeader, Result<Vec<Vec<u8>>>) + Send + 'static {
+    move |header: PartHeader, frames: Result<Vec<Vec<u8>>>| match frames {
+        Ok(frames) => {
+            let p = header.fragment;
+            let parts = frames
+                .into_iter()
+                .enumerate()
+                .map(|(k, frame)| Outgoing {
+                    header: PartHeader {
+                        tensor: k as u32,
+                        frame_len: frame.len() as u32,
+                        ..header
+                    },
+                    frame,
+                })
+                .collect();
+            // A full queue means the up link is behind: drop this contribution (the
+            // syncer's pull times out) rather than buffer without bound.
+            match out.try_send(parts) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!("up link saturated: contribution to fragment {p} dropped")
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tracing::debug!("network side gone: contribution to fragment {p} not sent")
+                }
+            }
+        }
+        Err(e) => {
+            let _ = fatal.send(Inbound::Fatal(format!(
+                "cannot encode a contribution to fragment {}: {e:#}",
+                header.fragment
+            )));
+        }
+    }
+}
 
 impl LearnerState {
     fn on_message(

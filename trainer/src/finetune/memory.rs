@@ -104,11 +104,7 @@ pub fn estimate(
     } else {
         (0.0, per_layer.iter().sum())
     };
-    let logits = crate::models::head_loss::logits_bytes_on_gpu(
-        tokens,
-        cfg.vocab_size,
-        cfg.final_logit_softcapping.is_some(),
-    );
+    let logits = crate::models::head_loss::logits_bytes_on_gpu(tokens, cfg);
     let base_weights = cfg.num_parameters() as f64 * base_bytes_per_param;
     let adapter_state = 16.0 * adapter_parameters as f64;
     LoraMemory {

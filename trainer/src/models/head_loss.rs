@@ -17,6 +17,7 @@
 //! unfused loss would. A trained head's gradient (the head's size) is held from this call to the
 //! backward pass; a frozen head (LoRA) has none.
 
+use crate::config::GemmaConfig;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -52,11 +53,12 @@ pub fn logits_blocks_held(softcap: bool) -> f64 {
     }
 }
 
-/// Accelerator bytes the logits take at the fused loss's peak for `tokens` positions (unfused it
-/// was three tensors of every position).
-pub fn logits_bytes_on_gpu(tokens: f64, vocab: usize, softcap: bool) -> f64 {
+/// Accelerator bytes `cfg`'s logits take at the fused loss's peak for `tokens` positions
+/// (unfused it was three tensors of every position).
+pub fn logits_bytes_on_gpu(tokens: f64, cfg: &GemmaConfig) -> f64 {
+    let vocab = cfg.vocab_size;
     let rows = (block_rows(Device::Cuda(0), vocab as i64) as f64).min(tokens);
-    logits_blocks_held(softcap) * 4.0 * rows * vocab as f64
+    logits_blocks_held(cfg.final_logit_softcapping.is_some()) * 4.0 * rows * vocab as f64
 }
 
 /// An LM head: `weights` [vocab, d], then `cap`·tanh(z/`cap`) if `softcap`.
@@ -76,7 +78,7 @@ pub fn lm_head_cross_entropy(
     reduction: Reduction,
 ) -> Tensor {
     let rows = block_rows(hidden.device(), head.weights.size()[0]);
-    cross_entropy_in_blocks(hidden, head.weights, head.softcap, labels, reduction, rows)
+    cross_entropy_in_blocks(hidden, head, labels, reduction, rows)
 }
 
 /// The mean distillation loss −Σ_v p_v log q_v of several sets of student rows against one
@@ -231,8 +233,7 @@ fn with_gradients(loss: Tensor, gradients: Vec<(&Tensor, Tensor)>) -> Tensor {
 
 fn cross_entropy_in_blocks(
     hidden: &Tensor,
-    head: &Tensor,
-    softcap: Option<f64>,
+    head: LmHead,
     labels: &Tensor,
     reduction: Reduction,
     block_rows: i64,
@@ -242,10 +243,7 @@ fn cross_entropy_in_blocks(
     let labels = labels.reshape([-1]);
     let rows = rows_in.size()[0];
     let device = hidden.device();
-    let student = StudentHead::new(LmHead {
-        weights: head,
-        softcap,
-    });
+    let student = StudentHead::new(head);
 
     let labelled = labels.ne(IGNORE_LABEL);
     let mask = labelled.to_kind(Kind::Float).unsqueeze(1);
@@ -284,7 +282,7 @@ fn cross_entropy_in_blocks(
         gradients.push((hidden, g));
     }
     if let Some(g) = student.grad {
-        gradients.push((head, g));
+        gradients.push((head.weights, g));
     }
     with_gradients(loss, gradients)
 }
@@ -498,7 +496,11 @@ mod tests {
                 for block in [1, 5, 38, 1000] {
                     let h = hidden.copy().set_requires_grad(true);
                     let e = head.copy().set_requires_grad(true);
-                    let loss = cross_entropy_in_blocks(&h, &e, softcap, &labels, reduction, block);
+                    let head = LmHead {
+                        weights: &e,
+                        softcap,
+                    };
+                    let loss = cross_entropy_in_blocks(&h, head, &labels, reduction, block);
                     let case = format!("softcap {softcap:?}, {reduction:?}, block {block}");
                     assert_matches_reference(&case, loss, want_loss, || {
                         vec![

@@ -338,7 +338,8 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        lm_logits(hidden, self.head(), self.final_softcap)
+        let head = self.lm_head();
+        lm_logits(hidden, head.weights, head.softcap)
     }
 
     /// The next-token cross-entropy of final hidden states against `labels`, without the whole
@@ -352,14 +353,10 @@ impl<L: DecoderLayerForward> DecoderStack<L> {
         lm_head_cross_entropy(hidden, self.lm_head(), labels, reduction)
     }
 
-    fn head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
-    /// The LM head with its softcap.
+    /// The LM head (tied to the embeddings unless the checkpoint has its own) with its softcap.
     pub fn lm_head(&self) -> LmHead<'_> {
         LmHead {
-            weights: self.head(),
+            weights: self.lm_head.as_ref().unwrap_or(&self.embed_tokens),
             softcap: self.final_softcap,
         }
     }

@@ -85,11 +85,7 @@ pub fn estimate(
         optimizer: 8.0 * s,
         checkpoints: cfg.num_hidden_layers as f64 * tokens * cfg.hidden_size as f64 * compute_bytes,
         layer_activations,
-        logits: crate::models::head_loss::logits_bytes_on_gpu(
-            tokens,
-            cfg.vocab_size,
-            cfg.final_logit_softcapping.is_some(),
-        ),
+        logits: crate::models::head_loss::logits_bytes_on_gpu(tokens, cfg),
         head_gradient: compute_bytes * (cfg.vocab_size * cfg.hidden_size) as f64,
         total: 0.0,
     };
