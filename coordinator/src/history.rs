@@ -16,6 +16,29 @@ enum Kept {
     Reached(EncodedUpdate),
 }
 
+/// A kept version, not yet rebuilt: the nearest full version at or before it and the updates
+/// from there. Cheap to hold (shared buffers), so a merge job can carry it and rebuild the values
+/// on its own thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptVersion {
+    full: FragmentValues,
+    updates: Vec<EncodedUpdate>,
+}
+
+impl KeptVersion {
+    /// The version's values, replayed exactly as they were reached.
+    pub fn values(&self) -> FragmentValues {
+        let Some((first, rest)) = self.updates.split_first() else {
+            return self.full.clone();
+        };
+        let mut values = replay(&self.full, first);
+        for update in rest {
+            values = replay(&values, update);
+        }
+        Arc::new(values)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VersionHistory {
     /// Oldest first; the oldest is always `Full`.
@@ -31,22 +54,63 @@ impl VersionHistory {
         }
     }
 
+    /// Whether `version`, pushed with `reached_by`, would be kept as that update (else in
+    /// full), and whether it continues the kept chain (else the history restarts with it).
+    fn kept_as_update(&self, version: u64, reached_by: Option<&EncodedUpdate>) -> (bool, bool) {
+        let follows_the_newest = self.kept.back().is_some_and(|(v, _)| v + 1 == version);
+        let as_update =
+            follows_the_newest && reached_by.is_some_and(|u| u.base_version + 1 == version);
+        (as_update, follows_the_newest)
+    }
+
+    /// The rebuild that pushing `version` will need: at capacity the push drops the oldest
+    /// version (kept in full), and the next one, if kept as an update, must become full. Its
+    /// values are returned here unbuilt, so that a merge job can build them off the syncer's
+    /// thread and hand them to [`VersionHistory::push`].
+    pub fn promotion(
+        &self,
+        version: u64,
+        reached_by: Option<&EncodedUpdate>,
+    ) -> Option<(u64, KeptVersion)> {
+        let (as_update, follows_the_newest) = self.kept_as_update(version, reached_by);
+        if self.capacity == 0 || !follows_the_newest || self.kept.len() < self.capacity {
+            return None;
+        }
+        let (_, Kept::Full(oldest)) = &self.kept[0] else {
+            unreachable!("the oldest kept version is full")
+        };
+        let (next, update) = match self.kept.get(1) {
+            Some((v, Kept::Reached(u))) => (*v, u.clone()),
+            Some((_, Kept::Full(_))) => return None,
+            None if as_update => (version, reached_by?.clone()),
+            None => return None,
+        };
+        Some((
+            next,
+            KeptVersion {
+                full: oldest.clone(),
+                updates: vec![update],
+            },
+        ))
+    }
+
     /// Keeps `theta`, the values of `version`, which the fragment is leaving; `reached_by` is
     /// the encoded update that turned the version before into this one, if there was one.
+    /// `promoted`: the values [`VersionHistory::promotion`] asked for, already built (else the
+    /// push builds them itself).
     pub fn push(
         &mut self,
         version: u64,
         theta: FragmentValues,
         reached_by: Option<&EncodedUpdate>,
+        promoted: Option<(u64, FragmentValues)>,
     ) {
         if self.capacity == 0 {
             return;
         }
-        let follows_the_newest = self.kept.back().is_some_and(|(v, _)| v + 1 == version);
+        let (as_update, follows_the_newest) = self.kept_as_update(version, reached_by);
         let kept = match reached_by {
-            Some(u) if follows_the_newest && u.base_version + 1 == version => {
-                Kept::Reached(u.clone())
-            }
+            Some(u) if as_update => Kept::Reached(u.clone()),
             _ => {
                 // A gap (or an exact step) breaks the chain: what came before cannot be replayed.
                 if !follows_the_newest {
@@ -61,9 +125,13 @@ impl VersionHistory {
             let Kept::Full(oldest) = oldest else {
                 unreachable!("the oldest kept version is full")
             };
-            if let Some((_, next)) = self.kept.front_mut() {
+            if let Some((v, next)) = self.kept.front_mut() {
                 if let Kept::Reached(update) = next {
-                    *next = Kept::Full(Arc::new(replay(&oldest, update)));
+                    let values = match &promoted {
+                        Some((p, values)) if p == v => values.clone(),
+                        _ => Arc::new(replay(&oldest, update)),
+                    };
+                    *next = Kept::Full(values);
                 }
             }
         }
@@ -71,6 +139,11 @@ impl VersionHistory {
 
     /// The values of `version`, if it is kept.
     pub fn get(&self, version: u64) -> Option<FragmentValues> {
+        self.lookup(version).map(|k| k.values())
+    }
+
+    /// `version`, if it is kept, unbuilt (see [`KeptVersion`]).
+    pub fn lookup(&self, version: u64) -> Option<KeptVersion> {
         let at = self.kept.iter().position(|(v, _)| *v == version)?;
         let full = (0..=at)
             .rev()
@@ -79,17 +152,18 @@ impl VersionHistory {
         let Kept::Full(base) = &self.kept[full].1 else {
             unreachable!("found above")
         };
-        if full == at {
-            return Some(base.clone());
-        }
-        let mut values: Vec<Vec<f32>> = (**base).clone();
-        for (_, kept) in self.kept.range(full + 1..=at) {
-            let Kept::Reached(update) = kept else {
-                unreachable!("the nearest full version is the last one")
-            };
-            values = replay(&values, update);
-        }
-        Some(Arc::new(values))
+        let updates = self
+            .kept
+            .range(full + 1..=at)
+            .map(|(_, kept)| match kept {
+                Kept::Reached(update) => update.clone(),
+                Kept::Full(_) => unreachable!("the nearest full version is the last one"),
+            })
+            .collect();
+        Some(KeptVersion {
+            full: base.clone(),
+            updates,
+        })
     }
 
     /// Versions kept in full (the rest as updates).
@@ -177,7 +251,15 @@ mod tests {
             let all = versions(9, exact);
             let mut history = VersionHistory::new(4);
             for (v, (theta, reached_by)) in all.iter().enumerate() {
-                history.push(v as u64, theta.clone(), reached_by.as_ref());
+                // The rebuild a push needs, done ahead (as a merge job does), is exactly the
+                // version it rebuilds.
+                let promoted = history
+                    .promotion(v as u64, reached_by.as_ref())
+                    .map(|(p, kept)| (p, kept.values()));
+                if let Some((p, values)) = &promoted {
+                    assert!(**values == *all[*p as usize].0, "version {p} rebuilt ahead");
+                }
+                history.push(v as u64, theta.clone(), reached_by.as_ref(), promoted);
                 assert!(history.len() <= 4);
                 let first_kept = (v + 1).saturating_sub(4);
                 for (k, (expected, _)) in all.iter().enumerate().take(v + 1) {
@@ -197,7 +279,7 @@ mod tests {
         let all = versions(6, Some(5));
         let mut history = VersionHistory::new(4);
         for (v, (theta, reached_by)) in all.iter().enumerate() {
-            history.push(v as u64, theta.clone(), reached_by.as_ref());
+            history.push(v as u64, theta.clone(), reached_by.as_ref(), None);
         }
         assert_eq!(history.full_versions(), 2);
         assert!(history.get(4).as_deref() == Some(&*all[4].0));
@@ -208,11 +290,34 @@ mod tests {
     fn a_gap_in_the_versions_restarts_the_history() {
         let all = versions(3, None);
         let mut history = VersionHistory::new(4);
-        history.push(0, all[0].0.clone(), None);
-        history.push(2, all[2].0.clone(), all[2].1.as_ref());
+        history.push(0, all[0].0.clone(), None, None);
+        history.push(2, all[2].0.clone(), all[2].1.as_ref(), None);
         assert_eq!((history.len(), history.full_versions()), (1, 1));
         assert!(history.get(0).is_none());
         assert!(history.get(2).as_deref() == Some(&*all[2].0));
         assert!(VersionHistory::new(0).get(0).is_none());
+    }
+
+    /// At capacity 1 every push replaces the one kept version, which is then the pushed one in
+    /// full; a push takes the values it is given for that instead of rebuilding them.
+    #[test]
+    fn a_push_uses_the_promoted_values_it_is_handed() {
+        let all = versions(3, None);
+        let mut history = VersionHistory::new(1);
+        history.push(0, all[0].0.clone(), None, None);
+        let (p, kept) = history.promotion(1, all[1].1.as_ref()).expect("due");
+        assert_eq!(p, 1);
+        assert!(*kept.values() == *all[1].0);
+        let marker: FragmentValues = Arc::new(vec![vec![7.0; 300], vec![7.0; 7]]);
+        history.push(
+            1,
+            all[1].0.clone(),
+            all[1].1.as_ref(),
+            Some((1, marker.clone())),
+        );
+        assert_eq!(history.get(1), Some(marker));
+        // Not at capacity, or a gap: nothing to rebuild.
+        assert!(VersionHistory::new(4).promotion(0, None).is_none());
+        assert!(history.promotion(3, all[3].1.as_ref()).is_none());
     }
 }

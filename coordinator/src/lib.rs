@@ -16,5 +16,6 @@ pub use merge::{FinalStep, MergeRule, OuterOptimizer};
 pub use plan::{FragmentPlan, TensorInfo};
 pub use syncer::{
     apply_update, Action, Contribution, EncodedUpdate, Event, FragmentSnapshot, FragmentValues,
-    LearnerId, LearnerSnapshot, MergeRecord, Progress, Syncer, SyncerConfig, SyncerStats, TimerId,
+    LearnerId, LearnerSnapshot, MergeJob, MergeRecord, MergedFragment, Progress, Syncer,
+    SyncerConfig, SyncerStats, TimerId,
 };

@@ -15,10 +15,16 @@
 //! 4. merges with weights c_tokens²/c_steps (RDA, or weighted mean for embeddings), applies the
 //!    Nesterov outer step, bumps the version and broadcasts Θ_p.
 //!
+//! Step 4 is the one heavy computation (seconds per fragment at 12B), so the syncer does not run
+//! it: it closes the round and hands the driver an [`Action::Merge`] holding everything the merge
+//! reads, and the driver feeds the result back as [`Event::Merged`]. Meanwhile the syncer goes on
+//! answering reports, joins and other fragments' rounds; the merging fragment opens no new round.
+//! Drivers whose merges take no time (the simulator, tests) use [`Syncer::handle_in_place`].
+//!
 //! Contributions are keyed by (learner, fragment, round): a duplicate, a late one (round closed),
 //! one nobody asked for, or one holding NaN/Inf is rejected and counted, never merged.
 
-use crate::history::VersionHistory;
+use crate::history::{KeptVersion, VersionHistory};
 use crate::merge::{
     learner_weight, merge_tensor, BroadcastCodec, FinalStep, MergeRule, OuterOptimizer, OuterStep,
     TensorMerge,
@@ -128,6 +134,8 @@ pub enum Event {
     },
     Contribution(Contribution),
     Timer(TimerId),
+    /// The result of an [`Action::Merge`].
+    Merged(MergedFragment),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -156,6 +164,9 @@ pub enum Action {
         fragment: usize,
         round: u64,
     },
+    /// Run this round's merge (anywhere, on any thread) and feed its result back as
+    /// [`Event::Merged`].
+    Merge(MergeJob),
     /// Send the new Θ_p to these learners.
     Broadcast {
         fragment: usize,
@@ -198,8 +209,143 @@ pub struct MergeRecord {
     /// later rounds budgets for (an average of these).
     #[serde(default)]
     pub pull_s: f64,
+    /// From the round's close to its merged version (`at`): what the merge itself took.
+    #[serde(default)]
+    pub merge_s: f64,
     /// The job's last round, which set Θ_p to the learners' average (`FinalStep::Average`).
     pub average: bool,
+}
+
+/// A closed round's merge: everything it reads, owned or shared, so that it can run on another
+/// thread while the syncer goes on. Its momentum and residual are copies: until the result is
+/// back the fragment (and a snapshot of it) keeps its state from before the round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeJob {
+    fragment: usize,
+    /// Θ_p, its momentum and residual, with the version and next round the merge produces.
+    before: FragmentSnapshot,
+    /// Each contribution with the older version its Δ was measured against, if any.
+    contributions: Vec<(Contribution, Option<KeptVersion>)>,
+    weights: Vec<f64>,
+    rules: Vec<MergeRule>,
+    /// None: the job's final average (no outer step).
+    outer: Option<OuterOptimizer>,
+    broadcast_codec: Option<atoll_wire::Codec>,
+    threads: usize,
+    /// The version the fragment's history must rebuild in full once this merge is in it.
+    promotion: Option<(u64, KeptVersion)>,
+}
+
+/// What a merge produced: the fragment's new state, as it is persisted, and the broadcast's
+/// encoded update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedFragment {
+    pub fragment: usize,
+    pub state: FragmentSnapshot,
+    /// Per tensor, the update in the broadcast codec (None without a codec, or when one tensor's
+    /// update did not encode: learners then get the full values).
+    encoded: Option<Vec<Vec<u8>>>,
+    /// The values [`MergeJob`]'s promotion asked for.
+    promoted: Option<(u64, FragmentValues)>,
+}
+
+impl MergeJob {
+    pub fn fragment(&self) -> usize {
+        self.fragment
+    }
+
+    /// The merge itself: contributions measured against an older version re-anchored at Θ_p,
+    /// then per tensor the merge rule, the outer step and the broadcast's quantisation
+    /// (`merge::merge_tensor`), on `threads` threads; and the history's rebuild.
+    pub fn run(self) -> MergedFragment {
+        let MergeJob {
+            fragment,
+            before,
+            contributions,
+            weights,
+            rules,
+            outer,
+            broadcast_codec,
+            threads,
+            promotion,
+        } = self;
+        let contributions: Vec<Contribution> = contributions
+            .into_iter()
+            .map(|(mut c, base)| {
+                if let Some(base) = base {
+                    re_anchor(&mut c.delta, &before.theta, &base.values(), threads);
+                }
+                c
+            })
+            .collect();
+        let FragmentSnapshot {
+            version,
+            next_round,
+            theta: old,
+            mut momentum,
+            mut residual,
+        } = before;
+        let mut theta = Vec::with_capacity(old.len());
+        let mut encoded = Vec::with_capacity(old.len());
+        for (k, (old_k, rule)) in old.iter().zip(rules).enumerate() {
+            let deltas: Vec<&[f32]> = contributions
+                .iter()
+                .map(|c| c.delta[k].as_slice())
+                .collect();
+            let step = match outer {
+                None => OuterStep::Average,
+                Some(optimizer) => OuterStep::Nesterov {
+                    optimizer,
+                    momentum: &mut momentum[k],
+                },
+            };
+            let broadcast = broadcast_codec.map(|codec| BroadcastCodec {
+                codec,
+                residual: residual.get_mut(k).map(Vec::as_mut_slice),
+            });
+            let round = TensorMerge {
+                deltas: &deltas,
+                weights: &weights,
+                rule,
+            };
+            let merged = merge_tensor(&round, old_k, step, broadcast, threads);
+            theta.push(merged.values);
+            encoded.push(merged.encoded);
+        }
+        let encoded = broadcast_codec.and_then(|_| encoded.into_iter().collect::<Option<Vec<_>>>());
+        MergedFragment {
+            fragment,
+            state: FragmentSnapshot {
+                version,
+                next_round,
+                theta: Arc::new(theta),
+                momentum,
+                residual,
+            },
+            encoded,
+            promoted: promotion.map(|(v, kept)| (v, kept.values())),
+        }
+    }
+}
+
+/// Re-anchors an outer gradient measured against `base` at `current`:
+/// Θ_cur − θ_m = Δ_m + (Θ_cur − Θ_base), element by element in f32, in chunks over `threads`.
+fn re_anchor(delta: &mut [Vec<f32>], current: &[Vec<f32>], base: &[Vec<f32>], threads: usize) {
+    let work: Vec<_> = delta
+        .iter_mut()
+        .zip(current)
+        .zip(base)
+        .flat_map(|((d, cur), old)| {
+            d.chunks_mut(crate::merge::MERGE_CHUNK)
+                .zip(cur.chunks(crate::merge::MERGE_CHUNK))
+                .zip(old.chunks(crate::merge::MERGE_CHUNK))
+        })
+        .collect();
+    crate::parallel::map(work, threads, |((d, cur), old)| {
+        for ((x, a), b) in d.iter_mut().zip(cur).zip(old) {
+            *x += a - b;
+        }
+    });
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +365,9 @@ struct Round {
     phase: Phase,
     responders: BTreeSet<LearnerId>,
     awaiting: BTreeSet<LearnerId>,
-    received: BTreeMap<LearnerId, Contribution>,
+    /// Each admitted contribution with the kept version it was measured against, when that is
+    /// not the current one (the merge job re-anchors it).
+    received: BTreeMap<LearnerId, (Contribution, Option<KeptVersion>)>,
     /// Opened by `flush` with `FinalStep::Average`: Θ_p becomes the learners' plain average.
     average: bool,
 }
@@ -236,6 +384,17 @@ struct FragmentState {
     /// Per tensor, what the broadcasts so far left out of the outer steps (empty without
     /// `broadcast_error_feedback`).
     residual: Vec<Vec<f32>>,
+    /// A closed round whose merge has not come back yet.
+    merging: Option<PendingMerge>,
+}
+
+/// What the syncer keeps of a round while its merge runs: the version it waits for and the
+/// merge log's record, finished when the result arrives.
+#[derive(Debug, Clone)]
+struct PendingMerge {
+    version: u64,
+    closed_at: f64,
+    record: MergeRecord,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +511,7 @@ impl Syncer {
                     open: None,
                     last_update: None,
                     residual,
+                    merging: None,
                 }
             })
             .collect();
@@ -397,6 +557,7 @@ impl Syncer {
                     open: None,
                     last_update: None,
                     residual,
+                    merging: None,
                 }
             })
             .collect();
@@ -468,9 +629,16 @@ impl Syncer {
         self.learners.get(&learner).map(|l| l.step)
     }
 
-    /// Whether any fragment has a round in flight.
+    /// Whether any fragment has a round in flight, its merge included.
     pub fn round_in_flight(&self) -> bool {
-        self.fragments.iter().any(|f| f.open.is_some())
+        self.fragments
+            .iter()
+            .any(|f| f.open.is_some() || f.merging.is_some())
+    }
+
+    /// Whether any fragment's merge has been handed out and not come back.
+    pub fn merge_in_flight(&self) -> bool {
+        self.fragments.iter().any(|f| f.merging.is_some())
     }
 
     pub fn plan(&self) -> &FragmentPlan {
@@ -541,8 +709,31 @@ impl Syncer {
             } => self.on_report(now, learner, step, &progress, &mut actions),
             Event::Contribution(c) => self.on_contribution(now, c, &mut actions),
             Event::Timer(id) => self.on_timer(now, id, &mut actions),
+            Event::Merged(m) => self.on_merged(now, m, &mut actions),
         }
         actions
+    }
+
+    /// [`Syncer::handle`] for drivers whose merges take no time: every merge it asks for runs
+    /// at once, and what its result asks for takes the merge's place among the actions.
+    pub fn handle_in_place(&mut self, now: f64, event: Event) -> Vec<Action> {
+        let actions = self.handle(now, event);
+        self.merge_in_place(now, actions)
+    }
+
+    /// Runs the merges among `actions` at once (see [`Syncer::handle_in_place`]).
+    pub fn merge_in_place(&mut self, now: f64, actions: Vec<Action>) -> Vec<Action> {
+        let mut done = Vec::with_capacity(actions.len());
+        for action in actions {
+            match action {
+                Action::Merge(job) => {
+                    let after = self.handle(now, Event::Merged(job.run()));
+                    done.extend(self.merge_in_place(now, after));
+                }
+                other => done.push(other),
+            }
+        }
+        done
     }
 
     /// Ends a job: every fragment without a round in flight gets one now, pulling every active
@@ -556,7 +747,7 @@ impl Syncer {
         let active = self.active_learners();
         let average = self.config.final_step == FinalStep::Average;
         for p in 0..self.fragments.len() {
-            if self.fragments[p].open.is_some() {
+            if self.fragments[p].open.is_some() || self.fragments[p].merging.is_some() {
                 continue;
             }
             let has_progress = |l: &LearnerId| {
@@ -672,7 +863,8 @@ impl Syncer {
         for p in 0..self.fragments.len() {
             let offset = self.offset(p);
             let frag = &mut self.fragments[p];
-            if frag.open.is_none() && global_step >= offset + frag.next_round * self.config.h {
+            let idle = frag.open.is_none() && frag.merging.is_none();
+            if idle && global_step >= offset + frag.next_round * self.config.h {
                 frag.open = Some(Round {
                     round: frag.next_round,
                     opened_at: now,
@@ -781,8 +973,9 @@ impl Syncer {
         });
     }
 
-    /// Checks a contribution against the open round and re-anchors it at the current Θ_p.
-    fn admit(&self, c: &mut Contribution) -> Result<(), RejectReason> {
+    /// Checks a contribution against the open round; returns the kept version it was measured
+    /// against when that is not the current one (the merge re-anchors it at Θ_p).
+    fn admit(&self, c: &Contribution) -> Result<Option<KeptVersion>, RejectReason> {
         let frag = self
             .fragments
             .get(c.fragment)
@@ -814,23 +1007,16 @@ impl Syncer {
         // The final average adds each learner's own work to the current Θ_p (as a rebase
         // would): re-anchored, a learner still holding an older version would pull Θ_p back.
         if c.base_version == frag.version || average {
-            return Ok(());
+            return Ok(None);
         }
-        let base = frag
-            .history
-            .get(c.base_version)
-            .ok_or(RejectReason::StaleBase)?;
-        // Re-anchor at the current Θ: Θ_cur − θ_m = Δ_m + (Θ_cur − Θ_base).
-        for ((d, cur), old) in c.delta.iter_mut().zip(frag.theta.iter()).zip(base.iter()) {
-            for ((x, a), b) in d.iter_mut().zip(cur).zip(old) {
-                *x += a - b;
-            }
-        }
-        Ok(())
+        frag.history
+            .lookup(c.base_version)
+            .map(Some)
+            .ok_or(RejectReason::StaleBase)
     }
 
-    fn on_contribution(&mut self, now: f64, mut c: Contribution, actions: &mut Vec<Action>) {
-        let verdict = self.admit(&mut c);
+    fn on_contribution(&mut self, now: f64, c: Contribution, actions: &mut Vec<Action>) {
+        let verdict = self.admit(&c);
         let (p, learner) = (c.fragment, c.learner);
         let in_round = |r: &Round| {
             r.round == c.round && r.phase == Phase::Pulling && r.awaiting.contains(&learner)
@@ -848,10 +1034,10 @@ impl Syncer {
                 }
                 self.reject(&c, reason, actions);
             }
-            Ok(()) => {
+            Ok(base) => {
                 if let Some(r) = self.fragments[p].open.as_mut() {
                     r.awaiting.remove(&learner);
-                    r.received.insert(learner, c);
+                    r.received.insert(learner, (c, base));
                 }
             }
         }
@@ -865,19 +1051,21 @@ impl Syncer {
         }
     }
 
+    /// Closes a round: its contributions go to a merge job, and the merge log's record waits
+    /// for the result (`on_merged`).
     fn finish_round(&mut self, now: f64, p: usize, actions: &mut Vec<Action>) {
         let Some(round) = self.fragments[p].open.take() else {
             return;
         };
-        let frag_meta = &self.plan.fragments[p];
-        let contributions: Vec<&Contribution> = round.received.values().collect();
+        let contributions: Vec<(Contribution, Option<KeptVersion>)> =
+            round.received.into_values().collect();
         // The job's last round may set Θ_p to the learners' plain average: every model counts
         // once, however much of its work Θ_p already holds (weighting by the progress since the
         // last sync would let a slow learner's stale drift dominate).
         let average = round.average;
         let weights: Vec<f64> = contributions
             .iter()
-            .map(|c| {
+            .map(|(c, _)| {
                 if average {
                     1.0
                 } else {
@@ -894,71 +1082,39 @@ impl Syncer {
         if weights.iter().sum::<f64>() <= 0.0 {
             return; // nothing usable arrived: Θ_p stays, no broadcast
         }
-        let mut theta: Vec<Vec<f32>> = Vec::with_capacity(frag.theta.len());
-        let mut encoded = Vec::new();
-        for k in 0..frag.theta.len() {
-            let deltas: Vec<&[f32]> = contributions
-                .iter()
-                .map(|c| c.delta[k].as_slice())
-                .collect();
-            let name = &self.plan.tensors[frag_meta.tensors[k]].name;
-            let rule = if average || crate::plan::is_embedding(name) {
-                MergeRule::Mean
-            } else {
-                self.config.merge
-            };
-            let step = if average {
-                OuterStep::Average
-            } else {
-                OuterStep::Nesterov {
-                    optimizer: self.config.outer,
-                    momentum: &mut frag.momentum[k],
+        let rules = self.plan.fragments[p]
+            .tensors
+            .iter()
+            .map(|&t| {
+                if average || crate::plan::is_embedding(&self.plan.tensors[t].name) {
+                    MergeRule::Mean
+                } else {
+                    self.config.merge
                 }
-            };
-            let broadcast = self.config.broadcast_codec.map(|codec| BroadcastCodec {
-                codec,
-                residual: frag.residual.get_mut(k).map(Vec::as_mut_slice),
-            });
-            let round = TensorMerge {
-                deltas: &deltas,
-                weights: &weights,
-                rule,
-            };
-            let merged = merge_tensor(&round, &frag.theta[k], step, broadcast, self.merge_threads);
-            theta.push(merged.values);
-            if self.config.broadcast_codec.is_some() {
-                encoded.push(merged.encoded);
-            }
-        }
-        let reached_by = frag.last_update.take();
-        frag.last_update = match (
-            self.config.broadcast_codec,
-            encoded.iter().all(Option::is_some),
-        ) {
-            (Some(codec), true) => Some(EncodedUpdate {
-                base_version: frag.version,
-                codec,
-                tensors: Arc::new(encoded.into_iter().flatten().collect()),
-            }),
-            _ => None,
+            })
+            .collect();
+        let version = frag.version + 1;
+        // The version this merge replaces joins the history when the result is back.
+        let promotion = frag
+            .history
+            .promotion(frag.version, frag.last_update.as_ref());
+        let before = FragmentSnapshot {
+            version,
+            next_round: frag.next_round,
+            theta: frag.theta.clone(),
+            momentum: frag.momentum.clone(),
+            residual: frag.residual.clone(),
         };
-        frag.history
-            .push(frag.version, frag.theta.clone(), reached_by.as_ref());
-        frag.version += 1;
-        frag.theta = Arc::new(theta);
-        let version = frag.version;
-        let values = frag.theta.clone();
         self.sync_time_s = ema(self.sync_time_s, now - round.pulled_at);
-        self.stats.merges += 1;
         let contributors = contributions
             .iter()
             .zip(&weights)
-            .map(|(c, w)| {
+            .map(|((c, _), w)| {
                 let new = self.newly_merged(c);
                 (c.learner, *w, new.c_steps, new.c_tokens, c.base_version)
             })
             .collect();
-        self.merge_log.push(MergeRecord {
+        let record = MergeRecord {
             fragment: p,
             round: round.round,
             version,
@@ -967,8 +1123,64 @@ impl Syncer {
             quorum_wait_s: round.quorum_at.map_or(0.0, |q| q - round.opened_at),
             grace_s: round.grace_s,
             pull_s: now - round.pulled_at,
+            merge_s: 0.0,
             average,
+        };
+        self.fragments[p].merging = Some(PendingMerge {
+            version,
+            closed_at: now,
+            record,
         });
+        actions.push(Action::Merge(MergeJob {
+            fragment: p,
+            before,
+            contributions,
+            weights,
+            rules,
+            outer: (!average).then_some(self.config.outer),
+            broadcast_codec: self.config.broadcast_codec,
+            threads: self.merge_threads,
+            promotion,
+        }));
+    }
+
+    /// A merge came back: the fragment takes its new version and the learners get it.
+    fn on_merged(&mut self, now: f64, merged: MergedFragment, actions: &mut Vec<Action>) {
+        let p = merged.fragment;
+        let Some(frag) = self.fragments.get_mut(p) else {
+            return;
+        };
+        let expected = frag.merging.as_ref().map(|m| m.version);
+        if expected != Some(merged.state.version) {
+            return; // not the merge this fragment waits for (one from before a restore)
+        }
+        let pending = frag.merging.take().expect("checked above");
+        let reached_by = frag.last_update.take();
+        frag.last_update = merged.encoded.and_then(|tensors| {
+            Some(EncodedUpdate {
+                base_version: frag.version,
+                codec: self.config.broadcast_codec?,
+                tensors: Arc::new(tensors),
+            })
+        });
+        frag.history.push(
+            frag.version,
+            frag.theta.clone(),
+            reached_by.as_ref(),
+            merged.promoted,
+        );
+        let state = merged.state;
+        frag.version = state.version;
+        frag.theta = state.theta;
+        frag.momentum = state.momentum;
+        frag.residual = state.residual;
+        let version = frag.version;
+        let values = frag.theta.clone();
+        self.stats.merges += 1;
+        let mut record = pending.record;
+        record.at = now;
+        record.merge_s = now - pending.closed_at;
+        self.merge_log.push(record);
         let to = self.active_learners();
         for l in &to {
             if let Some(state) = self.learners.get_mut(l) {

@@ -34,7 +34,7 @@ fn progress(steps: u64) -> Vec<Progress> {
 }
 
 fn report(s: &mut Syncer, now: f64, learner: u32, step: u64) -> Vec<Action> {
-    s.handle(
+    s.handle_in_place(
         now,
         Event::Report {
             learner,
@@ -46,7 +46,7 @@ fn report(s: &mut Syncer, now: f64, learner: u32, step: u64) -> Vec<Action> {
 
 /// A report where the learner's counters restarted at its last applied broadcast.
 fn report_since(s: &mut Syncer, now: f64, learner: u32, step: u64, since_sync: u64) -> Vec<Action> {
-    s.handle(
+    s.handle_in_place(
         now,
         Event::Report {
             learner,
@@ -104,8 +104,18 @@ fn broadcast(actions: &[Action]) -> Option<(u64, Vec<f32>)> {
 
 fn join_all(s: &mut Syncer, learners: &[u32]) {
     for &l in learners {
-        let a = s.handle(0.0, Event::Join { learner: l });
+        let a = s.handle_in_place(0.0, Event::Join { learner: l });
         assert!(matches!(a[0], Action::CatchUp { .. }));
+    }
+}
+
+/// The learners join, then report steps 1 to 4 at times 1 to 4: round 1 of the fragment is due.
+fn join_and_report_four_steps(s: &mut Syncer, learners: &[u32]) {
+    join_all(s, learners);
+    for step in 1..=4 {
+        for &l in learners {
+            report(s, step as f64, l, step);
+        }
     }
 }
 
@@ -150,7 +160,7 @@ fn the_grace_window_waits_for_stragglers_up_to_its_cap() {
     assert_eq!(pulls(&a), vec![1, 2]);
     // The stale grace timer is ignored.
     assert!(s
-        .handle(
+        .handle_in_place(
             5.0,
             Event::Timer(TimerId::Grace {
                 fragment: 0,
@@ -206,7 +216,7 @@ fn the_grace_window_is_capped_at_one_step() {
     let a = report(&mut s, 4.0, 1, 4);
     // Uncapped it would be 1·(8·1 − 0 − 0) = 8 s; the cap is one step (1 s).
     assert!((grace_timer(&a).unwrap() - 5.0).abs() < 1e-9);
-    let a = s.handle(
+    let a = s.handle_in_place(
         5.0,
         Event::Timer(TimerId::Grace {
             fragment: 0,
@@ -219,11 +229,8 @@ fn the_grace_window_is_capped_at_one_step() {
 #[test]
 fn merge_applies_nesterov_and_broadcasts_a_new_version() {
     let mut s = syncer(1, 0.0);
-    join_all(&mut s, &[1]);
-    for step in 1..=4 {
-        report(&mut s, step as f64, 1, step);
-    }
-    let a = s.handle(4.5, contribution(1, 1, 0, [1.0, -0.5], 4));
+    join_and_report_four_steps(&mut s, &[1]);
+    let a = s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, -0.5], 4));
     let (version, values) = broadcast(&a).expect("broadcast");
     assert_eq!(version, 1);
     // First outer step: Θ − 0.7·(1 + 0.9)·Δ = Θ − 1.33·Δ.
@@ -233,6 +240,66 @@ fn merge_applies_nesterov_and_broadcasts_a_new_version() {
     );
     assert_eq!(s.vector_clock(1), Some(vec![1]));
     assert_eq!(s.merge_log().len(), 1);
+}
+
+/// The merge runs outside the syncer: while it is out, the fragment keeps its version, opens no
+/// new round and still answers reports; the result then bumps the version, logs the merge with
+/// what it took, and broadcasts.
+#[test]
+fn a_round_hands_out_its_merge_and_the_syncer_goes_on_until_it_returns() {
+    let mut s = syncer(2, 0.0);
+    join_and_report_four_steps(&mut s, &[1, 2]);
+    s.handle(4.5, contribution(1, 1, 0, [1.0, -0.5], 4));
+    let a = s.handle(4.6, contribution(2, 1, 0, [1.0, -0.5], 4));
+    let [Action::Merge(job)] = a.as_slice() else {
+        panic!("the closed round asks for its merge and nothing else: {a:?}");
+    };
+    let job = job.clone();
+    assert_eq!(job.fragment(), 0);
+    assert!(s.round_in_flight() && s.merge_in_flight());
+    assert_eq!(s.version(0), 0, "no new version before the merge is back");
+    // The next round's step passes while the merge runs: reports are answered (heartbeats),
+    // but no round opens on a fragment that is merging, and a snapshot is the state before it.
+    for step in 5..=9 {
+        let a = report(&mut s, 4.6 + step as f64 / 10.0, 1, step);
+        assert!(pulls(&a).is_empty(), "{a:?}");
+        assert!(a.iter().all(|a| !matches!(a, Action::Merge(_))), "{a:?}");
+    }
+    assert_eq!(s.fragment_snapshot(0).theta[0], vec![1.0, 1.0]);
+    assert!(s.fragment_snapshot(0).momentum[0].iter().all(|&m| m == 0.0));
+
+    let merged = job.run();
+    assert_eq!(merged.state.version, 1);
+    let a = s.handle(7.0, Event::Merged(merged.clone()));
+    let (version, values) = broadcast(&a).expect("broadcast");
+    assert_eq!(version, 1);
+    assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6, "{values:?}");
+    assert_eq!(s.fragment_snapshot(0), merged.state);
+    assert!(!s.merge_in_flight());
+    let record = s.merge_log().last().expect("logged");
+    assert_eq!((record.at, record.pull_s), (7.0, 4.6 - 4.0));
+    assert!((record.merge_s - 2.4).abs() < 1e-9, "{record:?}");
+    assert_eq!(record.contributors.len(), 2);
+    assert_eq!(s.vector_clock(2), Some(vec![1]));
+    // A second copy of the same result changes nothing.
+    assert!(s.handle(7.1, Event::Merged(merged)).is_empty());
+    assert_eq!(s.merge_log().len(), 1);
+    // With the merge back, the next reports open the round that came due meanwhile.
+    report(&mut s, 7.2, 1, 10);
+    assert_eq!(pulls(&report(&mut s, 7.2, 2, 10)), vec![1, 2]);
+}
+
+/// What a job's end waits for: `flush` leaves a merging fragment alone (its driver waits for the
+/// merge before flushing).
+#[test]
+fn flush_passes_over_a_fragment_whose_merge_is_out() {
+    let mut s = syncer(1, 0.0);
+    join_and_report_four_steps(&mut s, &[1]);
+    let a = s.handle(4.5, contribution(1, 1, 0, [1.0, -0.5], 4));
+    assert!(matches!(a.as_slice(), [Action::Merge(_)]), "{a:?}");
+    let progress = [(1, progress(2))].into_iter().collect();
+    assert!(s.flush(5.0, &progress).is_empty());
+    assert!(s.round_in_flight());
 }
 
 #[test]
@@ -254,21 +321,21 @@ fn duplicate_late_unrequested_and_non_finite_contributions_are_rejected() {
     };
     // Learner 3 was not pulled.
     assert_eq!(
-        reason(&s.handle(5.0, contribution(3, 1, 0, [1.0, 1.0], 4))),
+        reason(&s.handle_in_place(5.0, contribution(3, 1, 0, [1.0, 1.0], 4))),
         Some(RejectReason::NotRequested)
     );
-    assert!(reason(&s.handle(5.0, contribution(1, 1, 0, [1.0, 1.0], 4))).is_none());
+    assert!(reason(&s.handle_in_place(5.0, contribution(1, 1, 0, [1.0, 1.0], 4))).is_none());
     assert_eq!(
-        reason(&s.handle(5.1, contribution(1, 1, 0, [9.0, 9.0], 4))),
+        reason(&s.handle_in_place(5.1, contribution(1, 1, 0, [9.0, 9.0], 4))),
         Some(RejectReason::Duplicate)
     );
-    let a = s.handle(5.2, contribution(2, 1, 0, [f32::NAN, 1.0], 4));
+    let a = s.handle_in_place(5.2, contribution(2, 1, 0, [f32::NAN, 1.0], 4));
     assert_eq!(reason(&a), Some(RejectReason::NonFinite));
     // The round completes with learner 1 alone: the NaN sender ended its part.
     let (_, values) = broadcast(&a).expect("merged without the NaN contribution");
     assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6);
     assert_eq!(
-        reason(&s.handle(6.0, contribution(2, 1, 0, [1.0, 1.0], 4))),
+        reason(&s.handle_in_place(6.0, contribution(2, 1, 0, [1.0, 1.0], 4))),
         Some(RejectReason::Late)
     );
     assert_eq!(s.stats().rejected, 4);
@@ -278,18 +345,14 @@ fn duplicate_late_unrequested_and_non_finite_contributions_are_rejected() {
 #[test]
 fn a_learner_that_dies_mid_fragment_is_dropped_and_the_round_completes() {
     let mut s = syncer(2, 0.0);
-    join_all(&mut s, &[1, 2]);
-    for step in 1..=4 {
-        report(&mut s, step as f64, 1, step);
-        report(&mut s, step as f64, 2, step);
-    }
+    join_and_report_four_steps(&mut s, &[1, 2]);
     assert!(
-        broadcast(&s.handle(4.5, contribution(1, 1, 0, [0.5, 0.5], 4))).is_none(),
+        broadcast(&s.handle_in_place(4.5, contribution(1, 1, 0, [0.5, 0.5], 4))).is_none(),
         "waiting for learner 2"
     );
     // Learner 2 goes silent; its heartbeat timer fires.
     let seq = 5; // one Join plus four Reports armed heartbeats 1..=5
-    let a = s.handle(104.0, Event::Timer(TimerId::Heartbeat { learner: 2, seq }));
+    let a = s.handle_in_place(104.0, Event::Timer(TimerId::Heartbeat { learner: 2, seq }));
     assert!(a.contains(&Action::MarkedAbsent { learner: 2 }));
     assert!(broadcast(&a).is_some(), "merged with the survivor");
     assert!(!s.is_active(2));
@@ -299,12 +362,12 @@ fn a_learner_that_dies_mid_fragment_is_dropped_and_the_round_completes() {
 fn a_returning_learner_catches_up_on_every_version_it_missed() {
     let mut s = syncer(1, 0.0);
     join_all(&mut s, &[1, 2]);
-    s.handle(0.5, Event::Leave { learner: 2 });
+    s.handle_in_place(0.5, Event::Leave { learner: 2 });
     for round in 1..=3u64 {
         for step in (round - 1) * 4 + 1..=round * 4 {
             report_since(&mut s, step as f64, 1, step, step - (round - 1) * 4);
         }
-        assert!(broadcast(&s.handle(
+        assert!(broadcast(&s.handle_in_place(
             round as f64 * 4.0 + 0.5,
             contribution(1, round, round - 1, [0.1, 0.1], 4)
         ))
@@ -313,7 +376,7 @@ fn a_returning_learner_catches_up_on_every_version_it_missed() {
     }
     assert_eq!(s.version(0), 3);
     assert_eq!(s.vector_clock(2), Some(vec![0]));
-    let a = s.handle(20.0, Event::Join { learner: 2 });
+    let a = s.handle_in_place(20.0, Event::Join { learner: 2 });
     match &a[0] {
         Action::CatchUp { fragments, .. } => assert_eq!(fragments[0].1, 3),
         other => panic!("expected a catch-up, got {other:?}"),
@@ -324,17 +387,14 @@ fn a_returning_learner_catches_up_on_every_version_it_missed() {
 #[test]
 fn contributions_against_an_older_version_are_re_anchored() {
     let mut s = syncer(1, 0.0);
-    join_all(&mut s, &[1]);
-    for step in 1..=4 {
-        report(&mut s, step as f64, 1, step);
-    }
-    let (_, v1) = broadcast(&s.handle(4.5, contribution(1, 1, 0, [1.0, 0.0], 4))).unwrap();
+    join_and_report_four_steps(&mut s, &[1]);
+    let (_, v1) = broadcast(&s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, 0.0], 4))).unwrap();
     for step in 5..=8 {
         report_since(&mut s, step as f64, 1, step, step - 4);
     }
     // Measured against version 0 (Θ0 = [1, 1]) although version 1 is current: the syncer re-anchors
     // Δ at Θ1, i.e. Δ' = Δ + Θ1 − Θ0.
-    let a = s.handle(8.5, contribution(1, 2, 0, [0.0, 0.0], 4));
+    let a = s.handle_in_place(8.5, contribution(1, 2, 0, [0.0, 0.0], 4));
     let (version, _) = broadcast(&a).unwrap();
     assert_eq!(version, 2);
     let record = &s.merge_log()[1];
@@ -353,11 +413,9 @@ fn quantised_broadcasts_move_theta_by_the_decoded_update() {
         ..SyncerConfig::default()
     };
     let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
-    join_all(&mut s, &[1]);
-    for step in 1..=4 {
-        report(&mut s, step as f64, 1, step);
-    }
-    let (_, values) = broadcast(&s.handle(4.5, contribution(1, 1, 0, [1.0, 0.3], 4))).unwrap();
+    join_and_report_four_steps(&mut s, &[1]);
+    let (_, values) =
+        broadcast(&s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, 0.3], 4))).unwrap();
     // Exact update: −1.33·[1.0, 0.3] = [−1.33, −0.399]; E3M0 with scale 1.33 keeps −1.33 and
     // rounds 0.399/1.33 = 0.3 to the level 0.25: −0.3325.
     assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6, "{values:?}");
@@ -386,8 +444,8 @@ fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
     report(&mut s, 4.0, 1, 4);
     let a = report(&mut s, 4.0, 2, 4);
     assert_eq!(pulls(&a), vec![1, 2]);
-    s.handle(4.1, contribution(1, 1, 0, [0.5, 1.0], 4));
-    let a = s.handle(4.2, contribution(2, 1, 0, [0.5, 1.0], 4));
+    s.handle_in_place(4.1, contribution(1, 1, 0, [0.5, 1.0], 4));
+    let a = s.handle_in_place(4.2, contribution(2, 1, 0, [0.5, 1.0], 4));
     let (_, theta) = broadcast(&a).expect("round 1 merged");
     // The first Nesterov step: Θ − 1.33·Δ.
     assert!((theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.33).abs() < 1e-6);
@@ -396,6 +454,7 @@ fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
         .into_iter()
         .collect();
     let a = s.flush(10.0, &progress);
+    let a = s.merge_in_place(10.0, a);
     let round = a
         .iter()
         .find_map(|a| match a {
@@ -410,7 +469,7 @@ fn theta_after_flush(final_step: FinalStep) -> Vec<f32> {
         (3, 0, [0.0, 0.0], 0),
     ] {
         if pulls(&a).contains(&learner) {
-            last = s.handle(10.1, contribution(learner, round, base, delta, steps));
+            last = s.handle_in_place(10.1, contribution(learner, round, base, delta, steps));
         }
     }
     broadcast(&last).expect("the flush round merged").1
@@ -442,7 +501,7 @@ fn work_reported_by_two_pulls_from_one_anchor_is_merged_once() {
     let merged = |s: &mut Syncer, now: f64, step: u64, round: u64, base: u64, steps: u64| {
         let a = report_since(s, now, 1, step, steps);
         assert_eq!(pulls(&a), vec![1], "round {round} pulls at step {step}");
-        let a = s.handle(now + 0.1, contribution(1, round, base, [0.1, 0.1], steps));
+        let a = s.handle_in_place(now + 0.1, contribution(1, round, base, [0.1, 0.1], steps));
         assert!(broadcast(&a).is_some(), "round {round} merges");
         let record = s.merge_log().last().unwrap().clone();
         (
@@ -499,7 +558,7 @@ fn run_rounds(s: &mut Syncer, rounds: std::ops::RangeInclusive<u64>) {
         for step in 4 * (round - 1) + 1..=4 * round {
             report_since(s, step as f64, 1, step, step - 4 * (round - 1));
         }
-        let a = s.handle(
+        let a = s.handle_in_place(
             4.0 * round as f64 + 0.5,
             contribution(1, round, round - 1, [0.1, 0.03], 4),
         );
@@ -568,7 +627,7 @@ fn a_restored_syncer_keeps_the_broadcast_residual() {
             before.merge_log().to_vec(),
             before.stats().clone(),
         );
-        s.handle(20.0, Event::Join { learner: 1 });
+        s.handle_in_place(20.0, Event::Join { learner: 1 });
         run_rounds(&mut s, 6..=7);
         s.fragment_snapshot(0)
     };
@@ -594,7 +653,7 @@ fn contributions_against_a_version_kept_as_updates_are_re_anchored_exactly() {
                 report_since(&mut s, step as f64, 1, step, step - 4 * (round - 1));
             }
             let delta = [0.1 / round as f32, -0.03 * round as f32];
-            let a = s.handle(
+            let a = s.handle_in_place(
                 4.0 * round as f64 + 0.5,
                 contribution(1, round, round - 1, delta, 4),
             );
@@ -606,7 +665,7 @@ fn contributions_against_a_version_kept_as_updates_are_re_anchored_exactly() {
         for step in 21..=24 {
             report_since(s, step as f64, 1, step, step - 20);
         }
-        let a = s.handle(24.5, contribution(1, 6, base, delta, 4));
+        let a = s.handle_in_place(24.5, contribution(1, 6, base, delta, 4));
         assert!(broadcast(&a).is_some(), "round 6 merges");
         s.fragment_snapshot(0)
     };
@@ -621,7 +680,7 @@ fn contributions_against_a_version_kept_as_updates_are_re_anchored_exactly() {
     for step in 21..=24 {
         report_since(&mut s, step as f64, 1, step, step - 20);
     }
-    let a = s.handle(24.5, contribution(1, 6, 0, [0.02, 0.01], 4));
+    let a = s.handle_in_place(24.5, contribution(1, 6, 0, [0.02, 0.01], 4));
     assert!(
         a.iter().any(|a| matches!(
             a,

@@ -24,6 +24,7 @@ pub struct CoordinatorState {
     pub done: bool,
 }
 
+#[derive(Clone)]
 pub struct StateStore {
     dir: PathBuf,
 }
@@ -39,6 +40,40 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A fragment's state file: Θ_p, its outer momentum and broadcast residual (f32), its version
+/// and next round.
+pub fn fragment_file(f: &FragmentSnapshot) -> Result<Vec<u8>> {
+    let theta: Vec<Vec<u8>> = f.theta.iter().map(|v| f32_bytes(v)).collect();
+    let momentum: Vec<Vec<u8>> = f.momentum.iter().map(|v| f32_bytes(v)).collect();
+    let residual: Vec<Vec<u8>> = f.residual.iter().map(|v| f32_bytes(v)).collect();
+    let mut views = Vec::new();
+    for (k, r) in residual.iter().enumerate() {
+        views.push((
+            format!("residual.{k}"),
+            TensorView::new(Dtype::F32, vec![r.len() / 4], r)?,
+        ));
+    }
+    for (k, (t, m)) in theta.iter().zip(&momentum).enumerate() {
+        let n = t.len() / 4;
+        views.push((
+            format!("theta.{k}"),
+            TensorView::new(Dtype::F32, vec![n], t)?,
+        ));
+        views.push((
+            format!("momentum.{k}"),
+            TensorView::new(Dtype::F32, vec![n], m)?,
+        ));
+    }
+    let metadata = BTreeMap::from([
+        ("version".to_string(), f.version.to_string()),
+        ("next_round".to_string(), f.next_round.to_string()),
+    ]);
+    Ok(safetensors::serialize(
+        views,
+        Some(metadata.into_iter().collect()),
+    )?)
+}
+
 impl StateStore {
     pub fn new(run_dir: &Path) -> Result<Self> {
         let dir = run_dir.join("state");
@@ -51,33 +86,7 @@ impl StateStore {
     }
 
     pub fn save_fragment(&self, p: usize, f: &FragmentSnapshot) -> Result<()> {
-        let theta: Vec<Vec<u8>> = f.theta.iter().map(|v| f32_bytes(v)).collect();
-        let momentum: Vec<Vec<u8>> = f.momentum.iter().map(|v| f32_bytes(v)).collect();
-        let residual: Vec<Vec<u8>> = f.residual.iter().map(|v| f32_bytes(v)).collect();
-        let mut views = Vec::new();
-        for (k, r) in residual.iter().enumerate() {
-            views.push((
-                format!("residual.{k}"),
-                TensorView::new(Dtype::F32, vec![r.len() / 4], r)?,
-            ));
-        }
-        for (k, (t, m)) in theta.iter().zip(&momentum).enumerate() {
-            let n = t.len() / 4;
-            views.push((
-                format!("theta.{k}"),
-                TensorView::new(Dtype::F32, vec![n], t)?,
-            ));
-            views.push((
-                format!("momentum.{k}"),
-                TensorView::new(Dtype::F32, vec![n], m)?,
-            ));
-        }
-        let metadata = BTreeMap::from([
-            ("version".to_string(), f.version.to_string()),
-            ("next_round".to_string(), f.next_round.to_string()),
-        ]);
-        let bytes = safetensors::serialize(views, Some(metadata.into_iter().collect()))?;
-        write_atomic(&self.fragment_path(p), &bytes)
+        write_atomic(&self.fragment_path(p), &fragment_file(f)?)
     }
 
     pub fn save(&self, state: &CoordinatorState) -> Result<()> {

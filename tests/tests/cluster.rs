@@ -146,6 +146,8 @@ fn learners_and_coordinator_survive_sigkill_and_the_job_finishes_consistently() 
             seen_versions.insert((m["fragment"].as_u64(), m["version"].as_u64())),
             "{line}"
         );
+        // Merges run off the coordinator's actor; each record says how long its merge took.
+        assert!(m["merge_s"].as_f64().is_some_and(|s| s >= 0.0), "{line}");
         for c in m["contributors"].as_array().unwrap() {
             assert!(
                 seen_contributions.insert((

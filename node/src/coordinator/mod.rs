@@ -21,7 +21,8 @@ mod service;
 use crate::state::{CoordinatorState, StateStore};
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{
-    Event, FragmentPlan, LearnerId, OuterOptimizer, Progress, Syncer, SyncerConfig, TimerId,
+    Event, FragmentPlan, LearnerId, MergedFragment, OuterOptimizer, Progress, Syncer, SyncerConfig,
+    TimerId,
 };
 use atoll_link::{JobTls, PartHeader};
 use atoll_proto::v1::coordinator_server::CoordinatorServer;
@@ -85,6 +86,9 @@ enum Cmd {
         reason: String,
     },
     Timer(TimerId),
+    /// A merge handed out by the syncer came back from its blocking thread, its fragment's state
+    /// file already written (or the error that stopped it).
+    Merged(Result<MergedFragment>),
 }
 
 struct Member {
@@ -292,9 +296,9 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
-                // A merge runs inside `handle` and takes seconds at 12B (on every core): the
-                // runtime hands this worker's other tasks (QUIC connections) to another thread
-                // meanwhile instead of leaving them stalled behind it.
+                // Merges run on blocking threads (`rounds.rs`), but a broadcast's framing or a
+                // checkpoint's serialisation can still take a while at 12B: the runtime hands
+                // this worker's other tasks (QUIC connections) to another thread meanwhile.
                 Some(cmd) => tokio::task::block_in_place(|| core.handle(cmd))?,
                 None => break,
             },
@@ -370,6 +374,10 @@ impl Core {
             }
             Cmd::Timer(id) => {
                 let actions = self.syncer.handle(self.now(), Event::Timer(id));
+                self.execute(actions)?;
+            }
+            Cmd::Merged(merged) => {
+                let actions = self.syncer.handle(self.now(), Event::Merged(merged?));
                 self.execute(actions)?;
             }
         }

@@ -3,7 +3,7 @@
 //! paths (`--resume` from a checkpoint, or the run directory's own state).
 
 use super::{Core, COORDINATOR_JSON, MERGES_LOG};
-use crate::state::{CoordinatorState, StateStore};
+use crate::state::{fragment_file, CoordinatorState, StateStore};
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{FragmentPlan, Syncer, SyncerConfig};
 use atoll_recipe::Recipe;
@@ -48,12 +48,16 @@ impl Core {
         }
         self.merges_log.flush()?;
         let mut snap = Snapshot::new(step, "coordinator");
-        let mut files = vec![COORDINATOR_JSON.to_string(), MERGES_LOG.to_string()];
-        files.extend((0..self.plan.len()).map(|p| format!("state/fragment-{p}.safetensors")));
-        for f in files {
-            let bytes = std::fs::read(self.run_dir.join(&f))
+        for f in [COORDINATOR_JSON, MERGES_LOG] {
+            let bytes = std::fs::read(self.run_dir.join(f))
                 .with_context(|| format!("reading {f} for the checkpoint"))?;
-            snap.add(&f, bytes);
+            snap.add(f, bytes);
+        }
+        // The fragments as the syncer holds them, not their files: a merge still out may have
+        // written its fragment's next version already, which the merge log above does not hold.
+        for p in 0..self.plan.len() {
+            let file = fragment_file(&self.syncer.fragment_snapshot(p))?;
+            snap.add(&format!("state/fragment-{p}.safetensors"), file);
         }
         let global = self.global_values();
         let weights = tokio::task::block_in_place(|| {

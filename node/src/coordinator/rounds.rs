@@ -3,9 +3,9 @@
 //! job's end (the last rounds, the final model and summary).
 
 use super::{Cmd, Core, Partial, FINAL_SETTLE_TIMEOUT};
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::syncer::Contribution;
-use atoll_coordinator::{Action, ApplyRule, Event, LearnerId, Progress};
+use atoll_coordinator::{Action, ApplyRule, Event, LearnerId, MergeJob, Progress};
 use atoll_link::{PartHeader, PartKind};
 use atoll_proto::v1::*;
 use std::collections::BTreeMap;
@@ -72,13 +72,14 @@ impl Core {
                         });
                     }
                 }
+                Action::Merge(job) => self.start_merge(job),
                 Action::Broadcast {
                     fragment,
                     version,
                     to,
                     ..
                 } => {
-                    self.on_merged(fragment)?;
+                    self.on_merged()?;
                     for l in to {
                         self.send_fragment(l, fragment, version, false);
                     }
@@ -126,16 +127,35 @@ impl Core {
         Ok(())
     }
 
-    /// A merge happened: persist the fragment before its broadcast leaves, log the merge.
-    pub(super) fn on_merged(&mut self, p: usize) -> Result<()> {
-        self.store
-            .save_fragment(p, &self.syncer.fragment_snapshot(p))?;
+    /// Runs a merge, and writes the fragment's new state file, on a blocking thread: at 12B a
+    /// fragment's merge takes seconds of every core and its file is gigabytes, and meanwhile
+    /// this actor goes on answering reports, joins and parts. The result comes back as a command.
+    fn start_merge(&self, job: MergeJob) {
+        let (tx, store, p) = (self.tx.clone(), self.store.clone(), job.fragment());
+        tokio::spawn(async move {
+            let merged = tokio::task::spawn_blocking(move || -> Result<_> {
+                let merged = job.run();
+                store
+                    .save_fragment(p, &merged.state)
+                    .with_context(|| format!("saving fragment {p} after its merge"))?;
+                Ok(merged)
+            })
+            .await
+            .map_err(|e| anyhow!("the merge of fragment {p} failed: {e}"))
+            .and_then(|r| r);
+            let _ = tx.send(Cmd::Merged(merged)).await;
+        });
+    }
+
+    /// A merge happened (its fragment's state file is written): log it, persist the rest.
+    pub(super) fn on_merged(&mut self) -> Result<()> {
         if let Some(record) = self.syncer.merge_log().last() {
             let tokens: u64 = record.contributors.iter().map(|c| c.3).sum();
             self.state.tokens_merged += tokens / self.plan.len() as u64;
             crate::job_metrics::merged(record, tokens / self.plan.len() as u64);
             metrics::gauge!("atoll_quorum_size").set(record.contributors.len() as f64);
             metrics::histogram!("atoll_grace_wait_seconds").record(record.grace_s);
+            metrics::histogram!("atoll_merge_seconds").record(record.merge_s);
             metrics::counter!("atoll_merges_total").increment(1);
             writeln!(self.merges_log, "{}", serde_json::to_string(record)?)?;
             metrics::gauge!("atoll_goodput").set(self.status().goodput);
@@ -159,7 +179,8 @@ impl Core {
             && active
                 .iter()
                 .all(|id| self.members.get(id).is_some_and(|m| m.finished));
-        if !self.flushed && all_finished {
+        // The last rounds open once no merge is out: `flush` passes over a merging fragment.
+        if !self.flushed && all_finished && !self.syncer.merge_in_flight() {
             // The last rounds measure each learner's work against the version it last applied,
             // without re-anchoring (see `FinalStep::Average`). Where learners keep their local
             // work when they apply a version (`rebase`), the rounds wait until no round is in

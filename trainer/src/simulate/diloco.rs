@@ -7,7 +7,7 @@ use super::probe::EvalProbe;
 use super::Outcome;
 use crate::data::PackedSequences;
 use crate::recipe::{Recipe, SyncMode};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use atoll_coordinator::syncer::{Contribution, Event, Progress};
 use atoll_coordinator::{
     Action, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig, TensorInfo,
@@ -137,6 +137,7 @@ pub(super) fn simulate_diloco_family(
                 })
                 .collect();
             let actions = syncer.flush(last_step_at, &progress);
+            let actions = syncer.merge_in_place(last_step_at, actions);
             bytes_down += carry_out(
                 actions,
                 &syncer,
@@ -159,7 +160,8 @@ pub(super) fn simulate_diloco_family(
                 {
                     continue;
                 }
-                let actions = syncer.handle(now, e);
+                // Merges take no virtual time: the version exists the moment its round closes.
+                let actions = syncer.handle_in_place(now, e);
                 bytes_down += carry_out(actions, &syncer, now, learners, &mut queue, &down_wire)?;
             }
             SimEvent::CatchUpArrives {
@@ -493,6 +495,7 @@ fn carry_out(
             }
             Action::ArmTimer { id, at } => queue.push(at, SimEvent::ToSyncer(Event::Timer(id))),
             Action::Rejected { .. } | Action::MarkedAbsent { .. } => {}
+            Action::Merge(_) => bail!("internal: a merge reached the simulated network"),
         }
     }
     Ok(bytes_down)
