@@ -328,6 +328,20 @@ impl MergeJob {
     }
 }
 
+/// Whether no value is NaN or infinite. A contribution is the one pass over a whole fragment
+/// left on the syncer's thread, so this is written to vectorise: the largest exponent field of
+/// each block of values, compared once per block, instead of a branch per value.
+fn all_finite(values: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    values.chunks(1024).all(|block| {
+        let largest = block
+            .iter()
+            .map(|x| x.to_bits() & EXPONENT)
+            .fold(0, u32::max);
+        largest != EXPONENT
+    })
+}
+
 /// Re-anchors an outer gradient measured against `base` at `current`:
 /// Θ_cur − θ_m = Δ_m + (Θ_cur − Θ_base), element by element in f32, in chunks over `threads`.
 fn re_anchor(delta: &mut [Vec<f32>], current: &[Vec<f32>], base: &[Vec<f32>], threads: usize) {
@@ -1001,7 +1015,7 @@ impl Syncer {
         if !shapes_ok {
             return Err(RejectReason::WrongShape);
         }
-        if c.delta.iter().any(|d| d.iter().any(|x| !x.is_finite())) {
+        if !c.delta.iter().all(|d| all_finite(d)) {
             return Err(RejectReason::NonFinite);
         }
         // The final average adds each learner's own work to the current Θ_p (as a rebase
@@ -1282,5 +1296,26 @@ impl Syncer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_finite;
+
+    #[test]
+    fn all_finite_finds_one_nan_or_infinity_anywhere() {
+        let mut values = vec![1.5f32; 5000];
+        values[7] = f32::MAX;
+        values[4999] = -f32::MIN_POSITIVE / 2.0; // subnormal
+        assert!(all_finite(&values));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 1023, 1024, 4999] {
+                let mut v = values.clone();
+                v[at] = bad;
+                assert!(!all_finite(&v), "{bad} at {at}");
+            }
+        }
+        assert!(all_finite(&[]));
     }
 }

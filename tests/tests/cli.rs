@@ -517,6 +517,15 @@ fn bench_merge_times_each_thread_count() {
         .collect();
     assert_eq!(rows.len(), 2, "{out}");
     assert_eq!((rows[0][0], rows[1][0]), (1.0, 2.0), "{out}");
+    // The round through the syncer: its own thread's share and the merge job's, both timed.
+    for label in ["syncer's own thread", "merge job on a blocking thread"] {
+        let seconds = out
+            .lines()
+            .find(|l| l.contains(label))
+            .and_then(|l| l.split_whitespace().rev().nth(1))
+            .and_then(|s| s.parse::<f64>().ok());
+        assert!(seconds.is_some_and(|s| s >= 0.0), "{label}: {out}");
+    }
     assert!(
         rows.iter().all(|r| r[1..].iter().all(|x| *x > 0.0)),
         "{out}"

@@ -29,7 +29,8 @@ pub enum BenchCommand {
     },
     /// The syncer's merge of one fragment (RDA over each learner's outer gradient, the outer
     /// Nesterov step, the broadcast's quantisation with error feedback) on each thread count:
-    /// seconds per merge and what a fragment of a larger model would take.
+    /// seconds per merge and what a fragment of a larger model would take; then one round
+    /// through the syncer, split into its own thread's time and the merge job's.
     Merge {
         /// Values in the fragment (f32).
         #[arg(long, default_value_t = 16 << 20)]
@@ -448,7 +449,127 @@ fn bench_merge(
             per_value * fragment_12b
         );
     }
+    let (actor, job) = bench_syncer_round(n, learners, codec, repeats)?;
+    println!(
+        "one round through the syncer as the coordinator runs it ({learners} contributions, one \
+         measured against the version before; history full; median of {} rounds):",
+        repeats.max(1)
+    );
+    println!("  syncer's own thread (the coordinator's actor): {actor:>8.3} s");
+    println!("  merge job on a blocking thread, every core:    {job:>8.3} s");
     Ok(())
+}
+
+/// Rounds of one fragment of `n` values through the syncer, once its version history is full:
+/// the median time its own thread (the coordinator's actor) spends on a round's contributions,
+/// one of them measured against the version before (so re-anchored), and on the merge's result,
+/// against the median time of the merge job the round hands out (re-anchoring, merge, outer
+/// step, broadcast encoding, the history's rebuild).
+fn bench_syncer_round(
+    n: usize,
+    learners: usize,
+    codec: atoll_wire::Codec,
+    repeats: usize,
+) -> Result<(f64, f64)> {
+    use atoll_coordinator::{
+        Action, Contribution, Event, FragmentPlan, MergeRule, OuterOptimizer, Progress, Syncer,
+        SyncerConfig, TensorInfo,
+    };
+    let h = 4;
+    let config = SyncerConfig {
+        h,
+        quorum: learners,
+        grace_gamma: 0.0,
+        outer: OuterOptimizer {
+            lr: 0.7,
+            momentum: 0.5,
+        },
+        merge: MergeRule::Rda,
+        broadcast_codec: (codec != atoll_wire::Codec::F32).then_some(codec),
+        broadcast_error_feedback: true,
+        ..SyncerConfig::default()
+    };
+    let history = config.version_history as u64;
+    let plan = FragmentPlan::new(
+        vec![TensorInfo::new(
+            "model.layers.0.mlp.up_proj.weight",
+            &[n as u64],
+        )],
+        1,
+    )?;
+    let theta = atoll_wire::synthetic_outer_gradient(n, 7);
+    let mut syncer = Syncer::new(config, plan, &[theta]);
+    let deltas: Vec<Vec<f32>> = (0..learners)
+        .map(|i| atoll_wire::synthetic_outer_gradient(n, 0x9e37_79b9_7f4a_7c15 + i as u64))
+        .collect();
+    let ids = 0..learners as u32;
+    for learner in ids.clone() {
+        syncer.handle(0.0, Event::Join { learner });
+    }
+    let progress = vec![Progress {
+        c_steps: h,
+        c_tokens: h * 1024,
+    }];
+    let (mut actor, mut job_s) = (Vec::new(), Vec::new());
+    for round in 1..=history + 1 + repeats.max(1) as u64 {
+        for step in (round - 1) * h + 1..=round * h {
+            for learner in ids.clone() {
+                let event = Event::Report {
+                    learner,
+                    step,
+                    progress: progress.clone(),
+                };
+                syncer.handle(step as f64, event);
+            }
+        }
+        let version = syncer.version(0);
+        let contributions: Vec<Contribution> = ids
+            .clone()
+            .map(|learner| Contribution {
+                learner,
+                fragment: 0,
+                round,
+                base_version: if learner == 0 {
+                    version.saturating_sub(1)
+                } else {
+                    version
+                },
+                progress: progress[0],
+                delta: vec![deltas[learner as usize].clone()],
+            })
+            .collect();
+        let now = (round * h) as f64;
+        let start = std::time::Instant::now();
+        let mut merge = None;
+        for c in contributions {
+            for action in syncer.handle(now, Event::Contribution(c)) {
+                match action {
+                    Action::Merge(job) => merge = Some(job),
+                    Action::Rejected { reason, .. } => {
+                        bail!("internal: the bench's contribution was rejected ({reason:?})")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut on_actor = start.elapsed().as_secs_f64();
+        let job = merge.ok_or_else(|| anyhow!("internal: round {round} asked for no merge"))?;
+        let start = std::time::Instant::now();
+        let merged = job.run();
+        let merge_time = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        syncer.handle(now, Event::Merged(merged));
+        on_actor += start.elapsed().as_secs_f64();
+        if round > history + 1 {
+            actor.push(on_actor);
+            job_s.push(merge_time);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(&mut actor), median(&mut job_s)))
 }
 
 fn bench_codecs(values: &[f32], repeats: usize, zstd_level: i32) -> Result<()> {
