@@ -3,7 +3,8 @@
 
 use super::Core;
 use crate::parts::send_part;
-use atoll_coordinator::{EncodedUpdate, LearnerId};
+use anyhow::{anyhow, Result};
+use atoll_coordinator::{EncodedUpdate, FragmentValues, LearnerId};
 use atoll_link::data::HEADER_LEN;
 use atoll_link::{PartHeader, PartKind};
 use atoll_wire::{encode_frame, frame_encoded, Codec, DEFAULT_BLOCK};
@@ -39,44 +40,47 @@ impl Core {
             .iter()
             .map(|&t| self.plan.tensors[t].elements())
             .collect();
-        let framed = match self.syncer.broadcast_update(p, version) {
-            Some(u) if !full && m.sent[p] == Some(u.base_version) => frame_update_once(
+        let (kind, base, frames) = match self.syncer.broadcast_update(p, version) {
+            Some(u) if !full && m.sent[p] == Some(u.base_version) => match frame_update_once(
                 &mut self.framed_updates[p],
                 version,
                 u,
                 &shapes,
                 self.zstd_level,
-            )
-            .map(|f| (PartKind::Update, u.base_version, f)),
-            _ => {
-                let values = self.syncer.fragment_values(p);
-                values
-                    .iter()
-                    .zip(&shapes)
-                    .map(|(v, &n)| {
-                        encode_frame(Codec::F32, DEFAULT_BLOCK as u32, &[n], v, 0).map(Bytes::from)
-                    })
-                    .collect::<Result<Vec<Bytes>, _>>()
-                    .map(|f| (PartKind::Full, version, f))
-            }
-        };
-        let (kind, base, frames) = match framed {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!("encoding fragment {p} for learner {learner}: {e}");
-                return;
-            }
+            ) {
+                Ok(f) => (PartKind::Update, u.base_version, DownFrames::Ready(f)),
+                Err(e) => {
+                    tracing::error!("encoding fragment {p} for learner {learner}: {e}");
+                    return;
+                }
+            },
+            // A full fragment is framed in the send task, a tensor at a time: at 12B a learner's
+            // catch-up is 48 GB of f32, which neither this actor's time nor the coordinator's
+            // memory could take at once.
+            _ => (
+                PartKind::Full,
+                version,
+                DownFrames::Full(self.syncer.fragment_values(p), shapes),
+            ),
         };
         m.sent[p] = Some(version);
         let conns = m.conns.clone();
         let tensors = frames.len() as u32;
-        let bytes: u64 = frames.iter().map(|f| (f.len() + HEADER_LEN) as u64).sum();
-        metrics::counter!("atoll_bytes_down_total", "learner" => learner.to_string())
-            .increment(bytes);
+        let bytes_down =
+            metrics::counter!("atoll_bytes_down_total", "learner" => learner.to_string());
         tokio::spawn(async move {
             let _permit = permit;
-            let mut streams = Vec::with_capacity(frames.len());
-            for (k, frame) in frames.into_iter().enumerate() {
+            let mut streams = Vec::with_capacity(tensors as usize);
+            let mut frames = frames.into_stream();
+            for k in 0..tensors as usize {
+                let frame = match frames.next().await {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::error!("encoding fragment {p} for learner {learner}: {e}");
+                        return;
+                    }
+                };
+                bytes_down.increment((frame.len() + HEADER_LEN) as u64);
                 let header = PartHeader {
                     kind,
                     fragment: p as u32,
@@ -103,6 +107,67 @@ impl Core {
                 let _ = stream.stopped().await;
             }
         });
+    }
+}
+
+/// What one send carries down: frames already made (an update's, shared by every learner), or a
+/// fragment's full values with the tensors' shapes, framed as they go.
+enum DownFrames {
+    Ready(Vec<Bytes>),
+    Full(FragmentValues, Vec<u64>),
+}
+
+impl DownFrames {
+    fn len(&self) -> usize {
+        match self {
+            DownFrames::Ready(frames) => frames.len(),
+            DownFrames::Full(values, _) => values.len(),
+        }
+    }
+
+    fn into_stream(self) -> FrameStream {
+        FrameStream {
+            frames: self,
+            next: 0,
+            framing: None,
+        }
+    }
+}
+
+/// Hands out a send's frames in tensor order. Full values are framed on the blocking pool, the
+/// next tensor while the current one is sent, so at most two framed tensors per send exist.
+struct FrameStream {
+    frames: DownFrames,
+    next: usize,
+    /// The framing of tensor `next`, started while the one before was sent.
+    framing: Option<tokio::task::JoinHandle<Result<Bytes>>>,
+}
+
+impl FrameStream {
+    async fn next(&mut self) -> Result<Bytes> {
+        let k = self.next;
+        self.next += 1;
+        let (values, shapes) = match &self.frames {
+            DownFrames::Ready(frames) => return Ok(frames[k].clone()),
+            DownFrames::Full(values, shapes) => (values, shapes),
+        };
+        let frame_full = |k: usize| {
+            let (values, n) = (values.clone(), shapes[k]);
+            tokio::task::spawn_blocking(move || -> Result<Bytes> {
+                let frame = encode_frame(Codec::F32, DEFAULT_BLOCK as u32, &[n], &values[k], 0)?;
+                Ok(Bytes::from(frame))
+            })
+        };
+        let current = match self.framing.take() {
+            Some(handle) => handle,
+            None => frame_full(k),
+        };
+        if k + 1 < values.len() {
+            self.framing = Some(frame_full(k + 1));
+        }
+        current
+            .await
+            .map_err(|e| anyhow!("framing tensor {k}: {e}"))?
     }
 }
 
