@@ -67,12 +67,14 @@ pub struct SyncerConfig {
 
 impl SyncerConfig {
     /// A zero residual per tensor where broadcasts carry error feedback, none otherwise.
-    fn fresh_residual(&self, theta: &[Vec<f32>]) -> Vec<Vec<f32>> {
-        if self.broadcast_error_feedback && self.broadcast_codec.is_some() {
-            theta.iter().map(|v| vec![0.0; v.len()]).collect()
-        } else {
-            Vec::new()
-        }
+    fn fresh_residual(&self, theta: &[Vec<f32>]) -> FragmentValues {
+        Arc::new(
+            if self.broadcast_error_feedback && self.broadcast_codec.is_some() {
+                theta.iter().map(|v| vec![0.0; v.len()]).collect()
+            } else {
+                Vec::new()
+            },
+        )
     }
 }
 
@@ -217,8 +219,9 @@ pub struct MergeRecord {
 }
 
 /// A closed round's merge: everything it reads, owned or shared, so that it can run on another
-/// thread while the syncer goes on. Its momentum and residual are copies: until the result is
-/// back the fragment (and a snapshot of it) keeps its state from before the round.
+/// thread while the syncer goes on. It shares the fragment's momentum and residual and steps
+/// copies of them: until the result is back the fragment (and a snapshot of it) keeps its state
+/// from before the round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeJob {
     fragment: usize,
@@ -282,9 +285,11 @@ impl MergeJob {
             version,
             next_round,
             theta: old,
-            mut momentum,
-            mut residual,
+            momentum,
+            residual,
         } = before;
+        let mut momentum = Arc::unwrap_or_clone(momentum);
+        let mut residual = Arc::unwrap_or_clone(residual);
         let mut theta = Vec::with_capacity(old.len());
         let mut encoded = Vec::with_capacity(old.len());
         for (k, (old_k, rule)) in old.iter().zip(rules).enumerate() {
@@ -319,8 +324,8 @@ impl MergeJob {
                 version,
                 next_round,
                 theta: Arc::new(theta),
-                momentum,
-                residual,
+                momentum: Arc::new(momentum),
+                residual: Arc::new(residual),
             },
             encoded,
             promoted: promotion.map(|(v, kept)| (v, kept.values())),
@@ -389,7 +394,7 @@ struct Round {
 #[derive(Debug, Clone)]
 struct FragmentState {
     theta: FragmentValues,
-    momentum: Vec<Vec<f32>>,
+    momentum: FragmentValues,
     version: u64,
     history: VersionHistory,
     next_round: u64,
@@ -397,7 +402,7 @@ struct FragmentState {
     last_update: Option<EncodedUpdate>,
     /// Per tensor, what the broadcasts so far left out of the outer steps (empty without
     /// `broadcast_error_feedback`).
-    residual: Vec<Vec<f32>>,
+    residual: FragmentValues,
     /// A closed round whose merge has not come back yet.
     merging: Option<PendingMerge>,
 }
@@ -489,9 +494,9 @@ pub struct FragmentSnapshot {
     pub version: u64,
     pub next_round: u64,
     pub theta: FragmentValues,
-    pub momentum: Vec<Vec<f32>>,
+    pub momentum: FragmentValues,
     /// The broadcast error-feedback residual per tensor; empty when the job runs without it.
-    pub residual: Vec<Vec<f32>>,
+    pub residual: FragmentValues,
 }
 
 /// What survives a coordinator restart, per learner: it comes back absent and rejoins.
@@ -514,7 +519,7 @@ impl Syncer {
             .iter()
             .map(|f| {
                 let theta: Vec<Vec<f32>> = f.tensors.iter().map(|&t| initial[t].clone()).collect();
-                let momentum = theta.iter().map(|v| vec![0.0; v.len()]).collect();
+                let momentum = Arc::new(theta.iter().map(|v| vec![0.0; v.len()]).collect());
                 let residual = config.fresh_residual(&theta);
                 FragmentState {
                     theta: Arc::new(theta),

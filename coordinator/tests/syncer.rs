@@ -615,7 +615,7 @@ fn a_restored_syncer_keeps_the_broadcast_residual() {
     let restore = |residual: bool| {
         let mut snapshot = before.fragment_snapshot(0);
         if !residual {
-            snapshot.residual.clear();
+            snapshot.residual = Default::default();
         }
         let config = broadcast_config(int2, true);
         let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();

@@ -151,8 +151,8 @@ impl StateStore {
                 version: field("version")?,
                 next_round: field("next_round")?,
                 theta: Arc::new(theta),
-                momentum,
-                residual,
+                momentum: Arc::new(momentum),
+                residual: Arc::new(residual),
             });
         }
         Ok(Some((state, snaps)))
@@ -168,8 +168,8 @@ mod tests {
             version: 7,
             next_round: 9,
             theta: Arc::new(vec![vec![1.0, -2.5], vec![0.25]]),
-            momentum: vec![vec![0.5, 0.0], vec![-1.0]],
-            residual,
+            momentum: Arc::new(vec![vec![0.5, 0.0], vec![-1.0]]),
+            residual: Arc::new(residual),
         }
     }
 

@@ -82,7 +82,9 @@ impl Manifest {
 pub type DeferredFiles = Box<dyn FnOnce() -> Result<Vec<(String, Vec<u8>)>> + Send>;
 
 /// Files copied to host memory at a step boundary, ready to upload. `deferred` builders run on
-/// the writer's thread, so a trainer only pays for the copy.
+/// the writer's thread, so a trainer only pays for the copy, and one at a time, each one's files
+/// uploaded before the next is built, so that a snapshot of a large model is never all in
+/// memory in serialised form at once: give a large snapshot one builder per file.
 #[derive(Default)]
 pub struct Snapshot {
     pub step: u64,
@@ -120,16 +122,6 @@ impl Snapshot {
         build: impl FnOnce() -> Result<Vec<(String, Vec<u8>)>> + Send + 'static,
     ) {
         self.deferred.push(Box::new(build));
-    }
-
-    /// Runs the deferred builders.
-    pub fn materialise(&mut self) -> Result<()> {
-        for build in std::mem::take(&mut self.deferred) {
-            for (name, bytes) in build()? {
-                self.files.push((name, Bytes::from(bytes)));
-            }
-        }
-        Ok(())
     }
 
     pub fn add(&mut self, path: &str, bytes: impl Into<Bytes>) {
@@ -290,19 +282,48 @@ impl CheckpointStore {
     /// Uploads every file of `snapshot`, then its manifest. An existing checkpoint of the same
     /// step is uncommitted first (its manifest deleted) so a reader never sees new files under
     /// an old manifest.
-    pub async fn write(&self, mut snapshot: Snapshot) -> Result<Manifest> {
-        if !snapshot.deferred.is_empty() {
-            snapshot =
-                tokio::task::spawn_blocking(move || snapshot.materialise().map(|()| snapshot))
-                    .await??;
-        }
-        let step = snapshot.step;
+    pub async fn write(&self, snapshot: Snapshot) -> Result<Manifest> {
+        let Snapshot {
+            step,
+            kind,
+            files,
+            deferred,
+        } = snapshot;
         let manifest_path = self.path(step, MANIFEST);
         match self.store.delete(&manifest_path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e).context(format!("{}: uncommitting step-{step}", self.url)),
         }
-        let uploads = snapshot.files.iter().map(|(name, bytes)| async move {
+        let mut entries = self.upload_files(step, files).await?;
+        for build in deferred {
+            let built = tokio::task::spawn_blocking(build).await??;
+            let built = built
+                .into_iter()
+                .map(|(name, bytes)| (name, Bytes::from(bytes)))
+                .collect();
+            entries.extend(self.upload_files(step, built).await?);
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            step,
+            kind,
+            created_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            files: entries,
+        };
+        let json = serde_json::to_vec_pretty(&manifest)?;
+        self.store
+            .put(&manifest_path, PutPayload::from(json))
+            .await
+            .with_context(|| format!("{}: committing step-{step} (manifest)", self.url))?;
+        Ok(manifest)
+    }
+
+    /// Uploads files of checkpoint `step` (a few at a time) with their manifest entries.
+    async fn upload_files(&self, step: u64, files: Vec<(String, Bytes)>) -> Result<Vec<FileEntry>> {
+        let uploads = files.iter().map(|(name, bytes)| async move {
             let sha = {
                 let bytes = bytes.clone();
                 tokio::task::spawn_blocking(move || sha256_hex(&bytes)).await?
@@ -316,26 +337,10 @@ impl CheckpointStore {
                 sha256: sha,
             })
         });
-        let files: Vec<FileEntry> = futures::stream::iter(uploads)
+        futures::stream::iter(uploads)
             .buffered(self.options.concurrency.max(1))
             .try_collect()
-            .await?;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            step,
-            kind: snapshot.kind.clone(),
-            created_unix_s: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            files,
-        };
-        let json = serde_json::to_vec_pretty(&manifest)?;
-        self.store
-            .put(&manifest_path, PutPayload::from(json))
             .await
-            .with_context(|| format!("{}: committing step-{step} (manifest)", self.url))?;
-        Ok(manifest)
     }
 
     async fn upload(&self, path: &ObjPath, bytes: Bytes) -> Result<()> {

@@ -170,3 +170,46 @@ fn resume_names_parse() {
     let e = "newest".parse::<ResumeFrom>().unwrap_err().to_string();
     assert!(e.contains("latest") && e.contains("step-N"), "{e}");
 }
+
+/// Deferred files are built one builder at a time, each one's files uploaded before the next
+/// builder runs (so a snapshot of a large model is never all in memory serialised), and the
+/// manifest lists every file in snapshot order: the eager files, then each builder's.
+#[test]
+fn deferred_builders_run_one_at_a_time_after_the_previous_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut s = snapshot(30, 1000);
+    for shard in 0..3 {
+        let step_dir = dir.path().join("step-30");
+        s.defer(move || {
+            for earlier in 0..shard {
+                let path = step_dir.join(format!("shard-{earlier}.bin"));
+                assert!(
+                    path.exists(),
+                    "shard {earlier} not uploaded before shard {shard}"
+                );
+            }
+            let later = step_dir.join(format!("shard-{}.bin", shard + 1));
+            assert!(!later.exists(), "shard {} built too early", shard + 1);
+            Ok(vec![(
+                format!("shard-{shard}.bin"),
+                vec![shard as u8; 4096],
+            )])
+        });
+    }
+    let written = block_on(store.write(s)).unwrap().unwrap();
+    let names: Vec<&str> = written.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "model.safetensors",
+            "shard-0.bin",
+            "shard-1.bin",
+            "shard-2.bin"
+        ]
+    );
+    let loaded = block_on(store.load(30)).unwrap().unwrap();
+    assert_eq!(loaded.file("shard-2.bin").unwrap()[..], [2u8; 4096][..]);
+    assert!(block_on(store.verify(30)).unwrap().unwrap().is_empty());
+}

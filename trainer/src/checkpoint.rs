@@ -564,27 +564,48 @@ impl HostModel {
 
     /// The checkpoint's files: weight shards, the index when sharded, `config.json`.
     pub fn into_files(self) -> Result<Vec<(String, Vec<u8>)>> {
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let mut files = Vec::with_capacity(self.shards.len() + 2);
-        for (name, own, kept) in &self.shards {
-            let kept: Vec<&HostTensor> = match &self.passthrough {
-                Some(p) => kept.iter().map(|&i| &p.tensors[i]).collect(),
-                None => Vec::new(),
-            };
-            let all: Vec<&HostTensor> = own.iter().chain(kept).collect();
-            files.push((
-                name.clone(),
-                serialize_host_refs(&all, Some(metadata.clone()))?,
-            ));
-        }
-        if let Some(index) = &self.index {
-            files.push((INDEX_FILE.to_string(), pretty_json(index)?));
-        }
-        files.push(("config.json".to_string(), pretty_json(&self.config)?));
-        if let Some(p) = &self.passthrough {
-            files.extend(p.files.iter().cloned());
+        let mut files = Vec::new();
+        for build in self.into_builders() {
+            files.extend(build()?);
         }
         Ok(files)
+    }
+
+    /// [`HostModel::into_files`] as one builder per weight shard and one for the small files, in
+    /// that order: a checkpoint writer that uploads each builder's files before it runs the next
+    /// holds one serialised shard at a time, and each shard's host copy only until it is built.
+    pub fn into_builders(self) -> Vec<atoll_store::DeferredFiles> {
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let HostModel {
+            shards,
+            index,
+            config,
+            passthrough,
+        } = self;
+        let mut builders: Vec<atoll_store::DeferredFiles> = Vec::with_capacity(shards.len() + 1);
+        for (name, own, kept) in shards {
+            let (passthrough, metadata) = (passthrough.clone(), metadata.clone());
+            builders.push(Box::new(move || {
+                let kept: Vec<&HostTensor> = match &passthrough {
+                    Some(p) => kept.iter().map(|&i| &p.tensors[i]).collect(),
+                    None => Vec::new(),
+                };
+                let all: Vec<&HostTensor> = own.iter().chain(kept).collect();
+                Ok(vec![(name, serialize_host_refs(&all, Some(metadata))?)])
+            }));
+        }
+        builders.push(Box::new(move || {
+            let mut files = Vec::new();
+            if let Some(index) = &index {
+                files.push((INDEX_FILE.to_string(), pretty_json(index)?));
+            }
+            files.push(("config.json".to_string(), pretty_json(&config)?));
+            if let Some(p) = &passthrough {
+                files.extend(p.files.iter().cloned());
+            }
+            Ok(files)
+        }));
+        builders
     }
 }
 

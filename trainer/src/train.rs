@@ -99,7 +99,9 @@ pub fn snapshot(
     let mut snap = Snapshot::new(state.step as u64, "trainer");
     // Only the copies happen here; serialisation runs on the checkpoint writer's thread.
     let weights = HostModel::copy_of(model, model.kind(), DEFAULT_MAX_SHARD_BYTES)?;
-    snap.defer(move || weights.into_files());
+    for build in weights.into_builders() {
+        snap.defer(build);
+    }
     add_resume_state(&mut snap, optimizer, tokenizer_json, state)?;
     Ok(snap)
 }

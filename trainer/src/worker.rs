@@ -308,12 +308,6 @@ impl Worker {
         }
     }
 
-    pub fn set_all(&mut self, values: &[Vec<f32>]) {
-        for (p, v) in self.params.iter_mut().zip(values) {
-            set_flat(p, v);
-        }
-    }
-
     /// Mean loss on the held-out batches.
     pub fn evaluate(&self) -> f64 {
         let t = &self.recipe.train;

@@ -14,16 +14,13 @@ use std::io::Write;
 use std::path::Path;
 
 impl Core {
-    /// Θ of every tensor, assembled from the fragments.
-    pub(super) fn global_values(&self) -> Vec<Vec<f32>> {
-        let mut global: Vec<Vec<f32>> = vec![Vec::new(); self.plan.tensors.len()];
+    /// Sets the coordinator's model to Θ, a fragment at a time (no assembled copy of the whole
+    /// model on the way: at 12B that would be 48 GB more).
+    pub(super) fn load_global_model(&mut self) {
         for (p, f) in self.plan.fragments.iter().enumerate() {
-            let values = self.syncer.fragment_values(p);
-            for (k, &t) in f.tensors.iter().enumerate() {
-                global[t] = values[k].clone();
-            }
+            self.worker
+                .overwrite(&f.tensors, &self.syncer.fragment_values(p));
         }
-        global
     }
 
     /// Hands a checkpoint to the background writer when the furthest learner has crossed a
@@ -53,22 +50,27 @@ impl Core {
                 .with_context(|| format!("reading {f} for the checkpoint"))?;
             snap.add(f, bytes);
         }
-        // The fragments as the syncer holds them, not their files: a merge still out may have
-        // written its fragment's next version already, which the merge log above does not hold.
+        // The fragments as the syncer holds them (shared, not copied), not their files: a merge
+        // still out may have written its fragment's next version already, which the merge log
+        // above does not hold. Each is serialised by the writer just before its upload.
         for p in 0..self.plan.len() {
-            let file = fragment_file(&self.syncer.fragment_snapshot(p))?;
-            snap.add(&format!("state/fragment-{p}.safetensors"), file);
+            let fragment = self.syncer.fragment_snapshot(p);
+            snap.defer(move || {
+                let file = fragment_file(&fragment)?;
+                Ok(vec![(format!("state/fragment-{p}.safetensors"), file)])
+            });
         }
-        let global = self.global_values();
         let weights = tokio::task::block_in_place(|| {
-            self.worker.set_all(&global);
+            self.load_global_model();
             HostModel::copy_of(
                 self.worker.model(),
                 self.worker.model().kind(),
                 DEFAULT_MAX_SHARD_BYTES,
             )
         })?;
-        snap.defer(move || weights.into_files());
+        for build in weights.into_builders() {
+            snap.defer(build);
+        }
         if let Some(writer) = self.checkpoints.as_mut() {
             tokio::task::block_in_place(|| writer.submit(snap))?;
         }

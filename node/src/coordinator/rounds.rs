@@ -240,9 +240,8 @@ impl Core {
                 );
             }
         }
-        let global = self.global_values();
         let (eval_loss, wall) = tokio::task::block_in_place(|| -> Result<(f64, f64)> {
-            self.worker.set_all(&global);
+            self.load_global_model();
             let eval = self.worker.evaluate();
             if self.recipe.run.save_final {
                 self.worker.save(&self.run_dir.join("final"))?;
