@@ -245,11 +245,20 @@ pub struct MergeJob {
 pub struct MergedFragment {
     pub fragment: usize,
     pub state: FragmentSnapshot,
-    /// Per tensor, the update in the broadcast codec (None without a codec, or when one tensor's
-    /// update did not encode: learners then get the full values).
-    encoded: Option<Vec<Vec<u8>>>,
+    /// The update in the broadcast codec, per tensor (None without a codec, or when one
+    /// tensor's update did not encode: learners then get the full values).
+    encoded: Option<(atoll_wire::Codec, Vec<Vec<u8>>)>,
     /// The values [`MergeJob`]'s promotion asked for.
     promoted: Option<(u64, FragmentValues)>,
+}
+
+impl MergedFragment {
+    /// The broadcast's encoded update (codec and one buffer per tensor), if it has one.
+    pub fn encoded_update(&self) -> Option<(atoll_wire::Codec, &[Vec<u8>])> {
+        self.encoded
+            .as_ref()
+            .map(|(codec, tensors)| (*codec, tensors.as_slice()))
+    }
 }
 
 impl MergeJob {
@@ -317,7 +326,10 @@ impl MergeJob {
             theta.push(merged.values);
             encoded.push(merged.encoded);
         }
-        let encoded = broadcast_codec.and_then(|_| encoded.into_iter().collect::<Option<Vec<_>>>());
+        let encoded = broadcast_codec.and_then(|codec| {
+            let tensors = encoded.into_iter().collect::<Option<Vec<_>>>()?;
+            Some((codec, tensors))
+        });
         MergedFragment {
             fragment,
             state: FragmentSnapshot {
@@ -1175,12 +1187,10 @@ impl Syncer {
         }
         let pending = frag.merging.take().expect("checked above");
         let reached_by = frag.last_update.take();
-        frag.last_update = merged.encoded.and_then(|tensors| {
-            Some(EncodedUpdate {
-                base_version: frag.version,
-                codec: self.config.broadcast_codec?,
-                tensors: Arc::new(tensors),
-            })
+        frag.last_update = merged.encoded.map(|(codec, tensors)| EncodedUpdate {
+            base_version: frag.version,
+            codec,
+            tensors: Arc::new(tensors),
         });
         frag.history.push(
             frag.version,

@@ -172,7 +172,9 @@ impl FrameStream {
 }
 
 /// The wire frames of an encoded update, framed (and compressed) on the first send of `version`
-/// and shared by every later one, which `slot` keeps.
+/// and shared by every later one, which `slot` keeps. A merge frames its update on its own
+/// thread and fills the slot before its broadcast (`rounds.rs`), so this frames only an update
+/// whose frames were not kept.
 fn frame_update_once(
     slot: &mut Option<(u64, Vec<Bytes>)>,
     version: u64,
@@ -185,21 +187,23 @@ fn frame_update_once(
             return Ok(frames.clone());
         }
     }
-    // Tensors frame (and compress) independently: on every core, since the actor waits.
-    let work: Vec<_> = update.tensors.iter().zip(shapes).collect();
-    let threads = atoll_coordinator::parallel::available_threads();
-    let frames = atoll_coordinator::parallel::map(work, threads, |(bytes, &n)| {
-        frame_encoded(
-            update.codec,
-            DEFAULT_BLOCK as u32,
-            &[n],
-            bytes.clone(),
-            zstd_level,
-        )
-        .map(Bytes::from)
-    })
-    .into_iter()
-    .collect::<Result<Vec<Bytes>, _>>()?;
+    let frames = frame_update(update.codec, &update.tensors, shapes, zstd_level)?;
     *slot = Some((version, frames.clone()));
     Ok(frames)
+}
+
+/// An update's tensors as wire frames (compressed at `zstd_level`), each tensor on its own core.
+pub(super) fn frame_update(
+    codec: Codec,
+    tensors: &[Vec<u8>],
+    shapes: &[u64],
+    zstd_level: i32,
+) -> Result<Vec<Bytes>, atoll_wire::WireError> {
+    let work: Vec<_> = tensors.iter().zip(shapes).collect();
+    let threads = atoll_coordinator::parallel::available_threads();
+    atoll_coordinator::parallel::map(work, threads, |(bytes, &n)| {
+        frame_encoded(codec, DEFAULT_BLOCK as u32, &[n], bytes.clone(), zstd_level).map(Bytes::from)
+    })
+    .into_iter()
+    .collect()
 }

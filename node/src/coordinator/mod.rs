@@ -87,8 +87,8 @@ enum Cmd {
     },
     Timer(TimerId),
     /// A merge handed out by the syncer came back from its blocking thread, its fragment's state
-    /// file already written (or the error that stopped it).
-    Merged(Result<MergedFragment>),
+    /// file already written and its broadcast framed (or the error that stopped it).
+    Merged(Result<(MergedFragment, Option<Vec<bytes::Bytes>>)>),
 }
 
 struct Member {
@@ -377,7 +377,13 @@ impl Core {
                 self.execute(actions)?;
             }
             Cmd::Merged(merged) => {
-                let actions = self.syncer.handle(self.now(), Event::Merged(merged?));
+                let (merged, frames) = merged?;
+                let (p, version) = (merged.fragment, merged.state.version);
+                let actions = self.syncer.handle(self.now(), Event::Merged(merged));
+                // The broadcast's frames, made with the merge, for the version it produced.
+                if let Some(frames) = frames.filter(|_| self.syncer.version(p) == version) {
+                    self.framed_updates[p] = Some((version, frames));
+                }
                 self.execute(actions)?;
             }
         }

@@ -2,6 +2,7 @@
 //! syncer's actions carried out (pulls, broadcasts, catch-ups, timers), merges logged, and the
 //! job's end (the last rounds, the final model and summary).
 
+use super::broadcast::frame_update;
 use super::{Cmd, Core, Partial, FINAL_SETTLE_TIMEOUT};
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::syncer::Contribution;
@@ -127,18 +128,29 @@ impl Core {
         Ok(())
     }
 
-    /// Runs a merge, and writes the fragment's new state file, on a blocking thread: at 12B a
-    /// fragment's merge takes seconds of every core and its file is gigabytes, and meanwhile
-    /// this actor goes on answering reports, joins and parts. The result comes back as a command.
+    /// Runs a merge on a blocking thread, with the fragment's new state file and the frames of
+    /// its broadcast: at 12B a fragment's merge takes seconds of every core and its file is
+    /// gigabytes, and meanwhile this actor goes on answering reports, joins and parts. The result
+    /// comes back as a command.
     fn start_merge(&self, job: MergeJob) {
         let (tx, store, p) = (self.tx.clone(), self.store.clone(), job.fragment());
+        let shapes: Vec<u64> = self.plan.fragments[p]
+            .tensors
+            .iter()
+            .map(|&t| self.plan.tensors[t].elements())
+            .collect();
+        let zstd_level = self.zstd_level;
         tokio::spawn(async move {
             let merged = tokio::task::spawn_blocking(move || -> Result<_> {
                 let merged = job.run();
                 store
                     .save_fragment(p, &merged.state)
                     .with_context(|| format!("saving fragment {p} after its merge"))?;
-                Ok(merged)
+                // A frame that fails here is framed again, and its error reported, at the send.
+                let frames = merged.encoded_update().and_then(|(codec, tensors)| {
+                    frame_update(codec, tensors, &shapes, zstd_level).ok()
+                });
+                Ok((merged, frames))
             })
             .await
             .map_err(|e| anyhow!("the merge of fragment {p} failed: {e}"))
