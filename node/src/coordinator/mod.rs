@@ -62,6 +62,8 @@ const MERGES_LOG: &str = "merges.jsonl";
 /// How long the last rounds wait for the learners to apply the newest versions (normally a
 /// few heartbeats) before they open anyway.
 const FINAL_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the gRPC server may take, once the job is done, to finish the replies in flight.
+const GRPC_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
@@ -278,14 +280,20 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         secret: Arc::new(opts.secret.clone()),
     };
     let (cert, key) = tls.server_pem()?;
+    let (stop_grpc, stop_serving) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .tls_config(
             tonic::transport::ServerTlsConfig::new()
                 .identity(tonic::transport::Identity::from_pem(cert, key)),
         )?
         .add_service(CoordinatorServer::new(svc))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    let grpc = tokio::spawn(server);
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_serving.await;
+            },
+        );
+    let mut grpc = tokio::spawn(server);
     let data = tokio::spawn(accept_data(
         endpoint.clone(),
         tx.clone(),
@@ -311,7 +319,18 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     }
     tracing::info!("job done; coordinator exiting");
     endpoint.close(0u32.into(), b"job done");
-    grpc.abort();
+    // The replies that told the learners the job is done are written before the server goes
+    // (aborted at once, a learner's last reply could be lost and it would retry for good); a
+    // peer that never reads its reply holds the exit up for a few seconds at most.
+    // Requests still queued for the actor (and any that come) fail at once instead of waiting.
+    drop(rx);
+    let _ = stop_grpc.send(());
+    if tokio::time::timeout(GRPC_DRAIN_TIMEOUT, &mut grpc)
+        .await
+        .is_err()
+    {
+        grpc.abort();
+    }
     data.abort();
     Ok(())
 }
