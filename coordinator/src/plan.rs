@@ -131,6 +131,15 @@ impl FragmentPlan {
         })
     }
 
+    /// The element count of each tensor of fragment `p`, in the fragment's order.
+    pub fn fragment_shapes(&self, p: usize) -> Vec<u64> {
+        self.fragments[p]
+            .tensors
+            .iter()
+            .map(|&t| self.tensors[t].elements())
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.fragments.len()
     }

@@ -281,11 +281,14 @@ impl MergeJob {
             threads,
             promotion,
         } = self;
+        // Contributions measured against the same older version share its rebuild.
+        let mut bases: BTreeMap<u64, FragmentValues> = BTreeMap::new();
         let contributions: Vec<Contribution> = contributions
             .into_iter()
             .map(|(mut c, base)| {
                 if let Some(base) = base {
-                    re_anchor(&mut c.delta, &before.theta, &base.values(), threads);
+                    let values = bases.entry(c.base_version).or_insert_with(|| base.values());
+                    re_anchor(&mut c.delta, &before.theta, values, threads);
                 }
                 c
             })

@@ -395,10 +395,10 @@ fn bench_merge(
         learner_weight, merge_tensor, BroadcastCodec, MergeRule, OuterOptimizer, OuterStep,
         TensorMerge,
     };
-    let deltas: Vec<Vec<f32>> = (0..learners)
+    let outer_gradients: Vec<Vec<f32>> = (0..learners)
         .map(|i| atoll_wire::synthetic_outer_gradient(n, 0x9e37_79b9_7f4a_7c15 + i as u64))
         .collect();
-    let deltas: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+    let deltas: Vec<&[f32]> = outer_gradients.iter().map(Vec::as_slice).collect();
     let weights = vec![learner_weight(16 * 1024, 16); learners];
     let theta = atoll_wire::synthetic_outer_gradient(n, 7);
     let mut momentum = vec![0.0f32; n];
@@ -449,7 +449,7 @@ fn bench_merge(
             per_value * fragment_12b
         );
     }
-    let (actor, job) = bench_syncer_round(n, learners, codec, repeats)?;
+    let (actor, job) = bench_syncer_round(&theta, &outer_gradients, codec, repeats)?;
     println!(
         "one round through the syncer as the coordinator runs it ({learners} contributions, one \
          measured against the version before; history full; median of {} rounds):",
@@ -466,8 +466,8 @@ fn bench_merge(
 /// against the median time of the merge job the round hands out (re-anchoring, merge, outer
 /// step, broadcast encoding, the history's rebuild).
 fn bench_syncer_round(
-    n: usize,
-    learners: usize,
+    theta: &[f32],
+    deltas: &[Vec<f32>],
     codec: atoll_wire::Codec,
     repeats: usize,
 ) -> Result<(f64, f64)> {
@@ -475,6 +475,7 @@ fn bench_syncer_round(
         Action, Contribution, Event, FragmentPlan, MergeRule, OuterOptimizer, Progress, Syncer,
         SyncerConfig, TensorInfo,
     };
+    let (n, learners) = (theta.len(), deltas.len());
     let h = 4;
     let config = SyncerConfig {
         h,
@@ -497,11 +498,7 @@ fn bench_syncer_round(
         )],
         1,
     )?;
-    let theta = atoll_wire::synthetic_outer_gradient(n, 7);
-    let mut syncer = Syncer::new(config, plan, &[theta]);
-    let deltas: Vec<Vec<f32>> = (0..learners)
-        .map(|i| atoll_wire::synthetic_outer_gradient(n, 0x9e37_79b9_7f4a_7c15 + i as u64))
-        .collect();
+    let mut syncer = Syncer::new(config, plan, &[theta.to_vec()]);
     let ids = 0..learners as u32;
     for learner in ids.clone() {
         syncer.handle(0.0, Event::Join { learner });

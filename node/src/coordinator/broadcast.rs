@@ -35,11 +35,7 @@ impl Core {
             m.sent[p] = None;
             return;
         };
-        let shapes: Vec<u64> = self.plan.fragments[p]
-            .tensors
-            .iter()
-            .map(|&t| self.plan.tensors[t].elements())
-            .collect();
+        let shapes = self.plan.fragment_shapes(p);
         let (kind, base, frames) = match self.syncer.broadcast_update(p, version) {
             Some(u) if !full && m.sent[p] == Some(u.base_version) => match frame_update_once(
                 &mut self.framed_updates[p],

@@ -134,11 +134,7 @@ impl Core {
     /// comes back as a command.
     fn start_merge(&self, job: MergeJob) {
         let (tx, store, p) = (self.tx.clone(), self.store.clone(), job.fragment());
-        let shapes: Vec<u64> = self.plan.fragments[p]
-            .tensors
-            .iter()
-            .map(|&t| self.plan.tensors[t].elements())
-            .collect();
+        let shapes = self.plan.fragment_shapes(p);
         let zstd_level = self.zstd_level;
         tokio::spawn(async move {
             let merged = tokio::task::spawn_blocking(move || -> Result<_> {
