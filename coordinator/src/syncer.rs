@@ -63,6 +63,12 @@ pub struct SyncerConfig {
     /// feedback on the down-link), so Θ tracks the unquantised outer steps instead of drifting
     /// from them by one rounding per round.
     pub broadcast_error_feedback: bool,
+    /// A learner left out of this many closed rounds of a fragment in a row is waited for in the
+    /// fragment's next round, beyond the grace window, for up to two of its own step times (never
+    /// longer than H of the fastest learner's steps); 0: never. Without it a learner that is
+    /// never among the first to report (slower, or further away, when steps are shorter than a
+    /// sync and the grace window is therefore 0) would enter no round until the job's end.
+    pub max_skipped_rounds: u32,
 }
 
 impl SyncerConfig {
@@ -88,7 +94,7 @@ impl Default for SyncerConfig {
             grace_cap_s: None,
             outer: OuterOptimizer {
                 lr: 0.7,
-                momentum: 0.9,
+                momentum: 0.5,
             },
             merge: MergeRule::Rda,
             final_step: FinalStep::Average,
@@ -97,6 +103,7 @@ impl Default for SyncerConfig {
             version_history: 4,
             broadcast_codec: None,
             broadcast_error_feedback: false,
+            max_skipped_rounds: 2,
         }
     }
 }
@@ -117,6 +124,32 @@ pub struct Contribution {
     pub progress: Progress,
     /// One vector per tensor of the fragment, in plan order.
     pub delta: Vec<Vec<f32>>,
+    /// Whether every value of `delta` is finite (one that is not is rejected). [`Contribution::new`]
+    /// checks; a driver that decodes the values checks where it decodes them ([`all_finite`]),
+    /// so that the syncer's own thread does not read a whole fragment once more per learner.
+    pub finite: bool,
+}
+
+impl Contribution {
+    pub fn new(
+        learner: LearnerId,
+        fragment: usize,
+        round: u64,
+        base_version: u64,
+        progress: Progress,
+        delta: Vec<Vec<f32>>,
+    ) -> Contribution {
+        let finite = delta.iter().all(|d| all_finite(d));
+        Contribution {
+            learner,
+            fragment,
+            round,
+            base_version,
+            progress,
+            delta,
+            finite,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -348,10 +381,10 @@ impl MergeJob {
     }
 }
 
-/// Whether no value is NaN or infinite. A contribution is the one pass over a whole fragment
-/// left on the syncer's thread, so this is written to vectorise: the largest exponent field of
-/// each block of values, compared once per block, instead of a branch per value.
-fn all_finite(values: &[f32]) -> bool {
+/// Whether no value is NaN or infinite. It reads every value of every contribution, so it is
+/// written to vectorise: the largest exponent field of each block of values, compared once per
+/// block, instead of a branch per value.
+pub fn all_finite(values: &[f32]) -> bool {
     const EXPONENT: u32 = 0x7f80_0000;
     values.chunks(1024).all(|block| {
         let largest = block
@@ -404,6 +437,32 @@ struct Round {
     received: BTreeMap<LearnerId, (Contribution, Option<KeptVersion>)>,
     /// Opened by `flush` with `FinalStep::Average`: Θ_p becomes the learners' plain average.
     average: bool,
+    /// Learners skipped by too many rounds in a row: the grace window waits for them.
+    owed: BTreeSet<LearnerId>,
+    /// The end of the grace window proper; past it, the round waits only for `owed` learners,
+    /// and at most until `grace_until`.
+    regular_grace_until: f64,
+    grace_until: f64,
+}
+
+impl Round {
+    fn opened(round: u64, now: f64) -> Round {
+        Round {
+            round,
+            opened_at: now,
+            quorum_at: None,
+            grace_s: 0.0,
+            pulled_at: 0.0,
+            phase: Phase::Collecting,
+            responders: BTreeSet::new(),
+            awaiting: BTreeSet::new(),
+            received: BTreeMap::new(),
+            average: false,
+            owed: BTreeSet::new(),
+            regular_grace_until: now,
+            grace_until: now,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +503,8 @@ struct LearnerState {
     clock: Vec<u64>,
     /// Per fragment, the base version and counters of this learner's latest merged contribution.
     last_merged: BTreeMap<usize, (u64, Progress)>,
+    /// Per fragment, the closed rounds in a row that did not merge this learner's work.
+    skipped: Vec<u32>,
 }
 
 impl LearnerState {
@@ -609,6 +670,7 @@ impl Syncer {
                         heartbeat_seq: 0,
                         clock: l.clock,
                         last_merged: BTreeMap::new(),
+                        skipped: Vec::new(), // set when it rejoins
                     },
                 )
             })
@@ -808,16 +870,10 @@ impl Syncer {
                 .collect();
             let frag = &mut self.fragments[p];
             frag.open = Some(Round {
-                round: frag.next_round,
-                opened_at: now,
                 quorum_at: Some(now),
-                grace_s: 0.0,
-                pulled_at: now,
-                phase: Phase::Collecting,
                 responders,
-                awaiting: BTreeSet::new(),
-                received: BTreeMap::new(),
                 average,
+                ..Round::opened(frag.next_round, now)
             });
             self.start_pull(now, p, &mut actions);
         }
@@ -849,8 +905,10 @@ impl Syncer {
             heartbeat_seq: 0,
             clock: clock.clone(),
             last_merged: BTreeMap::new(),
+            skipped: Vec::new(),
         });
         entry.active = true;
+        entry.skipped = vec![0; clock.len()];
         entry.clock = clock;
         entry.rate_since = None;
         entry.last_report = None;
@@ -899,18 +957,7 @@ impl Syncer {
             let frag = &mut self.fragments[p];
             let idle = frag.open.is_none() && frag.merging.is_none();
             if idle && global_step >= offset + frag.next_round * self.config.h {
-                frag.open = Some(Round {
-                    round: frag.next_round,
-                    opened_at: now,
-                    quorum_at: None,
-                    grace_s: 0.0,
-                    pulled_at: 0.0,
-                    phase: Phase::Collecting,
-                    responders: BTreeSet::new(),
-                    awaiting: BTreeSet::new(),
-                    received: BTreeMap::new(),
-                    average: false,
-                });
+                frag.open = Some(Round::opened(frag.next_round, now));
             }
             let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);
             if let Some(round) = self.fragments[p].open.as_mut() {
@@ -928,38 +975,72 @@ impl Syncer {
         let step_time = self.step_time();
         let sync_time = self.sync_time_s.unwrap_or(0.0);
         let cfg = self.config.clone();
-        let Some(round) = self.fragments[p].open.as_mut() else {
+        let skipped_too_often = |l: &LearnerId| {
+            cfg.max_skipped_rounds > 0
+                && self.learners.get(l).is_some_and(|s| {
+                    s.skipped.get(p).copied().unwrap_or(0) >= cfg.max_skipped_rounds
+                })
+        };
+        let Some(round) = self.fragments[p].open.as_ref() else {
             return;
         };
+        let owed: BTreeSet<LearnerId> = active
+            .iter()
+            .filter(|l| !round.responders.contains(l) && skipped_too_often(l))
+            .copied()
+            .collect();
+        let t_step = step_time.unwrap_or(0.0);
+        // Two of the owed learner's steps: it reports every step, so one is enough but for the
+        // jitter of its reports; never longer than the interval between a fragment's rounds.
+        let owed_wait = owed
+            .iter()
+            .filter_map(|l| self.learners.get(l).and_then(LearnerState::step_time))
+            .map(|t| 2.0 * t)
+            .fold(0.0, f64::max)
+            .min(cfg.h as f64 * t_step);
+        let round = self.fragments[p].open.as_mut().expect("checked above");
         round.responders.retain(|l| active.contains(l));
+        round.owed.retain(|l| active.contains(l));
         match round.phase {
             Phase::Collecting if round.responders.len() >= cfg.quorum.max(1) => {
                 round.quorum_at = Some(now);
                 let everyone = active.iter().all(|l| round.responders.contains(l));
-                let t_step = step_time.unwrap_or(0.0);
                 let cap = cfg.grace_cap_s.unwrap_or(t_step);
                 let wanted = cfg.grace_gamma
                     * (cfg.tau as f64 * t_step - (now - round.opened_at) - sync_time);
-                round.grace_s = if everyone {
+                let regular = if everyone {
                     0.0
                 } else {
                     wanted.clamp(0.0, cap.max(0.0))
                 };
+                round.owed = owed;
+                round.grace_s = regular.max(owed_wait);
+                round.regular_grace_until = now + regular;
+                round.grace_until = now + round.grace_s;
                 if round.grace_s > 0.0 {
                     round.phase = Phase::Grace;
+                    let first_deadline = if regular > 0.0 {
+                        round.regular_grace_until
+                    } else {
+                        round.grace_until
+                    };
                     actions.push(Action::ArmTimer {
                         id: TimerId::Grace {
                             fragment: p,
                             round: round.round,
                         },
-                        at: now + round.grace_s,
+                        at: first_deadline,
                     });
                 } else {
                     self.start_pull(now, p, actions);
                 }
             }
-            Phase::Grace if active.iter().all(|l| round.responders.contains(l)) => {
-                self.start_pull(now, p, actions); // nobody left to wait for
+            Phase::Grace => {
+                let everyone = active.iter().all(|l| round.responders.contains(l));
+                let owed_in = round.owed.iter().all(|l| round.responders.contains(l));
+                if everyone || (owed_in && now >= round.regular_grace_until) {
+                    self.start_pull(now, p, actions); // nobody left to wait for
+                }
             }
             _ => {}
         }
@@ -1035,7 +1116,7 @@ impl Syncer {
         if !shapes_ok {
             return Err(RejectReason::WrongShape);
         }
-        if !c.delta.iter().all(|d| all_finite(d)) {
+        if !c.finite {
             return Err(RejectReason::NonFinite);
         }
         // The final average adds each learner's own work to the current Θ_p (as a rebase
@@ -1091,6 +1172,17 @@ impl Syncer {
         let Some(round) = self.fragments[p].open.take() else {
             return;
         };
+        if !round.average {
+            for (id, learner) in self.learners.iter_mut().filter(|(_, l)| l.active) {
+                if let Some(skipped) = learner.skipped.get_mut(p) {
+                    *skipped = if round.received.contains_key(id) {
+                        0
+                    } else {
+                        *skipped + 1
+                    };
+                }
+            }
+        }
         let contributions: Vec<(Contribution, Option<KeptVersion>)> =
             round.received.into_values().collect();
         // The job's last round may set Θ_p to the learners' plain average: every model counts
@@ -1286,12 +1378,22 @@ impl Syncer {
     fn on_timer(&mut self, now: f64, id: TimerId, actions: &mut Vec<Action>) {
         match id {
             TimerId::Grace { fragment, round } => {
-                if self.fragments[fragment]
+                let Some(r) = self.fragments[fragment]
                     .open
                     .as_ref()
-                    .is_some_and(|r| r.round == round && r.phase == Phase::Grace)
-                {
+                    .filter(|r| r.round == round && r.phase == Phase::Grace)
+                else {
+                    return;
+                };
+                let owed_in = r.owed.iter().all(|l| r.responders.contains(l));
+                if owed_in || now >= r.grace_until {
                     self.start_pull(now, fragment, actions);
+                } else {
+                    // The window proper is over; the owed learners get the rest of theirs.
+                    actions.push(Action::ArmTimer {
+                        id: TimerId::Grace { fragment, round },
+                        at: r.grace_until,
+                    });
                 }
             }
             TimerId::PullTimeout { fragment, round } => {

@@ -80,17 +80,18 @@ fn grace_timer(actions: &[Action]) -> Option<f64> {
 }
 
 fn contribution(learner: u32, round: u64, base: u64, delta: [f32; 2], steps: u64) -> Event {
-    Event::Contribution(Contribution {
+    let progress = Progress {
+        c_steps: steps,
+        c_tokens: steps * 100,
+    };
+    Event::Contribution(Contribution::new(
         learner,
-        fragment: 0,
+        0,
         round,
-        base_version: base,
-        progress: Progress {
-            c_steps: steps,
-            c_tokens: steps * 100,
-        },
-        delta: vec![delta.to_vec()],
-    })
+        base,
+        progress,
+        vec![delta.to_vec()],
+    ))
 }
 
 fn broadcast(actions: &[Action]) -> Option<(u64, Vec<f32>)> {
@@ -416,10 +417,10 @@ fn quantised_broadcasts_move_theta_by_the_decoded_update() {
     join_and_report_four_steps(&mut s, &[1]);
     let (_, values) =
         broadcast(&s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, 0.3], 4))).unwrap();
-    // Exact update: −1.33·[1.0, 0.3] = [−1.33, −0.399]; E3M0 with scale 1.33 keeps −1.33 and
-    // rounds 0.399/1.33 = 0.3 to the level 0.25: −0.3325.
-    assert!((values[0] - (1.0 - 1.33)).abs() < 1e-6, "{values:?}");
-    assert!((values[1] - (1.0 - 0.3325)).abs() < 1e-6, "{values:?}");
+    // Exact update (lr 0.7, momentum 0.5): −1.05·[1.0, 0.3] = [−1.05, −0.315]; E3M0 with scale
+    // 1.05 keeps −1.05 and rounds 0.315/1.05 = 0.3 to the level 0.25: −0.2625.
+    assert!((values[0] - (1.0 - 1.05)).abs() < 1e-6, "{values:?}");
+    assert!((values[1] - (1.0 - 0.2625)).abs() < 1e-6, "{values:?}");
 }
 
 /// One Nesterov round with momentum (learners 1 and 2; learner 3 never reports), then the
@@ -691,4 +692,129 @@ fn contributions_against_a_version_kept_as_updates_are_re_anchored_exactly() {
         )),
         "{a:?}"
     );
+}
+
+/// One fragment, H = 4, τ = 2, steps of 1 s, so a grace window of 2γ s: learner
+/// `reports[i].0` reports each step at t = step + `reports[i].1` and answers a pull at once.
+/// Returns, per round, the learners it merged and when it merged, from the round's opening.
+fn rounds_of_learners_reporting_at(
+    grace_gamma: f64,
+    max_skipped_rounds: u32,
+    reports: &[(u32, f64)],
+    rounds: u64,
+) -> Vec<(Vec<u32>, f64)> {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 4,
+        quorum: 1,
+        grace_gamma,
+        heartbeat_timeout_s: 100.0,
+        pull_timeout_s: 50.0,
+        max_skipped_rounds,
+        ..SyncerConfig::default()
+    };
+    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+    let learners: Vec<u32> = reports.iter().map(|r| r.0).collect();
+    join_all(&mut s, &learners);
+    let mut timers: Vec<(f64, TimerId)> = Vec::new();
+    let handle = |s: &mut Syncer, now: f64, event: Event, timers: &mut Vec<(f64, TimerId)>| {
+        let mut queue = vec![event];
+        while let Some(event) = queue.pop() {
+            for action in s.handle_in_place(now, event) {
+                match action {
+                    Action::Pull { learner, round, .. } => {
+                        queue.push(contribution(learner, round, s.version(0), [0.1, 0.1], 1))
+                    }
+                    Action::ArmTimer {
+                        id: id @ TimerId::Grace { .. },
+                        at,
+                    } => timers.push((at, id)),
+                    _ => {}
+                }
+            }
+        }
+    };
+    let mut schedule: Vec<(f64, u32, u64)> = (1..=rounds * 4)
+        .flat_map(|step| {
+            reports
+                .iter()
+                .map(move |&(learner, offset)| (step as f64 + offset, learner, step))
+        })
+        .collect();
+    schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (at, learner, step) in schedule {
+        // Timers due before this report fire first, in order.
+        timers.sort_by(|a, b| a.0.total_cmp(&b.0));
+        while timers.first().is_some_and(|(due, _)| *due <= at) {
+            let (due, id) = timers.remove(0);
+            handle(&mut s, due, Event::Timer(id), &mut timers);
+        }
+        let report = Event::Report {
+            learner,
+            step,
+            progress: progress(step),
+        };
+        handle(&mut s, at, report, &mut timers);
+    }
+    s.merge_log()
+        .iter()
+        .map(|r| {
+            let opened = (r.round * 4) as f64;
+            (r.contributors.iter().map(|c| c.0).collect(), r.at - opened)
+        })
+        .collect()
+}
+
+/// Without a grace window (γ = 0, as when steps are shorter than a sync) a learner that always
+/// reports second enters no round at all; with the guard (the default, 2 rounds) every third
+/// round waits for it, here half a second.
+#[test]
+fn a_learner_skipped_round_after_round_is_waited_for() {
+    let reports = [(1, 0.0), (2, 0.5)];
+    let unguarded = rounds_of_learners_reporting_at(0.0, 0, &reports, 9);
+    assert_eq!(unguarded.len(), 9);
+    assert!(
+        unguarded.iter().all(|(m, at)| m == &[1] && *at == 0.0),
+        "{unguarded:?}"
+    );
+
+    let guarded = rounds_of_learners_reporting_at(0.0, 2, &reports, 9);
+    let expected: Vec<(Vec<u32>, f64)> = (1..=9)
+        .map(|r| {
+            if r % 3 == 0 {
+                (vec![1, 2], 0.5)
+            } else {
+                (vec![1], 0.0)
+            }
+        })
+        .collect();
+    assert_eq!(guarded, expected);
+}
+
+/// With a grace window of half a step (γ = 0.25), learner 2 (0.1 s behind) is in every round
+/// and learner 3 (0.7 s behind) in none, until the guard holds every third round past the
+/// window's end for it: the round closes as soon as it reports, not at the end of the two steps
+/// it is owed.
+#[test]
+fn an_owed_learner_extends_the_grace_window_only_until_it_reports() {
+    let reports = [(1, 0.0), (2, 0.1), (3, 0.7)];
+    let unguarded = rounds_of_learners_reporting_at(0.25, 0, &reports, 6);
+    assert_eq!(unguarded.len(), 6);
+    assert!(
+        unguarded
+            .iter()
+            .all(|(m, at)| m == &[1, 2] && (at - 0.5).abs() < 1e-9),
+        "{unguarded:?}"
+    );
+    let guarded = rounds_of_learners_reporting_at(0.25, 2, &reports, 6);
+    assert_eq!(guarded.len(), 6);
+    for (r, (merged, at)) in (1..).zip(&guarded) {
+        let (want, when) = if r % 3 == 0 {
+            (vec![1, 2, 3], 0.7)
+        } else {
+            (vec![1, 2], 0.5)
+        };
+        assert_eq!(merged, &want, "round {r}: {guarded:?}");
+        assert!((at - when).abs() < 1e-9, "round {r}: {guarded:?}");
+    }
 }

@@ -5,7 +5,7 @@
 
 use crate::contribution::{ContributionEncoder, Wire};
 use crate::link_tuning::link_tuning;
-use crate::parts::{receive_parts, send_part};
+use crate::parts::{receive_parts, send_part, ReceivedPart};
 use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
 use atoll_collective::RankConfig;
@@ -798,8 +798,17 @@ impl Net {
                 let mut parts = receive_parts(reader.clone(), max_frame);
                 while let Some(part) = parts.recv().await {
                     match part {
-                        Ok((h, values, bytes)) => {
-                            if inbound.send(Inbound::Part(h, values, bytes)).is_err() {
+                        Ok(part) => {
+                            let ReceivedPart {
+                                header,
+                                values,
+                                wire_bytes,
+                                ..
+                            } = part;
+                            if inbound
+                                .send(Inbound::Part(header, values, wire_bytes))
+                                .is_err()
+                            {
                                 return;
                             }
                         }

@@ -2,14 +2,25 @@
 //! unidirectional stream, sent by [`send_part`] and received by [`receive_parts`].
 
 use anyhow::{anyhow, Result};
+use atoll_coordinator::all_finite;
 use atoll_link::data::HEADER_LEN;
 use atoll_link::PartHeader;
 use atoll_wire::{decode_frame, FrameLimits};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-/// A received part: its header, the decoded values, and the bytes it took on the wire.
-pub type ReceivedPart = (PartHeader, Vec<f32>, u64);
+/// A received part.
+#[derive(Debug)]
+pub struct ReceivedPart {
+    pub header: PartHeader,
+    pub values: Vec<f32>,
+    /// Whether every value is finite, checked where the frame was decoded (on the blocking pool
+    /// for large frames), so the coordinator's actor does not read a contribution once more to
+    /// admit it.
+    pub finite: bool,
+    /// The bytes it took on the wire (header and frame).
+    pub wire_bytes: u64,
+}
 
 /// Parts decoded but not yet taken by the consumer; past this, the readers stop reading and
 /// QUIC flow control slows the sender down.
@@ -98,14 +109,24 @@ async fn read_part(recv: &mut quinn::RecvStream, max_frame: u64) -> Result<Optio
     }
     // Decoding a large frame takes milliseconds of CPU; on a runtime thread it would hold up the
     // QUIC connections that thread drives (their acknowledgements and pacing).
-    let decoded = if len >= DECODE_OFF_RUNTIME_BYTES {
-        tokio::task::spawn_blocking(move || decode_frame(&frame, FrameLimits::default()))
+    let decode = move || -> Result<(Vec<f32>, bool)> {
+        let values = decode_frame(&frame, FrameLimits::default())?.values;
+        let finite = all_finite(&values);
+        Ok((values, finite))
+    };
+    let (values, finite) = if len >= DECODE_OFF_RUNTIME_BYTES {
+        tokio::task::spawn_blocking(decode)
             .await
             .map_err(|e| anyhow!("decoding a part: {e}"))??
     } else {
-        decode_frame(&frame, FrameLimits::default())?
+        decode()?
     };
-    Ok(Some((h, decoded.values, (HEADER_LEN + len) as u64)))
+    Ok(Some(ReceivedPart {
+        header: h,
+        values,
+        finite,
+        wire_bytes: (HEADER_LEN + len) as u64,
+    }))
 }
 
 #[cfg(test)]
@@ -113,11 +134,12 @@ mod tests {
     use super::*;
     use atoll_link::quic::{client_endpoint, connect, server_endpoint};
     use atoll_link::{JobTls, LinkTuning, PartKind};
-    use atoll_wire::{encode_frame, Codec, DEFAULT_BLOCK};
+    use atoll_wire::{frame_encoded, Codec, DEFAULT_BLOCK};
     use std::time::Duration;
 
     /// Far more bytes in flight on many streams at once than the connection's flow-control
-    /// window holds: every part must still arrive intact.
+    /// window holds: every part must still arrive intact, and a NaN or an infinity in a part,
+    /// small or large, is flagged with it.
     #[test]
     fn parts_larger_than_the_connection_window_all_arrive() {
         atoll_link::tls::install_crypto_provider();
@@ -157,15 +179,19 @@ mod tests {
             for k in 0..PARTS {
                 let conn = conn.clone();
                 senders.push(tokio::spawn(async move {
-                    let values: Vec<f32> = (0..VALUES).map(|i| (i * PARTS + k) as f32).collect();
-                    let frame = encode_frame(
-                        Codec::F32,
-                        DEFAULT_BLOCK as u32,
-                        &[VALUES as u64],
-                        &values,
-                        0,
-                    )
-                    .unwrap();
+                    let mut values: Vec<f32> =
+                        (0..VALUES).map(|i| (i * PARTS + k) as f32).collect();
+                    match k {
+                        5 => values[VALUES - 1] = f32::NAN,
+                        7 => values[12_345] = f32::NEG_INFINITY,
+                        _ => {}
+                    }
+                    // Framed from raw f32 bytes: `encode_frame` refuses NaN and infinities,
+                    // a peer need not.
+                    let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let frame =
+                        frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[VALUES as u64], raw, 0)
+                            .unwrap();
                     let header = PartHeader {
                         kind: PartKind::Full,
                         fragment: 0,
@@ -184,15 +210,23 @@ mod tests {
                 .await
                 .expect("every part within 60 s: the connection stalled")
                 .unwrap();
-            got.sort_by_key(|(h, _, _)| h.tensor);
-            for (k, (h, values, bytes)) in got.iter().enumerate() {
+            got.sort_by_key(|part| part.header.tensor);
+            for (k, part) in got.iter().enumerate() {
+                let h = &part.header;
                 assert_eq!(h.tensor as usize, k);
-                assert_eq!(values.len(), VALUES);
-                assert!(values
+                assert_eq!(part.values.len(), VALUES);
+                let expected = |i: usize| match (k, i) {
+                    (5, i) if i == VALUES - 1 => f32::NAN,
+                    (7, 12_345) => f32::NEG_INFINITY,
+                    _ => (i * PARTS + k) as f32,
+                };
+                assert!(part
+                    .values
                     .iter()
                     .enumerate()
-                    .all(|(i, &v)| v == (i * PARTS + k) as f32));
-                assert_eq!(*bytes, (HEADER_LEN + h.frame_len as usize) as u64);
+                    .all(|(i, &v)| v.to_bits() == expected(i).to_bits()));
+                assert_eq!(part.finite, k != 5 && k != 7, "part {k}");
+                assert_eq!(part.wire_bytes, (HEADER_LEN + h.frame_len as usize) as u64);
             }
             for s in senders {
                 let _ = s.await;

@@ -522,17 +522,15 @@ fn bench_syncer_round(
         let version = syncer.version(0);
         let contributions: Vec<Contribution> = ids
             .clone()
-            .map(|learner| Contribution {
-                learner,
-                fragment: 0,
-                round,
-                base_version: if learner == 0 {
+            .map(|learner| {
+                // Against the version before for one learner: its merge re-anchors.
+                let base = if learner == 0 {
                     version.saturating_sub(1)
                 } else {
                     version
-                },
-                progress: progress[0],
-                delta: vec![deltas[learner as usize].clone()],
+                };
+                let delta = vec![deltas[learner as usize].clone()];
+                Contribution::new(learner, 0, round, base, progress[0], delta)
             })
             .collect();
         let now = (round * h) as f64;

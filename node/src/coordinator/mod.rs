@@ -24,7 +24,7 @@ use atoll_coordinator::{
     Event, FragmentPlan, LearnerId, MergedFragment, OuterOptimizer, Progress, Syncer, SyncerConfig,
     TimerId,
 };
-use atoll_link::{JobTls, PartHeader};
+use atoll_link::JobTls;
 use atoll_proto::v1::coordinator_server::CoordinatorServer;
 use atoll_proto::v1::*;
 use atoll_recipe::Recipe;
@@ -79,9 +79,7 @@ enum Cmd {
     },
     Part {
         learner: LearnerId,
-        header: PartHeader,
-        values: Vec<f32>,
-        bytes: u64,
+        part: crate::parts::ReceivedPart,
     },
     BadData {
         learner: Option<LearnerId>,
@@ -125,6 +123,8 @@ struct Partial {
     base_version: u64,
     progress: Progress,
     tensors: Vec<Option<Vec<f32>>>,
+    /// Every part so far held only finite values.
+    finite: bool,
 }
 
 struct Core {
@@ -177,6 +177,7 @@ fn syncer_config(recipe: &Recipe) -> SyncerConfig {
         version_history: 4,
         broadcast_codec: (down != Codec::F32).then_some(down),
         broadcast_error_feedback: s.down_error_feedback,
+        max_skipped_rounds: s.max_skipped_rounds.0 as u32,
     }
 }
 
@@ -376,12 +377,7 @@ impl Core {
                 }
                 let _ = reply.send(id);
             }
-            Cmd::Part {
-                learner,
-                header,
-                values,
-                bytes,
-            } => self.on_part(learner, header, values, bytes)?,
+            Cmd::Part { learner, part } => self.on_part(learner, part)?,
             Cmd::BadData { learner, reason } => {
                 metrics::counter!("atoll_bad_data_total").increment(1);
                 tracing::warn!(

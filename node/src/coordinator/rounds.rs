@@ -4,25 +4,26 @@
 
 use super::broadcast::frame_update;
 use super::{Cmd, Core, Partial, FINAL_SETTLE_TIMEOUT};
+use crate::parts::ReceivedPart;
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::syncer::Contribution;
 use atoll_coordinator::{Action, ApplyRule, Event, LearnerId, MergeJob, Progress};
-use atoll_link::{PartHeader, PartKind};
+use atoll_link::PartKind;
 use atoll_proto::v1::*;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 impl Core {
-    pub(super) fn on_part(
-        &mut self,
-        learner: LearnerId,
-        h: PartHeader,
-        values: Vec<f32>,
-        bytes: u64,
-    ) -> Result<()> {
+    pub(super) fn on_part(&mut self, learner: LearnerId, part: ReceivedPart) -> Result<()> {
+        let ReceivedPart {
+            header: h,
+            values,
+            finite,
+            wire_bytes,
+        } = part;
         metrics::counter!("atoll_bytes_up_total", "learner" => learner.to_string())
-            .increment(bytes);
+            .increment(wire_bytes);
         let p = h.fragment as usize;
         if h.kind != PartKind::Contribution
             || p >= self.plan.len()
@@ -40,8 +41,10 @@ impl Core {
                 c_tokens: h.tokens,
             },
             tensors: vec![None; h.tensors as usize],
+            finite: true,
         });
         partial.tensors[h.tensor as usize] = Some(values);
+        partial.finite &= finite;
         if partial.tensors.iter().all(Option::is_some) {
             let partial = self.partial.remove(&key).expect("present");
             let c = Contribution {
@@ -51,6 +54,7 @@ impl Core {
                 base_version: partial.base_version,
                 progress: partial.progress,
                 delta: partial.tensors.into_iter().flatten().collect(),
+                finite: partial.finite,
             };
             let actions = self.syncer.handle(self.now(), Event::Contribution(c));
             self.execute(actions)?;

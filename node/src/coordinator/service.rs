@@ -41,15 +41,8 @@ pub(super) async fn accept_data(endpoint: quinn::Endpoint, tx: mpsc::Sender<Cmd>
             let mut parts = receive_parts(conn.clone(), max_frame);
             while let Some(part) = parts.recv().await {
                 match part {
-                    Ok((header, values, bytes)) => {
-                        let _ = tx
-                            .send(Cmd::Part {
-                                learner,
-                                header,
-                                values,
-                                bytes,
-                            })
-                            .await;
+                    Ok(part) => {
+                        let _ = tx.send(Cmd::Part { learner, part }).await;
                     }
                     Err(e) => {
                         let _ = tx

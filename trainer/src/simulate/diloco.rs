@@ -79,6 +79,7 @@ pub(super) fn simulate_diloco_family(
         version_history: 4,
         broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
         broadcast_error_feedback: sync.down_error_feedback,
+        max_skipped_rounds: sync.max_skipped_rounds.0 as u32,
     };
     let apply_rule = sync.apply_rule();
     let mut syncer = Syncer::new(config, plan.clone(), &initial);
@@ -281,14 +282,7 @@ pub(super) fn simulate_diloco_family(
                     .insert(round, (pulled_at_step, snapshot));
                 bytes_up += bytes;
                 let arrive = l.link.send(now, bytes, true);
-                let c = Contribution {
-                    learner: m as u32,
-                    fragment,
-                    round,
-                    base_version,
-                    progress,
-                    delta,
-                };
+                let c = Contribution::new(m as u32, fragment, round, base_version, progress, delta);
                 queue.push(arrive, SimEvent::ToSyncer(Event::Contribution(c)));
             }
             SimEvent::BroadcastArrives {
