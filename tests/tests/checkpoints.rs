@@ -336,12 +336,33 @@ checkpoint: {every: 16}
             &r,
             "--set",
             "train.max_steps=64",
+            "--set",
+            "run.save_final=true",
             "--resume",
             "latest",
         ],
         d,
     );
     ok(&o);
+    // The job's last checkpoint holds the final global model: its weights (built from the
+    // syncer's fragments) equal, byte for byte, those the coordinator saves from its own model
+    // set to the same Θ.
+    let newest = std::fs::read_dir(d.join("job/coordinator/checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("step-")?.parse::<u64>().ok()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(newest, 64);
+    let checkpointed =
+        std::fs::read(d.join("job/coordinator/checkpoints/step-64/model.safetensors")).unwrap();
+    let saved = std::fs::read(d.join("job/coordinator/final/model.safetensors")).unwrap();
+    assert!(
+        checkpointed == saved,
+        "the last checkpoint's weights differ from the final model"
+    );
     let log = std::fs::read_to_string(d.join("job/coordinator.log")).unwrap();
     assert!(log.contains("resuming from checkpoint"), "{log}");
     // Learners start from the same checkpoint's global model, so their join downloads nothing.

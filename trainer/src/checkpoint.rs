@@ -454,12 +454,63 @@ fn serialize_host_refs(
     safetensors::serialize(views, metadata).map_err(|e| anyhow!("cannot serialise tensors: {e}"))
 }
 
+/// One of a tensor's values held elsewhere and shared: `values[index]`, in f32 (a fragment of
+/// the coordinator's Θ, say).
+pub type SharedTensor = (atoll_coordinator::FragmentValues, usize);
+
+/// A text-stack tensor of a [`HostModel`]: copied from the model, or shared f32 values that are
+/// converted to the checkpoint's dtype only when their shard is built.
+enum HostSource {
+    Copied(HostTensor),
+    Shared {
+        name: String,
+        kind: Kind,
+        shape: Vec<usize>,
+        values: SharedTensor,
+    },
+}
+
+impl HostSource {
+    fn into_host_tensor(self) -> Result<HostTensor> {
+        let (name, kind, shape, (values, index)) = match self {
+            HostSource::Copied(t) => return Ok(t),
+            HostSource::Shared {
+                name,
+                kind,
+                shape,
+                values,
+            } => (name, kind, shape, values),
+        };
+        let v = values
+            .get(index)
+            .ok_or_else(|| anyhow!("internal: no shared values for {name}"))?;
+        if v.len() != shape.iter().product::<usize>() {
+            bail!(
+                "internal: {name} has {} shared values for shape {shape:?}",
+                v.len()
+            );
+        }
+        // The same conversion as the model's own tensors take (tch's round to nearest even), so
+        // a checkpoint of shared values equals one of a model holding them, bit for bit.
+        let bytes = match kind {
+            Kind::Float => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            _ => tensor_bytes(&Tensor::from_slice(v).to_kind(kind)),
+        };
+        Ok(HostTensor {
+            name,
+            dtype: dtype_from_kind(kind)?,
+            shape,
+            bytes,
+        })
+    }
+}
+
 /// A Hugging Face checkpoint of a model copied to host memory, not yet serialised: taking it
 /// is the only part of a checkpoint the training loop waits for.
 pub struct HostModel {
-    /// Per shard: the text-stack tensors copied from the model, then indices into the
-    /// passthrough's tensors (shared, not copied).
-    shards: Vec<(String, Vec<HostTensor>, Vec<usize>)>,
+    /// Per shard: the text-stack tensors (copied from the model, or shared), then indices into
+    /// the passthrough's tensors (shared, not copied).
+    shards: Vec<(String, Vec<HostSource>, Vec<usize>)>,
     index: Option<Value>,
     config: Value,
     passthrough: Option<Arc<Passthrough>>,
@@ -468,15 +519,28 @@ pub struct HostModel {
 impl HostModel {
     /// Copies `model`'s weights (in `kind`, sharded above `max_shard_bytes`) and config.
     pub fn copy_of(model: &GemmaModel, kind: Kind, max_shard_bytes: u64) -> Result<HostModel> {
+        Self::sharing(model, kind, max_shard_bytes, &|_| None)
+    }
+
+    /// [`HostModel::copy_of`], except that a tensor for which `shared` has values (f32, by the
+    /// model's tensor name) takes them instead of the model's, without a copy until its shard is
+    /// built. The coordinator checkpoints Θ this way: its fragments are already shared with the
+    /// syncer, so a checkpoint holds no second copy of the model.
+    pub fn sharing(
+        model: &GemmaModel,
+        kind: Kind,
+        max_shard_bytes: u64,
+        shared: &dyn Fn(&str) -> Option<SharedTensor>,
+    ) -> Result<HostModel> {
         let dtype = dtype_from_kind(kind)?;
         let vars: HashMap<String, Tensor> = model.vs.variables().into_iter().collect();
         let passthrough = model.passthrough.clone();
         let layout = passthrough
             .as_ref()
             .map_or(TextLayout::TextOnly, |p| p.layout);
-        let mut shards: Vec<(Vec<HostTensor>, Vec<usize>)> = vec![(Vec::new(), Vec::new())];
+        let mut shards: Vec<(Vec<HostSource>, Vec<usize>)> = vec![(Vec::new(), Vec::new())];
         let (mut shard_bytes, mut total_bytes) = (0u64, 0u64);
-        let mut place = |n: u64, shards: &mut Vec<(Vec<HostTensor>, Vec<usize>)>| {
+        let mut place = |n: u64, shards: &mut Vec<(Vec<HostSource>, Vec<usize>)>| {
             if shard_bytes > 0 && shard_bytes + n > max_shard_bytes {
                 shards.push((Vec::new(), Vec::new()));
                 shard_bytes = 0;
@@ -485,21 +549,34 @@ impl HostModel {
             total_bytes += n;
         };
         for spec in model.config.tensor_specs() {
-            let var = vars
-                .get(&spec.name)
-                .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
-            let bytes = tensor_bytes(&var.to_kind(kind));
-            place(bytes.len() as u64, &mut shards);
+            let name = layout.stored_name(&spec.name);
+            let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+            let source = match shared(&spec.name) {
+                Some(values) => HostSource::Shared {
+                    name,
+                    kind,
+                    shape,
+                    values,
+                },
+                None => {
+                    let var = vars
+                        .get(&spec.name)
+                        .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
+                    HostSource::Copied(HostTensor {
+                        name,
+                        dtype,
+                        shape,
+                        bytes: tensor_bytes(&var.to_kind(kind)),
+                    })
+                }
+            };
+            let numel: u64 = spec.shape.iter().map(|&d| d as u64).product();
+            place(numel * kind.elt_size_in_bytes() as u64, &mut shards);
             shards
                 .last_mut()
                 .expect("at least one shard")
                 .0
-                .push(HostTensor {
-                    name: layout.stored_name(&spec.name),
-                    dtype,
-                    shape: spec.shape.iter().map(|&d| d as usize).collect(),
-                    bytes,
-                });
+                .push(source);
         }
         if let Some(p) = &passthrough {
             for (i, t) in p.tensors.iter().enumerate() {
@@ -508,7 +585,7 @@ impl HostModel {
             }
         }
         let count = shards.len();
-        let shards: Vec<(String, Vec<HostTensor>, Vec<usize>)> = shards
+        let shards: Vec<(String, Vec<HostSource>, Vec<usize>)> = shards
             .into_iter()
             .enumerate()
             .map(|(i, (own, kept))| {
@@ -524,7 +601,11 @@ impl HostModel {
             let mut weight_map: BTreeMap<&str, &str> = BTreeMap::new();
             for (file, own, kept) in &shards {
                 for t in own {
-                    weight_map.insert(t.name.as_str(), file.as_str());
+                    let name = match t {
+                        HostSource::Copied(t) => &t.name,
+                        HostSource::Shared { name, .. } => name,
+                    };
+                    weight_map.insert(name.as_str(), file.as_str());
                 }
                 if let Some(p) = &passthrough {
                     for &i in kept {
@@ -586,6 +667,10 @@ impl HostModel {
         for (name, own, kept) in shards {
             let (passthrough, metadata) = (passthrough.clone(), metadata.clone());
             builders.push(Box::new(move || {
+                let own = own
+                    .into_iter()
+                    .map(HostSource::into_host_tensor)
+                    .collect::<Result<Vec<_>>>()?;
                 let kept: Vec<&HostTensor> = match &passthrough {
                     Some(p) => kept.iter().map(|&i| &p.tensors[i]).collect(),
                     None => Vec::new(),

@@ -1,7 +1,8 @@
 //! Hugging Face checkpoint reading and writing: round trips, shards, dtypes and bad files.
 
 use atoll_trainer::checkpoint::{
-    load_model, save_model, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE,
+    load_model, save_model, HostModel, SharedTensor, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE,
+    SINGLE_FILE,
 };
 use atoll_trainer::presets::preset;
 use atoll_trainer::GemmaModel;
@@ -92,6 +93,56 @@ fn sharded_bf16_save_writes_an_index_and_loads_back() {
             .unwrap();
     assert_eq!(config["dtype"], "bfloat16");
     assert_eq!(config["architectures"][0], "Gemma4UnifiedForCausalLM");
+}
+
+/// The coordinator checkpoints Θ from the syncer's fragments, never loading them into a model:
+/// a model's checkpoint taking every trainable tensor from shared f32 values must equal, byte for
+/// byte, the checkpoint of a model that holds those values, in f32 and in bf16, sharded.
+#[test]
+fn a_checkpoint_of_shared_values_equals_one_of_a_model_holding_them() {
+    let holder = tiny("gemma4-tiny", 12);
+    let other = tiny("gemma4-tiny", 13);
+    // The holder's trainable tensors in two shared groups, as fragments would be.
+    let named = holder.named_trainable_parameters();
+    let values: Vec<Vec<f32>> = named
+        .iter()
+        .map(|(_, t)| atoll_trainer::worker::flat(t))
+        .collect();
+    let half = values.len() / 2;
+    let groups = [
+        std::sync::Arc::new(values[..half].to_vec()),
+        std::sync::Arc::new(values[half..].to_vec()),
+    ];
+    let shared = |name: &str| -> Option<SharedTensor> {
+        let i = named.iter().position(|(n, _)| n == name)?;
+        Some(if i < half {
+            (groups[0].clone(), i)
+        } else {
+            (groups[1].clone(), i - half)
+        })
+    };
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let expected = HostModel::copy_of(&holder, kind, 300_000)
+            .unwrap()
+            .into_files()
+            .unwrap();
+        let got = HostModel::sharing(&other, kind, 300_000, &shared)
+            .unwrap()
+            .into_files()
+            .unwrap();
+        assert!(expected.len() > 2, "sharded: {}", expected.len());
+        assert_eq!(got.len(), expected.len());
+        for ((name, bytes), (want_name, want)) in got.iter().zip(&expected) {
+            assert_eq!(name, want_name);
+            assert!(bytes == want, "{name} differs ({kind:?})");
+        }
+        // And the shared values are what was written, not the model's own.
+        let unshared = HostModel::copy_of(&other, kind, 300_000)
+            .unwrap()
+            .into_files()
+            .unwrap();
+        assert!(unshared[0].1 != expected[0].1);
+    }
 }
 
 #[test]

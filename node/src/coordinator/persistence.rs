@@ -8,8 +8,9 @@ use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{FragmentPlan, Syncer, SyncerConfig};
 use atoll_recipe::Recipe;
 use atoll_store::{CheckpointStore, ResumeFrom, Snapshot};
-use atoll_trainer::checkpoint::{HostModel, DEFAULT_MAX_SHARD_BYTES};
+use atoll_trainer::checkpoint::{HostModel, SharedTensor, DEFAULT_MAX_SHARD_BYTES};
 use atoll_trainer::worker::Worker;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -39,7 +40,11 @@ impl Core {
             .map(|l| l.step)
             .max()
             .unwrap_or(0);
-        let due = step / every > self.last_checkpoint_step / every;
+        // Once the learners are at train.max_steps the job's last rounds are still to come: a
+        // regular checkpoint then would take the step's name from the one at the job's end, which
+        // holds them (it is skipped for a step already checkpointed).
+        let at_end = step >= self.recipe.train.max_steps.0 as u64;
+        let due = !at_end && step / every > self.last_checkpoint_step / every;
         if !(due || (force && step > self.last_checkpoint_step)) {
             return Ok(());
         }
@@ -60,13 +65,18 @@ impl Core {
                 Ok(vec![(format!("state/fragment-{p}.safetensors"), file)])
             });
         }
-        let weights = tokio::task::block_in_place(|| {
-            self.load_global_model();
-            HostModel::copy_of(
-                self.worker.model(),
-                self.worker.model().kind(),
-                DEFAULT_MAX_SHARD_BYTES,
-            )
+        // The weights are Θ as the syncer holds it, shared too: neither a copy of the model nor
+        // a pass over it on this thread (at 12B each would be 48 GB).
+        let mut theta: HashMap<&str, SharedTensor> = HashMap::new();
+        for (p, f) in self.plan.fragments.iter().enumerate() {
+            let values = self.syncer.fragment_values(p);
+            for (k, &t) in f.tensors.iter().enumerate() {
+                theta.insert(self.plan.tensors[t].name.as_str(), (values.clone(), k));
+            }
+        }
+        let model = self.worker.model();
+        let weights = HostModel::sharing(model, model.kind(), DEFAULT_MAX_SHARD_BYTES, &|name| {
+            theta.get(name).cloned()
         })?;
         for build in weights.into_builders() {
             snap.defer(build);
