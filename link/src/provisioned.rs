@@ -8,7 +8,8 @@
 //! the window at 1.25× the bandwidth-delay product of the configured rate and the minimum RTT
 //! (quinn's pacer then sends at the link rate with a small standing queue), ignores sparse loss,
 //! and backs off only when loss is heavy enough to mean the link is really smaller or shared:
-//! more than [`HEAVY_LOSS`] of an epoch's bytes cut the target rate by 20%, and each clean epoch
+//! more than [`HEAVY_LOSS`] of an epoch's bytes (an epoch lasts several round trips and at least
+//! [`MIN_EPOCH_PACKETS`] packets) cut the target rate by 20%, and each clean epoch
 //! gives back 5% of the configured rate. Persistent congestion (an outage) restarts from a
 //! small window that doubles every round trip.
 
@@ -25,6 +26,12 @@ const WINDOW_GAIN: f64 = 1.25;
 /// Never below this fraction of the configured rate.
 const MIN_RATE_FRACTION: f64 = 0.05;
 const MIN_WINDOW_PACKETS: u64 = 16;
+/// An epoch is judged only once it has seen this many packets' worth of bytes (it runs on past
+/// its length until then). A loss fraction from a handful of packets is noise: at 1% random
+/// loss an epoch of 30 packets loses one (3.3%, past [`HEAVY_LOSS`]) about one time in four,
+/// which the transfers' short tails (or a sender held up by a busy machine) produced. With 500
+/// packets, 1% loss reads as heavy about once in 10⁴ epochs.
+const MIN_EPOCH_PACKETS: u64 = 500;
 
 /// Builds [`Provisioned`] controllers for a link of `rate_bps`.
 #[derive(Debug, Clone, Copy)]
@@ -88,19 +95,19 @@ impl Provisioned {
     }
 
     fn end_epoch_if_due(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.epoch_start) < self.epoch_length() {
+        let total = self.epoch_acked + self.epoch_lost;
+        if now.saturating_duration_since(self.epoch_start) < self.epoch_length()
+            || total < MIN_EPOCH_PACKETS * self.mtu as u64
+        {
             return;
         }
-        let total = self.epoch_acked + self.epoch_lost;
-        if total > 0 {
-            let loss = self.epoch_lost as f64 / total as f64;
-            let configured = self.config.rate_bps;
-            self.target_bps = if loss > HEAVY_LOSS {
-                (self.target_bps * 0.8).max(configured * MIN_RATE_FRACTION)
-            } else {
-                (self.target_bps + 0.05 * configured).min(configured)
-            };
-        }
+        let loss = self.epoch_lost as f64 / total as f64;
+        let configured = self.config.rate_bps;
+        self.target_bps = if loss > HEAVY_LOSS {
+            (self.target_bps * 0.8).max(configured * MIN_RATE_FRACTION)
+        } else {
+            (self.target_bps + 0.05 * configured).min(configured)
+        };
         self.epoch_start = now;
         self.epoch_acked = 0;
         self.epoch_lost = 0;
@@ -216,9 +223,31 @@ mod tests {
         assert_eq!(c.target_bps(), 2e9);
         // Never below 5% of the configured rate.
         for _ in 0..100 {
-            epoch(&mut c, &mut now, 1, 1_000);
+            epoch(&mut c, &mut now, 1_000_000, 1_000_000);
         }
         assert!((c.target_bps() - 1e8).abs() < 1.0);
+    }
+
+    /// A loss among a few packets is no measure of the link: the epoch runs on until it has seen
+    /// enough of them, and is then judged on all it saw.
+    #[test]
+    fn a_loss_among_few_packets_cuts_nothing_until_the_epoch_has_enough() {
+        let (mut c, mut now) = controller();
+        // 30 packets, one lost (3.3%), over a whole epoch's length: not judged yet.
+        epoch(&mut c, &mut now, 29 * 1200, 1200);
+        assert_eq!(c.target_bps(), 2e9);
+        assert_eq!(c.epoch_lost, 1200, "the epoch goes on");
+        // Then 470 clean packets: 1 lost in 500 (0.2%) is sparse loss.
+        epoch(&mut c, &mut now, 470 * 1200, 0);
+        assert_eq!(c.target_bps(), 2e9);
+        assert_eq!(
+            (c.epoch_acked, c.epoch_lost),
+            (0, 0),
+            "judged and restarted"
+        );
+        // Heavy loss over enough packets still cuts: 50 lost in 500.
+        epoch(&mut c, &mut now, 450 * 1200, 50 * 1200);
+        assert!((c.target_bps() - 1.6e9).abs() < 1.0);
     }
 
     #[test]
