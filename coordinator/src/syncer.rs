@@ -11,6 +11,8 @@
 //! 1. collects responders: active learners that report progress on p after the round opened;
 //! 2. on reaching quorum K, waits a grace window γ·(τ·t_step − t_quorum − t_sync), clamped to
 //!    [0, cap] (cap: one step unless configured), for more responders, unless all already answered;
+//!    a learner the fragment's last `max_skipped_rounds` rounds all left out is waited for longer,
+//!    up to two of its own steps, so that no learner's work waits for the job's end to be merged;
 //! 3. pulls each responder's outer gradient Δ_m = Θ_base − θ_m, re-anchored at the current Θ_p;
 //! 4. merges with weights c_tokens²/c_steps (RDA, or weighted mean for embeddings), applies the
 //!    Nesterov outer step, bumps the version and broadcasts Θ_p.
