@@ -190,6 +190,26 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The text a Prometheus endpoint serves at `address`, or nothing if it does not answer.
+pub fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(address) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET /metrics HTTP/1.1\r\nhost: {address}\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+/// Whether a Prometheus text exposition holds a series of this exact name.
+pub fn exposes(text: &str, name: &str) -> bool {
+    text.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    })
+}
+
 pub fn count_lines(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
 }

@@ -1,7 +1,11 @@
 //! `atoll` as a user runs it: training, model info, the logits probe and bad input.
 
-use atoll_system_tests::{assert_clean_error, atoll, atoll_bin, repo_root, stderr, stdout};
+use atoll_system_tests::{
+    assert_clean_error, atoll, atoll_bin, exposes, free_port, repo_root, scrape, stderr, stdout,
+    wait_until, Processes,
+};
 use std::path::Path;
+use std::time::Duration;
 
 fn fixture(name: &str) -> String {
     repo_root()
@@ -163,6 +167,47 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p.display().to_string()
+}
+
+/// `atoll train --metrics ADDR` serves what the trainer records (it used to record it with no
+/// exporter installed, so nothing could read it). Stopped by id once the loss is scraped.
+#[test]
+fn train_serves_its_metrics_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let recipe = repo_root().join("recipes/tiny-shakespeare.yaml");
+    let args: Vec<String> = [
+        "train",
+        recipe.to_str().unwrap(),
+        "--set",
+        &format!("run.dir={}", dir.path().join("run").display()),
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.threads=1",
+        "--metrics",
+        &address,
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut processes = Processes::default();
+    processes.start("train", &args, "unused", &dir.path().join("train.out"));
+    let mut text = String::new();
+    wait_until(
+        "the training loss on the metrics endpoint",
+        Duration::from_secs(120),
+        || {
+            text = scrape(&address);
+            exposes(&text, "atoll_train_loss") && exposes(&text, "atoll_train_tokens_total")
+        },
+    );
+    processes.kill("train");
+    let loss: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("atoll_train_loss "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(loss.is_finite() && loss > 0.0 && loss < 10.0, "{text}");
 }
 
 #[test]

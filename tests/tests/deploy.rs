@@ -5,8 +5,8 @@
 //! exported by a running job.
 
 use atoll_system_tests::{
-    assert_clean_error, atoll, count_lines, free_port, kubernetes_validate, repo_root, stderr,
-    stdout, wait_until, Processes, KUBERNETES_VERSION,
+    assert_clean_error, atoll, count_lines, exposes, free_port, kubernetes_validate, repo_root,
+    scrape, stderr, stdout, wait_until, Processes, KUBERNETES_VERSION,
 };
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -562,25 +562,6 @@ fn metric_names(expr: &str) -> Vec<String> {
         rest = &tail[end..];
     }
     names
-}
-
-fn scrape(address: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(address) else {
-        return String::new();
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nhost: {address}\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
-}
-
-/// Whether a Prometheus text exposition holds a series of this exact name.
-fn exposes(text: &str, name: &str) -> bool {
-    text.lines().any(|l| {
-        l.strip_prefix(name)
-            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-    })
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub struct CoordinatorArgs {
     /// State, TLS material, logs and the final model; an existing state is resumed.
     #[arg(long)]
     run_dir: PathBuf,
-    /// File holding the job secret (else ATOLL_SECRET, else sync.secret).
+    /// File holding the job secret (ATOLL_SECRET, when set, comes first; sync.secret last).
     #[arg(long)]
     secret_file: Option<PathBuf>,
     /// Prometheus endpoint; port 0 picks a free one.

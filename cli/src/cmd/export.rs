@@ -32,7 +32,7 @@ pub struct ExportArgs {
 pub enum ExportFormat {
     /// A Hugging Face directory (transformers, vLLM, SGLang); multimodal parts kept.
     Hf,
-    /// One GGUF file (llama.cpp, Ollama, LM Studio): Gemma 3 text stack plus tokenizer.
+    /// One GGUF file (llama.cpp, Ollama, LM Studio): Gemma 3 or 4 text stack plus tokenizer.
     Gguf,
     /// A trained Gemma 4 MTP drafter as transformers' assistant model (docs/drafter.md).
     Drafter,

@@ -12,6 +12,7 @@ use atoll_trainer::presets::preset;
 use atoll_trainer::recipe::{ParamDtype, Recipe};
 use atoll_trainer::{logging, train, GemmaConfig, GemmaModel};
 use clap::Args;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -29,6 +30,10 @@ pub struct FinetuneArgs {
     /// Also write the base with the adapters merged in, as a full checkpoint under `<run>/merged`.
     #[arg(long)]
     pub merge: bool,
+    /// Serve Prometheus metrics (loss, tokens) on this address while fine-tuning, e.g.
+    /// 127.0.0.1:9464 (port 0 picks a free one, named in the log).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
@@ -41,6 +46,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     logging::log_to_file(&run_dir.join("finetune.log"))
         .with_context(|| format!("cannot write {}", run_dir.join("finetune.log").display()))?;
     tracing::info!("run directory {}", run_dir.display());
+    let _metrics = super::metrics_endpoint(args.metrics)?;
     let summary = finetune::finetune(&recipe, &run_dir, args.resume, args.merge)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

@@ -24,6 +24,7 @@ use atoll_store::ResumeFrom;
 use atoll_trainer::logging;
 use atoll_trainer::recipe::Recipe;
 use atoll_trainer::train::{existing_run_dir, fresh_run_dir};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// The async runtime of the commands that talk to the network.
@@ -32,6 +33,23 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+/// `--metrics ADDR` of `train` and `finetune`: serves the Prometheus metrics (loss, tokens,
+/// checkpoint stalls) on ADDR while the returned runtime lives; port 0 picks a free one, which
+/// the log names.
+pub fn metrics_endpoint(addr: Option<SocketAddr>) -> Result<Option<tokio::runtime::Runtime>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("atoll-metrics")
+        .enable_io()
+        .build()?;
+    let bound = runtime.block_on(atoll_node::metrics_endpoint::serve(addr, &[]))?;
+    tracing::info!("metrics on http://{bound}/metrics");
+    Ok(Some(runtime))
 }
 
 /// What the coordinator and learner commands share: the recipe, the job secret, the run

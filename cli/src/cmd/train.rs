@@ -5,6 +5,7 @@ use atoll_store::ResumeFrom;
 use atoll_trainer::recipe::Recipe;
 use atoll_trainer::{logging, train};
 use clap::Args;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -18,6 +19,10 @@ pub struct TrainArgs {
     /// `checkpoint.url`: `latest` (newest intact) or `step-N`.
     #[arg(long, value_name = "latest|step-N")]
     resume: Option<ResumeFrom>,
+    /// Serve Prometheus metrics (loss, tokens, checkpoint stalls) on this address while
+    /// training, e.g. 127.0.0.1:9464 (port 0 picks a free one, named in the log).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -26,6 +31,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     logging::log_to_file(&run_dir.join("train.log"))
         .with_context(|| format!("cannot write {}", run_dir.join("train.log").display()))?;
     tracing::info!("run directory {}", run_dir.display());
+    let _metrics = super::metrics_endpoint(args.metrics)?;
     let summary = train::train_resumable(&recipe, &run_dir, args.resume)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
