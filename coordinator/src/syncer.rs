@@ -442,9 +442,8 @@ struct Round {
     /// Learners skipped by too many rounds in a row: the grace window waits for them.
     owed: BTreeSet<LearnerId>,
     /// The end of the grace window proper; past it, the round waits only for `owed` learners,
-    /// and at most until `grace_until`.
+    /// and at most until the whole window (`grace_s` from the quorum) ends.
     regular_grace_until: f64,
-    grace_until: f64,
 }
 
 impl Round {
@@ -462,9 +461,42 @@ impl Round {
             average: false,
             owed: BTreeSet::new(),
             regular_grace_until: now,
-            grace_until: now,
         }
     }
+}
+
+/// The active learners that have not answered fragment `p`'s round and were left out of its
+/// last `max_skipped` rounds, and how long the round waits for them: two of the slowest one's
+/// steps (it reports every step, so one is enough but for the jitter of its reports), never
+/// longer than `cap` (the interval between the fragment's rounds).
+fn owed_learners(
+    learners: &BTreeMap<LearnerId, LearnerState>,
+    p: usize,
+    active: &BTreeSet<LearnerId>,
+    responders: &BTreeSet<LearnerId>,
+    max_skipped: u32,
+    cap: f64,
+) -> (BTreeSet<LearnerId>, f64) {
+    if max_skipped == 0 {
+        return (BTreeSet::new(), 0.0);
+    }
+    let owed: BTreeSet<LearnerId> = active
+        .iter()
+        .filter(|l| !responders.contains(l))
+        .filter(|l| {
+            learners
+                .get(l)
+                .is_some_and(|s| s.skipped.get(p).copied().unwrap_or(0) >= max_skipped)
+        })
+        .copied()
+        .collect();
+    let wait = owed
+        .iter()
+        .filter_map(|l| learners.get(l).and_then(LearnerState::step_time))
+        .map(|t| 2.0 * t)
+        .fold(0.0, f64::max)
+        .min(cap);
+    (owed, wait)
 }
 
 #[derive(Debug, Clone)]
@@ -977,30 +1009,10 @@ impl Syncer {
         let step_time = self.step_time();
         let sync_time = self.sync_time_s.unwrap_or(0.0);
         let cfg = self.config.clone();
-        let skipped_too_often = |l: &LearnerId| {
-            cfg.max_skipped_rounds > 0
-                && self.learners.get(l).is_some_and(|s| {
-                    s.skipped.get(p).copied().unwrap_or(0) >= cfg.max_skipped_rounds
-                })
-        };
-        let Some(round) = self.fragments[p].open.as_ref() else {
+        let t_step = step_time.unwrap_or(0.0);
+        let Some(round) = self.fragments[p].open.as_mut() else {
             return;
         };
-        let owed: BTreeSet<LearnerId> = active
-            .iter()
-            .filter(|l| !round.responders.contains(l) && skipped_too_often(l))
-            .copied()
-            .collect();
-        let t_step = step_time.unwrap_or(0.0);
-        // Two of the owed learner's steps: it reports every step, so one is enough but for the
-        // jitter of its reports; never longer than the interval between a fragment's rounds.
-        let owed_wait = owed
-            .iter()
-            .filter_map(|l| self.learners.get(l).and_then(LearnerState::step_time))
-            .map(|t| 2.0 * t)
-            .fold(0.0, f64::max)
-            .min(cfg.h as f64 * t_step);
-        let round = self.fragments[p].open.as_mut().expect("checked above");
         round.responders.retain(|l| active.contains(l));
         round.owed.retain(|l| active.contains(l));
         match round.phase {
@@ -1015,16 +1027,23 @@ impl Syncer {
                 } else {
                     wanted.clamp(0.0, cap.max(0.0))
                 };
+                let (owed, owed_wait) = owed_learners(
+                    &self.learners,
+                    p,
+                    &active,
+                    &round.responders,
+                    cfg.max_skipped_rounds,
+                    cfg.h as f64 * t_step,
+                );
                 round.owed = owed;
                 round.grace_s = regular.max(owed_wait);
                 round.regular_grace_until = now + regular;
-                round.grace_until = now + round.grace_s;
                 if round.grace_s > 0.0 {
                     round.phase = Phase::Grace;
                     let first_deadline = if regular > 0.0 {
                         round.regular_grace_until
                     } else {
-                        round.grace_until
+                        now + round.grace_s
                     };
                     actions.push(Action::ArmTimer {
                         id: TimerId::Grace {
@@ -1388,13 +1407,14 @@ impl Syncer {
                     return;
                 };
                 let owed_in = r.owed.iter().all(|l| r.responders.contains(l));
-                if owed_in || now >= r.grace_until {
+                let grace_until = r.quorum_at.map_or(now, |q| q + r.grace_s);
+                if owed_in || now >= grace_until {
                     self.start_pull(now, fragment, actions);
                 } else {
                     // The window proper is over; the owed learners get the rest of theirs.
                     actions.push(Action::ArmTimer {
                         id: TimerId::Grace { fragment, round },
-                        at: r.grace_until,
+                        at: grace_until,
                     });
                 }
             }

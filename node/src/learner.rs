@@ -116,7 +116,7 @@ struct Joined {
 enum Inbound {
     Joined(Joined),
     Pulls(Vec<Pull>),
-    Part(PartHeader, Vec<f32>, u64),
+    Part(ReceivedPart),
     JobDone(Vec<u64>),
     Fatal(String),
 }
@@ -499,10 +499,10 @@ impl LearnerState {
                     }
                 }
             }
-            Inbound::Part(h, values, bytes) => {
-                counters.down.fetch_add(bytes, Ordering::Relaxed);
-                metrics::counter!("atoll_bytes_down_total").increment(bytes);
-                self.on_part(h, values, worker)?;
+            Inbound::Part(part) => {
+                counters.down.fetch_add(part.wire_bytes, Ordering::Relaxed);
+                metrics::counter!("atoll_bytes_down_total").increment(part.wire_bytes);
+                self.on_part(part.header, part.values, worker)?;
             }
             Inbound::JobDone(versions) => self.final_versions = Some(versions),
             Inbound::Fatal(_) => unreachable!("handled by the caller"),
@@ -795,20 +795,11 @@ impl Net {
             let max_frame = self.max_frame;
             let reader = conn.clone();
             tokio::spawn(async move {
-                let mut parts = receive_parts(reader.clone(), max_frame);
+                let mut parts = receive_parts(reader.clone(), max_frame, false);
                 while let Some(part) = parts.recv().await {
                     match part {
                         Ok(part) => {
-                            let ReceivedPart {
-                                header,
-                                values,
-                                wire_bytes,
-                                ..
-                            } = part;
-                            if inbound
-                                .send(Inbound::Part(header, values, wire_bytes))
-                                .is_err()
-                            {
+                            if inbound.send(Inbound::Part(part)).is_err() {
                                 return;
                             }
                         }

@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 pub struct ReceivedPart {
     pub header: PartHeader,
     pub values: Vec<f32>,
-    /// Whether every value is finite, checked where the frame was decoded (on the blocking pool
-    /// for large frames), so the coordinator's actor does not read a contribution once more to
-    /// admit it.
+    /// Whether every value is finite, checked right after decoding (on the blocking pool for
+    /// large frames) where the receiver asks for it, so the coordinator's actor does not read a
+    /// contribution once more to admit it; `true` where it does not (a learner's broadcasts come
+    /// from a syncer that admits nothing else).
     pub finite: bool,
     /// The bytes it took on the wire (header and frame).
     pub wire_bytes: u64,
@@ -56,6 +57,7 @@ pub async fn send_part(
 pub fn receive_parts(
     conn: quinn::Connection,
     max_frame: u64,
+    check_finite: bool,
 ) -> mpsc::Receiver<Result<ReceivedPart>> {
     let (tx, rx) = mpsc::channel(RECEIVED_QUEUE);
     tokio::spawn(async move {
@@ -70,7 +72,7 @@ pub fn receive_parts(
             let tx = tx.clone();
             let conn = conn.clone();
             tokio::spawn(async move {
-                let result = match read_part(&mut recv, max_frame).await {
+                let result = match read_part(&mut recv, max_frame, check_finite).await {
                     Ok(Some(part)) => Ok(part),
                     Ok(None) => return,
                     Err(_) if conn.close_reason().is_some() => return,
@@ -85,7 +87,11 @@ pub fn receive_parts(
 
 /// Reads one part (header then frame) from a stream, checking both before trusting them.
 /// Memory grows with the bytes that actually arrived, not with the length the header claims.
-async fn read_part(recv: &mut quinn::RecvStream, max_frame: u64) -> Result<Option<ReceivedPart>> {
+async fn read_part(
+    recv: &mut quinn::RecvStream,
+    max_frame: u64,
+    check_finite: bool,
+) -> Result<Option<ReceivedPart>> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -111,7 +117,7 @@ async fn read_part(recv: &mut quinn::RecvStream, max_frame: u64) -> Result<Optio
     // QUIC connections that thread drives (their acknowledgements and pacing).
     let decode = move || -> Result<(Vec<f32>, bool)> {
         let values = decode_frame(&frame, FrameLimits::default())?.values;
-        let finite = all_finite(&values);
+        let finite = !check_finite || all_finite(&values);
         Ok((values, finite))
     };
     let (values, finite) = if len >= DECODE_OFF_RUNTIME_BYTES {
@@ -165,7 +171,7 @@ mod tests {
             let addr = server.local_addr().unwrap();
             let receiver = tokio::spawn(async move {
                 let conn = server.accept().await.unwrap().await.unwrap();
-                let mut parts = receive_parts(conn.clone(), 1 << 30);
+                let mut parts = receive_parts(conn.clone(), 1 << 30, true);
                 let mut got = Vec::new();
                 while got.len() < PARTS {
                     got.push(parts.recv().await.unwrap().unwrap());

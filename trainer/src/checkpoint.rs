@@ -458,47 +458,55 @@ fn serialize_host_refs(
 /// the coordinator's Θ, say).
 pub type SharedTensor = (atoll_coordinator::FragmentValues, usize);
 
-/// A text-stack tensor of a [`HostModel`]: copied from the model, or shared f32 values that are
-/// converted to the checkpoint's dtype only when their shard is built.
-enum HostSource {
-    Copied(HostTensor),
-    Shared {
-        name: String,
-        kind: Kind,
-        shape: Vec<usize>,
-        values: SharedTensor,
-    },
+/// A text-stack tensor of a [`HostModel`]: bytes copied from the model, or shared f32 values
+/// converted to the checkpoint's dtype (`kind`) only when their shard is built.
+enum HostData {
+    Copied(Vec<u8>),
+    Shared { values: SharedTensor, kind: Kind },
+}
+
+/// [`HostTensor`] whose bytes may still be shared values.
+struct HostSource {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: HostData,
 }
 
 impl HostSource {
     fn into_host_tensor(self) -> Result<HostTensor> {
-        let (name, kind, shape, (values, index)) = match self {
-            HostSource::Copied(t) => return Ok(t),
-            HostSource::Shared {
-                name,
+        let HostSource {
+            name,
+            dtype,
+            shape,
+            data,
+        } = self;
+        let bytes = match data {
+            HostData::Copied(bytes) => bytes,
+            HostData::Shared {
+                values: (values, index),
                 kind,
-                shape,
-                values,
-            } => (name, kind, shape, values),
-        };
-        let v = values
-            .get(index)
-            .ok_or_else(|| anyhow!("internal: no shared values for {name}"))?;
-        if v.len() != shape.iter().product::<usize>() {
-            bail!(
-                "internal: {name} has {} shared values for shape {shape:?}",
-                v.len()
-            );
-        }
-        // The same conversion as the model's own tensors take (tch's round to nearest even), so
-        // a checkpoint of shared values equals one of a model holding them, bit for bit.
-        let bytes = match kind {
-            Kind::Float => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            _ => tensor_bytes(&Tensor::from_slice(v).to_kind(kind)),
+            } => {
+                let v = values
+                    .get(index)
+                    .ok_or_else(|| anyhow!("internal: no shared values for {name}"))?;
+                if v.len() != shape.iter().product::<usize>() {
+                    bail!(
+                        "internal: {name} has {} shared values for shape {shape:?}",
+                        v.len()
+                    );
+                }
+                // The same conversion as the model's own tensors take (tch's round to nearest
+                // even), so a checkpoint of shared values equals one of a model holding them.
+                match kind {
+                    Kind::Float => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    _ => tensor_bytes(&Tensor::from_slice(v).to_kind(kind)),
+                }
+            }
         };
         Ok(HostTensor {
             name,
-            dtype: dtype_from_kind(kind)?,
+            dtype,
             shape,
             bytes,
         })
@@ -551,24 +559,20 @@ impl HostModel {
         for spec in model.config.tensor_specs() {
             let name = layout.stored_name(&spec.name);
             let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
-            let source = match shared(&spec.name) {
-                Some(values) => HostSource::Shared {
-                    name,
-                    kind,
-                    shape,
-                    values,
-                },
+            let data = match shared(&spec.name) {
+                Some(values) => HostData::Shared { values, kind },
                 None => {
                     let var = vars
                         .get(&spec.name)
                         .ok_or_else(|| anyhow!("internal: model lacks variable {}", spec.name))?;
-                    HostSource::Copied(HostTensor {
-                        name,
-                        dtype,
-                        shape,
-                        bytes: tensor_bytes(&var.to_kind(kind)),
-                    })
+                    HostData::Copied(tensor_bytes(&var.to_kind(kind)))
                 }
+            };
+            let source = HostSource {
+                name,
+                dtype,
+                shape,
+                data,
             };
             let numel: u64 = spec.shape.iter().map(|&d| d as u64).product();
             place(numel * kind.elt_size_in_bytes() as u64, &mut shards);
@@ -601,11 +605,7 @@ impl HostModel {
             let mut weight_map: BTreeMap<&str, &str> = BTreeMap::new();
             for (file, own, kept) in &shards {
                 for t in own {
-                    let name = match t {
-                        HostSource::Copied(t) => &t.name,
-                        HostSource::Shared { name, .. } => name,
-                    };
-                    weight_map.insert(name.as_str(), file.as_str());
+                    weight_map.insert(t.name.as_str(), file.as_str());
                 }
                 if let Some(p) = &passthrough {
                     for &i in kept {

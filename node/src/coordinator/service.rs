@@ -38,7 +38,7 @@ pub(super) async fn accept_data(endpoint: quinn::Endpoint, tx: mpsc::Sender<Cmd>
                     return;
                 }
             };
-            let mut parts = receive_parts(conn.clone(), max_frame);
+            let mut parts = receive_parts(conn.clone(), max_frame, true);
             while let Some(part) = parts.recv().await {
                 match part {
                     Ok(part) => {
