@@ -66,6 +66,7 @@ $(REFERENCE_VENV)/.installed: scripts/requirements-reference.txt
 fixtures: $(REFERENCE_VENV)/.installed
 	$(REFERENCE_VENV)/bin/python scripts/make_fixtures.py tests/fixtures
 	$(REFERENCE_VENV)/bin/python scripts/make_drafter_fixtures.py tests/fixtures
+	$(REFERENCE_VENV)/bin/python scripts/make_drafter_gguf_fixture.py
 
 lora-fixtures: $(REFERENCE_VENV)/.installed
 	$(REFERENCE_VENV)/bin/python scripts/make_lora_fixtures.py tests/fixtures
@@ -106,7 +107,7 @@ LLAMA_VENV ?= $(HOME)/.cache/atoll/llama-venv
 # llama-cpp-python compiles llama.cpp from source (cmake, C++): long on a small machine.
 $(LLAMA_VENV)/.installed:
 	python3 -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python safetensors numpy
+	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python==0.3.36 safetensors numpy
 	touch $@
 
 bench-export: build $(REFERENCE_VENV)/.installed

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Atoll's GGUF exports of the Gemma 3 and Gemma 4 fixtures run through llama.cpp (llama-cpp-python in
 # LLAMA_PYTHON's venv): top-1 next tokens and logits vs the fixtures' reference logits.
+# The MTP drafter fixture's export is loaded beside its target (benchmarks/gguf_drafter_llama_cpp.py).
 set -euo pipefail
 ATOLL=${ATOLL:-target/release/atoll}
 LLAMA_PYTHON=${LLAMA_PYTHON:-$HOME/.cache/atoll/llama-venv/bin/python}
@@ -27,3 +28,11 @@ for fixture in gemma3-tiny gemma3-multimodal-tiny gemma4-tiny gemma4-tiny-no-keq
   done
   "$LLAMA_PYTHON" benchmarks/gguf_llama_cpp.py "tests/fixtures/$fixture" "${files[@]}"
 done
+# The MTP drafter fixture (drafts for gemma4-tiny) as llama.cpp's gemma4-assistant.
+drafters=()
+for q in f32 f16 q8_0; do
+  "$ATOLL" export tests/fixtures/gemma4-assistant-tiny --format drafter-gguf --quant $q \
+    --tokenizer "$WORK/tokenizer.json" --out "$WORK/gemma4-assistant-tiny-$q.gguf" > /dev/null
+  drafters+=("$WORK/gemma4-assistant-tiny-$q.gguf")
+done
+"$LLAMA_PYTHON" benchmarks/gguf_drafter_llama_cpp.py "$WORK/gemma4-tiny-f32.gguf" "${drafters[@]}"

@@ -1,7 +1,9 @@
 //! A Gemma 3 or Gemma 4 text stack as a GGUF file for llama.cpp / Ollama
 //! (`general.architecture = gemma3` / `gemma4`), with llama.cpp's metadata keys and tensor names
-//! and the tokenizer embedded. What Gemma 4 adds is in [`gguf_gemma4`]; a multimodal
-//! checkpoint's vision/audio tensors are left out (llama.cpp reads them from an mmproj file).
+//! and the tokenizer embedded; and a Gemma 4 MTP drafter as llama.cpp's `gemma4-assistant`
+//! (llama.cpp's speculative decoding loads it beside its target). What Gemma 4 adds is in
+//! [`gguf_gemma4`]; a multimodal checkpoint's vision/audio tensors are left out (llama.cpp reads
+//! them from an mmproj file).
 //!
 //! Conventions llama.cpp expects for `gemma3`:
 //! - RMSNorm weights are stored as 1 + w (the HF checkpoint stores w); they stay f32.
@@ -11,6 +13,11 @@
 //!   match.
 //! - Sliding layers use `rope.freq_base_swa` without scaling; full layers `rope.freq_base` with
 //!   `rope.scaling.*`.
+//!
+//! A drafter is a Gemma 4 stack without K/V projections (every layer reads the target's K/V),
+//! written with the gemma4 keys under its own prefix plus `embedding_length_out` (the target's
+//! width, which `post_projection` maps back to) and `nextn_predict_layers` (all its layers); its
+//! `pre_projection` / `post_projection` become `nextn.pre_projection` / `nextn.post_projection`.
 
 use crate::direct_file::DirectFile;
 use crate::gguf::{GgufWriter, MetaValue, TensorInfo};
@@ -21,8 +28,9 @@ use crate::tokenizer::{self, SpecialIds};
 use crate::{progress, ExportSummary, PendingOutput};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_trainer::checkpoint::TextLayout;
-use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind};
-use std::path::Path;
+use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind, TensorSpec};
+use atoll_trainer::models::gemma4_assistant::AssistantConfig;
+use std::path::{Path, PathBuf};
 
 /// Source bytes read per step when streaming a tensor (whole rows at a time).
 const CHUNK_BYTES: usize = 32 << 20;
@@ -36,6 +44,8 @@ pub fn gguf_name(name: &str) -> Option<String> {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
         "lm_head.weight" => return Some("output.weight".into()),
+        "pre_projection.weight" => return Some("nextn.pre_projection.weight".into()),
+        "post_projection.weight" => return Some("nextn.post_projection.weight".into()),
         _ => {}
     }
     let rest = name.strip_prefix("model.layers.")?;
@@ -110,14 +120,44 @@ struct Planned {
     scale: f32,
 }
 
-/// The metadata keys of a Gemma 3 or Gemma 4 GGUF (tokenizer keys excluded).
-fn model_metadata(
-    config: &GemmaConfig,
-    ty: GgmlType,
-    name: &str,
-) -> Result<Vec<(String, MetaValue)>> {
+/// What a GGUF export holds.
+#[derive(Clone, Copy)]
+enum Stack<'a> {
+    /// A Gemma 3 or Gemma 4 text stack.
+    Text(&'a GemmaConfig),
+    /// A Gemma 4 MTP drafter.
+    Drafter(&'a AssistantConfig),
+}
+
+impl<'a> Stack<'a> {
+    fn text(self) -> &'a GemmaConfig {
+        match self {
+            Stack::Text(config) => config,
+            Stack::Drafter(drafter) => &drafter.text,
+        }
+    }
+
+    /// `general.architecture`, also the prefix of the model's keys.
+    fn architecture(self) -> &'static str {
+        match self {
+            Stack::Text(config) => config.architecture.name(),
+            Stack::Drafter(_) => gguf_gemma4::DRAFTER_ARCHITECTURE,
+        }
+    }
+
+    fn tensor_specs(self) -> Vec<TensorSpec> {
+        match self {
+            Stack::Text(config) => config.tensor_specs(),
+            Stack::Drafter(drafter) => drafter.tensor_specs(),
+        }
+    }
+}
+
+/// The metadata keys of a Gemma 3, Gemma 4 or drafter GGUF (tokenizer keys excluded).
+fn model_metadata(stack: Stack, ty: GgmlType, name: &str) -> Result<Vec<(String, MetaValue)>> {
     let u32_of = |n: usize| MetaValue::U32(n as u32);
-    let a = config.architecture.name();
+    let config = stack.text();
+    let a = stack.architecture();
     let mut m = vec![
         ("general.architecture".to_string(), MetaValue::Str(a.into())),
         ("general.name".to_string(), MetaValue::Str(name.into())),
@@ -171,9 +211,20 @@ fn model_metadata(
             MetaValue::F32(cap as f32),
         ));
     }
-    match config.architecture {
-        Architecture::Gemma3 => m.extend(gemma3_metadata(config, a)?),
-        Architecture::Gemma4 => m.extend(gguf_gemma4::metadata(config, a)?),
+    match stack {
+        Stack::Text(config) if config.architecture == Architecture::Gemma3 => {
+            m.extend(gemma3_metadata(config, a)?)
+        }
+        Stack::Text(config) => m.extend(gguf_gemma4::metadata(config, a, 0)?),
+        Stack::Drafter(drafter) => {
+            let layers = drafter.text.num_hidden_layers;
+            m.extend(gguf_gemma4::metadata(&drafter.text, a, layers)?);
+            m.push((
+                format!("{a}.embedding_length_out"),
+                u32_of(drafter.backbone_hidden_size),
+            ));
+            m.push((format!("{a}.nextn_predict_layers"), u32_of(layers)));
+        }
     }
     Ok(m)
 }
@@ -228,8 +279,7 @@ pub fn export_gguf(
     tokenizer: Option<&Path>,
 ) -> Result<ExportSummary> {
     let config = GemmaConfig::from_file(&ck.dir.join("config.json"))?;
-    let gemma3 = config.architecture == Architecture::Gemma3;
-    let tokenizer_path = tokenizer
+    let tokenizer = tokenizer
         .map(Path::to_path_buf)
         .or_else(|| ck.tokenizer.clone())
         .ok_or_else(|| {
@@ -238,15 +288,56 @@ pub fn export_gguf(
                 ck.dir.display()
             )
         })?;
+    write_gguf(&ck.dir, Stack::Text(&config), out, ty, &tokenizer)
+}
+
+/// The `tokenizer.json` that goes with the drafter in `dir`: its own, that of the checkpoint
+/// holding it as `drafter/`, or that of the run whose `final/` that checkpoint is (drafter
+/// training copies the base model's tokenizer into the run).
+pub fn drafter_tokenizer(dir: &Path) -> Option<PathBuf> {
+    let holder = dir.parent().filter(|_| dir.ends_with("drafter"));
+    let run = holder
+        .filter(|p| p.ends_with("final"))
+        .and_then(Path::parent);
+    [Some(dir), holder, run]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("tokenizer.json"))
+        .find(|p| p.is_file())
+}
+
+/// Writes the Gemma 4 MTP drafter in `dir` (a `gemma4_unified_assistant` checkpoint) to the GGUF
+/// file `out` as llama.cpp's `gemma4-assistant`, 2-D weights in `ty`, with `tokenizer` (the
+/// target's) embedded.
+pub fn export_drafter_gguf(
+    dir: &Path,
+    out: &Path,
+    ty: GgmlType,
+    tokenizer: &Path,
+) -> Result<ExportSummary> {
+    let config = AssistantConfig::from_file(&dir.join("config.json"))?;
+    write_gguf(dir, Stack::Drafter(&config), out, ty, tokenizer)
+}
+
+/// The export itself: every tensor of `stack` streamed from the checkpoint in `dir` into `out`.
+fn write_gguf(
+    dir: &Path,
+    stack: Stack,
+    out: &Path,
+    ty: GgmlType,
+    tokenizer_path: &Path,
+) -> Result<ExportSummary> {
+    let config = stack.text();
+    let gemma3 = config.architecture == Architecture::Gemma3;
     let pending = PendingOutput::new(out)?;
     let name = out
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("atoll")
         .to_string();
-    let mut metadata = model_metadata(&config, ty, &name)?;
+    let mut metadata = model_metadata(stack, ty, &name)?;
     metadata.extend(tokenizer::gguf_metadata(
-        &tokenizer_path,
+        tokenizer_path,
         config.vocab_size,
         &SpecialIds {
             bos: config.bos_token_id,
@@ -255,8 +346,13 @@ pub fn export_gguf(
         },
     )?);
 
-    let source = WeightSource::open(&ck.dir)?;
+    let source = WeightSource::open(dir)?;
     let layout = TextLayout::detect(source.tensors.iter().map(|t| t.name.as_str()));
+    // A drafter's names are its own; a text stack's may carry a multimodal prefix.
+    let stored_name = |name: &str| match stack {
+        Stack::Text(_) => layout.stored_name(name),
+        Stack::Drafter(_) => name.to_string(),
+    };
     let q_scale = if gemma3 && config.query_pre_attn_scalar != config.head_dim as f64 {
         tracing::info!(
             "query_pre_attn_scalar {} != head_dim {}: folding the attention scale into q_norm for llama.cpp",
@@ -269,7 +365,7 @@ pub fn export_gguf(
     };
     let mut plan = Vec::new();
     if !gemma3 {
-        let freqs = gguf_gemma4::rope_freqs(&config);
+        let freqs = gguf_gemma4::rope_freqs(config);
         plan.push(Planned {
             info: TensorInfo {
                 name: "rope_freqs.weight".into(),
@@ -281,19 +377,19 @@ pub fn export_gguf(
             scale: 1.0,
         });
     }
-    for spec in config.tensor_specs() {
-        let stored = layout.stored_name(&spec.name);
+    for spec in stack.tensor_specs() {
+        let stored = stored_name(&spec.name);
         let entry = source.get(&stored).ok_or_else(|| {
             anyhow!(
                 "{}: tensor {stored} is missing from the checkpoint",
-                ck.dir.display()
+                dir.display()
             )
         })?;
         let shape: Vec<i64> = entry.shape.iter().map(|&d| d as i64).collect();
         if shape != spec.shape {
             bail!(
                 "{}: tensor {stored} has shape {:?}, config.json implies {:?}",
-                ck.dir.display(),
+                dir.display(),
                 entry.shape,
                 spec.shape
             );

@@ -7,7 +7,9 @@
 //!   layers' (`head_dim`); `attention.head_count_kv` is a per-layer array.
 //! - `attention.sliding_window_pattern` is a per-layer bool array (true = sliding).
 //! - `attention.shared_kv_layers` and `embedding_length_per_layer_input` are required keys;
-//!   Atoll's Gemma 4 shares no KV and has no per-layer embeddings, so both are 0.
+//!   Atoll's Gemma 4 shares no KV and has no per-layer embeddings, so both are 0. A drafter
+//!   (`gemma4-assistant`) shares every layer's K/V with its target: `shared_kv_layers` is its
+//!   layer count, as llama.cpp's converter copies `num_kv_shared_layers`.
 //! - Norm weights are stored as they are (Gemma 4's RMSNorm multiplies by w, not 1 + w); V is
 //!   RMS-normalised without a weight; scores are not scaled (the q/k norms carry the scale);
 //!   the embedding scale sqrt(hidden) is hard-coded by llama.cpp, as in Atoll.
@@ -22,11 +24,19 @@ use crate::gguf::MetaValue;
 use anyhow::{bail, Result};
 use atoll_trainer::config::{GemmaConfig, LayerType, RopeKind};
 
+/// `general.architecture` of a Gemma 4 MTP drafter (llama.cpp's `LLM_ARCH_GEMMA4_ASSISTANT`).
+pub const DRAFTER_ARCHITECTURE: &str = "gemma4-assistant";
+
 /// The frequency divisor llama.cpp's converter gives the pairs proportional RoPE leaves alone.
 const UNROTATED: f32 = 1e30;
 
-/// The gemma4-specific metadata keys (those the shared Gemma writer does not write).
-pub fn metadata(config: &GemmaConfig, a: &str) -> Result<Vec<(String, MetaValue)>> {
+/// The gemma4-specific metadata keys (those the shared Gemma writer does not write), under the
+/// architecture prefix `a`; `shared_kv_layers` of the layers read another model's K/V.
+pub fn metadata(
+    config: &GemmaConfig,
+    a: &str,
+    shared_kv_layers: usize,
+) -> Result<Vec<(String, MetaValue)>> {
     if config.rope_sliding.kind != RopeKind::Default {
         bail!("GGUF export: llama.cpp's gemma4 rotates sliding layers without scaling or partial rotation, but config.json's sliding_attention rope is {:?}", config.rope_sliding.kind);
     }
@@ -64,7 +74,10 @@ pub fn metadata(config: &GemmaConfig, a: &str) -> Result<Vec<(String, MetaValue)
             format!("{a}.attention.sliding_window_pattern"),
             MetaValue::BoolArray(sliding),
         ),
-        (format!("{a}.attention.shared_kv_layers"), MetaValue::U32(0)),
+        (
+            format!("{a}.attention.shared_kv_layers"),
+            u32_of(shared_kv_layers),
+        ),
         (
             format!("{a}.embedding_length_per_layer_input"),
             MetaValue::U32(0),

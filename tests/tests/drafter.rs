@@ -1,7 +1,8 @@
 //! The MTP drafter end to end through the `atoll` binary: a tiny Gemma 4 base trained briefly,
 //! a drafter trained against it (`model.drafter`), `atoll eval drafter`, `atoll drafter export`
 //! checked with transformers (loads as `Gemma4UnifiedAssistantForCausalLM`, equal draft chain
-//! within 1e-4), and the export of a checkpoint without a drafter refused cleanly.
+//! within 1e-4), its GGUF for llama.cpp (`atoll export --format drafter-gguf`) from the run, and
+//! the export of a checkpoint without a drafter refused cleanly.
 
 use atoll_system_tests::{assert_clean_error, atoll, repo_root, run_reference_python, stderr};
 use std::ffi::OsStr;
@@ -123,6 +124,44 @@ fn drafter_trains_evaluates_and_exports_for_transformers() {
         ],
     );
     assert!(out.contains("OK"), "{out}");
+
+    // GGUF for llama.cpp from the run: its tokenizer is found in the run, and the file equals the
+    // one written from the exported drafter with that tokenizer named (the layout itself is
+    // checked against llama.cpp's converter in tests/tests/export.rs).
+    std::fs::create_dir_all(path("gguf-run")).unwrap();
+    std::fs::create_dir_all(path("gguf-export")).unwrap();
+    ok(
+        &atoll(
+            &[
+                "export",
+                &path("drafter"),
+                "--format",
+                "drafter-gguf",
+                "--out",
+                &path("gguf-run/drafter.gguf"),
+            ],
+            t,
+        ),
+        "atoll export --format drafter-gguf (run)",
+    );
+    ok(
+        &atoll(
+            &[
+                "export",
+                &path("export"),
+                "--format",
+                "drafter-gguf",
+                "--tokenizer",
+                &path("drafter/tokenizer.json"),
+                "--out",
+                &path("gguf-export/drafter.gguf"),
+            ],
+            t,
+        ),
+        "atoll export --format drafter-gguf (exported drafter)",
+    );
+    let from_run = std::fs::read(path("gguf-run/drafter.gguf")).unwrap();
+    assert!(from_run == std::fs::read(path("gguf-export/drafter.gguf")).unwrap());
 
     // A checkpoint with no drafter: one clear error, nothing at the output path.
     let refused = atoll(

@@ -2,7 +2,7 @@
 //! to a Hugging Face directory (full and text-only) and to GGUF in every quant type, and check
 //! the files with transformers and the gguf package (tests/scripts/check_export.py); bad input
 //! gives one error line and leaves nothing at the output path. Gemma 4 GGUF exports are checked
-//! against llama.cpp's `gemma4` layout.
+//! against llama.cpp's `gemma4` layout, the MTP drafter's against llama.cpp's own converter.
 
 use atoll_system_tests::{assert_clean_error, atoll, repo_root, run_reference_python, stderr};
 use std::ffi::OsStr;
@@ -331,6 +331,34 @@ fn write_byte_level_tokenizer(path: &Path) {
     std::fs::write(path, tokenizer.to_string()).unwrap();
 }
 
+/// `atoll export` of fixture `name` as `format` (gguf or drafter-gguf) in `quant`, with the
+/// byte-level tokenizer at `dir/tokenizer.json`, to `out` (relative to `dir`).
+fn export_fixture_gguf(dir: &Path, name: &str, format: &str, quant: &str, out: &str) {
+    ok(
+        &[
+            "export",
+            &fixture(name),
+            "--format",
+            format,
+            "--quant",
+            quant,
+            "--tokenizer",
+            "tokenizer.json",
+            "--out",
+            out,
+        ],
+        dir,
+    );
+}
+
+/// Runs a check script of tests/scripts/ with the reference stack; it prints `ok` last when every
+/// check holds.
+fn assert_reference_check(script: &str, args: &[&OsStr]) {
+    let out = run_reference_python(&repo_root().join("tests/scripts").join(script), args);
+    println!("{out}");
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+}
+
 /// Gemma 4 as llama.cpp's `gemma4` (tests/scripts/check_gguf_gemma4.py): the K = V fixture in
 /// every quant type, the one with v_proj on full layers, and the unified multimodal bf16 sharded
 /// checkpoint (vision/audio left out); keys, tensor names and values read back with the gguf
@@ -348,25 +376,9 @@ fn gguf_gemma4_reads_back_in_llama_cpp_layout() {
     ];
     for (name, quants) in cases {
         for q in quants {
-            let out = format!("gguf/{name}-{q}.gguf");
-            ok(
-                &[
-                    "export",
-                    &fixture(name),
-                    "--format",
-                    "gguf",
-                    "--quant",
-                    q,
-                    "--tokenizer",
-                    "tokenizer.json",
-                    "--out",
-                    &out,
-                ],
-                dir,
-            );
+            export_fixture_gguf(dir, name, "gguf", q, &format!("gguf/{name}-{q}.gguf"));
         }
     }
-    let script = repo_root().join("tests/scripts/check_gguf_gemma4.py");
     let mut args = vec![dir.join("gguf"), dir.join("tokenizer.json")];
     args.extend(
         cases
@@ -374,9 +386,7 @@ fn gguf_gemma4_reads_back_in_llama_cpp_layout() {
             .map(|(name, _)| repo_root().join("tests/fixtures").join(name)),
     );
     let args: Vec<&OsStr> = args.iter().map(|p| p.as_os_str()).collect();
-    let out = run_reference_python(&script, &args);
-    println!("{out}");
-    assert!(out.trim_end().ends_with("ok"), "{out}");
+    assert_reference_check("check_gguf_gemma4.py", &args);
 }
 
 /// gemma3-tiny has query_pre_attn_scalar 20 and head_dim 24: llama.cpp scales scores by
@@ -389,25 +399,64 @@ fn gguf_folds_query_pre_attn_scalar_into_q_norm() {
     let dir = tmp.path();
     write_byte_level_tokenizer(&dir.join("tokenizer.json"));
     std::fs::create_dir(dir.join("gguf")).unwrap();
-    ok(
+    export_fixture_gguf(dir, "gemma3-tiny", "gguf", "f32", "gguf/tiny.gguf");
+    let fixture_dir = repo_root().join("tests/fixtures/gemma3-tiny");
+    let gguf_dir = dir.join("gguf");
+    assert_reference_check(
+        "check_gguf_fold.py",
+        &[fixture_dir.as_os_str(), gguf_dir.as_os_str()],
+    );
+}
+
+/// The MTP drafter as llama.cpp's `gemma4-assistant` (tests/scripts/check_gguf_drafter.py): the
+/// drafter fixture exported in every quant type has the same model keys, tensor names, dims and
+/// values as llama.cpp's own converter writes for it (tests/fixtures/gemma4-assistant-tiny/
+/// llama-cpp-f32.gguf, from scripts/make_drafter_gguf_fixture.py), with the tokenizer embedded.
+#[test]
+fn gguf_drafter_equals_llama_cpps_conversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_byte_level_tokenizer(&dir.join("tokenizer.json"));
+    std::fs::create_dir(dir.join("gguf")).unwrap();
+    let mut exports = Vec::new();
+    for q in ["f32", "f16", "bf16", "q8_0", "q4_0"] {
+        let out = format!("gguf/drafter-{q}.gguf");
+        export_fixture_gguf(dir, "gemma4-assistant-tiny", "drafter-gguf", q, &out);
+        exports.push(dir.join(out));
+    }
+    let reference = repo_root().join("tests/fixtures/gemma4-assistant-tiny/llama-cpp-f32.gguf");
+    let tokenizer = dir.join("tokenizer.json");
+    let mut args = vec![reference.as_os_str(), tokenizer.as_os_str()];
+    args.extend(exports.iter().map(|p| p.as_os_str()));
+    assert_reference_check("check_gguf_drafter.py", &args);
+
+    // Without a tokenizer (the fixture has none and is no drafter run): one clear error, no file.
+    let failed = atoll(
         &[
             "export",
-            &fixture("gemma3-tiny"),
+            &fixture("gemma4-assistant-tiny"),
             "--format",
-            "gguf",
-            "--quant",
-            "f32",
-            "--tokenizer",
-            "tokenizer.json",
+            "drafter-gguf",
             "--out",
-            "gguf/tiny.gguf",
+            "gguf/none.gguf",
         ],
         dir,
     );
-    let script = repo_root().join("tests/scripts/check_gguf_fold.py");
-    let fixture_dir = repo_root().join("tests/fixtures/gemma3-tiny");
-    let gguf_dir = dir.join("gguf");
-    let out = run_reference_python(&script, &[fixture_dir.as_os_str(), gguf_dir.as_os_str()]);
-    println!("{out}");
-    assert!(out.trim_end().ends_with("ok"), "{out}");
+    assert_clean_error(&failed, "no tokenizer.json with the drafter");
+    // A text model is no drafter.
+    let failed = atoll(
+        &[
+            "export",
+            &fixture("gemma4-tiny"),
+            "--format",
+            "drafter-gguf",
+            "--tokenizer",
+            "tokenizer.json",
+            "--out",
+            "gguf/none.gguf",
+        ],
+        dir,
+    );
+    assert_clean_error(&failed, "has no drafter");
+    assert_eq!(entries(&dir.join("gguf")).len(), exports.len());
 }

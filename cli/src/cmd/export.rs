@@ -1,8 +1,10 @@
-//! `atoll export CHECKPOINT --format hf|gguf --out PATH`: a checkpoint for local runtimes
-//! (transformers, llama.cpp, Ollama). See docs/export.md.
+//! `atoll export CHECKPOINT --format hf|gguf|drafter|drafter-gguf --out PATH`: a checkpoint, or
+//! its MTP drafter, for local runtimes (transformers, llama.cpp, Ollama). See docs/export.md.
 
-use anyhow::{bail, Result};
-use atoll_export::{gguf_export, hf, parse_quant, resolve, ExportSummary, GgmlType, PendingOutput};
+use anyhow::{anyhow, bail, Result};
+use atoll_export::{
+    gguf_export, hf, parse_quant, resolve, Checkpoint, ExportSummary, GgmlType, PendingOutput,
+};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ pub struct ExportArgs {
     pub checkpoint: String,
     #[arg(long, value_enum)]
     pub format: ExportFormat,
-    /// Output directory (hf) or file (gguf); must not exist yet.
+    /// Output directory (hf, drafter) or file (gguf, drafter-gguf); must not exist yet.
     #[arg(long)]
     pub out: PathBuf,
     /// GGUF weight type: f32, f16, bf16, q8_0, q4_0 (norms stay f32). Default f16.
@@ -36,14 +38,22 @@ pub enum ExportFormat {
     Gguf,
     /// A trained Gemma 4 MTP drafter as transformers' assistant model (docs/drafter.md).
     Drafter,
+    /// A trained Gemma 4 MTP drafter as one GGUF file (llama.cpp's gemma4-assistant), its
+    /// target's tokenizer embedded.
+    DrafterGguf,
+}
+
+impl ExportFormat {
+    fn is_gguf(self) -> bool {
+        matches!(self, ExportFormat::Gguf | ExportFormat::DrafterGguf)
+    }
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
     // Bad arguments fail before anything is read or written.
-    let quant = match (&args.quant, args.format) {
-        (Some(q), ExportFormat::Gguf) => parse_quant(q)?,
-        (None, ExportFormat::Gguf) => parse_quant("f16")?,
-        (Some(_), _) => bail!("--quant applies to --format gguf only"),
+    let quant = match (&args.quant, args.format.is_gguf()) {
+        (Some(q), true) => parse_quant(q)?,
+        (Some(_), false) => bail!("--quant applies to --format gguf and drafter-gguf only"),
         (None, _) => parse_quant("f16")?,
     };
     if args.text_only && args.format != ExportFormat::Hf {
@@ -51,8 +61,48 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     match args.format {
         ExportFormat::Drafter => export_drafter(&args),
+        ExportFormat::DrafterGguf => export_drafter_gguf(&args, quant),
         ExportFormat::Hf | ExportFormat::Gguf => export_weights(&args, quant),
     }
+}
+
+/// Resolves `CHECKPOINT` to a local directory the drafter is found from: a local path as it is
+/// (a run, checkpoint or drafter directory), a store location downloaded and verified.
+fn drafter_source(args: &ExportArgs) -> Result<(PathBuf, Option<Checkpoint>)> {
+    let local = Path::new(&args.checkpoint);
+    if local.exists() {
+        return Ok((local.to_path_buf(), None));
+    }
+    let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
+    let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
+    Ok((checkpoint.dir.clone(), Some(checkpoint)))
+}
+
+fn export_drafter_gguf(args: &ExportArgs, quant: GgmlType) -> Result<()> {
+    // An existing output is refused before anything is read or downloaded.
+    PendingOutput::new(&args.out)?;
+    // A remote checkpoint's download lives as long as `checkpoint`.
+    let (source, checkpoint) = drafter_source(args)?;
+    let dir = atoll_trainer::drafter::export::find_drafter(&source)?;
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .or_else(|| gguf_export::drafter_tokenizer(&dir))
+        .or_else(|| checkpoint.as_ref().and_then(|c| c.tokenizer.clone()))
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no tokenizer.json with the drafter or its run; pass --tokenizer FILE (the target model's)",
+                dir.display()
+            )
+        })?;
+    let summary = gguf_export::export_drafter_gguf(&dir, &args.out, quant, &tokenizer)?;
+    println!(
+        "wrote {} (drafter, {} tensors, {} bytes)",
+        summary.path.display(),
+        summary.tensors,
+        summary.bytes
+    );
+    Ok(())
 }
 
 /// The HF and GGUF formats, from a resolved (and verified) checkpoint.
@@ -79,18 +129,10 @@ fn export_weights(args: &ExportArgs, quant: GgmlType) -> Result<()> {
 /// run, checkpoint or drafter directory itself, so a local path is passed as it is.
 fn export_drafter(args: &ExportArgs) -> Result<()> {
     if args.tokenizer.is_some() {
-        bail!("--tokenizer applies to --format hf and gguf only");
+        bail!("--tokenizer applies to --format hf, gguf and drafter-gguf only");
     }
-    // A drafter run keeps its drafter under final/drafter/, which export_drafter finds
-    // from the run, checkpoint or drafter directory itself.
-    let local = Path::new(&args.checkpoint);
-    let exported = if local.exists() {
-        atoll_trainer::drafter::export_drafter(local, &args.out)?
-    } else {
-        let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
-        let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
-        atoll_trainer::drafter::export_drafter(&checkpoint.dir, &args.out)?
-    };
+    let (source, _checkpoint) = drafter_source(args)?;
+    let exported = atoll_trainer::drafter::export_drafter(&source, &args.out)?;
     println!(
         "wrote {} (drafter, {} parameters, {} draft tokens per call)",
         exported.out_dir.display(),
