@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Atoll's GGUF exports of the Gemma 3 and Gemma 4 fixtures run through llama.cpp (llama-cpp-python in
 # LLAMA_PYTHON's venv): top-1 next tokens and logits vs the fixtures' reference logits.
-# The MTP drafter fixture's export is loaded beside its target (benchmarks/gguf_drafter_llama_cpp.py).
+# The MTP drafter fixture's export drafts beside its target (benchmarks/gguf_drafter_llama_cpp.py).
 set -euo pipefail
 ATOLL=${ATOLL:-target/release/atoll}
 LLAMA_PYTHON=${LLAMA_PYTHON:-$HOME/.cache/atoll/llama-venv/bin/python}
@@ -19,6 +19,17 @@ json.dump({"version": "1.0", "added_tokens": [], "pre_tokenizer": {"type": "Byte
            "model": {"type": "BPE", "vocab": {chr(c): i for i, c in enumerate(cs)}, "merges": []}},
           open(sys.argv[1], "w"))
 PY
+# The MTP drafter fixture (it drafts for gemma4-tiny) as llama.cpp's gemma4-assistant, run beside its
+# target: drafted tokens and logits vs transformers' chain (the fixture's reference.safetensors).
+"$ATOLL" export tests/fixtures/gemma4-tiny --format gguf --quant f32 --tokenizer "$WORK/tokenizer.json" \
+  --out "$WORK/target-f32.gguf" > /dev/null
+drafters=()
+for q in f32 f16 q8_0; do
+  "$ATOLL" export tests/fixtures/gemma4-assistant-tiny --format drafter-gguf --quant $q \
+    --tokenizer "$WORK/tokenizer.json" --out "$WORK/gemma4-assistant-tiny-$q.gguf" > /dev/null
+  drafters+=("$WORK/gemma4-assistant-tiny-$q.gguf")
+done
+"$LLAMA_PYTHON" benchmarks/gguf_drafter_llama_cpp.py tests/fixtures/gemma4-assistant-tiny "$WORK/target-f32.gguf" "${drafters[@]}"
 for fixture in gemma3-tiny gemma3-multimodal-tiny gemma4-tiny gemma4-tiny-no-keqv; do
   files=()
   for q in f32 f16 q8_0 q4_0; do
@@ -28,11 +39,3 @@ for fixture in gemma3-tiny gemma3-multimodal-tiny gemma4-tiny gemma4-tiny-no-keq
   done
   "$LLAMA_PYTHON" benchmarks/gguf_llama_cpp.py "tests/fixtures/$fixture" "${files[@]}"
 done
-# The MTP drafter fixture (drafts for gemma4-tiny) as llama.cpp's gemma4-assistant.
-drafters=()
-for q in f32 f16 q8_0; do
-  "$ATOLL" export tests/fixtures/gemma4-assistant-tiny --format drafter-gguf --quant $q \
-    --tokenizer "$WORK/tokenizer.json" --out "$WORK/gemma4-assistant-tiny-$q.gguf" > /dev/null
-  drafters+=("$WORK/gemma4-assistant-tiny-$q.gguf")
-done
-"$LLAMA_PYTHON" benchmarks/gguf_drafter_llama_cpp.py "$WORK/gemma4-tiny-f32.gguf" "${drafters[@]}"
