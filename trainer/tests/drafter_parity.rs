@@ -107,7 +107,11 @@ fn batched_anchors_equal_single_calls_over_cut_kv() {
             .abs()
             .max()
             .double_value(&[]);
-        assert!(err <= 1e-5, "anchor {c}: max |Δlogit| {err:e}");
+        // The same arithmetic summed in another order (GEMMs over the whole sequence against the
+        // cut one, whose kernels the BLAS picks by shape and CPU): f32 rounding of O(10) logits,
+        // 1.6e-5 seen on an AVX-512 Xeon. A mask that lets one position too many in moves them by
+        // O(1); the bound is the one the parity test above holds against transformers.
+        assert!(err <= 1e-4, "anchor {c}: max |Δlogit| {err:e}");
     }
 }
 
