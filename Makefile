@@ -16,6 +16,8 @@ help:
 	@echo "make bench-codecs | bench-merge | bench-link | bench-wan-calibration | bench-diloco | bench-checkpoint    benchmarks (see benchmarks/README.md)"
 	@echo "make fixtures | bench-train-step | check-transformers   (need the Python reference stack)"
 	@echo "make finetune-demo | bench-lora | lora-fixtures   LoRA fine-tuning demo, LoRA step vs peft, PEFT fixtures (docs/finetune.md)"
+	@echo "make bench-diloco-robust | bench-export | bench-gguf | bench-drafter   more benchmarks (bench-gguf builds llama-cpp-python)"
+	@echo "make lint | fmt | clean-runs   format and clippy checks only, cargo fmt, remove runs/"
 
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "Rust (cargo) is required: https://rustup.rs"; exit 1; }

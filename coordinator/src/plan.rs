@@ -59,6 +59,15 @@ pub enum PlanError {
 }
 
 impl FragmentPlan {
+    /// Values in the model's largest tensor: what bounds one data-plane part.
+    pub fn largest_tensor(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(TensorInfo::elements)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn new(tensors: Vec<TensorInfo>, fragments: usize) -> Result<Self, PlanError> {
         if fragments == 0 {
             return Err(PlanError::NoFragments);

@@ -36,7 +36,9 @@ pub struct LearnerOptions {
     pub secret: String,
     pub run_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
-    pub max_frame_bytes: u64,
+    /// Largest data-plane frame accepted, in bytes; `None`: what the model's largest tensor
+    /// needs ([`crate::parts::frame_limit`]).
+    pub max_frame_bytes: Option<u64>,
     /// Give up when the coordinator stays unreachable this long.
     pub give_up_after: Duration,
     /// Start from the global model of a coordinator checkpoint in `checkpoint.url`: the join
@@ -210,7 +212,9 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         fragments: plan.len(),
         connections: recipe.sync.link.connections.0,
         tuning: link_tuning(&recipe),
-        max_frame: opts.max_frame_bytes,
+        max_frame: opts
+            .max_frame_bytes
+            .unwrap_or_else(|| crate::parts::frame_limit(plan.largest_tensor())),
         give_up_after: opts.give_up_after,
         data_via: opts.data_via,
         inbound: inbound_tx,

@@ -32,6 +32,16 @@ const RECEIVED_QUEUE: usize = 64;
 /// ones are not worth the hand-over).
 const DECODE_OFF_RUNTIME_BYTES: usize = 256 * 1024;
 
+/// The largest frame the data plane accepts for a model whose largest tensor holds
+/// `largest_tensor` values: that tensor as f32 (the widest codec, and what a full fragment
+/// travels as), plus what zstd may add to incompressible bytes (under 1/128) and the frame's
+/// header; never below 1 GiB. At 12B the tied embedding (262,144 × 3,840 values) is a 4 GB frame
+/// in a catch-up, so a fixed 1 GiB would refuse it.
+pub fn frame_limit(largest_tensor: u64) -> u64 {
+    let f32_bytes = largest_tensor.saturating_mul(4);
+    (f32_bytes + f32_bytes / 128 + (1 << 20)).max(1 << 30)
+}
+
 /// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
 /// (`stopped`) for the peer's acknowledgement. The frame is handed to QUIC as it is, not copied
 /// into the stream's send buffer; a frame sent to several peers is shared, not cloned.
@@ -40,6 +50,15 @@ pub async fn send_part(
     header: &PartHeader,
     frame: Bytes,
 ) -> Result<quinn::SendStream> {
+    // The header's 32-bit length: a larger frame must fail here, not arrive cut.
+    if header.frame_len as usize != frame.len() {
+        return Err(anyhow!(
+            "a frame of {} bytes does not fit a data-plane part (at most {} bytes: one tensor \
+             of up to about a billion f32 values)",
+            frame.len(),
+            u32::MAX
+        ));
+    }
     let mut s = conn.open_uni().await?;
     let mut chunks = [Bytes::copy_from_slice(&header.encode()), frame];
     s.write_all_chunks(&mut chunks).await?;
@@ -142,6 +161,52 @@ mod tests {
     use atoll_link::{JobTls, LinkTuning, PartKind};
     use atoll_wire::{frame_encoded, Codec, DEFAULT_BLOCK};
     use std::time::Duration;
+
+    /// At 12B the tied embedding is one part of 262,144 × 3,840 values, a 4 GB frame as f32 in a
+    /// learner's catch-up: the limit derived from the model admits that part's header (the
+    /// fixed 1 GiB it replaces refused it), and refuses one a byte past the f32 size plus what
+    /// zstd can add.
+    #[test]
+    fn the_frame_limit_admits_a_12b_catch_up_of_the_embedding() {
+        use atoll_coordinator::plan::{FragmentPlan, TensorInfo};
+        let config = atoll_trainer::presets::preset("gemma4-12b").unwrap().config;
+        let tensors = config
+            .tensor_specs()
+            .into_iter()
+            .map(|s| {
+                TensorInfo::new(
+                    s.name,
+                    &s.shape.iter().map(|&d| d as u64).collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let plan = FragmentPlan::new(tensors, 24).unwrap();
+        let largest = plan.largest_tensor();
+        assert_eq!(largest, 262_144 * 3_840);
+        // The frame of a tensor of that shape in f32: its values and the frame's header.
+        let small =
+            frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[2, 3], vec![0; 24], 0).unwrap();
+        let f32_frame = largest * 4 + (small.len() as u64 - 24);
+        let header = |frame_len: u64| PartHeader {
+            kind: PartKind::Full,
+            fragment: 0,
+            round_or_version: 1,
+            base_version: 0,
+            steps: 0,
+            tokens: 0,
+            tensor: 0,
+            tensors: 1,
+            frame_len: u32::try_from(frame_len).unwrap(),
+        };
+        let limit = frame_limit(largest);
+        let catch_up = header(f32_frame).encode();
+        assert!(PartHeader::decode(&catch_up, limit).is_ok());
+        assert!(PartHeader::decode(&catch_up, 1 << 30).is_err());
+        let past = header(limit + 1).encode();
+        assert!(PartHeader::decode(&past, limit).is_err());
+        // A small model keeps the floor.
+        assert_eq!(frame_limit(1 << 20), 1 << 30);
+    }
 
     /// Far more bytes in flight on many streams at once than the connection's flow-control
     /// window holds: every part must still arrive intact, and a NaN or an infinity in a part,

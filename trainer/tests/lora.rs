@@ -157,7 +157,10 @@ fn packed_examples_are_computed_as_if_alone() {
                 .squeeze_dim(0);
         let da = max_diff(&packed.narrow(0, 0, 13), &alone(&a));
         let db = max_diff(&packed.narrow(0, 13, 11), &alone(&b));
-        assert!(da < 1e-5 && db < 1e-5, "{base}: {da} {db}");
+        // The same arithmetic over other GEMM shapes (one row of 24 against rows of 13 and 11):
+        // f32 rounding, 1.2e-5 seen on an AVX-512 Xeon. Attention leaking across the two
+        // examples or a position not restarting moves logits by O(1).
+        assert!(da < 1e-4 && db < 1e-4, "{base}: {da} {db}");
     }
 }
 

@@ -28,9 +28,10 @@ pub struct CoordinatorArgs {
     /// that dial it by a name other than the listen address.
     #[arg(long = "host")]
     hosts: Vec<String>,
-    /// Largest data-plane frame accepted, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    max_frame_mib: u64,
+    /// Largest data-plane frame accepted, in MiB (default: what the model's largest tensor needs
+    /// as f32, at least 1024).
+    #[arg(long)]
+    max_frame_mib: Option<u64>,
     /// Start from a checkpoint of `checkpoint.url` (default <run dir>/checkpoints):
     /// `latest` (newest intact) or `step-N`, instead of the run directory's own state.
     #[arg(long, value_name = "latest|step-N")]
@@ -53,7 +54,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             secret,
             metrics: Some(args.metrics),
             hosts: args.hosts,
-            max_frame_bytes: args.max_frame_mib << 20,
+            max_frame_bytes: args.max_frame_mib.map(|mib| mib << 20),
             resume: args.resume,
         },
     ))

@@ -79,7 +79,7 @@ pub fn run(args: LearnerArgs) -> Result<()> {
         secret,
         run_dir: args.run_dir,
         metrics: Some(args.metrics),
-        max_frame_bytes: 1 << 30,
+        max_frame_bytes: None,
         give_up_after: std::time::Duration::from_secs(args.give_up_after_s),
         resume: args.resume,
         data_via: args.data_via,

@@ -50,8 +50,9 @@ pub struct CoordinatorOptions {
     pub metrics: Option<SocketAddr>,
     /// Extra names or addresses the server certificate must be valid for.
     pub hosts: Vec<String>,
-    /// Largest data-plane frame accepted, in bytes.
-    pub max_frame_bytes: u64,
+    /// Largest data-plane frame accepted, in bytes; `None`: what the model's largest tensor
+    /// needs ([`crate::parts::frame_limit`]).
+    pub max_frame_bytes: Option<u64>,
     /// Start from a checkpoint of `checkpoint.url` instead of the run directory's own state.
     pub resume: Option<ResumeFrom>,
 }
@@ -191,6 +192,9 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     let worker = tokio::task::block_in_place(|| Worker::without_optimizer(&recipe))?;
     let plan = worker.plan()?;
     let model_hash = worker.model_hash()?;
+    let max_frame = opts
+        .max_frame_bytes
+        .unwrap_or_else(|| crate::parts::frame_limit(plan.largest_tensor()));
     let ckpt = &recipe.checkpoint;
     let ckpt_store = CheckpointStore::open(&ckpt.location(&opts.run_dir), ckpt.store_options())?;
     let last_checkpoint_step = match opts.resume {
@@ -295,11 +299,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
             },
         );
     let mut grpc = tokio::spawn(server);
-    let data = tokio::spawn(accept_data(
-        endpoint.clone(),
-        tx.clone(),
-        opts.max_frame_bytes,
-    ));
+    let data = tokio::spawn(accept_data(endpoint.clone(), tx.clone(), max_frame));
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
