@@ -107,15 +107,17 @@ bench-checkpoint: build s3-server
 LLAMA_VENV ?= $(HOME)/.cache/atoll/llama-venv
 
 # llama-cpp-python compiles llama.cpp from source (cmake, C++): long on a small machine.
-$(LLAMA_VENV)/.installed:
+LLAMA_CPP_PYTHON = 0.3.36
+# The stamp names the version, so a venv built with another one is rebuilt.
+$(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON):
 	python3 -m venv $(LLAMA_VENV)
-	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python==0.3.36 safetensors numpy
+	$(LLAMA_VENV)/bin/pip install --quiet llama-cpp-python==$(LLAMA_CPP_PYTHON) safetensors numpy
 	touch $@
 
 bench-export: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/export_gguf.sh
 
-bench-gguf: build $(LLAMA_VENV)/.installed
+bench-gguf: build $(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON)
 	LLAMA_PYTHON=$(LLAMA_VENV)/bin/python benchmarks/gguf_llama_cpp.sh
 
 bench-diloco-robust: build

@@ -12,11 +12,13 @@ compares its draft chain with transformers' (the fixture's reference.safetensors
   position, as the assistant is run in transformers.
 
 Per context length c and weight type: the drafted tokens against transformers' greedy chain and
-the largest logit difference. llama.cpp checks the file's keys, tensor names and shapes, the target
+the largest logit difference. Inside the sliding window (c <= sliding_window, where llama.cpp and
+transformers mask alike) every drafted token must agree, or the script exits with an error. llama.cpp checks the file's keys, tensor names and shapes, the target
 width (`embedding_length_out`) and layer count (`nextn_predict_layers`) when it loads it.
 usage: gguf_drafter_llama_cpp.py DRAFTER_FIXTURE_DIR TARGET_GGUF DRAFTER_GGUF...
 """
 import ctypes
+import json
 import sys
 
 import numpy as np
@@ -85,6 +87,10 @@ def decode(ctx, entries):
     return indices
 
 
+with open(f"{fixture}/config.json") as f:
+    window = json.load(f)["text_config"]["sliding_window"]
+failures = []
+
 target = load(target_path)
 n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(target))
 for path in drafters:
@@ -112,7 +118,11 @@ for path in drafters:
             token = int(logits.argmax())
             drafted.append(token)
         agree = sum(a == b for a, b in zip(drafted, want_tokens.tolist()))
+        if c <= window and agree < len(drafted):
+            failures.append(f"{path}: c={c} inside the window, {agree}/{len(drafted)} tokens agree")
         lines.append(f"c={c}: {agree}/{len(drafted)} (max |logit diff| {worst:.3g})")
     L.llama_free(ctx_d)
     L.llama_free(ctx_t)
     print(f"{path.rsplit('/', 1)[-1]}: drafted tokens equal transformers' at {', '.join(lines)}")
+if failures:
+    sys.exit("FAIL: " + "; ".join(failures))

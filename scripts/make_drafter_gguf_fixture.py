@@ -43,13 +43,17 @@ def llama_cpp_source() -> Path:
         data = r.read()
     if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
         sys.exit(f"{sdist['filename']}: sha256 does not match PyPI's")
+    CACHE.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=CACHE, prefix=".llama-cpp-src-"))
-    archive = partial / sdist["filename"]
-    archive.write_bytes(data)
-    with tarfile.open(archive) as tar:
-        tar.extractall(partial, filter="data")
-    archive.unlink()
-    partial.rename(src)
+    try:
+        archive = partial / sdist["filename"]
+        archive.write_bytes(data)
+        with tarfile.open(archive) as tar:
+            tar.extractall(partial, filter="data")
+        archive.unlink()
+        partial.rename(src)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return vendored
 
 

@@ -29,7 +29,7 @@ use crate::{progress, ExportSummary, PendingOutput};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_trainer::checkpoint::TextLayout;
 use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind, TensorSpec};
-use atoll_trainer::models::gemma4_assistant::AssistantConfig;
+use atoll_trainer::models::gemma4_assistant::{self, AssistantConfig};
 use std::path::{Path, PathBuf};
 
 /// Source bytes read per step when streaming a tensor (whole rows at a time).
@@ -212,10 +212,10 @@ fn model_metadata(stack: Stack, ty: GgmlType, name: &str) -> Result<Vec<(String,
         ));
     }
     match stack {
-        Stack::Text(config) if config.architecture == Architecture::Gemma3 => {
-            m.extend(gemma3_metadata(config, a)?)
-        }
-        Stack::Text(config) => m.extend(gguf_gemma4::metadata(config, a, 0)?),
+        Stack::Text(config) => match config.architecture {
+            Architecture::Gemma3 => m.extend(gemma3_metadata(config, a)?),
+            Architecture::Gemma4 => m.extend(gguf_gemma4::metadata(config, a, 0)?),
+        },
         Stack::Drafter(drafter) => {
             let layers = drafter.text.num_hidden_layers;
             m.extend(gguf_gemma4::metadata(&drafter.text, a, layers)?);
@@ -278,7 +278,18 @@ pub fn export_gguf(
     ty: GgmlType,
     tokenizer: Option<&Path>,
 ) -> Result<ExportSummary> {
-    let config = GemmaConfig::from_file(&ck.dir.join("config.json"))?;
+    let config_path = ck.dir.join("config.json");
+    let model_type = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_owned));
+    if model_type.as_deref() == Some(gemma4_assistant::MODEL_TYPE) {
+        bail!(
+            "{}: this is an MTP drafter, not a model; export it with --format drafter-gguf",
+            ck.dir.display()
+        );
+    }
+    let config = GemmaConfig::from_file(&config_path)?;
     let tokenizer = tokenizer
         .map(Path::to_path_buf)
         .or_else(|| ck.tokenizer.clone())
@@ -293,17 +304,21 @@ pub fn export_gguf(
 
 /// The `tokenizer.json` that goes with the drafter in `dir`: its own, that of the checkpoint
 /// holding it as `drafter/`, or that of the run whose `final/` that checkpoint is (drafter
-/// training copies the base model's tokenizer into the run).
+/// training writes the tokenizer it trained with, the base model's unless the recipe names
+/// another, into the run).
 pub fn drafter_tokenizer(dir: &Path) -> Option<PathBuf> {
+    // `.` or a symlink would hide the run's layout from the names below.
+    let dir = dir.canonicalize().ok()?;
     let holder = dir.parent().filter(|_| dir.ends_with("drafter"));
     let run = holder
         .filter(|p| p.ends_with("final"))
         .and_then(Path::parent);
-    [Some(dir), holder, run]
+    let found = [Some(dir.as_path()), holder, run]
         .into_iter()
         .flatten()
         .map(|d| d.join("tokenizer.json"))
-        .find(|p| p.is_file())
+        .find(|p| p.is_file());
+    found
 }
 
 /// Writes the Gemma 4 MTP drafter in `dir` (a `gemma4_unified_assistant` checkpoint) to the GGUF

@@ -9,7 +9,8 @@
 //! - `attention.shared_kv_layers` and `embedding_length_per_layer_input` are required keys;
 //!   Atoll's Gemma 4 shares no KV and has no per-layer embeddings, so both are 0. A drafter
 //!   (`gemma4-assistant`) shares every layer's K/V with its target: `shared_kv_layers` is its
-//!   layer count, as llama.cpp's converter copies `num_kv_shared_layers`.
+//!   layer count, the `num_kv_shared_layers` its config.json holds (Atoll reads no other value)
+//!   and llama.cpp's converter copies.
 //! - Norm weights are stored as they are (Gemma 4's RMSNorm multiplies by w, not 1 + w); V is
 //!   RMS-normalised without a weight; scores are not scaled (the q/k norms carry the scale);
 //!   the embedding scale sqrt(hidden) is hard-coded by llama.cpp, as in Atoll.

@@ -175,6 +175,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     };
     let worker = worker.as_mut();
     let plan = worker.plan()?;
+    crate::parts::check_parts_fit(&plan)?;
     let model_hash = worker.model_hash()?;
     let tokens_per_step = worker.tokens_per_step();
     let max_steps = recipe.train.max_steps.0 as u64;

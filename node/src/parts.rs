@@ -2,7 +2,7 @@
 //! unidirectional stream, sent by [`send_part`] and received by [`receive_parts`].
 
 use anyhow::{anyhow, Result};
-use atoll_coordinator::all_finite;
+use atoll_coordinator::{all_finite, FragmentPlan};
 use atoll_link::data::HEADER_LEN;
 use atoll_link::PartHeader;
 use atoll_wire::{decode_frame, FrameLimits};
@@ -38,8 +38,29 @@ const DECODE_OFF_RUNTIME_BYTES: usize = 256 * 1024;
 /// header; never below 1 GiB. At 12B the tied embedding (262,144 × 3,840 values) is a 4 GB frame
 /// in a catch-up, so a fixed 1 GiB would refuse it.
 pub fn frame_limit(largest_tensor: u64) -> u64 {
-    let f32_bytes = largest_tensor.saturating_mul(4);
-    (f32_bytes + f32_bytes / 128 + (1 << 20)).max(1 << 30)
+    largest_frame(largest_tensor).max(1 << 30)
+}
+
+/// The largest frame a tensor of `values` values can make: f32, zstd's worst case, the header.
+fn largest_frame(values: u64) -> u64 {
+    let f32_bytes = values.saturating_mul(4);
+    f32_bytes + f32_bytes / 128 + (1 << 20)
+}
+
+/// Refuses, before a job starts, a model one of whose tensors could not travel as a part: a
+/// part's length is 32 bits, so a tensor's f32 frame must stay under 4 GiB (about a billion
+/// values; a 12B Gemma's largest, its embedding, is 1.007 billion).
+pub fn check_parts_fit(plan: &FragmentPlan) -> Result<()> {
+    match plan.tensors.iter().max_by_key(|t| t.elements()) {
+        Some(t) if largest_frame(t.elements()) > u64::from(u32::MAX) => Err(anyhow!(
+            "tensor {} ({} values) is too large for one data-plane part (at most {} bytes as \
+             f32): models with tensors over about a billion values cannot be synchronised yet",
+            t.name,
+            t.elements(),
+            u32::MAX
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
@@ -50,11 +71,12 @@ pub async fn send_part(
     header: &PartHeader,
     frame: Bytes,
 ) -> Result<quinn::SendStream> {
-    // The header's 32-bit length: a larger frame must fail here, not arrive cut.
+    // A frame past the header's 32-bit length would arrive cut; `check_parts_fit` keeps models
+    // with such tensors from starting, so this catches a caller's mistake.
     if header.frame_len as usize != frame.len() {
         return Err(anyhow!(
-            "a frame of {} bytes does not fit a data-plane part (at most {} bytes: one tensor \
-             of up to about a billion f32 values)",
+            "part header gives {} bytes but the frame has {} (a part holds at most {} bytes)",
+            header.frame_len,
             frame.len(),
             u32::MAX
         ));
@@ -168,7 +190,7 @@ mod tests {
     /// zstd can add.
     #[test]
     fn the_frame_limit_admits_a_12b_catch_up_of_the_embedding() {
-        use atoll_coordinator::plan::{FragmentPlan, TensorInfo};
+        use atoll_coordinator::plan::TensorInfo;
         let config = atoll_trainer::presets::preset("gemma4-12b").unwrap().config;
         let tensors = config
             .tensor_specs()
@@ -206,6 +228,19 @@ mod tests {
         assert!(PartHeader::decode(&past, limit).is_err());
         // A small model keeps the floor.
         assert_eq!(frame_limit(1 << 20), 1 << 30);
+        // The 12B fits a part; an embedding of Gemma 3 27B's shape (262,208 x 5,376) does not,
+        // and is named before anything starts.
+        assert!(check_parts_fit(&plan).is_ok());
+        let big = FragmentPlan::new(
+            vec![
+                TensorInfo::new("model.embed_tokens.weight", &[262_208, 5_376]),
+                TensorInfo::new("model.norm.weight", &[5_376]),
+            ],
+            2,
+        )
+        .unwrap();
+        let err = check_parts_fit(&big).unwrap_err().to_string();
+        assert!(err.contains("model.embed_tokens.weight"), "{err}");
     }
 
     /// Far more bytes in flight on many streams at once than the connection's flow-control

@@ -458,5 +458,20 @@ fn gguf_drafter_equals_llama_cpps_conversion() {
         dir,
     );
     assert_clean_error(&failed, "has no drafter");
+    // A drafter through the model's format: pointed to the drafter's.
+    let failed = atoll(
+        &[
+            "export",
+            &fixture("gemma4-assistant-tiny"),
+            "--format",
+            "gguf",
+            "--tokenizer",
+            "tokenizer.json",
+            "--out",
+            "gguf/none.gguf",
+        ],
+        dir,
+    );
+    assert_clean_error(&failed, "export it with --format drafter-gguf");
     assert_eq!(entries(&dir.join("gguf")).len(), exports.len());
 }

@@ -28,9 +28,9 @@ pub struct CoordinatorArgs {
     /// that dial it by a name other than the listen address.
     #[arg(long = "host")]
     hosts: Vec<String>,
-    /// Largest data-plane frame accepted, in MiB (default: what the model's largest tensor needs
-    /// as f32, at least 1024).
-    #[arg(long)]
+    /// Largest data-plane frame this coordinator accepts from learners, in MiB, 1 to 4096
+    /// (default: what the model's largest tensor needs as f32, at least 1024).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_frame_mib: Option<u64>,
     /// Start from a checkpoint of `checkpoint.url` (default <run dir>/checkpoints):
     /// `latest` (newest intact) or `step-N`, instead of the run directory's own state.

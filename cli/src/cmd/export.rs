@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 pub struct ExportArgs {
     /// A checkpoint directory, a run directory (its final/), a step-N folder, or
     /// LOCATION/step-N | LOCATION/latest (a directory, s3://, gs://, az://); manifests are verified.
+    /// For the drafter formats also a drafter run or a drafter directory.
     pub checkpoint: String,
     #[arg(long, value_enum)]
     pub format: ExportFormat,
@@ -81,14 +82,13 @@ fn drafter_source(args: &ExportArgs) -> Result<(PathBuf, Option<Checkpoint>)> {
 fn export_drafter_gguf(args: &ExportArgs, quant: GgmlType) -> Result<()> {
     // An existing output is refused before anything is read or downloaded.
     PendingOutput::new(&args.out)?;
-    // A remote checkpoint's download lives as long as `checkpoint`.
-    let (source, checkpoint) = drafter_source(args)?;
+    // A remote checkpoint's download lives as long as `_checkpoint`.
+    let (source, _checkpoint) = drafter_source(args)?;
     let dir = atoll_trainer::drafter::export::find_drafter(&source)?;
     let tokenizer = args
         .tokenizer
         .clone()
         .or_else(|| gguf_export::drafter_tokenizer(&dir))
-        .or_else(|| checkpoint.as_ref().and_then(|c| c.tokenizer.clone()))
         .ok_or_else(|| {
             anyhow!(
                 "{}: no tokenizer.json with the drafter or its run; pass --tokenizer FILE (the target model's)",
@@ -97,10 +97,11 @@ fn export_drafter_gguf(args: &ExportArgs, quant: GgmlType) -> Result<()> {
         })?;
     let summary = gguf_export::export_drafter_gguf(&dir, &args.out, quant, &tokenizer)?;
     println!(
-        "wrote {} (drafter, {} tensors, {} bytes)",
+        "wrote {} (drafter, {} tensors, {} bytes; tokenizer {})",
         summary.path.display(),
         summary.tensors,
-        summary.bytes
+        summary.bytes,
+        tokenizer.display()
     );
     Ok(())
 }

@@ -191,6 +191,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let worker = tokio::task::block_in_place(|| Worker::without_optimizer(&recipe))?;
     let plan = worker.plan()?;
+    crate::parts::check_parts_fit(&plan)?;
     let model_hash = worker.model_hash()?;
     let max_frame = opts
         .max_frame_bytes
