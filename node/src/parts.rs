@@ -184,6 +184,21 @@ mod tests {
     use atoll_wire::{frame_encoded, Codec, DEFAULT_BLOCK};
     use std::time::Duration;
 
+    /// Part `tensor` of `tensors` of fragment 0's version 1, sent in full.
+    fn full_part(tensor: u32, tensors: u32, frame_len: u32) -> PartHeader {
+        PartHeader {
+            kind: PartKind::Full,
+            fragment: 0,
+            round_or_version: 1,
+            base_version: 0,
+            steps: 0,
+            tokens: 0,
+            tensor,
+            tensors,
+            frame_len,
+        }
+    }
+
     /// At 12B the tied embedding is one part of 262,144 × 3,840 values, a 4 GB frame as f32 in a
     /// learner's catch-up: the limit derived from the model admits that part's header (the
     /// fixed 1 GiB it replaces refused it), and refuses one a byte past the f32 size plus what
@@ -209,17 +224,7 @@ mod tests {
         let small =
             frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[2, 3], vec![0; 24], 0).unwrap();
         let f32_frame = largest * 4 + (small.len() as u64 - 24);
-        let header = |frame_len: u64| PartHeader {
-            kind: PartKind::Full,
-            fragment: 0,
-            round_or_version: 1,
-            base_version: 0,
-            steps: 0,
-            tokens: 0,
-            tensor: 0,
-            tensors: 1,
-            frame_len: u32::try_from(frame_len).unwrap(),
-        };
+        let header = |frame_len: u64| full_part(0, 1, u32::try_from(frame_len).unwrap());
         let limit = frame_limit(largest);
         let catch_up = header(f32_frame).encode();
         assert!(PartHeader::decode(&catch_up, limit).is_ok());
@@ -298,17 +303,7 @@ mod tests {
                     let frame =
                         frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[VALUES as u64], raw, 0)
                             .unwrap();
-                    let header = PartHeader {
-                        kind: PartKind::Full,
-                        fragment: 0,
-                        round_or_version: 1,
-                        base_version: 0,
-                        steps: 0,
-                        tokens: 0,
-                        tensor: k as u32,
-                        tensors: PARTS as u32,
-                        frame_len: frame.len() as u32,
-                    };
+                    let header = full_part(k as u32, PARTS as u32, frame.len() as u32);
                     send_part(&conn, &header, Bytes::from(frame)).await.unwrap();
                 }));
             }
