@@ -30,7 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use atoll_trainer::checkpoint::TextLayout;
 use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind, TensorSpec};
 use atoll_trainer::models::gemma4_assistant::{self, AssistantConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Source bytes read per step when streaming a tensor (whole rows at a time).
 const CHUNK_BYTES: usize = 32 << 20;
@@ -300,25 +300,6 @@ pub fn export_gguf(
             )
         })?;
     write_gguf(&ck.dir, Stack::Text(&config), out, ty, &tokenizer)
-}
-
-/// The `tokenizer.json` that goes with the drafter in `dir`: its own, that of the checkpoint
-/// holding it as `drafter/`, or that of the run whose `final/` that checkpoint is (drafter
-/// training writes the tokenizer it trained with, the base model's unless the recipe names
-/// another, into the run).
-pub fn drafter_tokenizer(dir: &Path) -> Option<PathBuf> {
-    // `.` or a symlink would hide the run's layout from the names below.
-    let dir = dir.canonicalize().ok()?;
-    let holder = dir.parent().filter(|_| dir.ends_with("drafter"));
-    let run = holder
-        .filter(|p| p.ends_with("final"))
-        .and_then(Path::parent);
-    let found = [Some(dir.as_path()), holder, run]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join("tokenizer.json"))
-        .find(|p| p.is_file());
-    found
 }
 
 /// Writes the Gemma 4 MTP drafter in `dir` (a `gemma4_unified_assistant` checkpoint) to the GGUF

@@ -126,7 +126,7 @@ fn drafter_trains_evaluates_and_exports_for_transformers() {
     assert!(out.contains("OK"), "{out}");
 
     // GGUF for llama.cpp from the run: its tokenizer is found in the run, and the file equals the
-    // one written from the exported drafter with that tokenizer named (the layout itself is
+    // one written from the exported drafter, which carries that tokenizer (the layout itself is
     // checked against llama.cpp's converter in tests/tests/export.rs).
     std::fs::create_dir_all(path("gguf-run")).unwrap();
     std::fs::create_dir_all(path("gguf-export")).unwrap();
@@ -151,14 +151,16 @@ fn drafter_trains_evaluates_and_exports_for_transformers() {
                 &path("export"),
                 "--format",
                 "drafter-gguf",
-                "--tokenizer",
-                &path("drafter/tokenizer.json"),
                 "--out",
                 &path("gguf-export/drafter.gguf"),
             ],
             t,
         ),
         "atoll export --format drafter-gguf (exported drafter)",
+    );
+    assert_eq!(
+        std::fs::read(path("export/tokenizer.json")).unwrap(),
+        std::fs::read(path("drafter/tokenizer.json")).unwrap()
     );
     let from_run = std::fs::read(path("gguf-run/drafter.gguf")).unwrap();
     assert!(from_run == std::fs::read(path("gguf-export/drafter.gguf")).unwrap());

@@ -88,7 +88,7 @@ fn export_drafter_gguf(args: &ExportArgs, quant: GgmlType) -> Result<()> {
     let tokenizer = args
         .tokenizer
         .clone()
-        .or_else(|| gguf_export::drafter_tokenizer(&dir))
+        .or_else(|| atoll_trainer::drafter::drafter_tokenizer(&dir))
         .ok_or_else(|| {
             anyhow!(
                 "{}: no tokenizer.json with the drafter or its run; pass --tokenizer FILE (the target model's)",

@@ -39,6 +39,25 @@ pub fn find_drafter(source: &Path) -> Result<PathBuf> {
         })
 }
 
+/// The `tokenizer.json` that goes with the drafter in `dir`: its own, that of the checkpoint
+/// holding it as `drafter/`, or that of the run whose `final/` that checkpoint is (drafter
+/// training writes the tokenizer it trained with, the base model's unless the recipe names
+/// another, into the run).
+pub fn drafter_tokenizer(dir: &Path) -> Option<PathBuf> {
+    // `.` or a symlink would hide the run's layout from the names below.
+    let dir = dir.canonicalize().ok()?;
+    let holder = dir.parent().filter(|_| dir.ends_with("drafter"));
+    let run = holder
+        .filter(|p| p.ends_with("final"))
+        .and_then(Path::parent);
+    let found = [Some(dir.as_path()), holder, run]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("tokenizer.json"))
+        .find(|p| p.is_file());
+    found
+}
+
 /// What [`export_drafter`] wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportedDrafter {
@@ -68,14 +87,15 @@ fn stored_kind(dir: &Path) -> Kind {
 }
 
 /// Writes `model` into `out_dir` in the Hugging Face assistant layout (`config.json`,
-/// `model.safetensors`, `generation_config.json`), all or nothing: the files go to a temporary
-/// directory next to `out_dir`, renamed to `out_dir` at the end. `out_dir` must not exist
-/// (or be an empty directory).
+/// `model.safetensors`, `generation_config.json`, and a copy of `tokenizer` when given), all or
+/// nothing: the files go to a temporary directory next to `out_dir`, renamed to `out_dir` at
+/// the end. `out_dir` must not exist (or be an empty directory).
 pub fn write_drafter_dir(
     model: &Gemma4Assistant,
     out_dir: &Path,
     kind: Kind,
     num_assistant_tokens: usize,
+    tokenizer: Option<&Path>,
 ) -> Result<()> {
     if out_dir.exists() {
         let empty_dir = out_dir
@@ -89,7 +109,12 @@ pub fn write_drafter_dir(
             );
         }
     }
-    let files = gemma4_assistant::files(model, kind, num_assistant_tokens)?;
+    let mut files = gemma4_assistant::files(model, kind, num_assistant_tokens)?;
+    if let Some(path) = tokenizer {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        files.push(("tokenizer.json".to_string(), bytes));
+    }
     let name = out_dir
         .file_name()
         .ok_or_else(|| anyhow!("{}: not a directory path", out_dir.display()))?
@@ -134,7 +159,9 @@ pub fn export_drafter(source: &Path, out_dir: &Path) -> Result<ExportedDrafter> 
     let model = gemma4_assistant::load(&dir, Device::Cpu)?;
     let kind = stored_kind(&dir);
     let k = gemma4_assistant::num_assistant_tokens(&dir).unwrap_or(DEFAULT_NUM_ASSISTANT_TOKENS);
-    write_drafter_dir(&model, out_dir, kind, k)?;
+    // The target's tokenizer travels with the drafter, so the export is complete for a GGUF
+    // conversion (`atoll export --format drafter-gguf`) as it is.
+    write_drafter_dir(&model, out_dir, kind, k, drafter_tokenizer(&dir).as_deref())?;
     Ok(ExportedDrafter {
         source: dir,
         out_dir: out_dir.to_path_buf(),

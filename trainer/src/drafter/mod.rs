@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
-pub use export::{export_drafter, find_drafter, ExportedDrafter};
+pub use export::{drafter_tokenizer, export_drafter, find_drafter, ExportedDrafter};
 
 /// Where a drafter run keeps its drafter.
 pub fn run_drafter_dir(run_dir: &Path) -> PathBuf {

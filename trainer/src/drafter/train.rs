@@ -239,7 +239,7 @@ pub fn train(recipe: &Recipe, run_dir: &Path, resuming: bool) -> Result<Summary>
         if let Some(parent) = dir.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        write_drafter_dir(&drafter, &dir, Kind::Float, k)?;
+        write_drafter_dir(&drafter, &dir, Kind::Float, k, None)?;
         Some(dir)
     } else {
         None
