@@ -70,9 +70,11 @@ sync:
     );
     assert_eq!(summary["wan"]["east"]["down"]["dropped_mtu"], 0);
     let eval = summary["final_eval_loss"].as_f64().unwrap();
+    // A run in some 30 ends near the initial loss (6.05 once on 2026-12-05, against 4.97-5.38 in
+    // 31 reruns); the summary (rounds, learners per round, merges) is kept for that run.
     assert!(
         eval.is_finite() && eval < 6.0,
-        "2-bit contributions with error feedback: {eval}"
+        "2-bit contributions with error feedback: {eval}; {summary}"
     );
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
     // Under `rebase` a learner left out of a round keeps its work and the last rounds merge it,
