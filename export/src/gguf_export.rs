@@ -29,7 +29,7 @@ use crate::{progress, ExportSummary, PendingOutput};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_trainer::checkpoint::TextLayout;
 use atoll_trainer::config::{Architecture, GemmaConfig, LayerType, RopeKind, TensorSpec};
-use atoll_trainer::models::gemma4_assistant::{self, AssistantConfig};
+use atoll_trainer::models::gemma4_assistant::AssistantConfig;
 use std::path::Path;
 
 /// Source bytes read per step when streaming a tensor (whole rows at a time).
@@ -278,18 +278,13 @@ pub fn export_gguf(
     ty: GgmlType,
     tokenizer: Option<&Path>,
 ) -> Result<ExportSummary> {
-    let config_path = ck.dir.join("config.json");
-    let model_type = std::fs::read_to_string(&config_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("model_type")?.as_str().map(str::to_owned));
-    if model_type.as_deref() == Some(gemma4_assistant::MODEL_TYPE) {
+    if atoll_trainer::drafter::export::is_drafter_dir(&ck.dir) {
         bail!(
             "{}: this is an MTP drafter, not a model; export it with --format drafter-gguf",
             ck.dir.display()
         );
     }
-    let config = GemmaConfig::from_file(&config_path)?;
+    let config = GemmaConfig::from_file(&ck.dir.join("config.json"))?;
     let tokenizer = tokenizer
         .map(Path::to_path_buf)
         .or_else(|| ck.tokenizer.clone())

@@ -37,7 +37,7 @@ pub struct LearnerOptions {
     pub run_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
     /// Largest data-plane frame accepted, in bytes; `None`: what the model's largest tensor
-    /// needs ([`crate::parts::frame_limit`]).
+    /// needs ([`crate::parts::frame_limit_for`]).
     pub max_frame_bytes: Option<u64>,
     /// Give up when the coordinator stays unreachable this long.
     pub give_up_after: Duration,
@@ -175,7 +175,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     };
     let worker = worker.as_mut();
     let plan = worker.plan()?;
-    crate::parts::check_parts_fit(&plan)?;
+    let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes)?;
     let model_hash = worker.model_hash()?;
     let tokens_per_step = worker.tokens_per_step();
     let max_steps = recipe.train.max_steps.0 as u64;
@@ -213,9 +213,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         fragments: plan.len(),
         connections: recipe.sync.link.connections.0,
         tuning: link_tuning(&recipe),
-        max_frame: opts
-            .max_frame_bytes
-            .unwrap_or_else(|| crate::parts::frame_limit(plan.largest_tensor())),
+        max_frame,
         give_up_after: opts.give_up_after,
         data_via: opts.data_via,
         inbound: inbound_tx,

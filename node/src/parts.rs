@@ -37,7 +37,7 @@ const DECODE_OFF_RUNTIME_BYTES: usize = 256 * 1024;
 /// travels as), plus what zstd may add to incompressible bytes (under 1/128) and the frame's
 /// header; never below 1 GiB. At 12B the tied embedding (262,144 × 3,840 values) is a 4 GB frame
 /// in a catch-up, so a fixed 1 GiB would refuse it.
-pub fn frame_limit(largest_tensor: u64) -> u64 {
+fn frame_limit(largest_tensor: u64) -> u64 {
     largest_frame(largest_tensor).max(1 << 30)
 }
 
@@ -47,10 +47,18 @@ fn largest_frame(values: u64) -> u64 {
     f32_bytes + f32_bytes / 128 + (1 << 20)
 }
 
-/// Refuses, before a job starts, a model one of whose tensors could not travel as a part: a
-/// part's length is 32 bits, so a tensor's f32 frame must stay under 4 GiB (about a billion
-/// values; a 12B Gemma's largest, its embedding, is 1.007 billion).
-pub fn check_parts_fit(plan: &FragmentPlan) -> Result<()> {
+/// The frame limit of a learner or coordinator of `plan`: `configured`, or what the model's
+/// largest tensor needs ([`frame_limit`]); an error, before the job starts, for a model one of
+/// whose tensors could not travel as a part at all ([`check_parts_fit`]).
+pub fn frame_limit_for(plan: &FragmentPlan, configured: Option<u64>) -> Result<u64> {
+    check_parts_fit(plan)?;
+    Ok(configured.unwrap_or_else(|| frame_limit(plan.largest_tensor())))
+}
+
+/// Refuses a model one of whose tensors could not travel as a part: a part's length is 32 bits,
+/// so a tensor's f32 frame must stay under 4 GiB (about a billion values; a 12B Gemma's
+/// largest, its embedding, is 1.007 billion).
+fn check_parts_fit(plan: &FragmentPlan) -> Result<()> {
     match plan.tensors.iter().max_by_key(|t| t.elements()) {
         Some(t) if largest_frame(t.elements()) > u64::from(u32::MAX) => Err(anyhow!(
             "tensor {} ({} values) is too large for one data-plane part (at most {} bytes as \

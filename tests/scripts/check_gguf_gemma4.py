@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 import gguf
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
+from gguf_quant import encoded_as, expected_type
 from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
 gguf_dir, tokenizer_path, fixtures = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -169,11 +170,8 @@ for fixture in fixtures:
             if want.ndim == 1:
                 check(t.tensor_type == Q.F32 and np.array_equal(got, want), f"{name} {q}: {g_name} f32 values")
                 continue
-            expected_type = Q.F16 if qtype in (Q.Q8_0, Q.Q4_0) and want.shape[-1] % 32 else qtype
-            check(t.tensor_type == expected_type, f"{name} {q}: {g_name} type {t.tensor_type}")
-            ref_bytes = gguf.quants.quantize(want, expected_type)
-            check(np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), ref_bytes.view(np.uint8).reshape(-1)),
-                  f"{name} {q}: {g_name} bytes differ from gguf.quants.quantize")
+            check(t.tensor_type == expected_type(qtype, want), f"{name} {q}: {g_name} type {t.tensor_type}")
+            check(encoded_as(t, want, qtype), f"{name} {q}: {g_name} bytes differ from gguf.quants.quantize")
             worst = max(worst, float(np.abs(got - want).max()))
         print(f"{name} {q}: {len(read)} tensors and {len(keys)} keys read back; max |weight error| {worst:.3g}")
 

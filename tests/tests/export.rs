@@ -430,48 +430,38 @@ fn gguf_drafter_equals_llama_cpps_conversion() {
     args.extend(exports.iter().map(|p| p.as_os_str()));
     assert_reference_check("check_gguf_drafter.py", &args);
 
-    // Without a tokenizer (the fixture has none and is no drafter run): one clear error, no file.
-    let failed = atoll(
-        &[
-            "export",
-            &fixture("gemma4-assistant-tiny"),
-            "--format",
+    // Each a clear error, and no file: no tokenizer (the fixture has none and is no drafter
+    // run); a text model, which is no drafter; a drafter through the model's format, pointed to
+    // the drafter's.
+    let refusals = [
+        (
+            "gemma4-assistant-tiny",
             "drafter-gguf",
-            "--out",
-            "gguf/none.gguf",
-        ],
-        dir,
-    );
-    assert_clean_error(&failed, "no tokenizer.json with the drafter");
-    // A text model is no drafter.
-    let failed = atoll(
-        &[
-            "export",
-            &fixture("gemma4-tiny"),
-            "--format",
-            "drafter-gguf",
-            "--tokenizer",
-            "tokenizer.json",
-            "--out",
-            "gguf/none.gguf",
-        ],
-        dir,
-    );
-    assert_clean_error(&failed, "has no drafter");
-    // A drafter through the model's format: pointed to the drafter's.
-    let failed = atoll(
-        &[
-            "export",
-            &fixture("gemma4-assistant-tiny"),
-            "--format",
+            false,
+            "no tokenizer.json with the drafter",
+        ),
+        ("gemma4-tiny", "drafter-gguf", true, "has no drafter"),
+        (
+            "gemma4-assistant-tiny",
             "gguf",
-            "--tokenizer",
-            "tokenizer.json",
+            true,
+            "export it with --format drafter-gguf",
+        ),
+    ];
+    for (name, format, with_tokenizer, needle) in refusals {
+        let source = fixture(name);
+        let mut args = vec![
+            "export",
+            &source,
+            "--format",
+            format,
             "--out",
             "gguf/none.gguf",
-        ],
-        dir,
-    );
-    assert_clean_error(&failed, "export it with --format drafter-gguf");
+        ];
+        if with_tokenizer {
+            args.extend(["--tokenizer", "tokenizer.json"]);
+        }
+        assert_clean_error(&atoll(&args, dir), needle);
+    }
     assert_eq!(entries(&dir.join("gguf")).len(), exports.len());
 }

@@ -68,20 +68,19 @@ pub fn run(args: ExportArgs) -> Result<()> {
 }
 
 /// Resolves `CHECKPOINT` to a local directory the drafter is found from: a local path as it is
-/// (a run, checkpoint or drafter directory), a store location downloaded and verified.
+/// (a run, checkpoint or drafter directory), a store location downloaded and verified. An
+/// existing output is refused first, before anything is read or downloaded.
 fn drafter_source(args: &ExportArgs) -> Result<(PathBuf, Option<Checkpoint>)> {
+    let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
     let local = Path::new(&args.checkpoint);
     if local.exists() {
         return Ok((local.to_path_buf(), None));
     }
-    let scratch_parent = PendingOutput::new(&args.out)?.parent().to_path_buf();
     let checkpoint = resolve(&args.checkpoint, &scratch_parent)?;
     Ok((checkpoint.dir.clone(), Some(checkpoint)))
 }
 
 fn export_drafter_gguf(args: &ExportArgs, quant: GgmlType) -> Result<()> {
-    // An existing output is refused before anything is read or downloaded.
-    PendingOutput::new(&args.out)?;
     // A remote checkpoint's download lives as long as `_checkpoint`.
     let (source, _checkpoint) = drafter_source(args)?;
     let dir = atoll_trainer::drafter::export::find_drafter(&source)?;

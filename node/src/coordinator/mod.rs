@@ -51,7 +51,7 @@ pub struct CoordinatorOptions {
     /// Extra names or addresses the server certificate must be valid for.
     pub hosts: Vec<String>,
     /// Largest data-plane frame accepted, in bytes; `None`: what the model's largest tensor
-    /// needs ([`crate::parts::frame_limit`]).
+    /// needs ([`crate::parts::frame_limit_for`]).
     pub max_frame_bytes: Option<u64>,
     /// Start from a checkpoint of `checkpoint.url` instead of the run directory's own state.
     pub resume: Option<ResumeFrom>,
@@ -191,11 +191,8 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let worker = tokio::task::block_in_place(|| Worker::without_optimizer(&recipe))?;
     let plan = worker.plan()?;
-    crate::parts::check_parts_fit(&plan)?;
+    let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes)?;
     let model_hash = worker.model_hash()?;
-    let max_frame = opts
-        .max_frame_bytes
-        .unwrap_or_else(|| crate::parts::frame_limit(plan.largest_tensor()));
     let ckpt = &recipe.checkpoint;
     let ckpt_store = CheckpointStore::open(&ckpt.location(&opts.run_dir), ckpt.store_options())?;
     let last_checkpoint_step = match opts.resume {

@@ -10,7 +10,8 @@ use tch::{Device, Kind};
 /// Tokens per round written to `generation_config.json` when the source has none.
 const DEFAULT_NUM_ASSISTANT_TOKENS: usize = 4;
 
-fn is_drafter_dir(dir: &Path) -> bool {
+/// Whether `dir` holds a drafter checkpoint (its config.json's `model_type` is the assistant's).
+pub fn is_drafter_dir(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
