@@ -46,7 +46,9 @@ get_embeddings_nextn_ith.restype = ctypes.POINTER(ctypes.c_float)
 
 
 def load(path):
-    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    params = L.llama_model_default_params()
+    params.use_extra_bufts = False  # as benchmarks/gguf_llama_cpp.py: AMX / repack crash on tiny widths
+    model = L.llama_model_load_from_file(path.encode(), params)
     if not model:
         sys.exit(f"FAIL: llama.cpp could not load {path}")
     return model

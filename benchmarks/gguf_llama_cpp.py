@@ -6,9 +6,26 @@ with an f32 one.
 usage: gguf_llama_cpp.py FIXTURE_DIR GGUF..."""
 import sys
 
+import llama_cpp.llama_cpp as llama_cpp_c
 import numpy as np
 from llama_cpp import Llama
 from safetensors.numpy import load_file
+
+_default_model_params = llama_cpp_c.llama_model_default_params
+
+
+def _model_params_without_extra_buffers():
+    # llama.cpp 0.3.36's extra CPU buffer types (AMX tiles, repacked quantized weights) crash
+    # (SIGSEGV) on these fixtures' tiny widths on CPUs with AMX: q8_0 and q4_0 alike, and equally
+    # with llama.cpp's own quantization of the f32 export. The plain CPU path runs everywhere and
+    # gave the AMD machine's recorded q8_0 / q4_0 figures to the digit (2026-12-05).
+    params = _default_model_params()
+    params.use_extra_bufts = False
+    return params
+
+
+# Llama() reads its model parameters from here and has no argument for this one.
+llama_cpp_c.llama_model_default_params = _model_params_without_extra_buffers
 
 fixture, ggufs = sys.argv[1], sys.argv[2:]
 ref = load_file(f"{fixture}/reference.safetensors")
