@@ -67,6 +67,17 @@ for cell in cells:
     ratio = dp["bytes_per_learner"] / dec["bytes_per_learner"]
     gaps.append((gap, m, seed))
     print(f"{m:>3} {seed:>5} {dp['final_eval_loss']:>8.4f} {dec['final_eval_loss']:>10.4f} {gap:>+7.2f}% {best:>+8.2f}% {ratio:>11.0f}x")
+by_m = {}
+for gap, m, _ in gaps:
+    by_m.setdefault(m, []).append(gap)
+for m, cell_gaps in by_m.items():
+    if len(cell_gaps) > 1:
+        # One run's final loss moves by up to 1.7% with its rounding alone (benchmarks/README.md,
+        # "the noise floor"), so a per-M mean is only as good as its standard error.
+        n = len(cell_gaps)
+        mean = sum(cell_gaps) / n
+        sd = (sum((g - mean) ** 2 for g in cell_gaps) / (n - 1)) ** 0.5
+        print(f"M={m}: mean gap {mean:+.2f}% (standard error {sd / n ** 0.5:.2f} over {n} seeds)")
 if gaps:
     worst = max(gaps)
     print(f"worst cell: M={worst[1]} seed {worst[2]} {worst[0]:+.2f}%; mean gap {sum(g for g, _, _ in gaps) / len(gaps):+.2f}% over {len(gaps)} cells (runs in {work})")
