@@ -134,8 +134,31 @@ pub fn receive_parts(
     rx
 }
 
+/// Bytes of a frame that must arrive before its receive buffer is sized to the header's length.
+const TRUST_FRAME_LEN_AFTER: usize = 64 << 20;
+
+/// Makes room in `frame` for `incoming` more bytes of a frame of `len`. Below
+/// [`TRUST_FRAME_LEN_AFTER`] received bytes the buffer grows by doubling, so a header that claims
+/// gigabytes costs memory only as its bytes arrive; past it, the peer has shown it sends a large
+/// frame and the buffer takes exactly `len` at once. A 12B embedding's 4 GB catch-up frame then
+/// holds 4 GB plus one 64 MiB copy, rather than doubling to 4 GiB through 2 GiB (6 GiB at once
+/// and 4 GB copied on the way).
+fn reserve_frame(frame: &mut Vec<u8>, len: usize, incoming: usize) {
+    let needed = frame.len() + incoming;
+    if needed <= frame.capacity() {
+        return;
+    }
+    let target = if frame.len() >= TRUST_FRAME_LEN_AFTER {
+        len
+    } else {
+        (2 * frame.capacity()).max(needed).min(len)
+    };
+    frame.reserve_exact(target.max(needed) - frame.len());
+}
+
 /// Reads one part (header then frame) from a stream, checking both before trusting them.
-/// Memory grows with the bytes that actually arrived, not with the length the header claims.
+/// Memory grows with the bytes that actually arrived (up to [`TRUST_FRAME_LEN_AFTER`]), not with
+/// the length the header claims.
 async fn read_part(
     recv: &mut quinn::RecvStream,
     max_frame: u64,
@@ -152,7 +175,10 @@ async fn read_part(
     let mut frame = Vec::with_capacity(len.min(1 << 20));
     while frame.len() < len {
         match recv.read_chunk(len - frame.len(), true).await {
-            Ok(Some(chunk)) => frame.extend_from_slice(&chunk.bytes),
+            Ok(Some(chunk)) => {
+                reserve_frame(&mut frame, len, chunk.bytes.len());
+                frame.extend_from_slice(&chunk.bytes);
+            }
             Ok(None) => {
                 return Err(anyhow!(
                     "truncated frame: {} of {len} bytes before the stream ended",
@@ -187,6 +213,40 @@ async fn read_part(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks of a frame arriving one after another: until 64 MiB have arrived the buffer at most
+    /// doubles and never passes the frame's length; after, it is the frame's length exactly, and
+    /// grows no more.
+    #[test]
+    fn a_frame_buffer_doubles_until_trusted_then_takes_the_frame_length() {
+        let chunk = 1 << 20;
+        for len in [3 * chunk + 5, 200 * chunk + 7] {
+            let mut frame: Vec<u8> = Vec::with_capacity(len.min(chunk));
+            let mut sizes = vec![frame.capacity()];
+            let mut received = 0;
+            while received < len {
+                let n = chunk.min(len - received);
+                reserve_frame(&mut frame, len, n);
+                received += n;
+                frame.resize(received, 0);
+                if sizes.last() != Some(&frame.capacity()) {
+                    sizes.push(frame.capacity());
+                }
+            }
+            assert_eq!(frame.capacity(), len, "{sizes:?}");
+            for pair in sizes.windows(2) {
+                assert!(pair[1] <= 2 * pair[0] || pair[1] == len, "{len}: {sizes:?}");
+            }
+            if len > TRUST_FRAME_LEN_AFTER {
+                // Doubling up to 64 MiB, then the whole frame: one step past the threshold.
+                let past: Vec<_> = sizes
+                    .iter()
+                    .filter(|&&c| c > TRUST_FRAME_LEN_AFTER)
+                    .collect();
+                assert_eq!(past, vec![&len], "{sizes:?}");
+            }
+        }
+    }
     use atoll_link::quic::{client_endpoint, connect, server_endpoint};
     use atoll_link::{JobTls, LinkTuning, PartKind};
     use atoll_wire::{frame_encoded, Codec, DEFAULT_BLOCK};
