@@ -55,12 +55,17 @@ pub fn frame_limit_for(plan: &FragmentPlan, configured: Option<u64>) -> Result<u
     Ok(configured.unwrap_or_else(|| frame_limit(plan.largest_tensor())))
 }
 
+/// Whether a tensor of `values` values can travel as one part in every codec (as f32 at most).
+pub fn part_fits(values: u64) -> bool {
+    largest_frame(values) <= u64::from(u32::MAX)
+}
+
 /// Refuses a model one of whose tensors could not travel as a part: a part's length is 32 bits,
 /// so a tensor's f32 frame must stay under 4 GiB (about a billion values; a 12B Gemma's
 /// largest, its embedding, is 1.007 billion).
 fn check_parts_fit(plan: &FragmentPlan) -> Result<()> {
     match plan.tensors.iter().max_by_key(|t| t.elements()) {
-        Some(t) if largest_frame(t.elements()) > u64::from(u32::MAX) => Err(anyhow!(
+        Some(t) if !part_fits(t.elements()) => Err(anyhow!(
             "tensor {} ({} values) is too large for one data-plane part (at most {} bytes as \
              f32): models with tensors over about a billion values cannot be synchronised yet",
             t.name,

@@ -30,9 +30,33 @@ fn model_info_prints_the_real_12b_parameter_counts() {
             out.contains("memory, bf16 weights:") && out.contains("AdamW state"),
             "{out}"
         );
+        // The 12B embedding (1.007 billion values) is the largest tensor a part can carry.
+        assert!(
+            out.contains("data plane: the embedding travels as one part of 4.03 GB"),
+            "{out}"
+        );
     }
     let o = atoll(&["model", "info", &fixture("gemma4-tiny")], dir.path());
     assert!(stdout(&o).contains("K=V true"));
+    // A Gemma 3 27B-sized embedding (262,208 x 5,376) on the tiny fixture's other shapes: `atoll
+    // model info` says before any job starts that the data plane cannot carry it.
+    let big = dir.path().join("big-embedding");
+    std::fs::create_dir(&big).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/gemma3-tiny/config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    config["vocab_size"] = 262_208.into();
+    config["hidden_size"] = 5_376.into();
+    std::fs::write(big.join("config.json"), config.to_string()).unwrap();
+    let o = atoll(&["model", "info", big.to_str().unwrap()], dir.path());
+    assert!(o.status.success(), "{}", atoll_system_tests::stderr(&o));
+    assert!(
+        stdout(&o).contains("is too large for one part (4 GiB): `atoll run` cannot synchronise"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]

@@ -216,6 +216,20 @@ fn model_info(model: &str) -> Result<GemmaConfig> {
             config.global_head_dim, config.num_global_key_value_heads, config.attention_k_eq_v
         );
     }
+    // The embedding is a Gemma's largest tensor, and each tensor travels as one data-plane part.
+    let embedding_f32 = 4.0 * embedding as f64;
+    if atoll_node::parts::part_fits(embedding) {
+        println!(
+            "data plane: the embedding travels as one part of {:.2} GB as f32 (a part holds up to 4 GiB)",
+            embedding_f32 / 1e9
+        );
+    } else {
+        println!(
+            "data plane: the embedding ({embedding} values, {:.2} GB as f32) is too large for one part \
+             (4 GiB): `atoll run` cannot synchronise this model yet (docs/operations.md)",
+            embedding_f32 / 1e9
+        );
+    }
     let n = total as f64;
     println!("memory, bf16 weights: {}", gib(2.0 * n));
     println!("memory, bf16 gradients: {}", gib(2.0 * n));
