@@ -32,7 +32,9 @@ fn model_info_prints_the_real_12b_parameter_counts() {
         );
         // The 12B embedding (1.007 billion values) is the largest tensor a part can carry.
         assert!(
-            out.contains("data plane: the embedding travels as one part of 4.03 GB"),
+            out.contains(
+                "data plane: the largest tensor (model.embed_tokens.weight) travels as one part of 4.03 GB"
+            ),
             "{out}"
         );
     }
@@ -53,7 +55,9 @@ fn model_info_prints_the_real_12b_parameter_counts() {
     let o = atoll(&["model", "info", big.to_str().unwrap()], dir.path());
     assert!(o.status.success(), "{}", atoll_system_tests::stderr(&o));
     assert!(
-        stdout(&o).contains("is too large for one part (4 GiB): `atoll run` cannot synchronise"),
+        stdout(&o).contains(
+            "model.embed_tokens.weight (1409630208 values, 5.64 GB as f32) is too large for one part"
+        ),
         "{}",
         stdout(&o)
     );

@@ -216,19 +216,25 @@ fn model_info(model: &str) -> Result<GemmaConfig> {
             config.global_head_dim, config.num_global_key_value_heads, config.attention_k_eq_v
         );
     }
-    // The embedding is a Gemma's largest tensor, and each tensor travels as one data-plane part.
-    let embedding_f32 = 4.0 * embedding as f64;
-    if atoll_node::parts::part_fits(embedding) {
-        println!(
-            "data plane: the embedding travels as one part of {:.2} GB as f32 (a part holds up to 4 GiB)",
-            embedding_f32 / 1e9
-        );
-    } else {
-        println!(
-            "data plane: the embedding ({embedding} values, {:.2} GB as f32) is too large for one part \
-             (4 GiB): `atoll run` cannot synchronise this model yet (docs/operations.md)",
-            embedding_f32 / 1e9
-        );
+    // Each trainable tensor travels as one data-plane part.
+    let largest = config
+        .tensor_specs()
+        .into_iter()
+        .filter(|t| t.trainable)
+        .map(|t| (t.shape.iter().product::<i64>() as u64, t.name))
+        .max();
+    if let Some((values, name)) = largest {
+        let f32_gb = 4.0 * values as f64 / 1e9;
+        if atoll_node::parts::part_fits(values) {
+            println!(
+                "data plane: the largest tensor ({name}) travels as one part of {f32_gb:.2} GB as f32 (a part holds up to 4 GiB)"
+            );
+        } else {
+            println!(
+                "data plane: {name} ({values} values, {f32_gb:.2} GB as f32) is too large for one \
+                 part (4 GiB): `atoll run` cannot synchronise this model yet (docs/operations.md)"
+            );
+        }
     }
     let n = total as f64;
     println!("memory, bf16 weights: {}", gib(2.0 * n));
