@@ -156,7 +156,7 @@ fn reserve_frame(frame: &mut Vec<u8>, len: usize, incoming: usize) {
     let target = if frame.len() >= TRUST_FRAME_LEN_AFTER {
         len
     } else {
-        (2 * frame.capacity()).max(needed).min(len)
+        (2 * frame.capacity()).min(len)
     };
     frame.reserve_exact(target.max(needed) - frame.len());
 }
@@ -218,6 +218,10 @@ async fn read_part(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atoll_link::quic::{client_endpoint, connect, server_endpoint};
+    use atoll_link::{JobTls, LinkTuning, PartKind};
+    use atoll_wire::{frame_encoded, Codec, DEFAULT_BLOCK};
+    use std::time::Duration;
 
     /// Chunks of a frame arriving one after another: until 64 MiB have arrived the buffer at most
     /// doubles and never passes the frame's length; after, it is the frame's length exactly, and
@@ -252,10 +256,6 @@ mod tests {
             }
         }
     }
-    use atoll_link::quic::{client_endpoint, connect, server_endpoint};
-    use atoll_link::{JobTls, LinkTuning, PartKind};
-    use atoll_wire::{frame_encoded, Codec, DEFAULT_BLOCK};
-    use std::time::Duration;
 
     /// Part `tensor` of `tensors` of fragment 0's version 1, sent in full.
     fn full_part(tensor: u32, tensors: u32, frame_len: u32) -> PartHeader {
