@@ -54,7 +54,32 @@ deploy:
     assert!(merged >= 0.8 * trained, "{summary}");
     // ln(512) = 6.24 is the untrained model's loss; 32 steps of two sharded learners go below.
     let eval = summary["final_eval_loss"].as_f64().unwrap();
-    assert!(eval < 5.9, "final eval loss {eval}: {summary}");
+    assert!(
+        eval < 5.9,
+        "final eval loss {eval}: {summary}\n{}",
+        job_record(&d.join("job"))
+    );
+}
+
+/// What a failed assertion on a finished job shows: its merge log and every process's log.
+fn job_record(job: &std::path::Path) -> String {
+    let mut record = String::new();
+    for file in [
+        "coordinator/merges.jsonl",
+        "coordinator.log",
+        "learner-east.log",
+        "learner-west.log",
+        "learner-east/learner.log",
+        "learner-east/rank-1.log",
+        "learner-west/learner.log",
+        "learner-west/rank-1.log",
+        "learner-east/summary.json",
+        "learner-west/summary.json",
+    ] {
+        let text = std::fs::read_to_string(job.join(file)).unwrap_or_else(|e| e.to_string());
+        record.push_str(&format!("--- {file}\n{text}\n"));
+    }
+    record
 }
 
 /// One rank of a two-rank learner is SIGKILLed mid-job: the learner (rank 0) exits with an error
