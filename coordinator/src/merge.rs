@@ -99,6 +99,10 @@ pub struct MergedTensor {
     pub values: Vec<f32>,
     /// The broadcast's payload in the codec (None without a codec or when encoding failed).
     pub encoded: Option<Vec<u8>>,
+    /// RDA only: how far the learners' directions agree, ‖Σw·Δ/‖Δ‖‖ / Σw: 1 when they point
+    /// the same way, about 1/√M for M orthogonal ones, near 0 when they cancel (the merged step
+    /// still has the learners' mean length, so its direction is then mostly noise).
+    pub agreement: Option<f64>,
 }
 
 /// What multiplies each contribution's value before summing, element by element.
@@ -132,6 +136,10 @@ pub fn merge_tensor(
     let chunks = n.div_ceil(MERGE_CHUNK).max(1);
     let range = |c: usize| c * MERGE_CHUNK..((c + 1) * MERGE_CHUNK).min(n);
     let scale = merge_scale(round, n, chunks, threads, range);
+    let agreement = match &scale {
+        Scale::Rda { dir_norm, .. } => Some(dir_norm / round.weights.iter().sum::<f64>()),
+        _ => None,
+    };
 
     let (optimizer, momentum) = match step {
         OuterStep::Average => (None, None),
@@ -167,6 +175,7 @@ pub fn merge_tensor(
         return MergedTensor {
             values,
             encoded: None,
+            agreement,
         };
     };
     let Ok(parts) = encoded
@@ -181,6 +190,7 @@ pub fn merge_tensor(
         return MergedTensor {
             values,
             encoded: None,
+            agreement,
         };
     };
     let residual_chunks = split_optional(residual, chunks);
@@ -202,6 +212,7 @@ pub fn merge_tensor(
     MergedTensor {
         values,
         encoded: Some(parts.concat()),
+        agreement,
     }
 }
 
@@ -758,6 +769,34 @@ mod tests {
         assert!((merged_norm - radius).abs() < 1e-5);
         let mean = merged(&[&a, &b], &[1.0, 1.0], MergeRule::Mean, 1);
         assert!(mean.iter().map(|x| x * x).sum::<f32>().sqrt() < 0.6 * 5.0);
+    }
+
+    /// The agreement the merge log records: 1 for learners pointing the same way, 1/√2 for two
+    /// orthogonal ones of equal weight, small when they nearly cancel; none for a plain mean.
+    #[test]
+    fn agreement_measures_how_far_the_learners_directions_cancel() {
+        let agreement = |deltas: &[&[f32]], weights: &[f64], rule: MergeRule| {
+            let n = deltas[0].len();
+            let round = TensorMerge {
+                deltas,
+                weights,
+                rule,
+            };
+            merge_tensor(&round, &vec![0.0; n], OuterStep::Average, None, 1).agreement
+        };
+        let rda = MergeRule::Rda;
+        let same = agreement(&[&[1.0, 2.0], &[2.0, 4.0]], &[1.0, 3.0], rda).unwrap();
+        assert!((same - 1.0).abs() < 1e-9, "{same}");
+        let orthogonal = agreement(&[&[3.0, 0.0], &[0.0, 0.5]], &[1.0, 1.0], rda).unwrap();
+        assert!((orthogonal - 0.5f64.sqrt()).abs() < 1e-9, "{orthogonal}");
+        // Nearly opposite: the unit directions sum to (0, 0.1) · w / 2w.
+        let opposite = agreement(&[&[1.0, 0.1], &[-1.0, 0.1]], &[1.0, 1.0], rda).unwrap();
+        let expected = 0.1 / 1.01f64.sqrt();
+        assert!((opposite - expected).abs() < 1e-6, "{opposite}");
+        assert_eq!(
+            agreement(&[&[1.0], &[2.0]], &[1.0, 1.0], MergeRule::Mean),
+            None
+        );
     }
 
     #[test]

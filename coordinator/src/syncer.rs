@@ -71,6 +71,14 @@ pub struct SyncerConfig {
     /// never among the first to report (slower, or further away, when steps are shorter than a
     /// sync and the grace window is therefore 0) would enter no round until the job's end.
     pub max_skipped_rounds: u32,
+    /// Pull only learners whose report says they hold the fragment's newest version (for
+    /// `apply: rebase`). A learner pulled before it has applied the last broadcast sends Δ from
+    /// the version before, which the merge must re-anchor at Θ_p: that pulls Θ_p back towards
+    /// the older version, by the outer learning rate, for every other learner's work merged in
+    /// between. Left out, the learner keeps its work (rebase) and joins the round once its report
+    /// shows the version. A learner two or more versions behind is pulled anyway: its link does
+    /// not keep up with the rounds, and waiting could keep its work out until the job's end.
+    pub pull_current_only: bool,
 }
 
 impl SyncerConfig {
@@ -106,6 +114,7 @@ impl Default for SyncerConfig {
             broadcast_codec: None,
             broadcast_error_feedback: false,
             max_skipped_rounds: 2,
+            pull_current_only: false,
         }
     }
 }
@@ -168,6 +177,8 @@ pub enum Event {
         learner: LearnerId,
         step: u64,
         progress: Vec<Progress>,
+        /// The version of each fragment the learner holds (applied); empty when not known.
+        applied: Vec<u64>,
     },
     Contribution(Contribution),
     Timer(TimerId),
@@ -251,6 +262,10 @@ pub struct MergeRecord {
     pub merge_s: f64,
     /// The job's last round, which set Θ_p to the learners' average (`FinalStep::Average`).
     pub average: bool,
+    /// The lowest agreement of the learners' directions over the fragment's RDA-merged tensors
+    /// (see [`crate::merge::MergedTensor::agreement`]); absent for plain means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
 }
 
 /// A closed round's merge: everything it reads, owned or shared, so that it can run on another
@@ -285,6 +300,8 @@ pub struct MergedFragment {
     encoded: Option<(atoll_wire::Codec, Vec<Vec<u8>>)>,
     /// The values [`MergeJob`]'s promotion asked for.
     promoted: Option<(u64, FragmentValues)>,
+    /// The lowest agreement over the fragment's RDA-merged tensors.
+    agreement: Option<f64>,
 }
 
 impl MergedFragment {
@@ -339,6 +356,7 @@ impl MergeJob {
         let mut residual = Arc::unwrap_or_clone(residual);
         let mut theta = Vec::with_capacity(old.len());
         let mut encoded = Vec::with_capacity(old.len());
+        let mut agreement: Option<f64> = None;
         for (k, (old_k, rule)) in old.iter().zip(rules).enumerate() {
             let deltas: Vec<&[f32]> = contributions
                 .iter()
@@ -363,6 +381,9 @@ impl MergeJob {
             let merged = merge_tensor(&round, old_k, step, broadcast, threads);
             theta.push(merged.values);
             encoded.push(merged.encoded);
+            if let Some(a) = merged.agreement {
+                agreement = Some(agreement.map_or(a, |b: f64| b.min(a)));
+            }
         }
         let encoded = broadcast_codec.and_then(|codec| {
             let tensors = encoded.into_iter().collect::<Option<Vec<_>>>()?;
@@ -379,6 +400,7 @@ impl MergeJob {
             },
             encoded,
             promoted: promotion.map(|(v, kept)| (v, kept.values())),
+            agreement,
         }
     }
 }
@@ -539,6 +561,8 @@ struct LearnerState {
     last_merged: BTreeMap<usize, (u64, Progress)>,
     /// Per fragment, the closed rounds in a row that did not merge this learner's work.
     skipped: Vec<u32>,
+    /// Per fragment, the version its last report said it holds (empty: not reported).
+    applied: Vec<u64>,
 }
 
 impl LearnerState {
@@ -558,6 +582,11 @@ pub struct SyncerStats {
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub pull_timeouts: u64,
+    /// Contributions admitted although measured against an older version than Θ_p's (the
+    /// learner had not applied the newest broadcast when it was pulled); the merge re-anchors
+    /// them at Θ_p.
+    #[serde(default)]
+    pub stale: u64,
 }
 
 pub struct Syncer {
@@ -705,6 +734,7 @@ impl Syncer {
                         clock: l.clock,
                         last_merged: BTreeMap::new(),
                         skipped: Vec::new(), // set when it rejoins
+                        applied: Vec::new(),
                     },
                 )
             })
@@ -836,7 +866,8 @@ impl Syncer {
                 learner,
                 step,
                 progress,
-            } => self.on_report(now, learner, step, &progress, &mut actions),
+                applied,
+            } => self.on_report(now, learner, step, &progress, applied, &mut actions),
             Event::Contribution(c) => self.on_contribution(now, c, &mut actions),
             Event::Timer(id) => self.on_timer(now, id, &mut actions),
             Event::Merged(m) => self.on_merged(now, m, &mut actions),
@@ -940,6 +971,7 @@ impl Syncer {
             clock: clock.clone(),
             last_merged: BTreeMap::new(),
             skipped: Vec::new(),
+            applied: Vec::new(),
         });
         entry.active = true;
         entry.skipped = vec![0; clock.len()];
@@ -947,6 +979,7 @@ impl Syncer {
         entry.rate_since = None;
         entry.last_report = None;
         entry.last_merged.clear(); // its contributions are measured from the catch-up on
+        entry.applied.clear();
         let fragments = self
             .fragments
             .iter()
@@ -963,6 +996,7 @@ impl Syncer {
         learner: LearnerId,
         step: u64,
         progress: &[Progress],
+        applied: Vec<u64>,
         actions: &mut Vec<Action>,
     ) {
         let Some(l) = self.learners.get_mut(&learner) else {
@@ -983,6 +1017,7 @@ impl Syncer {
         }
         l.last_report = Some((now, step));
         l.step = l.step.max(step);
+        l.applied = applied;
         self.arm_heartbeat(now, learner, actions);
 
         let global_step = self.global_step();
@@ -994,8 +1029,19 @@ impl Syncer {
                 frag.open = Some(Round::opened(frag.next_round, now));
             }
             let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);
+            // One version behind: that broadcast is most likely still on its way. Further
+            // behind, the learner's link does not keep up with the rounds (or it missed a
+            // broadcast), and waiting could keep its work out until the job's end.
+            let behind = self.config.pull_current_only
+                && self.learners[&learner]
+                    .applied
+                    .get(p)
+                    .is_some_and(|&v| v + 1 == self.fragments[p].version);
             if let Some(round) = self.fragments[p].open.as_mut() {
-                if matches!(round.phase, Phase::Collecting | Phase::Grace) && has_progress {
+                if matches!(round.phase, Phase::Collecting | Phase::Grace)
+                    && has_progress
+                    && !behind
+                {
                     round.responders.insert(learner);
                 }
             }
@@ -1171,6 +1217,9 @@ impl Syncer {
                 self.reject(&c, reason, actions);
             }
             Ok(base) => {
+                if base.is_some() {
+                    self.stats.stale += 1;
+                }
                 if let Some(r) = self.fragments[p].open.as_mut() {
                     r.awaiting.remove(&learner);
                     r.received.insert(learner, (c, base));
@@ -1272,6 +1321,7 @@ impl Syncer {
             pull_s: now - round.pulled_at,
             merge_s: 0.0,
             average,
+            agreement: None,
         };
         self.fragments[p].merging = Some(PendingMerge {
             version,
@@ -1325,6 +1375,7 @@ impl Syncer {
         let mut record = pending.record;
         record.at = now;
         record.merge_s = now - pending.closed_at;
+        record.agreement = merged.agreement;
         self.merge_log.push(record);
         let to = self.active_learners();
         for l in &to {

@@ -40,6 +40,7 @@ fn report(s: &mut Syncer, now: f64, learner: u32, step: u64) -> Vec<Action> {
             learner,
             step,
             progress: progress(step),
+            applied: Vec::new(),
         },
     )
 }
@@ -52,8 +53,29 @@ fn report_since(s: &mut Syncer, now: f64, learner: u32, step: u64, since_sync: u
             learner,
             step,
             progress: progress(since_sync),
+            applied: Vec::new(),
         },
     )
+}
+
+/// A report that also says which version of the fragment the learner holds; returns the pulls.
+fn report_holding(
+    s: &mut Syncer,
+    now: f64,
+    learner: u32,
+    step: u64,
+    since: u64,
+    held: u64,
+) -> Vec<u32> {
+    pulls(&s.handle_in_place(
+        now,
+        Event::Report {
+            learner,
+            step,
+            progress: progress(since),
+            applied: vec![held],
+        },
+    ))
 }
 
 fn pulls(actions: &[Action]) -> Vec<u32> {
@@ -401,6 +423,68 @@ fn contributions_against_an_older_version_are_re_anchored() {
     let record = &s.merge_log()[1];
     assert_eq!(record.contributors[0].4, 0, "base version logged");
     assert!(v1[0] < 0.0);
+    assert_eq!(s.stats().stale, 1, "counted as stale");
+    // This syncer merges by plain mean, which logs no agreement (RDA's is tested in merge.rs).
+    assert_eq!(record.agreement, None);
+}
+
+/// Under `apply: rebase` (`pull_current_only`) a learner whose report says it still holds the
+/// version before the newest is not pulled: its Δ would be measured from that version, and the
+/// merge's re-anchoring would pull Θ back towards it. It is pulled once it reports the newest,
+/// or when it falls two versions behind.
+#[test]
+fn a_learner_one_version_behind_is_pulled_once_it_reports_the_newest() {
+    let rounds_2_and_3_pulls = |pull_current_only: bool| {
+        let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+        let config = SyncerConfig {
+            h: 4,
+            quorum: 1,
+            grace_gamma: 0.0,
+            pull_current_only,
+            ..SyncerConfig::default()
+        };
+        let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+        join_all(&mut s, &[1, 2]);
+        let report = report_holding;
+        for step in 1..=3 {
+            report(&mut s, step as f64, 1, step, step, 0);
+            report(&mut s, step as f64 + 0.1, 2, step, step, 0);
+        }
+        assert_eq!(
+            report(&mut s, 4.0, 1, 4, 4, 0),
+            vec![1],
+            "round 1: learner 1 alone"
+        );
+        let merged = s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, 0.0], 4));
+        assert_eq!(broadcast(&merged).map(|(v, _)| v), Some(1));
+        for step in 5..=7 {
+            report(&mut s, step as f64, 1, step, step - 4, 1);
+        }
+        // Round 2 opens at step 8. Learner 2 has trained 8 steps from version 0 and has not
+        // applied version 1 yet; then it has.
+        let round_2 = (
+            report(&mut s, 8.0, 2, 8, 8, 0),
+            report(&mut s, 8.5, 2, 9, 9, 1),
+        );
+        // Round 2 merges learner 2 into version 2. Two versions behind, learner 1 is pulled in
+        // round 3 anyway (its link does not keep up).
+        let merged = s.handle_in_place(9.0, contribution(2, 2, 1, [1.0, 0.0], 5));
+        assert_eq!(broadcast(&merged).map(|(v, _)| v), Some(2));
+        for step in 10..=11 {
+            report(&mut s, step as f64, 2, step, step - 9, 2);
+        }
+        (round_2, report(&mut s, 12.0, 1, 12, 12, 0))
+    };
+    assert_eq!(
+        rounds_2_and_3_pulls(false),
+        ((vec![2], vec![]), vec![1]),
+        "pulled behind"
+    );
+    assert_eq!(
+        rounds_2_and_3_pulls(true),
+        ((vec![], vec![2]), vec![1]),
+        "pulled once it holds version 1, or when two versions behind"
+    );
 }
 
 #[test]
@@ -753,6 +837,7 @@ fn rounds_of_learners_reporting_at(
             learner,
             step,
             progress: progress(step),
+            applied: Vec::new(),
         };
         handle(&mut s, at, report, &mut timers);
     }

@@ -242,6 +242,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         assembling: BTreeMap::new(),
         waiting_updates: BTreeMap::new(),
         at_pull: BTreeMap::new(),
+        pulls: Vec::new(),
         pulled_at: BTreeMap::new(),
         round_trips: (0.0, 0),
         encoder,
@@ -327,6 +328,8 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
             worker.apply(rule, tensors, &due.received.values, Some(&base))?;
             protocol.keep_progress(p, kept);
         }
+        state.answer_pulls(worker)?;
+        let protocol = state.protocol.as_mut().expect("started above");
         let versions = protocol.versions();
         crate::job_metrics::learner_versions(&versions);
         *held.lock().expect("held") = versions;
@@ -394,6 +397,8 @@ struct LearnerState {
     waiting_updates: BTreeMap<(usize, u64), (u64, Tensors)>,
     /// The step and local values of each fragment's latest pull (what `rebase` keeps work from).
     at_pull: BTreeMap<usize, (u64, FragmentValues)>,
+    /// Pulls received since the last step boundary, answered after it.
+    pulls: Vec<Pull>,
     /// When each fragment was last sent up: its round trip ends when a new version arrives.
     pulled_at: BTreeMap<usize, Instant>,
     /// Sum and count of those round trips, for the summary.
@@ -473,35 +478,9 @@ impl LearnerState {
                 self.clock = j.clock;
                 self.try_start(worker)?;
             }
-            Inbound::Pulls(pulls) => {
-                if let Some(protocol) = &self.protocol {
-                    for pull in pulls {
-                        let p = pull.fragment as usize;
-                        if p >= self.plan.len() {
-                            continue;
-                        }
-                        let (base_version, progress) = protocol.on_pull(p);
-                        let anchor = protocol.anchor(p);
-                        let tensors = &self.plan.fragments[p].tensors;
-                        let local = Arc::new(worker.values(tensors)?);
-                        let header = PartHeader {
-                            kind: PartKind::Contribution,
-                            fragment: p as u32,
-                            round_or_version: pull.round,
-                            base_version,
-                            steps: progress.c_steps,
-                            tokens: progress.c_tokens,
-                            tensor: 0,
-                            tensors: tensors.len() as u32,
-                            frame_len: 0,
-                        };
-                        self.encoder
-                            .submit(p, anchor.clone(), local.clone(), header)?;
-                        self.at_pull.insert(p, (worker.step(), local));
-                        self.pulled_at.insert(p, Instant::now());
-                    }
-                }
-            }
+            // Answered at the step boundary, once the broadcasts that arrived with them are
+            // applied (`answer_pulls`).
+            Inbound::Pulls(pulls) => self.pulls.extend(pulls),
             Inbound::Part(part) => {
                 counters.down.fetch_add(part.wire_bytes, Ordering::Relaxed);
                 metrics::counter!("atoll_bytes_down_total").increment(part.wire_bytes);
@@ -509,6 +488,42 @@ impl LearnerState {
             }
             Inbound::JobDone(versions) => self.final_versions = Some(versions),
             Inbound::Fatal(_) => unreachable!("handled by the caller"),
+        }
+        Ok(())
+    }
+
+    /// Sends Δ for every pull received since the last step boundary. Called after that
+    /// boundary's broadcasts are applied: a pull that arrived together with the broadcast of the
+    /// fragment's new version is then answered from that version, not from the one before (which
+    /// the syncer would have to re-anchor, pulling Θ back towards it).
+    fn answer_pulls(&mut self, worker: &mut dyn InnerLoop) -> Result<()> {
+        let pulls = std::mem::take(&mut self.pulls);
+        if let Some(protocol) = &self.protocol {
+            for pull in pulls {
+                let p = pull.fragment as usize;
+                if p >= self.plan.len() {
+                    continue;
+                }
+                let (base_version, progress) = protocol.on_pull(p);
+                let anchor = protocol.anchor(p);
+                let tensors = &self.plan.fragments[p].tensors;
+                let local = Arc::new(worker.values(tensors)?);
+                let header = PartHeader {
+                    kind: PartKind::Contribution,
+                    fragment: p as u32,
+                    round_or_version: pull.round,
+                    base_version,
+                    steps: progress.c_steps,
+                    tokens: progress.c_tokens,
+                    tensor: 0,
+                    tensors: tensors.len() as u32,
+                    frame_len: 0,
+                };
+                self.encoder
+                    .submit(p, anchor.clone(), local.clone(), header)?;
+                self.at_pull.insert(p, (worker.step(), local));
+                self.pulled_at.insert(p, Instant::now());
+            }
         }
         Ok(())
     }

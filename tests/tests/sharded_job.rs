@@ -52,6 +52,8 @@ deploy:
         summary["tokens"].as_f64().unwrap(),
     );
     assert!(merged >= 0.8 * trained, "{summary}");
+    // Under `rebase` a learner is pulled only once it holds the newest version.
+    assert_eq!(summary["stale_contributions"], 0, "{summary}");
     // ln(512) = 6.24 is the untrained model's loss; 32 steps of two sharded learners go below.
     let eval = summary["final_eval_loss"].as_f64().unwrap();
     assert!(

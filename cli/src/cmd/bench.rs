@@ -515,6 +515,7 @@ fn bench_syncer_round(
                     learner,
                     step,
                     progress: progress.clone(),
+                    applied: Vec::new(),
                 };
                 syncer.handle(step as f64, event);
             }

@@ -147,10 +147,12 @@ impl Core {
                 learner: id,
                 step: req.step,
                 progress,
+                applied: req.applied_versions.clone(),
             },
         );
         self.execute(actions)
             .map_err(|e| Status::internal(e.to_string()))?;
+        self.resend_skipped(id);
         let done = self.done_at.is_some();
         let m = self.members.get_mut(&id).expect("member");
         if done {
@@ -166,6 +168,27 @@ impl Core {
                 Vec::new()
             },
         })
+    }
+
+    /// A learner that reports an older version of a fragment than the newest, with nothing on
+    /// its way to it (the broadcast was skipped on a saturated down link), gets the fragment
+    /// now: under `apply: rebase` the syncer pulls only learners holding the newest version, so
+    /// without it the learner would sit out the fragment's rounds until the next merge.
+    fn resend_skipped(&mut self, id: LearnerId) {
+        let Some(m) = self.members.get(&id) else {
+            return;
+        };
+        let stale: Vec<(usize, u64)> = (0..self.plan.len())
+            .filter_map(|p| {
+                let newest = self.syncer.version(p);
+                let held = *m.applied.get(p)?;
+                (held < newest && m.sent.get(p).is_some_and(Option::is_none)).then_some((p, newest))
+            })
+            .collect();
+        for (p, version) in stale {
+            tracing::debug!("learner {id} missed fragment {p} v{version}: sending it again");
+            self.send_fragment(id, p, version, true);
+        }
     }
 
     pub(super) fn status(&self) -> StatusReply {

@@ -21,8 +21,8 @@ mod service;
 use crate::state::{CoordinatorState, StateStore};
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::{
-    Event, FragmentPlan, LearnerId, MergedFragment, OuterOptimizer, Progress, Syncer, SyncerConfig,
-    TimerId,
+    ApplyRule, Event, FragmentPlan, LearnerId, MergedFragment, OuterOptimizer, Progress, Syncer,
+    SyncerConfig, TimerId,
 };
 use atoll_link::JobTls;
 use atoll_proto::v1::coordinator_server::CoordinatorServer;
@@ -179,6 +179,7 @@ fn syncer_config(recipe: &Recipe) -> SyncerConfig {
         broadcast_codec: (down != Codec::F32).then_some(down),
         broadcast_error_feedback: s.down_error_feedback,
         max_skipped_rounds: s.max_skipped_rounds.0 as u32,
+        pull_current_only: s.apply_rule() == ApplyRule::Rebase,
     }
 }
 

@@ -10,7 +10,8 @@ use crate::recipe::{Recipe, SyncMode};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_coordinator::syncer::{Contribution, Event, Progress};
 use atoll_coordinator::{
-    Action, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig, TensorInfo,
+    Action, ApplyRule, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
+    TensorInfo,
 };
 use atoll_wire::{
     decode_frame, encode_frame, frame_encoded, ErrorFeedback, FrameLimits, DEFAULT_BLOCK,
@@ -80,6 +81,7 @@ pub(super) fn simulate_diloco_family(
         broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
         broadcast_error_feedback: sync.down_error_feedback,
         max_skipped_rounds: sync.max_skipped_rounds.0 as u32,
+        pull_current_only: sync.apply_rule() == ApplyRule::Rebase,
     };
     let apply_rule = sync.apply_rule();
     let mut syncer = Syncer::new(config, plan.clone(), &initial);
@@ -207,15 +209,19 @@ pub(super) fn simulate_diloco_family(
                     .expect("stepping learners have caught up");
                 let reported: Vec<Progress> = protocol.on_step(tokens_per_step);
                 let step = protocol.step();
+                apply_due(l, &plan, apply_rule, tokens_per_step);
+                // What it holds once this boundary's broadcasts are applied: the version a pull
+                // answering this report finds.
+                let applied = l.protocol.as_ref().map_or_else(Vec::new, |p| p.versions());
                 queue.push(
                     now + l.link.latency_s,
                     SimEvent::ToSyncer(Event::Report {
                         learner: m as u32,
                         step,
                         progress: reported,
+                        applied,
                     }),
                 );
-                apply_due(l, &plan, apply_rule, tokens_per_step);
                 writeln!(
                     metrics,
                     "{}",
@@ -349,6 +355,7 @@ pub(super) fn simulate_diloco_family(
         bytes_down,
         merged_tokens,
         rejected: stats.rejected,
+        stale: stats.stale,
         merges: stats.merges,
         failures,
         global,

@@ -67,6 +67,8 @@ pub struct SimSummary {
     /// Time learners spent computing / (M × wall clock).
     pub compute_utilization: f64,
     pub rejected_contributions: u64,
+    /// Contributions measured against an older version than the fragment's when merged.
+    pub stale_contributions: u64,
     pub merges: u64,
     pub failures: u64,
 }
@@ -185,6 +187,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         bytes_down,
         merged_tokens,
         rejected,
+        stale,
         merges,
         failures,
         global,
@@ -235,6 +238,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         goodput: merged_tokens as f64 / (ideal_tokens_per_s * wall).max(1e-9),
         compute_utilization: compute / (m_count as f64 * wall).max(1e-9),
         rejected_contributions: rejected,
+        stale_contributions: stale,
         merges,
         failures,
     };
@@ -260,6 +264,7 @@ struct Outcome {
     bytes_down: u64,
     merged_tokens: u64,
     rejected: u64,
+    stale: u64,
     merges: u64,
     failures: u64,
     /// The global parameters, in trainable-parameter order.
