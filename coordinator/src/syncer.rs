@@ -71,13 +71,13 @@ pub struct SyncerConfig {
     /// never among the first to report (slower, or further away, when steps are shorter than a
     /// sync and the grace window is therefore 0) would enter no round until the job's end.
     pub max_skipped_rounds: u32,
-    /// Pull only learners whose report says they hold the fragment's newest version (for
+    /// Pull a learner only once its report says it holds the fragment's newest version (for
     /// `apply: rebase`). A learner pulled before it has applied the last broadcast sends Δ from
     /// the version before, which the merge must re-anchor at Θ_p: that pulls Θ_p back towards
     /// the older version, by the outer learning rate, for every other learner's work merged in
-    /// between. Left out, the learner keeps its work (rebase) and joins the round once its report
-    /// shows the version. A learner two or more versions behind is pulled anyway: its link does
-    /// not keep up with the rounds, and waiting could keep its work out until the job's end.
+    /// between. A responder still behind when the round pulls is pulled at its first report
+    /// holding the version, or, if that takes more than τ of the fastest learner's steps (its
+    /// link does not keep up with the rounds), from the version it holds.
     pub pull_current_only: bool,
 }
 
@@ -188,9 +188,23 @@ pub enum Event {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimerId {
-    Grace { fragment: usize, round: u64 },
-    PullTimeout { fragment: usize, round: u64 },
-    Heartbeat { learner: LearnerId, seq: u64 },
+    Grace {
+        fragment: usize,
+        round: u64,
+    },
+    PullTimeout {
+        fragment: usize,
+        round: u64,
+    },
+    /// The end of the wait for responders still behind Θ_p's version (`pull_current_only`).
+    DeferredPull {
+        fragment: usize,
+        round: u64,
+    },
+    Heartbeat {
+        learner: LearnerId,
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -456,6 +470,8 @@ struct Round {
     phase: Phase,
     responders: BTreeSet<LearnerId>,
     awaiting: BTreeSet<LearnerId>,
+    /// Awaited learners not pulled yet: they last reported an older version than Θ_p's.
+    deferred: BTreeSet<LearnerId>,
     /// Each admitted contribution with the kept version it was measured against, when that is
     /// not the current one (the merge job re-anchors it).
     received: BTreeMap<LearnerId, (Contribution, Option<KeptVersion>)>,
@@ -479,6 +495,7 @@ impl Round {
             phase: Phase::Collecting,
             responders: BTreeSet::new(),
             awaiting: BTreeSet::new(),
+            deferred: BTreeSet::new(),
             received: BTreeMap::new(),
             average: false,
             owed: BTreeSet::new(),
@@ -1018,6 +1035,7 @@ impl Syncer {
         l.last_report = Some((now, step));
         l.step = l.step.max(step);
         l.applied = applied;
+        self.send_deferred_pulls(learner, actions);
         self.arm_heartbeat(now, learner, actions);
 
         let global_step = self.global_step();
@@ -1029,19 +1047,8 @@ impl Syncer {
                 frag.open = Some(Round::opened(frag.next_round, now));
             }
             let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);
-            // One version behind: that broadcast is most likely still on its way. Further
-            // behind, the learner's link does not keep up with the rounds (or it missed a
-            // broadcast), and waiting could keep its work out until the job's end.
-            let behind = self.config.pull_current_only
-                && self.learners[&learner]
-                    .applied
-                    .get(p)
-                    .is_some_and(|&v| v + 1 == self.fragments[p].version);
             if let Some(round) = self.fragments[p].open.as_mut() {
-                if matches!(round.phase, Phase::Collecting | Phase::Grace)
-                    && has_progress
-                    && !behind
-                {
+                if matches!(round.phase, Phase::Collecting | Phase::Grace) && has_progress {
                     round.responders.insert(learner);
                 }
             }
@@ -1113,8 +1120,53 @@ impl Syncer {
         }
     }
 
+    /// Whether `learner` last reported holding an older version of fragment `p` than Θ_p's
+    /// (see [`SyncerConfig::pull_current_only`]).
+    fn behind(&self, learner: LearnerId, p: usize) -> bool {
+        self.config.pull_current_only
+            && self.learners.get(&learner).is_some_and(|l| {
+                l.applied
+                    .get(p)
+                    .is_some_and(|&v| v < self.fragments[p].version)
+            })
+    }
+
+    /// Pulls `learner` for the rounds that deferred its pull, now that it holds their version.
+    fn send_deferred_pulls(&mut self, learner: LearnerId, actions: &mut Vec<Action>) {
+        for p in 0..self.fragments.len() {
+            let deferred = self.fragments[p]
+                .open
+                .as_ref()
+                .is_some_and(|r| r.deferred.contains(&learner));
+            if !deferred || self.behind(learner, p) {
+                continue;
+            }
+            let round = self.fragments[p].open.as_mut().expect("checked above");
+            round.deferred.remove(&learner);
+            actions.push(Action::Pull {
+                learner,
+                fragment: p,
+                round: round.round,
+            });
+        }
+    }
+
     fn start_pull(&mut self, now: f64, p: usize, actions: &mut Vec<Action>) {
         let timeout = self.config.pull_timeout_s;
+        // τ of the fastest learner's steps, the overlap a sync is budgeted: a broadcast that
+        // takes longer than that would, waited for, hold back the fragment's rounds.
+        let defer_s = self.step_time().unwrap_or(0.0) * self.config.tau as f64;
+        let behind: BTreeSet<LearnerId> = self.fragments[p]
+            .open
+            .as_ref()
+            .map(|r| {
+                r.responders
+                    .iter()
+                    .copied()
+                    .filter(|&l| self.behind(l, p))
+                    .collect()
+            })
+            .unwrap_or_default();
         let Some(round) = self.fragments[p].open.as_mut() else {
             return;
         };
@@ -1122,10 +1174,24 @@ impl Syncer {
         round.pulled_at = now;
         round.awaiting = round.responders.clone();
         for &learner in &round.responders {
+            if behind.contains(&learner) {
+                // Pulled when a report shows the version, or when the wait ends.
+                round.deferred.insert(learner);
+                continue;
+            }
             actions.push(Action::Pull {
                 learner,
                 fragment: p,
                 round: round.round,
+            });
+        }
+        if !round.deferred.is_empty() {
+            actions.push(Action::ArmTimer {
+                id: TimerId::DeferredPull {
+                    fragment: p,
+                    round: round.round,
+                },
+                at: now + defer_s,
             });
         }
         actions.push(Action::ArmTimer {
@@ -1466,6 +1532,24 @@ impl Syncer {
                     actions.push(Action::ArmTimer {
                         id: TimerId::Grace { fragment, round },
                         at: grace_until,
+                    });
+                }
+            }
+            TimerId::DeferredPull { fragment, round } => {
+                // Their link does not bring the broadcast within the wait: pulled from the
+                // version they hold, re-anchored by the merge, rather than kept out.
+                let Some(r) = self.fragments[fragment]
+                    .open
+                    .as_mut()
+                    .filter(|r| r.round == round && r.phase == Phase::Pulling)
+                else {
+                    return;
+                };
+                for learner in std::mem::take(&mut r.deferred) {
+                    actions.push(Action::Pull {
+                        learner,
+                        fragment,
+                        round,
                     });
                 }
             }

@@ -428,63 +428,80 @@ fn contributions_against_an_older_version_are_re_anchored() {
     assert_eq!(record.agreement, None);
 }
 
-/// Under `apply: rebase` (`pull_current_only`) a learner whose report says it still holds the
-/// version before the newest is not pulled: its Δ would be measured from that version, and the
-/// merge's re-anchoring would pull Θ back towards it. It is pulled once it reports the newest,
-/// or when it falls two versions behind.
-#[test]
-fn a_learner_one_version_behind_is_pulled_once_it_reports_the_newest() {
-    let rounds_2_and_3_pulls = |pull_current_only: bool| {
-        let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
-        let config = SyncerConfig {
-            h: 4,
-            quorum: 1,
-            grace_gamma: 0.0,
-            pull_current_only,
-            ..SyncerConfig::default()
-        };
-        let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
-        join_all(&mut s, &[1, 2]);
-        let report = report_holding;
-        for step in 1..=3 {
-            report(&mut s, step as f64, 1, step, step, 0);
-            report(&mut s, step as f64 + 0.1, 2, step, step, 0);
-        }
-        assert_eq!(
-            report(&mut s, 4.0, 1, 4, 4, 0),
-            vec![1],
-            "round 1: learner 1 alone"
-        );
-        let merged = s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, 0.0], 4));
-        assert_eq!(broadcast(&merged).map(|(v, _)| v), Some(1));
-        for step in 5..=7 {
-            report(&mut s, step as f64, 1, step, step - 4, 1);
-        }
-        // Round 2 opens at step 8. Learner 2 has trained 8 steps from version 0 and has not
-        // applied version 1 yet; then it has.
-        let round_2 = (
-            report(&mut s, 8.0, 2, 8, 8, 0),
-            report(&mut s, 8.5, 2, 9, 9, 1),
-        );
-        // Round 2 merges learner 2 into version 2. Two versions behind, learner 1 is pulled in
-        // round 3 anyway (its link does not keep up).
-        let merged = s.handle_in_place(9.0, contribution(2, 2, 1, [1.0, 0.0], 5));
-        assert_eq!(broadcast(&merged).map(|(v, _)| v), Some(2));
-        for step in 10..=11 {
-            report(&mut s, step as f64, 2, step, step - 9, 2);
-        }
-        (round_2, report(&mut s, 12.0, 1, 12, 12, 0))
+/// How learner 2, still holding version 0 when fragment 0's round 2 pulls (version 1 being the
+/// newest), is pulled: at once without `pull_current_only`; with it, at its first report holding
+/// version 1 (`catches_up`), else when the wait of τ steps ends. Returns its pulls at the round's
+/// report, at its next report (8.5 s) and at the end of the wait (the timer's firing).
+fn round_2_pulls(pull_current_only: bool, catches_up: bool) -> [Vec<u32>; 3] {
+    let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+    let config = SyncerConfig {
+        h: 4,
+        tau: 2,
+        quorum: 1,
+        grace_gamma: 0.0,
+        pull_current_only,
+        ..SyncerConfig::default()
     };
+    let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+    join_all(&mut s, &[1, 2]);
+    let report = report_holding;
+    for step in 1..=3 {
+        report(&mut s, step as f64, 1, step, step, 0);
+        report(&mut s, step as f64 + 0.1, 2, step, step, 0);
+    }
     assert_eq!(
-        rounds_2_and_3_pulls(false),
-        ((vec![2], vec![]), vec![1]),
-        "pulled behind"
+        report(&mut s, 4.0, 1, 4, 4, 0),
+        vec![1],
+        "round 1: learner 1"
     );
-    assert_eq!(
-        rounds_2_and_3_pulls(true),
-        ((vec![], vec![2]), vec![1]),
-        "pulled once it holds version 1, or when two versions behind"
+    let merged = s.handle_in_place(4.5, contribution(1, 1, 0, [1.0, 0.0], 4));
+    assert_eq!(broadcast(&merged).map(|(v, _)| v), Some(1));
+    for step in 5..=7 {
+        report(&mut s, step as f64, 1, step, step - 4, 1);
+    }
+    // Round 2 opens at step 8; learner 2 has trained 8 steps from version 0.
+    let at_round = s.handle_in_place(
+        8.0,
+        Event::Report {
+            learner: 2,
+            step: 8,
+            progress: progress(8),
+            applied: vec![0],
+        },
     );
+    let wait = at_round.iter().find_map(|a| match a {
+        Action::ArmTimer {
+            id: id @ TimerId::DeferredPull { .. },
+            at,
+        } => Some((*id, *at)),
+        _ => None,
+    });
+    assert_eq!(wait.is_some(), pull_current_only, "{at_round:?}");
+    let next = report(&mut s, 8.5, 2, 9, 9, u64::from(catches_up));
+    let at_wait_end = wait.map_or_else(Vec::new, |(id, at)| {
+        // The fastest learner steps about once a second: a wait of τ = 2 steps.
+        assert!((at - 10.0).abs() < 0.1, "{at}");
+        pulls(&s.handle_in_place(at, Event::Timer(id)))
+    });
+    // It answers from the version it held when pulled: the newest once it caught up, else the
+    // one before, which the merge re-anchors.
+    let base = u64::from(pull_current_only && catches_up);
+    let merged = s.handle_in_place(10.5, contribution(2, 2, base, [1.0, 0.0], 9));
+    assert_eq!(broadcast(&merged).map(|(v, _)| v), Some(2));
+    assert_eq!(s.stats().stale, 1 - base);
+    [pulls(&at_round), next, at_wait_end]
+}
+
+/// Under `apply: rebase` (`pull_current_only`) a learner whose report says it still holds the
+/// version before the newest is not pulled at once: its Δ would be measured from that version,
+/// and the merge's re-anchoring would pull Θ back towards it. The round pulls it once it reports
+/// the newest version, or after τ steps from the version it holds (its link does not keep up).
+#[test]
+fn a_learner_behind_the_newest_version_is_pulled_once_it_holds_it_or_after_tau_steps() {
+    let none = Vec::<u32>::new;
+    assert_eq!(round_2_pulls(false, true), [vec![2], none(), none()]);
+    assert_eq!(round_2_pulls(true, true), [none(), vec![2], none()]);
+    assert_eq!(round_2_pulls(true, false), [none(), none(), vec![2]]);
 }
 
 #[test]

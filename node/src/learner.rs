@@ -479,8 +479,12 @@ impl LearnerState {
                 self.try_start(worker)?;
             }
             // Answered at the step boundary, once the broadcasts that arrived with them are
-            // applied (`answer_pulls`).
-            Inbound::Pulls(pulls) => self.pulls.extend(pulls),
+            // applied (`answer_pulls`). Before the catch-up there is nothing to answer from.
+            Inbound::Pulls(pulls) => {
+                if self.protocol.is_some() {
+                    self.pulls.extend(pulls);
+                }
+            }
             Inbound::Part(part) => {
                 counters.down.fetch_add(part.wire_bytes, Ordering::Relaxed);
                 metrics::counter!("atoll_bytes_down_total").increment(part.wire_bytes);

@@ -69,13 +69,18 @@ sync:
             > 0
     );
     assert_eq!(summary["wan"]["east"]["down"]["dropped_mtu"], 0);
-    // The pulls go over the unemulated control plane and the broadcasts through the 200 Mbit/s
-    // links, so a pull often reached a learner before the broadcast of the version the round
-    // follows. Answered from the version before, its Δ had to be re-anchored, pulling Θ back:
-    // 1 to 6 of 13-17 contributions per run on 2026-12-05 (80 runs), final eval 4.84-5.48 and
-    // about one run in 30 near the initial loss. A learner under `rebase` is now pulled only
-    // once it reports holding the newest version (4.84-5.12 over the next 12 runs).
-    assert_eq!(summary["stale_contributions"], 0, "{summary}");
+    // Pulls go over the unemulated control plane and broadcasts through the 200 Mbit/s links, so
+    // a pull often reached a learner before the broadcast its round follows, and its Δ, answered
+    // from the version before, had to be re-anchored: 1 to 6 of 13-17 contributions per run
+    // (2026-12-05, 115 runs). Now the round waits up to τ steps for the learner to report the
+    // newest version: none stale in 14 runs; at most one is allowed, for a broadcast slower than
+    // that.
+    let stale = summary["stale_contributions"].as_u64().unwrap();
+    assert!(stale <= 1, "{summary}");
+    // About one run in 30 to 100 ends near the initial loss (6.05 and 6.23 seen, against 4.8-5.6),
+    // with or without stale contributions: the last int2 broadcast of a fragment carries its
+    // rounding into the final model (int2 has no zero level, so every value moves by at least a
+    // third of its block's largest update); see docs/diloco.md.
     let eval = summary["final_eval_loss"].as_f64().unwrap();
     assert!(
         eval.is_finite() && eval < 6.0,

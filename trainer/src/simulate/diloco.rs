@@ -10,8 +10,7 @@ use crate::recipe::{Recipe, SyncMode};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_coordinator::syncer::{Contribution, Event, Progress};
 use atoll_coordinator::{
-    Action, ApplyRule, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
-    TensorInfo,
+    Action, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig, TensorInfo,
 };
 use atoll_wire::{
     decode_frame, encode_frame, frame_encoded, ErrorFeedback, FrameLimits, DEFAULT_BLOCK,
@@ -81,7 +80,12 @@ pub(super) fn simulate_diloco_family(
         broadcast_codec: (down_codec != atoll_wire::Codec::F32).then_some(down_codec),
         broadcast_error_feedback: sync.down_error_feedback,
         max_skipped_rounds: sync.max_skipped_rounds.0 as u32,
-        pull_current_only: sync.apply_rule() == ApplyRule::Rebase,
+        // Here a pull follows its fragment's broadcast down the same link, so a learner still
+        // holds the version before only when the link is too slow for the rounds, where waiting
+        // for the broadcast only delays them (2 Mbit/s in `trainer/tests/simulate.rs`: 78% of
+        // the tokens merged by the job's end against 90%). `atoll run` pulls on the control
+        // plane, ahead of the data plane's broadcasts, and waits (docs/diloco.md).
+        pull_current_only: false,
     };
     let apply_rule = sync.apply_rule();
     let mut syncer = Syncer::new(config, plan.clone(), &initial);
