@@ -78,8 +78,8 @@ sync:
     let stale = summary["stale_contributions"].as_u64().unwrap();
     assert!(stale <= 1, "{summary}");
     // About one run in 30 to 100 ends near the initial loss (6.05 and 6.23 seen, against 4.8-5.6),
-    // with or without stale contributions, likely from the last int2 broadcast of a fragment,
-    // whose rounding stays in the final model (int2 has no zero level); see docs/diloco.md.
+    // with or without stale contributions: its final layers and final embedding do not work
+    // together (docs/diloco.md); not fixed yet.
     let eval = summary["final_eval_loss"].as_f64().unwrap();
     assert!(
         eval.is_finite() && eval < 6.0,
