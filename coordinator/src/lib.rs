@@ -15,7 +15,7 @@ pub use learner::{ApplyRule, LearnerProtocol};
 pub use merge::{FinalStep, MergeRule, OuterOptimizer};
 pub use plan::{FragmentPlan, TensorInfo};
 pub use syncer::{
-    all_finite, apply_update, Action, Contribution, EncodedUpdate, Event, FragmentSnapshot,
-    FragmentValues, LearnerId, LearnerSnapshot, MergeJob, MergeRecord, MergedFragment, Progress,
-    Syncer, SyncerConfig, SyncerStats, TimerId,
+    all_finite, apply_update, stale_contributions, Action, Contribution, EncodedUpdate, Event,
+    FragmentSnapshot, FragmentValues, LearnerId, LearnerSnapshot, MergeJob, MergeRecord,
+    MergedFragment, Progress, Syncer, SyncerConfig, SyncerStats, TimerId,
 };

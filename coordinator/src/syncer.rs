@@ -282,6 +282,27 @@ pub struct MergeRecord {
     pub agreement: Option<f64>,
 }
 
+impl MergeRecord {
+    /// How many versions behind the one this merge replaced each contributor's base was (0:
+    /// built on it), in contributor order.
+    pub fn staleness(&self) -> impl Iterator<Item = u64> + '_ {
+        let replaced = self.version.saturating_sub(1);
+        self.contributors
+            .iter()
+            .map(move |c| replaced.saturating_sub(c.4))
+    }
+}
+
+/// Contributions the merges of `log` re-anchored: measured against an older version than the one
+/// they replaced (the learner had not applied the newest broadcast when pulled). The job's final
+/// averages do not re-anchor and are left out.
+pub fn stale_contributions(log: &[MergeRecord]) -> u64 {
+    log.iter()
+        .filter(|r| !r.average)
+        .map(|r| r.staleness().filter(|&s| s > 0).count() as u64)
+        .sum()
+}
+
 /// A closed round's merge: everything it reads, owned or shared, so that it can run on another
 /// thread while the syncer goes on. It shares the fragment's momentum and residual and steps
 /// copies of them: until the result is back the fragment (and a snapshot of it) keeps its state
@@ -599,11 +620,6 @@ pub struct SyncerStats {
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub pull_timeouts: u64,
-    /// Contributions admitted although measured against an older version than Θ_p's (the
-    /// learner had not applied the newest broadcast when it was pulled); the merge re-anchors
-    /// them at Θ_p.
-    #[serde(default)]
-    pub stale: u64,
 }
 
 pub struct Syncer {
@@ -1283,9 +1299,6 @@ impl Syncer {
                 self.reject(&c, reason, actions);
             }
             Ok(base) => {
-                if base.is_some() {
-                    self.stats.stale += 1;
-                }
                 if let Some(r) = self.fragments[p].open.as_mut() {
                     r.awaiting.remove(&learner);
                     r.received.insert(learner, (c, base));

@@ -49,10 +49,8 @@ pub fn coordinator_started(versions: &[u64]) {
 pub fn merged(record: &MergeRecord, tokens_merged: u64) {
     metrics::gauge!("atoll_fragment_version", "fragment" => record.fragment.to_string())
         .set(record.version as f64);
-    let replaced = record.version.saturating_sub(1);
-    for &(_, _, _, _, base_version) in &record.contributors {
-        metrics::histogram!("atoll_contribution_staleness_versions")
-            .record(replaced.saturating_sub(base_version) as f64);
+    for staleness in record.staleness() {
+        metrics::histogram!("atoll_contribution_staleness_versions").record(staleness as f64);
     }
     metrics::counter!("atoll_tokens_merged_total").increment(tokens_merged);
 }

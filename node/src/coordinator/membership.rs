@@ -172,8 +172,8 @@ impl Core {
 
     /// A learner that reports an older version of a fragment than the newest, with nothing on
     /// its way to it (the broadcast was skipped on a saturated down link), gets the fragment
-    /// now: under `apply: rebase` the syncer pulls only learners holding the newest version, so
-    /// without it the learner would sit out the fragment's rounds until the next merge.
+    /// now: under `apply: rebase` the syncer defers the pulls of a learner behind the newest
+    /// version, and without it every such pull would wait out its τ steps and be re-anchored.
     fn resend_skipped(&mut self, id: LearnerId) {
         let Some(m) = self.members.get(&id) else {
             return;

@@ -297,7 +297,7 @@ impl Core {
             "wall_clock_s": wall,
             "goodput": status.goodput,
             "rejected_contributions": self.syncer.stats().rejected,
-            "stale_contributions": self.syncer.stats().stale,
+            "stale_contributions": atoll_coordinator::stale_contributions(self.syncer.merge_log()),
             "merges": self.syncer.stats().merges,
             "learners_per_round": (learners_per_round * 100.0).round() / 100.0,
             "fragment_versions": status.fragment_versions,

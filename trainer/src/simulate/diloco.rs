@@ -359,7 +359,7 @@ pub(super) fn simulate_diloco_family(
         bytes_down,
         merged_tokens,
         rejected: stats.rejected,
-        stale: stats.stale,
+        stale: atoll_coordinator::stale_contributions(syncer.merge_log()),
         merges: stats.merges,
         failures,
         global,
