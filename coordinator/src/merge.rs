@@ -21,9 +21,11 @@ pub enum MergeRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FinalStep {
-    /// Θ becomes the plain average of the learners' models (outer lr 1, no momentum, every
-    /// learner once): Nesterov's look-ahead along old, large-lr updates would overshoot the
-    /// learners' final, low-lr models.
+    /// Θ becomes the plain average of the learners' models as they were at their last inner
+    /// step (outer lr 1, no momentum, every learner once, every fragment). Nesterov's look-ahead
+    /// along old, large-lr updates would overshoot the learners' final, low-lr models; and a
+    /// version merged after a learner stopped, applied to its model, can only make it worse
+    /// for the learner cannot train on it any more (docs/diloco.md, *The final model*).
     #[default]
     Average,
     /// The usual merge rule and outer Nesterov step.

@@ -225,6 +225,9 @@ pub enum Action {
         learner: LearnerId,
         fragment: usize,
         round: u64,
+        /// The job's last round under `FinalStep::Average`: the learner answers from its model
+        /// as it was at its last inner step (see [`FinalStep::Average`]).
+        average: bool,
     },
     /// Run this round's merge (anywhere, on any thread) and feed its result back as
     /// [`Event::Merged`].
@@ -930,8 +933,10 @@ impl Syncer {
         done
     }
 
-    /// Ends a job: every fragment without a round in flight gets one now, pulling every active
-    /// learner with progress, so the final global model holds all the work done.
+    /// Ends a job: every fragment without a round in flight gets one now, so the final global
+    /// model holds all the work done. Under `FinalStep::Average` every fragment is averaged over
+    /// every active learner; under `Outer` only fragments with new work get a round, pulling the
+    /// learners that did it.
     pub fn flush(
         &mut self,
         now: f64,
@@ -950,11 +955,13 @@ impl Syncer {
                     .and_then(|g| g.get(p))
                     .is_some_and(|g| g.c_steps > 0)
             };
-            if !active.iter().any(has_progress) {
+            // The average replaces Θ_p even where every learner's work is merged already: Θ_p
+            // then still holds the outer step's look-ahead, which the learners' models do not.
+            if !average && !active.iter().any(has_progress) {
                 continue;
             }
             // The average is over the learners' models, so a learner with nothing new since
-            // Θ_p counts too (its Δ is zero); an outer step only wants the new work.
+            // Θ_p counts too; an outer step only wants the new work.
             let responders: BTreeSet<LearnerId> = active
                 .iter()
                 .copied()
@@ -1163,6 +1170,7 @@ impl Syncer {
                 learner,
                 fragment: p,
                 round: round.round,
+                average: round.average,
             });
         }
     }
@@ -1199,6 +1207,7 @@ impl Syncer {
                 learner,
                 fragment: p,
                 round: round.round,
+                average: round.average,
             });
         }
         if !round.deferred.is_empty() {
@@ -1558,11 +1567,13 @@ impl Syncer {
                 else {
                     return;
                 };
+                let average = r.average;
                 for learner in std::mem::take(&mut r.deferred) {
                     actions.push(Action::Pull {
                         learner,
                         fragment,
                         round,
+                        average,
                     });
                 }
             }

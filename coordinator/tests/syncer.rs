@@ -593,6 +593,55 @@ fn the_final_round_averages_the_learners_without_momentum() {
     assert!(outer[0] < -0.2 && outer[1] < -0.9, "{outer:?}");
 }
 
+/// The final average replaces Θ_p even when every learner's work is merged already: Θ_p then
+/// still holds the outer step's look-ahead, which the learners' models (what the average is
+/// over) do not. Its pulls say so, for the learners answer them from their last step's model.
+#[test]
+fn the_final_average_covers_fragments_without_new_work_and_its_pulls_say_so() {
+    for final_step in [FinalStep::Average, FinalStep::Outer] {
+        let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+        let config = SyncerConfig {
+            h: 4,
+            final_step,
+            ..SyncerConfig::default()
+        };
+        let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+        join_all(&mut s, &[1, 2]);
+        let idle = [(1, progress(0)), (2, progress(0))].into_iter().collect();
+        let a = s.flush(10.0, &idle);
+        let pulled: Vec<(u32, u64, bool)> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::Pull {
+                    learner,
+                    round,
+                    average,
+                    ..
+                } => Some((*learner, *round, *average)),
+                _ => None,
+            })
+            .collect();
+        if final_step == FinalStep::Outer {
+            assert!(pulled.is_empty(), "{a:?}");
+            continue;
+        }
+        assert_eq!(
+            pulled.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>(),
+            vec![(1, true), (2, true)]
+        );
+        // The learners' last-step models are Θ_p − [0.2, 0] and Θ_p − [0.4, 0.2]: Θ_p becomes
+        // their mean.
+        let round = pulled[0].1;
+        s.handle_in_place(10.1, contribution(1, round, 0, [0.2, 0.0], 0));
+        let a = s.handle_in_place(10.2, contribution(2, round, 0, [0.4, 0.2], 0));
+        let (_, theta) = broadcast(&a).expect("the average merged");
+        assert!(
+            (theta[0] - 0.7).abs() < 1e-6 && (theta[1] - 0.9).abs() < 1e-6,
+            "{theta:?}"
+        );
+    }
+}
+
 /// A learner pulled again before it applied the broadcast answering its previous pull measures
 /// both contributions from the same anchor: the merge log counts the steps they share once, while
 /// the merge still weighs each contribution by all the work its Δ holds.

@@ -10,7 +10,7 @@ use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
 use atoll_collective::RankConfig;
 use atoll_coordinator::{
-    apply_update, ApplyRule, FragmentPlan, FragmentValues, LearnerProtocol, Progress,
+    apply_update, ApplyRule, FinalStep, FragmentPlan, FragmentValues, LearnerProtocol, Progress,
 };
 use atoll_link::{Hello, PartHeader, PartKind};
 use atoll_proto::v1::{JoinRequest, Pull, ReportRequest};
@@ -180,6 +180,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     let tokens_per_step = worker.tokens_per_step();
     let max_steps = recipe.train.max_steps.0 as u64;
     let rule = recipe.sync.apply_rule();
+    let final_average = recipe.sync.final_step == FinalStep::Average;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -249,6 +250,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         clock: Vec::new(),
         resume_step: 0,
         final_versions: None,
+        last_step_model: None,
     };
     let mut done_waiting_since: Option<Instant> = None;
     let mut network_gone = false;
@@ -307,12 +309,34 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         }
         // ...applied at this boundary.
         let step_now = worker.step();
+        let finished = step_now >= max_steps;
+        if finished && final_average && state.last_step_model.is_none() {
+            // What the job's final average takes from this learner (`FinalStep::Average`).
+            let model = plan
+                .fragments
+                .iter()
+                .map(|f| worker.values(&f.tensors).map(Arc::new))
+                .collect::<Result<Vec<_>>>()?;
+            state.last_step_model = Some(model);
+        }
+        // Once it has stopped, a learner keeps its unmerged work whatever the rule: there is
+        // no training left for which to hold the global model, and its later outer gradients
+        // then still carry that work to the learners that are training.
+        let rule = if finished && final_average {
+            ApplyRule::Rebase
+        } else {
+            rule
+        };
         for due in protocol.take_due() {
             let p = due.received.fragment;
             let tensors = &plan.fragments[p].tensors;
             let at_pull = state.at_pull.remove(&p);
             if rule != ApplyRule::Rebase {
                 worker.apply(rule, tensors, &due.received.values, None)?;
+                tracing::debug!(
+                    "step {step_now}: applied fragment {p} v{}",
+                    due.received.version
+                );
                 continue;
             }
             // The kept work is what this version does not hold: the steps since the pull it
@@ -326,6 +350,11 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
                 None => (due.replaced_anchor.clone(), due.progress),
             };
             worker.apply(rule, tensors, &due.received.values, Some(&base))?;
+            tracing::debug!(
+                "step {step_now}: applied fragment {p} v{} by rebase, keeping {} steps",
+                due.received.version,
+                kept.c_steps
+            );
             protocol.keep_progress(p, kept);
         }
         state.answer_pulls(worker)?;
@@ -333,7 +362,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         let versions = protocol.versions();
         crate::job_metrics::learner_versions(&versions);
         *held.lock().expect("held") = versions;
-        if worker.step() >= max_steps {
+        if finished {
             // Done training, still applying broadcasts: the counters and versions reported now
             // are what the job's last rounds are opened on.
             let progress = protocol.progress();
@@ -409,6 +438,9 @@ struct LearnerState {
     resume_step: u64,
     /// Set when the job is done: the versions to hold before exiting.
     final_versions: Option<Vec<u64>>,
+    /// Each fragment's values after the last inner step, which the job's final average
+    /// (`FinalStep::Average`) is over; later broadcasts do not change them.
+    last_step_model: Option<Vec<FragmentValues>>,
 }
 
 /// Parts of one message being reassembled, keyed by (kind, fragment, round or version).
@@ -511,7 +543,26 @@ impl LearnerState {
                 let (base_version, progress) = protocol.on_pull(p);
                 let anchor = protocol.anchor(p);
                 let tensors = &self.plan.fragments[p].tensors;
-                let local = Arc::new(worker.values(tensors)?);
+                let last_step = self
+                    .last_step_model
+                    .as_ref()
+                    .filter(|_| pull.final_average)
+                    .map(|m| m[p].clone());
+                tracing::debug!(
+                    "step {}: answering fragment {p} round {} from v{base_version}, {} steps{}",
+                    worker.step(),
+                    pull.round,
+                    progress.c_steps,
+                    if last_step.is_some() {
+                        " (the final average: the last step's model)"
+                    } else {
+                        ""
+                    }
+                );
+                let local = match last_step {
+                    Some(values) => values,
+                    None => Arc::new(worker.values(tensors)?),
+                };
                 let header = PartHeader {
                     kind: PartKind::Contribution,
                     fragment: p as u32,

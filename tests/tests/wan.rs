@@ -77,12 +77,14 @@ sync:
     // that.
     let stale = summary["stale_contributions"].as_u64().unwrap();
     assert!(stale <= 1, "{summary}");
-    // About one run in 30 to 100 ends near the initial loss (6.05 and 6.23 seen, against 4.8-5.6),
-    // with or without stale contributions: its final layers and final embedding do not work
-    // together (docs/diloco.md); not fixed yet.
+    // The final Θ is the mean of the learners' models at their last steps. When it was the mean
+    // of their models after applying the versions merged since (the job's last rounds here come
+    // about as fast as the steps), about one run in 30 to 100 ended near the initial loss (6.05
+    // to 6.32; untrained 6.25-6.29). 121 runs since: 5.07 ± 0.08, at most 5.23 (docs/diloco.md,
+    // *The final model*).
     let eval = summary["final_eval_loss"].as_f64().unwrap();
     assert!(
-        eval.is_finite() && eval < 6.0,
+        eval.is_finite() && eval < 5.6,
         "2-bit contributions with error feedback: {eval}; {summary}"
     );
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));

@@ -7,7 +7,7 @@ use super::{Cmd, Core, Partial, FINAL_SETTLE_TIMEOUT};
 use crate::parts::ReceivedPart;
 use anyhow::{anyhow, Context, Result};
 use atoll_coordinator::syncer::Contribution;
-use atoll_coordinator::{Action, ApplyRule, Event, LearnerId, MergeJob, Progress};
+use atoll_coordinator::{Action, ApplyRule, Event, FinalStep, LearnerId, MergeJob, Progress};
 use atoll_link::PartKind;
 use atoll_proto::v1::*;
 use std::collections::BTreeMap;
@@ -69,11 +69,13 @@ impl Core {
                     learner,
                     fragment,
                     round,
+                    average,
                 } => {
                     if let Some(m) = self.members.get_mut(&learner) {
                         m.pulls.push(Pull {
                             fragment: fragment as u32,
                             round,
+                            final_average: average,
                         });
                     }
                 }
@@ -193,17 +195,19 @@ impl Core {
                 .all(|id| self.members.get(id).is_some_and(|m| m.finished));
         // The last rounds open once no merge is out: `flush` passes over a merging fragment.
         if !self.flushed && all_finished && !self.syncer.merge_in_flight() {
-            // The last rounds measure each learner's work against the version it last applied,
-            // without re-anchoring (see `FinalStep::Average`). Where learners keep their local
-            // work when they apply a version (`rebase`), the rounds wait until no round is in
-            // flight and every learner holds its result: else a learner merged in a round whose
-            // broadcast it has not applied yet would count that work twice. Under `overwrite`
-            // they do not wait: applying a version it was left out of would discard the
-            // learner's last work, which costs more than counting part of it twice (measured on
-            // the demo: docs/diloco.md).
-            let keeps_work = self.recipe.sync.apply_rule() == ApplyRule::Rebase;
+            // The last rounds measure each learner's model against the version it last
+            // applied, without re-anchoring (see `FinalStep::Average`), so they wait until no
+            // round is in flight and every learner holds the newest versions. The average is then
+            // exactly the mean of the learners' models at their last steps; and where learners
+            // keep their local work when they apply a version (`rebase`), a learner merged in a
+            // round whose broadcast it has not applied yet would otherwise count that work twice.
+            // An outer final step under `overwrite` does not wait: applying a version it was left
+            // out of would discard the learner's last work, which costs more than counting part
+            // of it twice (measured on the demo: docs/diloco.md).
+            let waits = self.recipe.sync.apply_rule() == ApplyRule::Rebase
+                || self.recipe.sync.final_step == FinalStep::Average;
             let newest = self.syncer.versions();
-            let settled = !keeps_work
+            let settled = !waits
                 || !self.syncer.round_in_flight()
                     && active
                         .iter()

@@ -78,5 +78,6 @@ pub(super) fn simulate_ddp(
         merges: total_steps as u64,
         failures: 0,
         global,
+        merge_log: Vec::new(),
     })
 }

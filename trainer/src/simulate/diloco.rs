@@ -10,7 +10,8 @@ use crate::recipe::{Recipe, SyncMode};
 use anyhow::{anyhow, bail, Context, Result};
 use atoll_coordinator::syncer::{Contribution, Event, Progress};
 use atoll_coordinator::{
-    Action, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig, TensorInfo,
+    Action, FinalStep, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
+    TensorInfo,
 };
 use atoll_wire::{
     decode_frame, encode_frame, frame_encoded, ErrorFeedback, FrameLimits, DEFAULT_BLOCK,
@@ -130,8 +131,13 @@ pub(super) fn simulate_diloco_family(
             // step first, so each outer gradient below holds exactly the work no version holds
             // yet (measured from a stale anchor it would be re-anchored at the newest Θ_p and
             // pull Θ_p back towards the learner's stale copy).
+            //
+            // Under `final_step: average` they hold those versions without applying them: the
+            // average is over each learner's model as it was at its last step, measured from
+            // the newest Θ_p.
+            let final_rule = (sync.final_step == FinalStep::Outer).then_some(apply_rule);
             for l in learners.iter_mut().filter(|l| l.alive) {
-                apply_due(l, &plan, apply_rule, tokens_per_step);
+                apply_due(l, &plan, final_rule, tokens_per_step);
             }
             let progress = learners
                 .iter()
@@ -213,7 +219,7 @@ pub(super) fn simulate_diloco_family(
                     .expect("stepping learners have caught up");
                 let reported: Vec<Progress> = protocol.on_step(tokens_per_step);
                 let step = protocol.step();
-                apply_due(l, &plan, apply_rule, tokens_per_step);
+                apply_due(l, &plan, Some(apply_rule), tokens_per_step);
                 // What it holds once this boundary's broadcasts are applied: the version a pull
                 // answering this report finds.
                 let applied = l.protocol.as_ref().map_or_else(Vec::new, |p| p.versions());
@@ -314,7 +320,7 @@ pub(super) fn simulate_diloco_family(
                     l.merged_in.insert((fragment, version), round);
                 }
                 if l.waiting_for_sync {
-                    apply_due(l, &plan, apply_rule, tokens_per_step);
+                    apply_due(l, &plan, Some(apply_rule), tokens_per_step);
                     l.waiting_for_sync = false;
                     if tokens_done < budget {
                         queue.push(now + sync.step_time_s.0 / l.speed, SimEvent::StepDone(m));
@@ -363,6 +369,7 @@ pub(super) fn simulate_diloco_family(
         merges: stats.merges,
         failures,
         global,
+        merge_log: syncer.merge_log().to_vec(),
     })
 }
 
@@ -440,6 +447,7 @@ fn carry_out(
                 learner,
                 fragment,
                 round,
+                ..
             } => {
                 let l = &learners[learner as usize];
                 queue.push(

@@ -102,10 +102,15 @@ pub(super) fn train_step(
 /// it last applied), so a learner left out of a round keeps its work instead of losing it. The
 /// fragment's progress counters then count those kept steps (the next outer gradient holds them),
 /// not zero: else the merge weights them wrongly and the final flush skips them.
+///
+/// `rule: None` holds the due versions without applying them: a learner that has stopped
+/// keeps its model as at its last step (the final average is over those models) while its
+/// anchors move to the newest versions and its counters keep the work no version holds, as
+/// under `Rebase`.
 pub(super) fn apply_due(
     l: &mut Learner,
     plan: &FragmentPlan,
-    rule: ApplyRule,
+    rule: Option<ApplyRule>,
     tokens_per_step: u64,
 ) {
     let Some(protocol) = l.protocol.as_mut() else {
@@ -130,11 +135,14 @@ pub(super) fn apply_due(
                 None => (due.progress, due.replaced_anchor.to_vec()),
             };
         let mut shifts = Vec::new();
+        let keeps_work = rule.is_none_or(|r| r == ApplyRule::Rebase);
         for (k, &ti) in plan.fragments[fragment].tensors.iter().enumerate() {
             let values = &received.values[k];
-            let applied = rule.applied(&l.values(ti), values, &base[k]);
-            l.set_values(ti, &applied);
-            if rule == ApplyRule::Rebase {
+            if let Some(rule) = rule {
+                let applied = rule.applied(&l.values(ti), values, &base[k]);
+                l.set_values(ti, &applied);
+            }
+            if rule == Some(ApplyRule::Rebase) {
                 shifts.push(
                     values
                         .iter()
@@ -144,7 +152,7 @@ pub(super) fn apply_due(
                 );
             }
         }
-        if rule == ApplyRule::Rebase {
+        if keeps_work {
             if let Some(protocol) = l.protocol.as_mut() {
                 protocol.keep_progress(fragment, kept);
             }

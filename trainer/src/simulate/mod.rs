@@ -191,7 +191,14 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         merges,
         failures,
         global,
+        merge_log,
     } = summary;
+    let mut merges_file =
+        std::io::BufWriter::new(std::fs::File::create(run_dir.join("merges.jsonl"))?);
+    for record in &merge_log {
+        writeln!(merges_file, "{}", serde_json::to_string(record)?)?;
+    }
+    merges_file.flush()?;
 
     if sync.mode != SyncMode::Ddp {
         // Diagnostics: how far apart the learners ended (the final round averages them into Θ).
@@ -269,4 +276,6 @@ struct Outcome {
     failures: u64,
     /// The global parameters, in trainable-parameter order.
     global: Vec<Vec<f32>>,
+    /// Every merge, as `atoll run` logs it to `coordinator/merges.jsonl` (none under DP).
+    merge_log: Vec<atoll_coordinator::MergeRecord>,
 }
