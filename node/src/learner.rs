@@ -251,6 +251,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         resume_step: 0,
         final_versions: None,
         last_step_model: None,
+        answered_final_average: false,
     };
     let mut done_waiting_since: Option<Instant> = None;
     let mut network_gone = false;
@@ -441,6 +442,7 @@ struct LearnerState {
     /// Each fragment's values after the last inner step, which the job's final average
     /// (`FinalStep::Average`) is over; later broadcasts do not change them.
     last_step_model: Option<Vec<FragmentValues>>,
+    answered_final_average: bool,
 }
 
 /// Parts of one message being reassembled, keyed by (kind, fragment, round or version).
@@ -559,6 +561,13 @@ impl LearnerState {
                         ""
                     }
                 );
+                if last_step.is_some() && !self.answered_final_average {
+                    self.answered_final_average = true;
+                    tracing::info!(
+                        "the job's final average: answering from the model at step {}",
+                        worker.step()
+                    );
+                }
                 let local = match last_step {
                     Some(values) => values,
                     None => Arc::new(worker.values(tensors)?),

@@ -88,6 +88,23 @@ sync:
         "2-bit contributions with error feedback: {eval}; {summary}"
     );
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
+    // The last rounds average every fragment, each learner answering from its model as it was
+    // at its last step rather than as the versions merged since left it.
+    let merges = std::fs::read_to_string(d.join("job/coordinator/merges.jsonl")).unwrap();
+    let averaged: std::collections::BTreeSet<u64> = merges
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["average"] == true)
+        .map(|r| r["fragment"].as_u64().unwrap())
+        .collect();
+    assert_eq!(averaged.len(), 2, "{merges}");
+    for region in ["east", "west"] {
+        let log = std::fs::read_to_string(d.join(format!("job/learner-{region}.log"))).unwrap();
+        assert!(
+            log.contains("the job's final average: answering from the model at step 40"),
+            "{region}: {log}"
+        );
+    }
     // Under `rebase` a learner left out of a round keeps its work and the last rounds merge it,
     // so (almost) every token reaches the global model, and none counts twice: a learner pulled
     // again before the broadcast answering its previous pull arrived reports only the steps
