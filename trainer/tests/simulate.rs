@@ -205,3 +205,39 @@ fn steps_reported_again_from_a_stale_anchor_are_merged_once() {
     assert!(s.merged_tokens <= s.tokens, "{s:?}");
     assert!(s.merged_tokens as f64 >= 0.85 * s.tokens as f64, "{s:?}");
 }
+
+/// The run directory holds the merge log in `atoll run`'s format. Under `final_step: average`
+/// the job ends with one average round per fragment, every learner in it (also for fragments
+/// whose work was all merged already); under `outer` no round is an average.
+#[test]
+fn the_merge_log_ends_with_an_average_of_every_fragment() {
+    for (final_step, averaged) in [("average", 3), ("outer", 0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let sets = [format!("sync.final_step={final_step}")];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let summary = simulate(&recipe(dir.path(), &sets), dir.path()).unwrap();
+        let log = std::fs::read_to_string(dir.path().join("merges.jsonl")).unwrap();
+        let records: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(records.len() as u64, summary.merges, "{log}");
+        let averages: Vec<&serde_json::Value> =
+            records.iter().filter(|r| r["average"] == true).collect();
+        assert_eq!(averages.len(), averaged, "{final_step}: {log}");
+        let mut fragments: Vec<u64> = averages
+            .iter()
+            .map(|r| r["fragment"].as_u64().unwrap())
+            .collect();
+        fragments.sort();
+        fragments.dedup();
+        assert_eq!(fragments.len(), averaged, "{log}");
+        for r in &averages {
+            assert_eq!(r["contributors"].as_array().unwrap().len(), 2, "{r}");
+        }
+        // They are the job's last rounds.
+        assert!(records[records.len() - averaged..]
+            .iter()
+            .all(|r| r["average"] == true));
+    }
+}
