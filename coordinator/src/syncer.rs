@@ -509,6 +509,16 @@ struct Round {
 }
 
 impl Round {
+    /// This round's request for `learner`'s outer gradient of fragment `fragment`.
+    fn pull(&self, learner: LearnerId, fragment: usize) -> Action {
+        Action::Pull {
+            learner,
+            fragment,
+            round: self.round,
+            average: self.average,
+        }
+    }
+
     fn opened(round: u64, now: f64) -> Round {
         Round {
             round,
@@ -1166,12 +1176,7 @@ impl Syncer {
             }
             let round = self.fragments[p].open.as_mut().expect("checked above");
             round.deferred.remove(&learner);
-            actions.push(Action::Pull {
-                learner,
-                fragment: p,
-                round: round.round,
-                average: round.average,
-            });
+            actions.push(round.pull(learner, p));
         }
     }
 
@@ -1203,12 +1208,7 @@ impl Syncer {
                 round.deferred.insert(learner);
                 continue;
             }
-            actions.push(Action::Pull {
-                learner,
-                fragment: p,
-                round: round.round,
-                average: round.average,
-            });
+            actions.push(round.pull(learner, p));
         }
         if !round.deferred.is_empty() {
             actions.push(Action::ArmTimer {
@@ -1567,14 +1567,8 @@ impl Syncer {
                 else {
                     return;
                 };
-                let average = r.average;
                 for learner in std::mem::take(&mut r.deferred) {
-                    actions.push(Action::Pull {
-                        learner,
-                        fragment,
-                        round,
-                        average,
-                    });
+                    actions.push(r.pull(learner, fragment));
                 }
             }
             TimerId::PullTimeout { fragment, round } => {

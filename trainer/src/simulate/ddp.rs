@@ -74,7 +74,6 @@ pub(super) fn simulate_ddp(
         bytes_down: bytes,
         merged_tokens,
         rejected: 0,
-        stale: 0,
         merges: total_steps as u64,
         failures: 0,
         global,

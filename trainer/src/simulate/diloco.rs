@@ -365,7 +365,6 @@ pub(super) fn simulate_diloco_family(
         bytes_down,
         merged_tokens,
         rejected: stats.rejected,
-        stale: atoll_coordinator::stale_contributions(syncer.merge_log()),
         merges: stats.merges,
         failures,
         global,

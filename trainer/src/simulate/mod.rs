@@ -187,7 +187,6 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         bytes_down,
         merged_tokens,
         rejected,
-        stale,
         merges,
         failures,
         global,
@@ -245,7 +244,7 @@ pub fn simulate(recipe: &Recipe, run_dir: &Path) -> Result<SimSummary> {
         goodput: merged_tokens as f64 / (ideal_tokens_per_s * wall).max(1e-9),
         compute_utilization: compute / (m_count as f64 * wall).max(1e-9),
         rejected_contributions: rejected,
-        stale_contributions: stale,
+        stale_contributions: atoll_coordinator::stale_contributions(&merge_log),
         merges,
         failures,
     };
@@ -271,7 +270,6 @@ struct Outcome {
     bytes_down: u64,
     merged_tokens: u64,
     rejected: u64,
-    stale: u64,
     merges: u64,
     failures: u64,
     /// The global parameters, in trainable-parameter order.
