@@ -35,8 +35,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        // libtorch's fused rms_norm computes in the input dtype, so the input is upcast first;
-        // (1 + w) and w are tiny vectors, built in f32 before the call.
+        // Both kernels compute in the input dtype, so the input is upcast first; (1 + w) and w
+        // are tiny vectors, built in f32 before the call. libtorch's rms_norm is fused on the GPU
+        // only; on the CPU it is a chain of element-wise operators, so Atoll runs its own there.
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
         let dim = *x.size().last().expect("at least one dimension");
@@ -45,7 +46,12 @@ impl RmsNorm {
             (Some(w), _) => Some(w.to_kind(Kind::Float)),
             (None, _) => None,
         };
-        xf.rms_norm([dim], weight.as_ref(), self.eps).to_kind(kind)
+        let y = if xf.device() == Device::Cpu {
+            super::cpu_kernels::rms_norm(&xf, weight.as_ref(), self.eps)
+        } else {
+            xf.rms_norm([dim], weight.as_ref(), self.eps)
+        };
+        y.to_kind(kind)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Gemma models in tch. One file per architecture; `layers.rs` holds the shared blocks.
 
+pub mod cpu_kernels;
 pub mod gemma3;
 pub mod gemma4;
 pub mod gemma4_assistant;
