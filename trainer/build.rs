@@ -6,7 +6,9 @@ mod rpath;
 
 fn main() {
     rpath::main();
-    println!("cargo:rerun-if-changed=csrc/rms_norm.cpp");
+    for file in ["csrc/rms_norm.cpp", "csrc/geglu.cpp", "csrc/ffi_error.h"] {
+        println!("cargo:rerun-if-changed={file}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // torch-sys exports where it found libtorch (LIBTORCH, a system install or a Python torch);
     // the headers sit beside the libraries.
@@ -29,8 +31,12 @@ fn main() {
         // at::parallel_for runs its body on libtorch's OpenMP threads only when built with
         // OpenMP; torch-sys already links the libgomp libtorch ships.
         .flag("-fopenmp")
+        // Lets the compiler turn the kernels' clamps into vector selects (no code here reads
+        // floating-point exception flags).
+        .flag("-fno-trapping-math")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/rms_norm.cpp")
+        .file("csrc/geglu.cpp")
         .compile("atoll_kernels");
 }

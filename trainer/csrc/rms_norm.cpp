@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "ffi_error.h"
+
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -162,12 +164,6 @@ struct PlainRmsNorm : public torch::autograd::Function<PlainRmsNorm> {
     return {dx, at::Tensor()};
   }
 };
-
-char* copy_message(const std::string& message) {
-  char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out != nullptr) std::memcpy(out, message.c_str(), message.size() + 1);
-  return out;
-}
 
 }  // namespace
 

@@ -225,9 +225,14 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = self.gate_proj.forward(x).gelu("tanh");
+        let gate = self.gate_proj.forward(x);
         let up = self.up_proj.forward(x);
-        self.down_proj.forward(&(gate * up))
+        let hidden = if gate.device() == Device::Cpu && gate.kind() == Kind::Float {
+            super::cpu_kernels::geglu(&gate, &up)
+        } else {
+            gate.gelu("tanh") * up
+        };
+        self.down_proj.forward(&hidden)
     }
 
     pub fn linears_mut(&mut self) -> [&mut Linear; 3] {
