@@ -645,6 +645,8 @@ pub struct Syncer {
     stats: SyncerStats,
     /// Threads a merge may use (the result does not depend on it).
     merge_threads: usize,
+    /// `flush` has opened the job's last rounds: no other round opens after them.
+    flushed: bool,
 }
 
 const EMA: f64 = 0.3;
@@ -728,6 +730,7 @@ impl Syncer {
             merge_log: Vec::new(),
             stats: SyncerStats::default(),
             merge_threads: crate::parallel::available_threads(),
+            flushed: false,
         }
     }
 
@@ -794,6 +797,7 @@ impl Syncer {
             merge_log,
             stats,
             merge_threads: crate::parallel::available_threads(),
+            flushed: false,
         }
     }
 
@@ -840,6 +844,15 @@ impl Syncer {
         self.fragments
             .iter()
             .any(|f| f.open.is_some() || f.merging.is_some())
+    }
+
+    /// Whether any fragment has asked learners for contributions, or merged them, and not yet
+    /// finished. A round still gathering its quorum does not count: once every learner has
+    /// stopped it may never gather one, and `flush` replaces it.
+    pub fn pull_in_flight(&self) -> bool {
+        self.fragments.iter().any(|f| {
+            f.merging.is_some() || f.open.as_ref().is_some_and(|r| r.phase == Phase::Pulling)
+        })
     }
 
     /// Whether any fragment's merge has been handed out and not come back.
@@ -943,8 +956,9 @@ impl Syncer {
         done
     }
 
-    /// Ends a job: every fragment without a round in flight gets one now, so the final global
-    /// model holds all the work done. Under `FinalStep::Average` every fragment is averaged over
+    /// Ends a job: every fragment without a pull in flight gets its last round now (replacing a
+    /// round still gathering its quorum), so the final global model holds all the work done;
+    /// no other round opens afterwards. Under `FinalStep::Average` every fragment is averaged over
     /// every active learner; under `Outer` only fragments with new work get a round, pulling the
     /// learners that did it.
     pub fn flush(
@@ -953,12 +967,23 @@ impl Syncer {
         progress: &BTreeMap<LearnerId, Vec<Progress>>,
     ) -> Vec<Action> {
         let mut actions = Vec::new();
+        self.flushed = true;
         let active = self.active_learners();
         let average = self.config.final_step == FinalStep::Average;
         for p in 0..self.fragments.len() {
-            if self.fragments[p].open.is_some() || self.fragments[p].merging.is_some() {
+            // A round that has pulled finishes as it is. One that has not asked anyone yet is
+            // replaced: it waits for a quorum of learners reporting new work, which learners
+            // that have stopped (and applied its last version) may never report.
+            let frag = &mut self.fragments[p];
+            if frag.merging.is_some()
+                || frag
+                    .open
+                    .as_ref()
+                    .is_some_and(|r| r.phase == Phase::Pulling)
+            {
                 continue;
             }
+            frag.open = None;
             let has_progress = |l: &LearnerId| {
                 progress
                     .get(l)
@@ -1076,7 +1101,7 @@ impl Syncer {
             let offset = self.offset(p);
             let frag = &mut self.fragments[p];
             let idle = frag.open.is_none() && frag.merging.is_none();
-            if idle && global_step >= offset + frag.next_round * self.config.h {
+            if idle && !self.flushed && global_step >= offset + frag.next_round * self.config.h {
                 frag.open = Some(Round::opened(frag.next_round, now));
             }
             let has_progress = progress.get(p).is_some_and(|g| g.c_steps > 0);

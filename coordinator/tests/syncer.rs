@@ -642,6 +642,68 @@ fn the_final_average_covers_fragments_without_new_work_and_its_pulls_say_so() {
     }
 }
 
+/// A round that opens after the last learner applied its fragment's newest version, with no
+/// new work on it, can never gather a quorum: the job's last rounds replace it (they used to pass
+/// over the fragment and wait for that round for ever), and no round opens after them.
+#[test]
+fn the_last_rounds_replace_a_round_that_can_no_longer_gather_its_quorum() {
+    for final_step in [FinalStep::Average, FinalStep::Outer] {
+        let plan = FragmentPlan::new(vec![TensorInfo::new("w", &[2])], 1).unwrap();
+        let config = SyncerConfig {
+            h: 4,
+            quorum: 1,
+            grace_gamma: 0.0,
+            final_step,
+            ..SyncerConfig::default()
+        };
+        let mut s = Syncer::new(config, plan, &[vec![1.0, 1.0]]);
+        join_all(&mut s, &[1]);
+        let a = report(&mut s, 4.0, 1, 4);
+        assert_eq!(pulls(&a), vec![1]);
+        let a = s.handle_in_place(4.1, contribution(1, 1, 0, [0.1, 0.1], 4));
+        assert!(broadcast(&a).is_some());
+        // The learner applied version 1 at its last step (its counters restarted) and stopped.
+        let a = report_since(&mut s, 8.0, 1, 8, 0);
+        assert!(pulls(&a).is_empty());
+        assert!(
+            s.round_in_flight(),
+            "round 2 opened at step 8, waiting for a quorum"
+        );
+        assert!(
+            !s.pull_in_flight(),
+            "but nobody has been asked for anything"
+        );
+        let stopped = [(1, progress(0))].into_iter().collect();
+        let a = s.flush(9.0, &stopped);
+        if final_step == FinalStep::Average {
+            let pulled: Vec<(u32, bool)> = a
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Pull {
+                        learner, average, ..
+                    } => Some((*learner, *average)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(pulled, vec![(1, true)], "{a:?}");
+            let round = match a.iter().find(|a| matches!(a, Action::Pull { .. })) {
+                Some(Action::Pull { round, .. }) => *round,
+                _ => unreachable!(),
+            };
+            let a = s.handle_in_place(9.1, contribution(1, round, 1, [0.0, 0.0], 0));
+            assert!(broadcast(&a).is_some(), "the average merged");
+        } else {
+            assert!(pulls(&a).is_empty(), "no new work: no outer step");
+        }
+        assert!(!s.round_in_flight(), "{final_step:?}: the job can end");
+        report_since(&mut s, 10.0, 1, 8, 0);
+        assert!(
+            !s.round_in_flight(),
+            "{final_step:?}: no round opens after the last ones"
+        );
+    }
+}
+
 /// A learner pulled again before it applied the broadcast answering its previous pull measures
 /// both contributions from the same anchor: the merge log counts the steps they share once, while
 /// the merge still weighs each contribution by all the work its Δ holds.

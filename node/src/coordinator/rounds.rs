@@ -197,7 +197,8 @@ impl Core {
         if !self.flushed && all_finished && !self.syncer.merge_in_flight() {
             // The last rounds measure each learner's model against the version it last
             // applied, without re-anchoring (see `FinalStep::Average`), so they wait until no
-            // round is in flight and every learner holds the newest versions. The average is then
+            // pull or merge is in flight and every learner holds the newest versions (a round
+            // still gathering its quorum is not waited for: `flush` replaces it). The average is then
             // exactly the mean of the learners' models at their last steps; and where learners
             // keep their local work when they apply a version (`rebase`), a learner merged in a
             // round whose broadcast it has not applied yet would otherwise count that work twice.
@@ -208,7 +209,7 @@ impl Core {
                 || self.recipe.sync.final_step == FinalStep::Average;
             let newest = self.syncer.versions();
             let settled = !waits
-                || !self.syncer.round_in_flight()
+                || !self.syncer.pull_in_flight()
                     && active
                         .iter()
                         .all(|id| self.members.get(id).is_some_and(|m| m.applied == newest));
