@@ -6,12 +6,7 @@ mod rpath;
 
 fn main() {
     rpath::main();
-    for file in [
-        "csrc/rms_norm.cpp",
-        "csrc/geglu.cpp",
-        "csrc/adamw.cpp",
-        "csrc/ffi_error.h",
-    ] {
+    for file in ["csrc/rms_norm.cpp", "csrc/geglu.cpp", "csrc/ffi_error.h"] {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
@@ -36,14 +31,12 @@ fn main() {
         // at::parallel_for runs its body on libtorch's OpenMP threads only when built with
         // OpenMP; torch-sys already links the libgomp libtorch ships.
         .flag("-fopenmp")
-        // Lets the compiler turn the kernels' clamps into vector selects and sqrt into one
-        // instruction (no code here reads floating-point exception flags or errno).
+        // Lets the compiler turn the kernels' clamps into vector selects (no code here reads
+        // floating-point exception flags).
         .flag("-fno-trapping-math")
-        .flag("-fno-math-errno")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/rms_norm.cpp")
         .file("csrc/geglu.cpp")
-        .file("csrc/adamw.cpp")
         .compile("atoll_kernels");
 }

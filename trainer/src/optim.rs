@@ -5,11 +5,10 @@
 //! tensors so it can be checkpointed and so the Decoupled DiLoCo learner can read and overwrite
 //! parameters between steps.
 
-use crate::models::cpu_kernels;
 /// The hyperparameters and the schedule are the recipe's `train` section's (atoll-recipe), so that
 /// the section can hand them out without the recipe depending on the trainer.
 pub use atoll_recipe::train::{learning_rate, AdamWConfig};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 struct ParamState {
     param: Tensor,
@@ -151,22 +150,6 @@ impl AdamW {
     /// torch.nn.utils.clip_grad_norm_). Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) -> f64 {
         let _guard = tch::no_grad_guard();
-        let total = self.grad_norm();
-        let coef = clip_scale(total, max_norm);
-        if coef < 1.0 {
-            for p in &mut self.params {
-                let mut g = p.param.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(coef);
-                }
-            }
-        }
-        total
-    }
-
-    /// Global L2 norm of the gradients (0 when there are none).
-    fn grad_norm(&self) -> f64 {
-        let _guard = tch::no_grad_guard();
         let norms: Vec<Tensor> = self
             .params
             .iter()
@@ -177,74 +160,43 @@ impl AdamW {
         if norms.is_empty() {
             return 0.0;
         }
-        Tensor::stack(&norms, 0).norm().double_value(&[])
+        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        if let Some(max) = max_norm {
+            let coef = max / (total + 1e-6);
+            if coef < 1.0 {
+                for p in &mut self.params {
+                    let mut g = p.param.grad();
+                    if g.defined() {
+                        let _ = g.g_mul_scalar_(coef);
+                    }
+                }
+            }
+        }
+        total
     }
 
     /// The end of a training step: clip the gradients, update, zero them. Returns the
-    /// gradient norm before clipping. The clipping scale is applied as each gradient is read
-    /// rather than in a pass of its own.
+    /// gradient norm before clipping.
     pub fn clipped_step(&mut self, lr: f64, max_norm: Option<f64>) -> f64 {
-        let norm = self.grad_norm();
-        self.update(lr, clip_scale(norm, max_norm), true);
+        let norm = self.clip_grad_norm(max_norm);
+        self.step(lr);
+        self.zero_grad();
         norm
     }
 
     /// One AdamW update at learning rate `lr` (torch.optim.AdamW semantics).
     pub fn step(&mut self, lr: f64) {
-        self.update(lr, 1.0, false);
-    }
-
-    /// One AdamW update with every gradient times `grad_scale`, zeroing the gradients after.
-    /// f32 CPU parameters (no master copy) take the fused kernel, one pass per tensor; the
-    /// others (low-precision parameters with f32 masters, the GPU) take the same arithmetic as
-    /// libtorch operators.
-    fn update(&mut self, lr: f64, grad_scale: f64, zero_grads: bool) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.param.grad()).collect();
-        let fusable = |p: &ParamState, g: &Tensor| {
-            let cpu_f32 = |t: &Tensor| {
-                t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
-            };
-            p.master.is_none() && cpu_f32(&p.param) && cpu_f32(g)
-        };
-        let fused: Vec<cpu_kernels::AdamWTensors> = self
-            .params
-            .iter()
-            .zip(&grads)
-            .filter(|(p, g)| g.defined() && fusable(p, g))
-            .map(|(p, g)| cpu_kernels::AdamWTensors {
-                param: &p.param,
-                grad: g,
-                exp_avg: &p.exp_avg,
-                exp_avg_sq: &p.exp_avg_sq,
-                decay: p.decay && c.weight_decay > 0.0,
-            })
-            .collect();
-        let step = cpu_kernels::AdamWStep {
-            lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: c.weight_decay,
-            bias1,
-            bias2,
-            grad_scale,
-            zero_grads,
-        };
-        // The kernel checks what `fusable` checked, so it cannot refuse these tensors.
-        cpu_kernels::adamw_step(&fused, step).expect("tensors checked as contiguous f32 CPU");
-        for (p, grad) in self.params.iter_mut().zip(&grads) {
-            if !grad.defined() || fusable(p, grad) {
+        for p in &mut self.params {
+            let grad = p.param.grad();
+            if !grad.defined() {
                 continue;
             }
-            let mut g = grad.to_kind(Kind::Float);
-            if grad_scale != 1.0 {
-                g *= grad_scale;
-            }
+            let grad = grad.to_kind(Kind::Float);
             let mut target = match &p.master {
                 Some(m) => m.shallow_clone(),
                 None => p.param.shallow_clone(),
@@ -252,26 +204,15 @@ impl AdamW {
             if p.decay && c.weight_decay > 0.0 {
                 let _ = target.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
-            let _ = p.exp_avg.lerp_(&g, 1.0 - c.beta1);
+            let _ = p.exp_avg.lerp_(&grad, 1.0 - c.beta1);
             let _ = p.exp_avg_sq.g_mul_scalar_(c.beta2);
-            let _ = p.exp_avg_sq.addcmul_(&(&g * (1.0 - c.beta2)), &g);
+            let _ = p.exp_avg_sq.addcmul_(&(&grad * (1.0 - c.beta2)), &grad);
             let denom = (p.exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
             let _ = target.addcdiv_(&(&p.exp_avg * (-lr / bias1)), &denom);
             if p.master.is_some() {
                 p.param.copy_(&target);
             }
-            if zero_grads {
-                let _ = grad.shallow_clone().zero_();
-            }
         }
-    }
-}
-
-/// The factor clipping to `max_norm` scales gradients of global norm `norm` by (1: none).
-fn clip_scale(norm: f64, max_norm: Option<f64>) -> f64 {
-    match max_norm {
-        Some(max) => (max / (norm + 1e-6)).min(1.0),
-        None => 1.0,
     }
 }
 
@@ -336,50 +277,6 @@ mod tests {
             .collect();
         for (a, e) in got.iter().chain(&got_b).zip(w.iter().chain(&b)) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
-        }
-    }
-
-    /// `clipped_step` (the fused kernel on f32 CPU tensors): the clipping scale applied as the
-    /// gradients are read, decay on matrices only, gradients zeroed after; against float64.
-    #[test]
-    fn clipped_steps_match_a_float64_reference_and_zero_the_gradients() {
-        let w0 = [0.5f64, -1.0, 2.0, 0.25, 3.0, -0.75];
-        let param = Tensor::from_slice(&w0.map(|x| x as f32))
-            .view([2, 3])
-            .set_requires_grad(true);
-        let cfg = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
-        let mut opt = AdamW::new(vec![param.shallow_clone()], cfg);
-        let (lr, max_norm) = (0.05, 1.0);
-        let (mut w, mut m, mut v) = (w0.to_vec(), vec![0.0; 6], vec![0.0; 6]);
-        for t in 1..=4 {
-            (&param * &param * 2.0).sum(Kind::Float).backward();
-            let norm = opt.clipped_step(lr, Some(max_norm));
-            let g: Vec<f64> = w.iter().map(|x| 4.0 * x).collect();
-            let expected_norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
-            assert!(
-                (norm - expected_norm).abs() < 1e-4 * expected_norm,
-                "{norm} vs {expected_norm}"
-            );
-            let scale = (max_norm / (expected_norm + 1e-6)).min(1.0);
-            for i in 0..w.len() {
-                let gi = g[i] * scale;
-                w[i] *= 1.0 - lr * cfg.weight_decay;
-                m[i] = 0.9 * m[i] + 0.1 * gi;
-                v[i] = 0.95 * v[i] + 0.05 * gi * gi;
-                let denom = (v[i] / (1.0 - 0.95f64.powi(t))).sqrt() + cfg.eps;
-                w[i] -= lr * (m[i] / (1.0 - 0.9f64.powi(t))) / denom;
-            }
-            let grad = Vec::<f32>::try_from(param.grad().view([-1])).expect("f32");
-            assert!(grad.iter().all(|&x| x == 0.0), "gradients zeroed: {grad:?}");
-        }
-        let got = Vec::<f32>::try_from(param.view([-1])).expect("f32");
-        for (a, e) in got.iter().zip(&w) {
-            assert!((*a as f64 - e).abs() < 1e-5, "{a} vs {e}");
         }
     }
 

@@ -17,24 +17,6 @@ extern "C" {
         up: *const c_void,
         error: *mut *mut c_char,
     ) -> *mut c_void;
-    fn atoll_adamw_cpu(
-        params: *const *const c_void,
-        grads: *const *const c_void,
-        exp_avg: *const *const c_void,
-        exp_avg_sq: *const *const c_void,
-        decay: *const u8,
-        n: i64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-        bias1: f64,
-        bias2: f64,
-        grad_scale: f64,
-        zero_grads: i32,
-        error: *mut *mut c_char,
-    ) -> i32;
     fn atoll_free_message(message: *mut c_char);
 }
 
@@ -65,99 +47,23 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> Tensor {
     })
 }
 
-/// One parameter of [`adamw_step`]: the parameter, its gradient and moments (all contiguous
-/// f32 CPU tensors of one size), and whether weight decay applies to it.
-pub struct AdamWTensors<'a> {
-    pub param: &'a Tensor,
-    pub grad: &'a Tensor,
-    pub exp_avg: &'a Tensor,
-    pub exp_avg_sq: &'a Tensor,
-    pub decay: bool,
-}
-
-/// The constants of one AdamW step (torch.optim.AdamW's), with the clipping scale applied to
-/// every gradient as it is read.
-#[derive(Debug, Clone, Copy)]
-pub struct AdamWStep {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// 1 − β1^t and 1 − β2^t.
-    pub bias1: f64,
-    pub bias2: f64,
-    pub grad_scale: f64,
-    /// Zero each gradient once it is consumed.
-    pub zero_grads: bool,
-}
-
-/// One AdamW step over `tensors` in place, one pass per tensor. An error (a tensor that is not contiguous f32 on the CPU, sizes that differ) leaves
-/// every tensor as it was.
-pub fn adamw_step(tensors: &[AdamWTensors], step: AdamWStep) -> anyhow::Result<()> {
-    fn ptrs<'a>(
-        tensors: &[AdamWTensors<'a>],
-        f: fn(&AdamWTensors<'a>) -> &'a Tensor,
-    ) -> Vec<*const c_void> {
-        tensors
-            .iter()
-            .map(|t| f(t).as_ptr() as *const c_void)
-            .collect()
-    }
-    let (params, grads) = (ptrs(tensors, |t| t.param), ptrs(tensors, |t| t.grad));
-    let exp_avg = ptrs(tensors, |t| t.exp_avg);
-    let exp_avg_sq = ptrs(tensors, |t| t.exp_avg_sq);
-    let decay: Vec<u8> = tensors.iter().map(|t| u8::from(t.decay)).collect();
-    let mut error: *mut c_char = std::ptr::null_mut();
-    // SAFETY: the arrays hold `tensors.len()` live tch tensors (libtorch `at::Tensor*`), which
-    // the kernel updates in place; they outlive the call.
-    let rc = unsafe {
-        atoll_adamw_cpu(
-            params.as_ptr(),
-            grads.as_ptr(),
-            exp_avg.as_ptr(),
-            exp_avg_sq.as_ptr(),
-            decay.as_ptr(),
-            tensors.len() as i64,
-            step.lr,
-            step.beta1,
-            step.beta2,
-            step.eps,
-            step.weight_decay,
-            step.bias1,
-            step.bias2,
-            step.grad_scale,
-            i32::from(step.zero_grads),
-            &mut error,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        anyhow::bail!("AdamW kernel: {}", take_message(error))
-    }
-}
-
-/// The text of a kernel's malloc'd error message, freed here.
-fn take_message(error: *mut c_char) -> String {
-    if error.is_null() {
-        return "unknown error".to_owned();
-    }
-    // SAFETY: a NUL-terminated copy the kernel made with malloc, freed once.
-    unsafe {
-        let m = CStr::from_ptr(error).to_string_lossy().into_owned();
-        atoll_free_message(error);
-        m
-    }
-}
-
 /// Runs one kernel entry point: a new heap `at::Tensor*` that the returned tensor owns, or null
 /// with a malloc'd message, freed here and raised as a panic.
 fn call(kernel: &str, entry: impl FnOnce(*mut *mut c_char) -> *mut c_void) -> Tensor {
     let mut error: *mut c_char = std::ptr::null_mut();
     let out = entry(&mut error);
     if out.is_null() {
-        panic!("{kernel} kernel: {}", take_message(error));
+        let message = if error.is_null() {
+            "unknown error".to_owned()
+        } else {
+            // SAFETY: a NUL-terminated copy the kernel made with malloc, freed once.
+            unsafe {
+                let m = CStr::from_ptr(error).to_string_lossy().into_owned();
+                atoll_free_message(error);
+                m
+            }
+        };
+        panic!("{kernel} kernel: {message}");
     }
     // SAFETY: a tensor the kernel allocated for the caller, owned from here on.
     unsafe { Tensor::from_ptr(out as *mut _) }
