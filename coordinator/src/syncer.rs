@@ -855,6 +855,11 @@ impl Syncer {
         })
     }
 
+    /// Whether `flush` has opened the job's last rounds.
+    pub fn flushed(&self) -> bool {
+        self.flushed
+    }
+
     /// Whether any fragment's merge has been handed out and not come back.
     pub fn merge_in_flight(&self) -> bool {
         self.fragments.iter().any(|f| f.merging.is_some())

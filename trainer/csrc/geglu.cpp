@@ -15,8 +15,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <string>
 
 namespace {
 
@@ -51,8 +49,8 @@ inline float exp_nonpositive(float x) {
 // 1 + tanh(z) without cancellation where tanh(z) nears -1: with e = exp(-2|z|), it is
 // 2/(1 + e) for z >= 0 and 2e/(1 + e) below; and 1 - tanh(z)^2 = 4e/(1 + e)^2 either way. The
 // sign of z is the sign of the gate value (z = k*a*(1 + c*a^2)), so only e is kept.
-inline float one_plus_tanh(float a, float e) {
-  const float inv = 1.0f / (1.0f + e);
+// `inv` is 1/(1 + e).
+inline float one_plus_tanh(float a, float e, float inv) {
   return (a >= 0.0f ? 2.0f : 2.0f * e) * inv;
 }
 
@@ -64,7 +62,7 @@ void forward_span(const float* gate, const float* up, float* y, float* e_out, in
     const float z = kSqrt2OverPi * (a + kCubic * a * a * a);
     const float e = exp_nonpositive(-2.0f * std::fabs(z));
     e_out[i] = e;
-    y[i] = 0.5f * a * one_plus_tanh(a, e) * up[i];
+    y[i] = 0.5f * a * one_plus_tanh(a, e, 1.0f / (1.0f + e)) * up[i];
   }
 }
 
@@ -76,7 +74,7 @@ void backward_span(const float* g, const float* gate, const float* up, const flo
     const float a = gate[i];
     const float e = e_in[i];
     const float inv = 1.0f / (1.0f + e);
-    const float s = (a >= 0.0f ? 2.0f : 2.0f * e) * inv;
+    const float s = one_plus_tanh(a, e, inv);
     const float sech2 = 4.0f * e * inv * inv;
     const float slope =
         0.5f * s + 0.5f * a * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kCubic * a * a);

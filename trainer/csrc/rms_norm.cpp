@@ -15,9 +15,8 @@
 
 #include "ffi_error.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <string>
 #include <utility>
 
 namespace {

@@ -140,7 +140,6 @@ struct Core {
     state: CoordinatorState,
     members: BTreeMap<LearnerId, Member>,
     partial: BTreeMap<(LearnerId, u32, u64), Partial>,
-    flushed: bool,
     /// Since when every learner has finished while the last rounds wait for the job to settle.
     settling_since: Option<Instant>,
     done_at: Option<Instant>,
@@ -264,7 +263,6 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         state,
         members: BTreeMap::new(),
         partial: BTreeMap::new(),
-        flushed: false,
         settling_since: None,
         done_at: None,
         training_since: None,

@@ -194,7 +194,7 @@ impl Core {
                 .iter()
                 .all(|id| self.members.get(id).is_some_and(|m| m.finished));
         // The last rounds open once no merge is out: `flush` passes over a merging fragment.
-        if !self.flushed && all_finished && !self.syncer.merge_in_flight() {
+        if !self.syncer.flushed() && all_finished && !self.syncer.merge_in_flight() {
             // The last rounds measure each learner's model against the version it last
             // applied, without re-anchoring (see `FinalStep::Average`), so they wait until no
             // pull or merge is in flight and every learner holds the newest versions (a round
@@ -224,7 +224,6 @@ impl Core {
                     FINAL_SETTLE_TIMEOUT
                 );
             }
-            self.flushed = true;
             let progress: BTreeMap<LearnerId, Vec<Progress>> = active
                 .iter()
                 .filter_map(|id| self.members.get(id).map(|m| (*id, m.progress.clone())))
@@ -233,7 +232,7 @@ impl Core {
             let actions = self.syncer.flush(self.now(), &progress);
             self.execute(actions)?;
         }
-        if self.flushed && !self.syncer.round_in_flight() {
+        if self.syncer.flushed() && !self.syncer.round_in_flight() {
             self.finish()?;
         }
         Ok(())

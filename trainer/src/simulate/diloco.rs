@@ -118,15 +118,13 @@ pub(super) fn simulate_diloco_family(
         zstd_level: sync.zstd_level,
     };
 
-    let mut flushed = false;
     loop {
         let Some((now, event)) = queue.pop() else {
             // The budget is spent and everything in flight has landed: one last round per
             // fragment with every learner, so the global model holds all the work done.
-            if flushed {
+            if syncer.flushed() {
                 break;
             }
-            flushed = true;
             // The learners are idle at a step boundary: they apply what arrived after their last
             // step first, so each outer gradient below holds exactly the work no version holds
             // yet (measured from a stale anchor it would be re-anchored at the newest Θ_p and
