@@ -13,7 +13,7 @@ pub mod syncer;
 
 pub use learner::{ApplyRule, LearnerProtocol};
 pub use merge::{FinalStep, MergeRule, OuterOptimizer};
-pub use plan::{FragmentPlan, TensorInfo};
+pub use plan::{FragmentPlan, PartSpan, TensorInfo};
 pub use syncer::{
     all_finite, apply_update, stale_contributions, Action, Contribution, EncodedUpdate, Event,
     FragmentSnapshot, FragmentValues, LearnerId, LearnerSnapshot, MergeJob, MergeRecord,

@@ -5,8 +5,53 @@
 //! with a plain weighted mean); the other tensors are bin-packed into the remaining P − 1
 //! fragments by longest-processing-time-first (largest tensor first, ties by name, into the
 //! lightest fragment, ties by index), which keeps the largest fragment within 4/3 of optimal.
+//!
+//! On the data plane a fragment travels as parts, one per tensor, except that a tensor of more
+//! than [`FragmentPlan::part_values`] values is cut into several parts of consecutive values
+//! ([`FragmentPlan::part_spans`]). A part's frame length is 32 bits, so without the cut a
+//! 27B Gemma's embedding (1.41 billion values, 5.6 GB as f32) could not travel at all, and a
+//! 12B one would arrive as one 4 GB frame, decoded on one core after its last byte.
 
+use atoll_wire::{frame_encoded, Codec, WireError, DEFAULT_BLOCK};
 use serde::Serialize;
+
+/// Values one data-plane part carries at most, by default: 64 Mi, 256 MiB as f32. Of a 12B
+/// Gemma's tensors only the embedding (1.007 billion values) is larger; it travels as 15 parts
+/// (Gemma 4's 262,144 rows) or 16 (Gemma 3's 262,208).
+pub const DEFAULT_PART_VALUES: u64 = 1 << 26;
+
+/// The largest part size a plan accepts: 512 Mi values, a 2 GiB f32 frame, well inside the
+/// 32-bit frame length with zstd's worst case on top.
+pub const MAX_PART_VALUES: u64 = 1 << 29;
+
+/// Whether `values` may bound a plan's parts: a whole number of codec blocks (so a part is a run
+/// of whole blocks), at most [`MAX_PART_VALUES`].
+pub fn check_part_values(values: u64) -> Result<(), PlanError> {
+    let block = DEFAULT_BLOCK as u64;
+    if values < block || values > MAX_PART_VALUES || !values.is_multiple_of(block) {
+        return Err(PlanError::BadPartValues(values));
+    }
+    Ok(())
+}
+
+/// One data-plane part of a fragment: values `start..end` (row-major) of the fragment's tensor
+/// `tensor`, an index into [`Fragment::tensors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartSpan {
+    pub tensor: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl PartSpan {
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TensorInfo {
@@ -44,6 +89,9 @@ pub struct Fragment {
 pub struct FragmentPlan {
     pub tensors: Vec<TensorInfo>,
     pub fragments: Vec<Fragment>,
+    /// Values one data-plane part carries at most (a multiple of the codecs' block, so a
+    /// tensor's parts encode exactly as the whole tensor would).
+    pub part_values: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +104,23 @@ pub enum PlanError {
     TooManyFragments { fragments: usize, tensors: usize },
     #[error("tensor names must be unique; `{0}` appears twice")]
     DuplicateName(String),
+    #[error(
+        "{0} values per part: expected a multiple of {DEFAULT_BLOCK} (the codecs' block) from {DEFAULT_BLOCK} to {MAX_PART_VALUES}"
+    )]
+    BadPartValues(u64),
+    #[error("part {part} of fragment {fragment} holds {got} values where the plan has {expected}")]
+    PartLength {
+        fragment: usize,
+        part: usize,
+        got: usize,
+        expected: usize,
+    },
+    #[error("fragment {fragment} has {expected} parts, not {got}")]
+    PartCount {
+        fragment: usize,
+        got: usize,
+        expected: usize,
+    },
 }
 
 impl FragmentPlan {
@@ -137,7 +202,144 @@ impl FragmentPlan {
         Ok(FragmentPlan {
             tensors,
             fragments: out,
+            part_values: DEFAULT_PART_VALUES,
         })
+    }
+
+    /// The same plan with parts of at most `values` values ([`check_part_values`]).
+    pub fn with_part_values(mut self, values: u64) -> Result<Self, PlanError> {
+        check_part_values(values)?;
+        self.part_values = values;
+        Ok(self)
+    }
+
+    /// Fragment `p`'s data-plane parts in order: its tensors in the fragment's order, each cut
+    /// into runs of [`Self::part_values`] values (an empty tensor is one empty part).
+    pub fn part_spans(&self, p: usize) -> Vec<PartSpan> {
+        let mut spans = Vec::new();
+        for k in 0..self.fragments[p].tensors.len() {
+            spans.extend(self.tensor_spans(p, k));
+        }
+        spans
+    }
+
+    /// The parts of tensor `k` of fragment `p`.
+    fn tensor_spans(&self, p: usize, k: usize) -> Vec<PartSpan> {
+        let n = self.tensors[self.fragments[p].tensors[k]].elements() as usize;
+        let step = self.part_values as usize;
+        let runs = n.div_ceil(step).max(1);
+        (0..runs)
+            .map(|r| PartSpan {
+                tensor: k,
+                start: r * step,
+                end: ((r + 1) * step).min(n),
+            })
+            .collect()
+    }
+
+    /// How many parts the largest tensor travels as, and the values in its largest part.
+    pub fn largest_part(&self) -> (u64, u64) {
+        let n = self.largest_tensor();
+        (n.div_ceil(self.part_values).max(1), n.min(self.part_values))
+    }
+
+    /// Fragment `p`'s parts as wire frames, from each tensor's bytes encoded whole with `codec`
+    /// ([`Self::frame_tensor`]), framed (and compressed at `zstd_level`) on every core.
+    pub fn frame_parts(
+        &self,
+        p: usize,
+        codec: Codec,
+        encoded: &[Vec<u8>],
+        zstd_level: i32,
+    ) -> Result<Vec<Vec<u8>>, WireError> {
+        let tensors = self.fragments[p].tensors.len();
+        if encoded.len() != tensors {
+            return Err(WireError::ShapeMismatch {
+                elements: tensors as u64,
+                values: encoded.len() as u64,
+            });
+        }
+        let work: Vec<(usize, &Vec<u8>)> = encoded.iter().enumerate().collect();
+        let threads = crate::parallel::available_threads();
+        let framed = crate::parallel::map(work, threads, |(k, bytes)| {
+            self.frame_tensor(p, k, codec, bytes, zstd_level)
+        });
+        let mut frames = Vec::with_capacity(self.part_spans(p).len());
+        for tensor in framed {
+            frames.extend(tensor?);
+        }
+        Ok(frames)
+    }
+
+    /// The parts of tensor `k` of fragment `p` as wire frames, from its bytes encoded whole with
+    /// `codec` (block [`DEFAULT_BLOCK`]): a part's frame carries its run of the tensor's blocks,
+    /// so the parts decode to exactly what the whole tensor's frame would.
+    pub fn frame_tensor(
+        &self,
+        p: usize,
+        k: usize,
+        codec: Codec,
+        encoded: &[u8],
+        zstd_level: i32,
+    ) -> Result<Vec<Vec<u8>>, WireError> {
+        let n = self.tensors[self.fragments[p].tensors[k]].elements();
+        if encoded.len() != codec.encoded_len(n as usize, DEFAULT_BLOCK) {
+            return Err(WireError::ShapeMismatch {
+                elements: n,
+                values: encoded.len() as u64,
+            });
+        }
+        let byte_at = |value: usize| codec.encoded_len(value, DEFAULT_BLOCK);
+        self.tensor_spans(p, k)
+            .into_iter()
+            .map(|s| {
+                let run = &encoded[byte_at(s.start)..byte_at(s.end)];
+                frame_encoded(
+                    codec,
+                    DEFAULT_BLOCK as u32,
+                    &[s.len() as u64],
+                    run,
+                    zstd_level,
+                )
+            })
+            .collect()
+    }
+
+    /// Fragment `p`'s tensors from its parts (in [`Self::part_spans`] order), each part's
+    /// length checked against the plan; a tensor sent whole is moved, not copied.
+    pub fn join_parts(&self, p: usize, parts: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, PlanError> {
+        let spans = self.part_spans(p);
+        if parts.len() != spans.len() {
+            return Err(PlanError::PartCount {
+                fragment: p,
+                got: parts.len(),
+                expected: spans.len(),
+            });
+        }
+        let mut tensors: Vec<Vec<f32>> = Vec::with_capacity(self.fragments[p].tensors.len());
+        for (k, (span, values)) in spans.iter().zip(parts).enumerate() {
+            if values.len() != span.len() {
+                return Err(PlanError::PartLength {
+                    fragment: p,
+                    part: k,
+                    got: values.len(),
+                    expected: span.len(),
+                });
+            }
+            if span.start == 0 {
+                let whole = self.tensors[self.fragments[p].tensors[span.tensor]].elements();
+                if span.end as u64 == whole {
+                    tensors.push(values);
+                } else {
+                    let mut tensor = Vec::with_capacity(whole as usize);
+                    tensor.extend_from_slice(&values);
+                    tensors.push(tensor);
+                }
+            } else if let Some(tensor) = tensors.last_mut() {
+                tensor.extend_from_slice(&values);
+            }
+        }
+        Ok(tensors)
     }
 
     /// The element count of each tensor of fragment `p`, in the fragment's order.
@@ -167,6 +369,12 @@ impl FragmentPlan {
                 h = h.wrapping_mul(0x0100_0000_01b3);
             }
         };
+        // Absent from the default so plans (and checkpoints) from before parts were cut keep
+        // their fingerprint.
+        if self.part_values != DEFAULT_PART_VALUES {
+            eat(b"part_values");
+            eat(&self.part_values.to_le_bytes());
+        }
         for f in &self.fragments {
             eat(&(f.id as u64).to_le_bytes());
             for &t in &f.tensors {
@@ -262,5 +470,118 @@ mod tests {
         ));
         let one = FragmentPlan::new(model(), 1).unwrap();
         assert_eq!(one.fragments[0].tensors.len(), model().len());
+    }
+
+    /// A tensor above the part size is cut into consecutive runs, the others travel whole, and
+    /// joining the runs gives the tensors back; a part of the wrong length or count is refused.
+    #[test]
+    fn large_tensors_travel_as_several_parts_and_join_back() {
+        let plan = FragmentPlan::new(model(), 2)
+            .unwrap()
+            .with_part_values(25_600)
+            .unwrap();
+        // The embedding (1000 x 64 = 64,000 values) alone in fragment 0: 25,600 + 25,600 + 12,800.
+        let spans = plan.part_spans(0);
+        assert_eq!(
+            spans,
+            vec![
+                PartSpan {
+                    tensor: 0,
+                    start: 0,
+                    end: 25_600
+                },
+                PartSpan {
+                    tensor: 0,
+                    start: 25_600,
+                    end: 51_200
+                },
+                PartSpan {
+                    tensor: 0,
+                    start: 51_200,
+                    end: 64_000
+                },
+            ]
+        );
+        assert_eq!(plan.largest_part(), (3, 25_600));
+        // Every other tensor is smaller than a part: one part each, in the fragment's order.
+        let dense = plan.part_spans(1);
+        assert_eq!(dense.len(), plan.fragments[1].tensors.len());
+        assert!(dense
+            .iter()
+            .enumerate()
+            .all(|(k, s)| s.tensor == k && s.start == 0));
+
+        let embedding: Vec<f32> = (0..64_000).map(|i| i as f32).collect();
+        let parts: Vec<Vec<f32>> = spans
+            .iter()
+            .map(|s| embedding[s.start..s.end].to_vec())
+            .collect();
+        assert_eq!(plan.join_parts(0, parts.clone()).unwrap(), vec![embedding]);
+        let mut short = parts.clone();
+        short[1].pop();
+        assert_eq!(
+            plan.join_parts(0, short),
+            Err(PlanError::PartLength {
+                fragment: 0,
+                part: 1,
+                got: 25_599,
+                expected: 25_600
+            })
+        );
+        assert_eq!(
+            plan.join_parts(0, parts[..2].to_vec()),
+            Err(PlanError::PartCount {
+                fragment: 0,
+                got: 2,
+                expected: 3
+            })
+        );
+    }
+
+    #[test]
+    fn part_sizes_off_the_codec_block_are_refused_and_the_default_keeps_the_fingerprint() {
+        let plan = FragmentPlan::new(model(), 3).unwrap();
+        for bad in [0, 100, 25_601, MAX_PART_VALUES + 256] {
+            assert_eq!(
+                plan.clone().with_part_values(bad),
+                Err(PlanError::BadPartValues(bad))
+            );
+        }
+        let same = plan.clone().with_part_values(DEFAULT_PART_VALUES).unwrap();
+        assert_eq!(same.fingerprint(), plan.fingerprint());
+        let cut = plan.clone().with_part_values(25_600).unwrap();
+        assert_ne!(cut.fingerprint(), plan.fingerprint());
+    }
+
+    /// Parts framed from a tensor encoded whole decode to exactly the whole tensor's frame, in
+    /// every codec and with zstd; bytes of the wrong length are refused.
+    #[test]
+    fn parts_framed_from_whole_tensors_decode_to_the_whole_frame() {
+        use atoll_wire::{decode_frame, encode, encode_frame, FrameLimits, ALL_CODECS};
+        let plan = FragmentPlan::new(model(), 2)
+            .unwrap()
+            .with_part_values(25_600)
+            .unwrap();
+        let embedding = atoll_wire::synthetic_outer_gradient(64_000, 7);
+        for codec in ALL_CODECS {
+            for zstd_level in [0, 3] {
+                let mut raw = Vec::new();
+                encode(codec, &embedding, DEFAULT_BLOCK, &mut raw).unwrap();
+                let frames = plan
+                    .frame_parts(0, codec, &[raw.clone()], zstd_level)
+                    .unwrap();
+                assert_eq!(frames.len(), 3);
+                let parts = frames
+                    .iter()
+                    .map(|f| decode_frame(f, FrameLimits::default()).unwrap().values)
+                    .collect();
+                let whole =
+                    encode_frame(codec, DEFAULT_BLOCK as u32, &[64_000], &embedding, 0).unwrap();
+                let whole = decode_frame(&whole, FrameLimits::default()).unwrap().values;
+                assert_eq!(plan.join_parts(0, parts).unwrap(), vec![whole], "{codec:?}");
+                raw.pop();
+                assert!(plan.frame_parts(0, codec, &[raw], zstd_level).is_err());
+            }
+        }
     }
 }

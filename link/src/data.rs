@@ -1,13 +1,14 @@
 //! Data-plane messages. A learner opens its connection with a [`Hello`] on a bidirectional
 //! stream; afterwards every unidirectional stream carries one part: a fixed [`PartHeader`]
-//! followed by exactly one ATF1 frame (one tensor of a fragment). Parts of one message (a
+//! followed by exactly one ATF1 frame (one part of a fragment: a tensor, or a run of a larger
+//! tensor's values; see atoll-coordinator's plan). Parts of one message (a
 //! contribution, an update, a full fragment) may travel on different streams or connections and
 //! are reassembled by (fragment, round or version).
 //!
 //! Header layout (little-endian, 60 bytes):
 //! ```text
 //! magic "ATP1" | version u8 | kind u8 | reserved u16 | fragment u32 | round_or_version u64
-//! | base_version u64 | steps u64 | tokens u64 | tensor u32 | tensors u32 | frame_len u32
+//! | base_version u64 | steps u64 | tokens u64 | part u32 | parts u32 | frame_len u32
 //! ```
 
 use thiserror::Error;
@@ -28,8 +29,8 @@ pub enum DataError {
     UnknownKind(u8),
     #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
     TooLarge { len: u64, limit: u64 },
-    #[error("tensor {tensor} of {tensors} is out of range")]
-    BadTensorIndex { tensor: u32, tensors: u32 },
+    #[error("part {part} of {parts} is out of range")]
+    BadPartIndex { part: u32, parts: u32 },
     #[error("truncated message")]
     Truncated,
     #[error("session token longer than {MAX_TOKEN_LEN} bytes")]
@@ -38,11 +39,11 @@ pub enum DataError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartKind {
-    /// Learner → coordinator: one tensor of a fragment's outer gradient.
+    /// Learner → coordinator: one part of a fragment's outer gradient.
     Contribution = 1,
-    /// Coordinator → learner: one tensor of the encoded update from `base_version`.
+    /// Coordinator → learner: one part of the encoded update from `base_version`.
     Update = 2,
-    /// Coordinator → learner: one tensor of the full fragment (f32), for catch-up or when the
+    /// Coordinator → learner: one part of the full fragment (f32), for catch-up or when the
     /// learner lacks the base of an update.
     Full = 3,
 }
@@ -56,8 +57,10 @@ pub struct PartHeader {
     pub base_version: u64,
     pub steps: u64,
     pub tokens: u64,
-    pub tensor: u32,
-    pub tensors: u32,
+    /// This part's index in the message, in the plan's part order.
+    pub part: u32,
+    /// Parts in the message.
+    pub parts: u32,
     pub frame_len: u32,
 }
 
@@ -72,8 +75,8 @@ impl PartHeader {
         b[20..28].copy_from_slice(&self.base_version.to_le_bytes());
         b[28..36].copy_from_slice(&self.steps.to_le_bytes());
         b[36..44].copy_from_slice(&self.tokens.to_le_bytes());
-        b[44..48].copy_from_slice(&self.tensor.to_le_bytes());
-        b[48..52].copy_from_slice(&self.tensors.to_le_bytes());
+        b[44..48].copy_from_slice(&self.part.to_le_bytes());
+        b[48..52].copy_from_slice(&self.parts.to_le_bytes());
         b[52..56].copy_from_slice(&self.frame_len.to_le_bytes());
         b
     }
@@ -106,14 +109,14 @@ impl PartHeader {
             base_version: u64_at(20),
             steps: u64_at(28),
             tokens: u64_at(36),
-            tensor: u32_at(44),
-            tensors: u32_at(48),
+            part: u32_at(44),
+            parts: u32_at(48),
             frame_len: u32_at(52),
         };
-        if header.tensor >= header.tensors {
-            return Err(DataError::BadTensorIndex {
-                tensor: header.tensor,
-                tensors: header.tensors,
+        if header.part >= header.parts {
+            return Err(DataError::BadPartIndex {
+                part: header.part,
+                parts: header.parts,
             });
         }
         if header.frame_len as u64 > max_frame {
@@ -183,8 +186,8 @@ mod tests {
             base_version: 16,
             steps: 24,
             tokens: 24 * 1024,
-            tensor: 1,
-            tensors: 4,
+            part: 1,
+            parts: 4,
             frame_len: 1000,
         }
     }
@@ -218,13 +221,10 @@ mod tests {
             PartHeader::decode(&b, 1 << 20),
             Err(DataError::BadMagic(_))
         ));
-        let bad = PartHeader { tensor: 4, ..h };
+        let bad = PartHeader { part: 4, ..h };
         assert_eq!(
             PartHeader::decode(&bad.encode(), 1 << 20),
-            Err(DataError::BadTensorIndex {
-                tensor: 4,
-                tensors: 4
-            })
+            Err(DataError::BadPartIndex { part: 4, parts: 4 })
         );
     }
 

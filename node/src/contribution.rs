@@ -9,8 +9,8 @@
 //! else reads.
 
 use anyhow::{anyhow, Result};
-use atoll_coordinator::FragmentValues;
-use atoll_wire::{encode_frame, frame_encoded, Codec, ErrorFeedback, DEFAULT_BLOCK};
+use atoll_coordinator::{FragmentPlan, FragmentValues};
+use atoll_wire::{encode, Codec, ErrorFeedback, DEFAULT_BLOCK};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -23,45 +23,51 @@ pub struct Wire {
     pub zstd_level: i32,
 }
 
-/// One wire frame per tensor of a contribution: Δ = anchor − local, encoded through the tensor's
-/// error feedback where `wire` asks for it. Tensors are independent, so they are encoded on every
-/// core.
+/// The wire frames of fragment `p`'s contribution, one per part of the plan
+/// ([`FragmentPlan::part_spans`]): Δ = anchor − local per tensor, encoded whole through the
+/// tensor's error feedback where `wire` asks for it, then cut into its parts. Tensors are
+/// independent, so they are encoded on every core.
 pub fn contribution_frames(
     wire: Wire,
+    plan: &FragmentPlan,
+    p: usize,
     anchor: &[Vec<f32>],
     local: &[Vec<f32>],
     feedback: &mut [ErrorFeedback],
 ) -> Result<Vec<Vec<u8>>> {
-    let work: Vec<_> = anchor.iter().zip(local).zip(feedback.iter_mut()).collect();
+    let tensors = plan.fragments[p].tensors.len();
+    if [anchor.len(), local.len(), feedback.len()] != [tensors; 3] {
+        return Err(anyhow!(
+            "a contribution to fragment {p} has {} tensors where the plan has {tensors}",
+            local.len()
+        ));
+    }
+    let work: Vec<_> = anchor
+        .iter()
+        .zip(local)
+        .zip(feedback.iter_mut())
+        .enumerate()
+        .collect();
     let threads = atoll_coordinator::parallel::available_threads();
-    atoll_coordinator::parallel::map(work, threads, |((anchor, values), feedback)| {
-        let delta: Vec<f32> = anchor.iter().zip(values).map(|(a, x)| a - x).collect();
-        let shape = [delta.len() as u64];
-        // With error feedback the codec's bytes come from the feedback state (which keeps what
-        // they leave out); they are framed as they are rather than decoded and encoded again.
-        if wire.error_feedback {
-            let mut buf = Vec::new();
-            feedback.encode(wire.codec, &delta, DEFAULT_BLOCK, &mut buf)?;
-            frame_encoded(
-                wire.codec,
-                DEFAULT_BLOCK as u32,
-                &shape,
-                buf,
-                wire.zstd_level,
-            )
-        } else {
-            encode_frame(
-                wire.codec,
-                DEFAULT_BLOCK as u32,
-                &shape,
-                &delta,
-                wire.zstd_level,
-            )
-        }
-    })
-    .into_iter()
-    .map(|frame| frame.map_err(anyhow::Error::from))
-    .collect()
+    let framed =
+        atoll_coordinator::parallel::map(work, threads, |(k, ((anchor, values), feedback))| {
+            let delta: Vec<f32> = anchor.iter().zip(values).map(|(a, x)| a - x).collect();
+            // With error feedback the codec's bytes come from the feedback state (which keeps what
+            // they leave out); they are framed as they are rather than decoded and encoded again.
+            let mut raw = Vec::new();
+            if wire.error_feedback {
+                feedback.encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)?;
+            } else {
+                encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)?;
+            }
+            drop(delta);
+            plan.frame_tensor(p, k, wire.codec, &raw, wire.zstd_level)
+        });
+    let mut frames = Vec::new();
+    for tensor in framed {
+        frames.extend(tensor?);
+    }
+    Ok(frames)
 }
 
 /// A fragment's anchor and local values to encode the Δ of, with what the caller needs to send
@@ -82,28 +88,33 @@ pub struct ContributionEncoder<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> ContributionEncoder<T> {
-    /// `fragment_tensors[p]`: how many tensors fragment p has (one error-feedback state each).
+    /// Frames contributions to `plan`'s fragments (one error-feedback state per tensor).
     pub fn start(
         wire: Wire,
-        fragment_tensors: &[usize],
+        plan: FragmentPlan,
         mut sink: impl FnMut(T, Result<Vec<Vec<u8>>>) + Send + 'static,
     ) -> Result<Self> {
-        let mut feedback: Vec<Vec<ErrorFeedback>> = fragment_tensors
+        let mut feedback: Vec<Vec<ErrorFeedback>> = plan
+            .fragments
             .iter()
-            .map(|&n| vec![ErrorFeedback::default(); n])
+            .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
             .collect();
         let (jobs, queue) = mpsc::channel::<Job<T>>();
         let thread = std::thread::Builder::new()
             .name("atoll-encoder".into())
             .spawn(move || {
                 for job in queue {
-                    let tensors = job.local.len();
                     let frames = match feedback.get_mut(job.fragment) {
-                        Some(states) if states.len() == tensors && job.anchor.len() == tensors => {
-                            contribution_frames(wire, &job.anchor, &job.local, states)
-                        }
-                        _ => Err(anyhow!(
-                            "a contribution to fragment {} with {tensors} tensors does not fit the plan",
+                        Some(states) => contribution_frames(
+                            wire,
+                            &plan,
+                            job.fragment,
+                            &job.anchor,
+                            &job.local,
+                            states,
+                        ),
+                        None => Err(anyhow!(
+                            "a contribution to fragment {}, which the plan does not have",
                             job.fragment,
                         )),
                     };
@@ -149,16 +160,18 @@ impl<T: Send + 'static> Drop for ContributionEncoder<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atoll_coordinator::TensorInfo;
+    use atoll_wire::{decode_frame, FrameLimits};
     use std::sync::Arc;
 
-    fn values(seed: u32, sizes: &[usize]) -> Vec<Vec<f32>> {
+    fn values(seed: u32, sizes: &[u64]) -> Vec<Vec<f32>> {
         sizes
             .iter()
             .enumerate()
             .map(|(t, &n)| {
-                (0..n)
+                (0..n as u32)
                     .map(|i| {
-                        let x = (i as u32)
+                        let x = i
                             .wrapping_mul(2_654_435_761)
                             .wrapping_add(seed * 97 + t as u32);
                         (x % 2001) as f32 / 1000.0 - 1.0
@@ -166,6 +179,17 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    /// Two fragments over tensors of 1000, 700 and 300 values, cut into parts of 256 values.
+    fn plan() -> FragmentPlan {
+        let tensors = [("a", 1000), ("b", 700), ("c", 300)]
+            .map(|(name, n)| TensorInfo::new(name, &[n]))
+            .to_vec();
+        FragmentPlan::new(tensors, 2)
+            .unwrap()
+            .with_part_values(256)
+            .unwrap()
     }
 
     /// The thread gives, in submission order, exactly the frames the same contributions encoded
@@ -178,16 +202,17 @@ mod tests {
             error_feedback: true,
             zstd_level: 1,
         };
-        let tensors = [vec![300, 1000], vec![700]];
+        let plan = plan();
+        let shapes = [plan.fragment_shapes(0), plan.fragment_shapes(1)];
         let jobs = [(0usize, 1u32), (1, 2), (0, 3), (0, 4), (1, 5)];
         let (tx, rx) = std::sync::mpsc::channel();
-        let encoder = ContributionEncoder::start(wire, &[2, 1], move |tag: u32, frames| {
+        let encoder = ContributionEncoder::start(wire, plan.clone(), move |tag: u32, frames| {
             tx.send((tag, frames.expect("encodes")))
                 .expect("test receives");
         })
         .expect("starts");
         for &(p, seed) in &jobs {
-            let (anchor, local) = (values(seed, &tensors[p]), values(seed + 100, &tensors[p]));
+            let (anchor, local) = (values(seed, &shapes[p]), values(seed + 100, &shapes[p]));
             encoder
                 .submit(p, Arc::new(anchor), Arc::new(local), seed)
                 .expect("queued");
@@ -195,15 +220,14 @@ mod tests {
         drop(encoder);
         let got: Vec<(u32, Vec<Vec<u8>>)> = rx.iter().collect();
 
-        let mut feedback = [
-            vec![ErrorFeedback::default(); 2],
-            vec![ErrorFeedback::default(); 1],
-        ];
+        let mut feedback = shapes
+            .clone()
+            .map(|s| vec![ErrorFeedback::default(); s.len()]);
         let want: Vec<(u32, Vec<Vec<u8>>)> = jobs
             .iter()
             .map(|&(p, seed)| {
-                let (anchor, local) = (values(seed, &tensors[p]), values(seed + 100, &tensors[p]));
-                let frames = contribution_frames(wire, &anchor, &local, &mut feedback[p]);
+                let (anchor, local) = (values(seed, &shapes[p]), values(seed + 100, &shapes[p]));
+                let frames = contribution_frames(wire, &plan, p, &anchor, &local, &mut feedback[p]);
                 (seed, frames.expect("encodes"))
             })
             .collect();
@@ -212,12 +236,58 @@ mod tests {
         // state's encoding of the same Δ.
         let fresh = contribution_frames(
             wire,
-            &values(3, &tensors[0]),
-            &values(103, &tensors[0]),
-            &mut vec![ErrorFeedback::default(); 2],
+            &plan,
+            0,
+            &values(3, &shapes[0]),
+            &values(103, &shapes[0]),
+            &mut vec![ErrorFeedback::default(); shapes[0].len()],
         )
         .expect("encodes");
         assert_ne!(fresh, want[2].1);
+    }
+
+    /// A contribution travels as one frame per part, and the parts decode to the Δ the whole
+    /// tensors' frames give (e3m0 rounds per block, and a part is a run of whole blocks).
+    #[test]
+    fn a_contribution_is_framed_part_by_part() {
+        let wire = Wire {
+            codec: Codec::E3M0,
+            error_feedback: false,
+            zstd_level: 0,
+        };
+        let plan = plan();
+        for p in 0..plan.len() {
+            let shapes = plan.fragment_shapes(p);
+            let (anchor, local) = (values(1, &shapes), values(2, &shapes));
+            let mut feedback = vec![ErrorFeedback::default(); shapes.len()];
+            let frames = contribution_frames(wire, &plan, p, &anchor, &local, &mut feedback)
+                .expect("encodes");
+            assert_eq!(frames.len(), plan.part_spans(p).len());
+            let parts = frames
+                .iter()
+                .map(|f| decode_frame(f, FrameLimits::default()).unwrap().values)
+                .collect();
+            let joined = plan.join_parts(p, parts).expect("parts fit the plan");
+            for (k, tensor) in joined.iter().enumerate() {
+                let delta: Vec<f32> = anchor[k]
+                    .iter()
+                    .zip(&local[k])
+                    .map(|(a, x)| a - x)
+                    .collect();
+                let whole = atoll_wire::encode_frame(
+                    Codec::E3M0,
+                    DEFAULT_BLOCK as u32,
+                    &[shapes[k]],
+                    &delta,
+                    0,
+                )
+                .unwrap();
+                assert_eq!(
+                    tensor,
+                    &decode_frame(&whole, FrameLimits::default()).unwrap().values
+                );
+            }
+        }
     }
 
     #[test]
@@ -227,12 +297,14 @@ mod tests {
             error_feedback: false,
             zstd_level: 0,
         };
+        let plan = plan();
+        let shapes = plan.fragment_shapes(0);
         let (tx, rx) = std::sync::mpsc::channel();
-        let encoder = ContributionEncoder::start(wire, &[1], move |_: (), frames| {
+        let encoder = ContributionEncoder::start(wire, plan, move |_: (), frames| {
             tx.send(frames.map(|f| f.len())).expect("test receives");
         })
         .expect("starts");
-        let shared = |sizes: &[usize]| Arc::new(values(1, sizes));
+        let shared = |sizes: &[u64]| Arc::new(values(1, sizes));
         encoder
             .submit(0, shared(&[10, 10]), shared(&[10, 10]), ())
             .expect("queued");
@@ -242,9 +314,12 @@ mod tests {
         encoder
             .submit(0, shared(&[10]), shared(&[10]), ())
             .expect("queued");
+        encoder
+            .submit(0, shared(&shapes), shared(&shapes), ())
+            .expect("queued");
         drop(encoder);
         let results: Vec<_> = rx.iter().collect();
-        assert!(results[0].is_err() && results[1].is_err());
-        assert_eq!(results[2].as_ref().ok(), Some(&1));
+        assert!(results[0].is_err() && results[1].is_err() && results[2].is_err());
+        assert_eq!(results[3].as_ref().ok(), Some(&4));
     }
 }

@@ -36,8 +36,8 @@ pub struct LearnerOptions {
     pub secret: String,
     pub run_dir: PathBuf,
     pub metrics: Option<SocketAddr>,
-    /// Largest data-plane frame accepted, in bytes; `None`: what the model's largest tensor
-    /// needs ([`crate::parts::frame_limit_for`]).
+    /// Largest data-plane frame accepted, in bytes; `None`: what the plan's largest part needs
+    /// ([`crate::parts::frame_limit_for`]).
     pub max_frame_bytes: Option<u64>,
     /// Give up when the coordinator stays unreachable this long.
     pub give_up_after: Duration,
@@ -175,7 +175,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
     };
     let worker = worker.as_mut();
     let plan = worker.plan()?;
-    let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes)?;
+    let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes);
     let model_hash = worker.model_hash()?;
     let tokens_per_step = worker.tokens_per_step();
     let max_steps = recipe.train.max_steps.0 as u64;
@@ -230,10 +230,9 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         error_feedback: recipe.sync.error_feedback,
         zstd_level: recipe.sync.zstd_level,
     };
-    let fragment_tensors: Vec<usize> = plan.fragments.iter().map(|f| f.tensors.len()).collect();
     let encoder = ContributionEncoder::start(
         wire,
-        &fragment_tensors,
+        plan.clone(),
         send_contribution(out_tx.clone(), fatal_tx),
     )?;
     let mut state = LearnerState {
@@ -445,7 +444,8 @@ struct LearnerState {
     answered_final_average: bool,
 }
 
-/// Parts of one message being reassembled, keyed by (kind, fragment, round or version).
+/// Parts of one message being reassembled, keyed by (kind, fragment, round or version), in the
+/// plan's part order.
 type Assembling = BTreeMap<(u8, u32, u64), (PartHeader, Vec<Option<Vec<f32>>>)>;
 /// Per-tensor values of one fragment.
 type Tensors = Vec<Vec<f32>>;
@@ -464,7 +464,7 @@ fn send_contribution(
                 .enumerate()
                 .map(|(k, frame)| Outgoing {
                     header: PartHeader {
-                        tensor: k as u32,
+                        part: k as u32,
                         frame_len: frame.len() as u32,
                         ..header
                     },
@@ -579,8 +579,8 @@ impl LearnerState {
                     base_version,
                     steps: progress.c_steps,
                     tokens: progress.c_tokens,
-                    tensor: 0,
-                    tensors: tensors.len() as u32,
+                    part: 0,
+                    parts: self.plan.part_spans(p).len() as u32,
                     frame_len: 0,
                 };
                 self.encoder
@@ -599,7 +599,7 @@ impl LearnerState {
         worker: &mut dyn InnerLoop,
     ) -> Result<()> {
         let p = h.fragment as usize;
-        if p >= self.plan.len() || h.tensors as usize != self.plan.fragments[p].tensors.len() {
+        if p >= self.plan.len() || h.parts as usize != self.plan.part_spans(p).len() {
             tracing::warn!("the coordinator sent a part for no fragment of the plan");
             return Ok(());
         }
@@ -607,13 +607,18 @@ impl LearnerState {
         let entry = self
             .assembling
             .entry(key)
-            .or_insert_with(|| (h, vec![None; h.tensors as usize]));
-        entry.1[h.tensor as usize] = Some(values);
+            .or_insert_with(|| (h, vec![None; h.parts as usize]));
+        entry.1[h.part as usize] = Some(values);
         if !entry.1.iter().all(Option::is_some) {
             return Ok(());
         }
-        let (h, tensors) = self.assembling.remove(&key).expect("present");
-        let tensors: Vec<Vec<f32>> = tensors.into_iter().flatten().collect();
+        let (h, parts) = self.assembling.remove(&key).expect("present");
+        let tensors = self
+            .plan
+            .join_parts(p, parts.into_iter().flatten().collect())
+            .with_context(|| {
+                format!("fragment {p} v{} from the coordinator", h.round_or_version)
+            })?;
         let version = h.round_or_version;
         match h.kind {
             PartKind::Full => self.on_fragment(p, version, tensors, worker)?,

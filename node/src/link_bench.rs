@@ -197,8 +197,8 @@ pub fn run_case(case: Case, opts: &Options, tls: &JobTls, frames: &[Bytes]) -> R
                             base_version: 0,
                             steps: 1,
                             tokens: 1,
-                            tensor: 0,
-                            tensors: 1,
+                            part: 0,
+                            parts: 1,
                             frame_len: frame.len() as u32,
                         };
                         if send_part(&conn, &header, frame.clone()).await.is_err() {

@@ -32,48 +32,25 @@ const RECEIVED_QUEUE: usize = 64;
 /// ones are not worth the hand-over).
 const DECODE_OFF_RUNTIME_BYTES: usize = 256 * 1024;
 
-/// The largest frame the data plane accepts for a model whose largest tensor holds
-/// `largest_tensor` values: that tensor as f32 (the widest codec, and what a full fragment
-/// travels as), plus what zstd may add to incompressible bytes (under 1/128) and the frame's
-/// header; never below 1 GiB. At 12B the tied embedding (262,144 × 3,840 values) is a 4 GB frame
-/// in a catch-up, so a fixed 1 GiB would refuse it.
-fn frame_limit(largest_tensor: u64) -> u64 {
-    largest_frame(largest_tensor).max(1 << 30)
+/// The largest frame the data plane accepts for a plan whose largest part holds `largest_part`
+/// values: that part as f32 (the widest codec, and what a full fragment travels as), plus what
+/// zstd may add to incompressible bytes (under 1/128) and the frame's header; never below 1 GiB.
+fn frame_limit(largest_part: u64) -> u64 {
+    largest_frame(largest_part).max(1 << 30)
 }
 
-/// The largest frame a tensor of `values` values can make: f32, zstd's worst case, the header.
+/// The largest frame a part of `values` values can make: f32, zstd's worst case, the header.
 fn largest_frame(values: u64) -> u64 {
     let f32_bytes = values.saturating_mul(4);
     f32_bytes + f32_bytes / 128 + (1 << 20)
 }
 
-/// The frame limit of a learner or coordinator of `plan`: `configured`, or what the model's
-/// largest tensor needs ([`frame_limit`]); an error, before the job starts, for a model one of
-/// whose tensors could not travel as a part at all ([`check_parts_fit`]).
-pub fn frame_limit_for(plan: &FragmentPlan, configured: Option<u64>) -> Result<u64> {
-    check_parts_fit(plan)?;
-    Ok(configured.unwrap_or_else(|| frame_limit(plan.largest_tensor())))
-}
-
-/// Whether a tensor of `values` values can travel as one part in every codec (as f32 at most).
-pub fn part_fits(values: u64) -> bool {
-    largest_frame(values) <= u64::from(u32::MAX)
-}
-
-/// Refuses a model one of whose tensors could not travel as a part: a part's length is 32 bits,
-/// so a tensor's f32 frame must stay under 4 GiB (about a billion values; a 12B Gemma's
-/// largest, its embedding, is 1.007 billion).
-fn check_parts_fit(plan: &FragmentPlan) -> Result<()> {
-    match plan.tensors.iter().max_by_key(|t| t.elements()) {
-        Some(t) if !part_fits(t.elements()) => Err(anyhow!(
-            "tensor {} ({} values) is too large for one data-plane part (at most {} bytes as \
-             f32): models with tensors over about a billion values cannot be synchronised yet",
-            t.name,
-            t.elements(),
-            u32::MAX
-        )),
-        _ => Ok(()),
-    }
+/// The frame limit of a learner or coordinator of `plan`: `configured`, or what the plan's
+/// largest part needs ([`frame_limit`]). Parts hold at most
+/// [`atoll_coordinator::plan::MAX_PART_VALUES`] values, so every frame's length fits the part
+/// header's 32 bits.
+pub fn frame_limit_for(plan: &FragmentPlan, configured: Option<u64>) -> u64 {
+    configured.unwrap_or_else(|| frame_limit(plan.largest_part().1))
 }
 
 /// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
@@ -84,8 +61,8 @@ pub async fn send_part(
     header: &PartHeader,
     frame: Bytes,
 ) -> Result<quinn::SendStream> {
-    // A frame past the header's 32-bit length would arrive cut; `check_parts_fit` keeps models
-    // with such tensors from starting, so this catches a caller's mistake.
+    // A frame past the header's 32-bit length would arrive cut; the plan's parts are far
+    // smaller, so this catches a caller's mistake.
     if header.frame_len as usize != frame.len() {
         return Err(anyhow!(
             "part header gives {} bytes but the frame has {} (a part holds at most {} bytes)",
@@ -257,8 +234,8 @@ mod tests {
         }
     }
 
-    /// Part `tensor` of `tensors` of fragment 0's version 1, sent in full.
-    fn full_part(tensor: u32, tensors: u32, frame_len: u32) -> PartHeader {
+    /// Part `part` of `parts` of fragment 0's version 1, sent in full.
+    fn full_part(part: u32, parts: u32, frame_len: u32) -> PartHeader {
         PartHeader {
             kind: PartKind::Full,
             fragment: 0,
@@ -266,19 +243,20 @@ mod tests {
             base_version: 0,
             steps: 0,
             tokens: 0,
-            tensor,
-            tensors,
+            part,
+            parts,
             frame_len,
         }
     }
 
-    /// At 12B the tied embedding is one part of 262,144 × 3,840 values, a 4 GB frame as f32 in a
-    /// learner's catch-up: the limit derived from the model admits that part's header (the
-    /// fixed 1 GiB it replaces refused it), and refuses one a byte past the f32 size plus what
-    /// zstd can add.
+    /// Gemma 4 12B's tied embedding (262,144 × 3,840 values, 4 GB as f32) travels as 15 parts, and
+    /// an embedding of Gemma 3 27B's shape (262,208 × 5,376, 5.6 GB, past a frame's 32-bit
+    /// length) as 22: every part's f32 frame passes the limit derived from the plan and fits the
+    /// header, with the default part size and with the largest a plan allows; a frame a byte
+    /// past the limit is refused.
     #[test]
-    fn the_frame_limit_admits_a_12b_catch_up_of_the_embedding() {
-        use atoll_coordinator::plan::TensorInfo;
+    fn the_largest_embeddings_travel_as_parts_within_the_frame_limit() {
+        use atoll_coordinator::plan::{TensorInfo, MAX_PART_VALUES};
         let config = atoll_trainer::presets::preset("gemma4-12b").unwrap().config;
         let tensors = config
             .tensor_specs()
@@ -290,26 +268,10 @@ mod tests {
                 )
             })
             .collect();
-        let plan = FragmentPlan::new(tensors, 24).unwrap();
-        let largest = plan.largest_tensor();
-        assert_eq!(largest, 262_144 * 3_840);
-        // The frame of a tensor of that shape in f32: its values and the frame's header.
-        let small =
-            frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[2, 3], vec![0; 24], 0).unwrap();
-        let f32_frame = largest * 4 + (small.len() as u64 - 24);
-        let header = |frame_len: u64| full_part(0, 1, u32::try_from(frame_len).unwrap());
-        let limit = frame_limit(largest);
-        let catch_up = header(f32_frame).encode();
-        assert!(PartHeader::decode(&catch_up, limit).is_ok());
-        assert!(PartHeader::decode(&catch_up, 1 << 30).is_err());
-        let past = header(limit + 1).encode();
-        assert!(PartHeader::decode(&past, limit).is_err());
-        // A small model keeps the floor.
-        assert_eq!(frame_limit(1 << 20), 1 << 30);
-        // The 12B fits a part; an embedding of Gemma 3 27B's shape (262,208 x 5,376) does not,
-        // and is named before anything starts.
-        assert!(check_parts_fit(&plan).is_ok());
-        let big = FragmentPlan::new(
+        let gemma_12b = FragmentPlan::new(tensors, 24).unwrap();
+        assert_eq!(gemma_12b.largest_tensor(), 262_144 * 3_840);
+        assert_eq!(gemma_12b.largest_part().0, 15);
+        let gemma_27b_embedding = FragmentPlan::new(
             vec![
                 TensorInfo::new("model.embed_tokens.weight", &[262_208, 5_376]),
                 TensorInfo::new("model.norm.weight", &[5_376]),
@@ -317,8 +279,29 @@ mod tests {
             2,
         )
         .unwrap();
-        let err = check_parts_fit(&big).unwrap_err().to_string();
-        assert!(err.contains("model.embed_tokens.weight"), "{err}");
+        assert_eq!(gemma_27b_embedding.largest_part().0, 22);
+        // The f32 frame of a part: its values and the frame's header.
+        let small = frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[2, 3], &[0; 24], 0).unwrap();
+        let f32_frame = |values: usize| (values * 4 + small.len() - 24) as u64;
+        for plan in [gemma_12b, gemma_27b_embedding] {
+            for plan in [
+                plan.clone(),
+                plan.with_part_values(MAX_PART_VALUES).unwrap(),
+            ] {
+                let limit = frame_limit_for(&plan, None);
+                for p in 0..plan.len() {
+                    for span in plan.part_spans(p) {
+                        let frame_len = u32::try_from(f32_frame(span.len())).unwrap();
+                        let header = full_part(0, 1, frame_len).encode();
+                        assert!(PartHeader::decode(&header, limit).is_ok());
+                    }
+                }
+                let past = full_part(0, 1, u32::try_from(limit + 1).unwrap()).encode();
+                assert!(PartHeader::decode(&past, limit).is_err());
+            }
+        }
+        // A small model keeps the floor.
+        assert_eq!(frame_limit(1 << 20), 1 << 30);
     }
 
     /// Far more bytes in flight on many streams at once than the connection's flow-control
@@ -372,9 +355,9 @@ mod tests {
                     }
                     // Framed from raw f32 bytes: `encode_frame` refuses NaN and infinities,
                     // a peer need not.
-                    let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
                     let frame =
-                        frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[VALUES as u64], raw, 0)
+                        frame_encoded(Codec::F32, DEFAULT_BLOCK as u32, &[VALUES as u64], &raw, 0)
                             .unwrap();
                     let header = full_part(k as u32, PARTS as u32, frame.len() as u32);
                     send_part(&conn, &header, Bytes::from(frame)).await.unwrap();
@@ -384,10 +367,10 @@ mod tests {
                 .await
                 .expect("every part within 60 s: the connection stalled")
                 .unwrap();
-            got.sort_by_key(|part| part.header.tensor);
+            got.sort_by_key(|part| part.header.part);
             for (k, part) in got.iter().enumerate() {
                 let h = &part.header;
-                assert_eq!(h.tensor as usize, k);
+                assert_eq!(h.part as usize, k);
                 assert_eq!(part.values.len(), VALUES);
                 let expected = |i: usize| match (k, i) {
                     (5, i) if i == VALUES - 1 => f32::NAN,

@@ -174,6 +174,8 @@ impl Recipe {
                 self.sync.link.mtu
             );
         }
+        atoll_coordinator::plan::check_part_values(self.sync.link.part_values)
+            .map_err(|e| anyhow!("sync.link.part_values: {e}"))?;
         if !(0..=22).contains(&self.sync.zstd_level) {
             bail!(
                 "sync.zstd_level: expected 0 (off) to 22, got {}",

@@ -24,6 +24,12 @@ pub struct LinkSection {
     /// probes; an emulated link (`sync.wan`) carries this MTU unless its own `mtu` says otherwise.
     #[serde(default = "defaults::mtu")]
     pub mtu: u16,
+    /// Values one data-plane part carries at most: a larger tensor travels as several parts,
+    /// each on a stream of its own (striped over the connections) and decoded as it arrives. A
+    /// multiple of 256 (the codecs' block) up to 536870912 (a 2 GiB f32 frame); the default,
+    /// 67108864, cuts only a 12B Gemma's embedding (into 15 or 16 parts).
+    #[serde(default = "defaults::part_values")]
+    pub part_values: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -55,5 +61,8 @@ mod defaults {
     }
     pub fn mtu() -> u16 {
         1500
+    }
+    pub fn part_values() -> u64 {
+        atoll_coordinator::plan::DEFAULT_PART_VALUES
     }
 }

@@ -18,7 +18,10 @@ fn fixture(name: &str) -> String {
 #[test]
 fn model_info_prints_the_real_12b_parameter_counts() {
     let dir = tempfile::tempdir().unwrap();
-    for (preset, count) in [("gemma3-12b", "12187325040"), ("gemma4-12b", "11959730224")] {
+    for (preset, count, parts) in [
+        ("gemma3-12b", "12187325040", 16),
+        ("gemma4-12b", "11959730224", 15),
+    ] {
         let o = atoll(&["model", "info", preset], dir.path());
         assert!(o.status.success());
         let out = stdout(&o);
@@ -30,18 +33,19 @@ fn model_info_prints_the_real_12b_parameter_counts() {
             out.contains("memory, bf16 weights:") && out.contains("AdamW state"),
             "{out}"
         );
-        // The 12B embedding (1.007 billion values) is the largest tensor a part can carry.
+        // The 12B embedding (1.007 billion values; 262,208 rows in Gemma 3, 262,144 in Gemma
+        // 4) travels in runs of 64 Mi values.
         assert!(
-            out.contains(
-                "data plane: the largest tensor (model.embed_tokens.weight) travels as one part of 4.03 GB"
-            ),
+            out.contains(&format!(
+                "data plane: the largest tensor (model.embed_tokens.weight, 4.03 GB as f32) travels as {parts} parts of up to 268.4 MB"
+            )),
             "{out}"
         );
     }
     let o = atoll(&["model", "info", &fixture("gemma4-tiny")], dir.path());
     assert!(stdout(&o).contains("K=V true"));
-    // A Gemma 3 27B-sized embedding (262,208 x 5,376) on the tiny fixture's other shapes: `atoll
-    // model info` says before any job starts that the data plane cannot carry it.
+    // A Gemma 3 27B-sized embedding (262,208 x 5,376) on the tiny fixture's other shapes: past a
+    // frame's 32-bit length as one piece, it travels as 22 parts.
     let big = dir.path().join("big-embedding");
     std::fs::create_dir(&big).unwrap();
     let mut config: serde_json::Value = serde_json::from_str(
@@ -56,7 +60,7 @@ fn model_info_prints_the_real_12b_parameter_counts() {
     assert!(o.status.success(), "{}", atoll_system_tests::stderr(&o));
     assert!(
         stdout(&o).contains(
-            "model.embed_tokens.weight (1409630208 values, 5.64 GB as f32) is too large for one part"
+            "data plane: the largest tensor (model.embed_tokens.weight, 5.64 GB as f32) travels as 22 parts"
         ),
         "{}",
         stdout(&o)

@@ -222,8 +222,8 @@ fn wrong_secret_wrong_model_and_garbage_are_refused_while_a_good_learner_works()
             base_version: 0,
             steps: 8,
             tokens: 1024,
-            tensor: 0,
-            tensors: 1,
+            part: 0,
+            parts: 1,
             frame_len: frame.len() as u32,
         };
         let mut part = conn.open_uni().await.unwrap();

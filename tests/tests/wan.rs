@@ -1,8 +1,9 @@
 //! Emulated WAN links as a user meets them: `atoll run` with `sync.wan` puts a userspace link
 //! between each learner and the coordinator, and `atoll link-emulator` relays any UDP traffic.
 //! The run applies broadcasts with `rebase`, so the learners' kept-work path runs end to end; its
-//! learners send 2-bit contributions with error feedback, and one region's path carries jumbo
-//! frames.
+//! learners send 2-bit contributions with error feedback, one region's path carries jumbo
+//! frames, and tensors travel cut into parts of 8,192 values (`sync.link.part_values`), as a
+//! 12B Gemma's embedding does at the default size.
 
 use atoll_system_tests::{atoll, free_port, stderr, wait_until};
 use std::net::UdpSocket;
@@ -32,7 +33,7 @@ sync:
   apply: rebase
   codec: int2
   error_feedback: true
-  link: {bandwidth_gbps: 0.2, latency_ms: 20, mtu: 9000}
+  link: {bandwidth_gbps: 0.2, latency_ms: 20, mtu: 9000, part_values: 8192}
   wan:
     all: {rate: 200mbps, rtt: 40ms}
     west: {rate: 200mbps, rtt: 40ms, loss: 0.1%, mtu: 1500}
@@ -88,6 +89,14 @@ sync:
         "2-bit contributions with error feedback: {eval}; {summary}"
     );
     assert!(stderr(&o).contains("link west:"), "{}", stderr(&o));
+    // Every matrix (the 65,536-value embedding among them) is cut into runs of 8,192 values; a
+    // part joined in the wrong place or of the wrong length would have wrecked the eval above.
+    let coordinator_log = std::fs::read_to_string(d.join("job/coordinator.log")).unwrap();
+    assert!(
+        coordinator_log
+            .contains("data plane: 54 tensors travel as 153 parts of at most 8192 values"),
+        "{coordinator_log}"
+    );
     // The last rounds average every fragment, each learner answering from its model as it was
     // at its last step rather than as the versions merged since left it.
     let merges = std::fs::read_to_string(d.join("job/coordinator/merges.jsonl")).unwrap();

@@ -83,7 +83,10 @@ pub fn applied_values(
 
 /// The fragment plan of a model with these trainable tensors.
 pub fn fragment_plan(tensors: Vec<TensorInfo>, recipe: &Recipe) -> Result<FragmentPlan> {
-    FragmentPlan::new(tensors, recipe.sync.fragments.0).map_err(|e| anyhow!("sync.fragments: {e}"))
+    FragmentPlan::new(tensors, recipe.sync.fragments.0)
+        .map_err(|e| anyhow!("sync.fragments: {e}"))?
+        .with_part_values(recipe.sync.link.part_values)
+        .map_err(|e| anyhow!("sync.link.part_values: {e}"))
 }
 
 /// The model hash of [`InnerLoop::model_hash`]: the HF config and the plan's fingerprint.

@@ -60,16 +60,17 @@ pub fn encode_frame(
     }
     let mut raw = Vec::new();
     encode(codec, values, block as usize, &mut raw)?;
-    frame_encoded(codec, block, shape, raw, zstd_level)
+    frame_encoded(codec, block, shape, &raw, zstd_level)
 }
 
 /// Frames values already encoded with `codec` (for example the syncer's quantised update);
-/// `raw.len()` must be the codec's exact size for `shape`.
+/// `raw.len()` must be the codec's exact size for `shape`. A slice, so that a run of a
+/// larger tensor's blocks can be framed without a copy of its own.
 pub fn frame_encoded(
     codec: Codec,
     block: u32,
     shape: &[u64],
-    raw: Vec<u8>,
+    raw: &[u8],
     zstd_level: i32,
 ) -> Result<Vec<u8>, WireError> {
     let n: u64 = shape.iter().product();
@@ -80,12 +81,11 @@ pub fn frame_encoded(
         });
     }
     let raw_len = raw.len() as u64;
+    let compressed;
     let (payload, flags) = if zstd_level != 0 {
-        (
-            zstd::bulk::compress(&raw, zstd_level)
-                .map_err(|e| WireError::Compression(e.to_string()))?,
-            FLAG_ZSTD,
-        )
+        compressed = zstd::bulk::compress(raw, zstd_level)
+            .map_err(|e| WireError::Compression(e.to_string()))?;
+        (compressed.as_slice(), FLAG_ZSTD)
     } else {
         (raw, 0)
     };
@@ -98,8 +98,8 @@ pub fn frame_encoded(
     }
     out.extend_from_slice(&raw_len.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
     Ok(out)
 }
 

@@ -216,7 +216,7 @@ fn model_info(model: &str) -> Result<GemmaConfig> {
             config.global_head_dim, config.num_global_key_value_heads, config.attention_k_eq_v
         );
     }
-    // Each trainable tensor travels as one data-plane part.
+    // A trainable tensor travels as data-plane parts of at most `sync.link.part_values` values.
     let largest = config
         .tensor_specs()
         .into_iter()
@@ -224,17 +224,18 @@ fn model_info(model: &str) -> Result<GemmaConfig> {
         .map(|t| (t.shape.iter().product::<i64>() as u64, t.name))
         .max();
     if let Some((values, name)) = largest {
-        let f32_gb = 4.0 * values as f64 / 1e9;
-        if atoll_node::parts::part_fits(values) {
-            println!(
-                "data plane: the largest tensor ({name}) travels as one part of {f32_gb:.2} GB as f32 (a part holds up to 4 GiB)"
-            );
-        } else {
-            println!(
-                "data plane: {name} ({values} values, {f32_gb:.2} GB as f32) is too large for one \
-                 part (4 GiB): `atoll run` cannot synchronise this model yet (docs/operations.md)"
-            );
-        }
+        let part_values = atoll_coordinator::plan::DEFAULT_PART_VALUES;
+        let parts = values.div_ceil(part_values).max(1);
+        let f32_size = |values: u64| match 4.0 * values as f64 {
+            b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+            b => format!("{:.1} MB", b / 1e6),
+        };
+        println!(
+            "data plane: the largest tensor ({name}, {} as f32) travels as {parts} part{} of up to {} as f32 (sync.link.part_values)",
+            f32_size(values),
+            if parts == 1 { "" } else { "s" },
+            f32_size(values.min(part_values)),
+        );
     }
     let n = total as f64;
     println!("memory, bf16 weights: {}", gib(2.0 * n));

@@ -4,10 +4,10 @@
 use super::Core;
 use crate::parts::send_part;
 use anyhow::{anyhow, Result};
-use atoll_coordinator::{EncodedUpdate, FragmentValues, LearnerId};
+use atoll_coordinator::{EncodedUpdate, FragmentPlan, FragmentValues, LearnerId, PartSpan};
 use atoll_link::data::HEADER_LEN;
 use atoll_link::{PartHeader, PartKind};
-use atoll_wire::{encode_frame, frame_encoded, Codec, DEFAULT_BLOCK};
+use atoll_wire::{encode_frame, Codec, DEFAULT_BLOCK};
 use bytes::Bytes;
 
 impl Core {
@@ -35,13 +35,13 @@ impl Core {
             m.sent[p] = None;
             return;
         };
-        let shapes = self.plan.fragment_shapes(p);
         let (kind, base, frames) = match self.syncer.broadcast_update(p, version) {
             Some(u) if !full && m.sent[p] == Some(u.base_version) => match frame_update_once(
                 &mut self.framed_updates[p],
+                &self.plan,
+                p,
                 version,
                 u,
-                &shapes,
                 self.zstd_level,
             ) {
                 Ok(f) => (PartKind::Update, u.base_version, DownFrames::Ready(f)),
@@ -50,25 +50,25 @@ impl Core {
                     return;
                 }
             },
-            // A full fragment is framed in the send task, a tensor at a time: at 12B a learner's
+            // A full fragment is framed in the send task, a part at a time: at 12B a learner's
             // catch-up is 48 GB of f32, which neither this actor's time nor the coordinator's
             // memory could take at once.
             _ => (
                 PartKind::Full,
                 version,
-                DownFrames::Full(self.syncer.fragment_values(p), shapes),
+                DownFrames::Full(self.syncer.fragment_values(p), self.plan.part_spans(p)),
             ),
         };
         m.sent[p] = Some(version);
         let conns = m.conns.clone();
-        let tensors = frames.len() as u32;
+        let parts = frames.len() as u32;
         let bytes_down =
             metrics::counter!("atoll_bytes_down_total", "learner" => learner.to_string());
         tokio::spawn(async move {
             let _permit = permit;
-            let mut streams = Vec::with_capacity(tensors as usize);
+            let mut streams = Vec::with_capacity(parts as usize);
             let mut frames = frames.into_stream();
-            for k in 0..tensors as usize {
+            for k in 0..parts as usize {
                 let frame = match frames.next().await {
                     Ok(frame) => frame,
                     Err(e) => {
@@ -84,8 +84,8 @@ impl Core {
                     base_version: base,
                     steps: 0,
                     tokens: 0,
-                    tensor: k as u32,
-                    tensors,
+                    part: k as u32,
+                    parts,
                     frame_len: frame.len() as u32,
                 };
                 let conn = &conns[k % conns.len()];
@@ -107,17 +107,17 @@ impl Core {
 }
 
 /// What one send carries down: frames already made (an update's, shared by every learner), or a
-/// fragment's full values with the tensors' shapes, framed as they go.
+/// fragment's full values with the plan's parts, framed as they go.
 enum DownFrames {
     Ready(Vec<Bytes>),
-    Full(FragmentValues, Vec<u64>),
+    Full(FragmentValues, Vec<PartSpan>),
 }
 
 impl DownFrames {
     fn len(&self) -> usize {
         match self {
             DownFrames::Ready(frames) => frames.len(),
-            DownFrames::Full(values, _) => values.len(),
+            DownFrames::Full(_, spans) => spans.len(),
         }
     }
 
@@ -130,12 +130,12 @@ impl DownFrames {
     }
 }
 
-/// Hands out a send's frames in tensor order. Full values are framed on the blocking pool, the
-/// next tensor while the current one is sent, so at most two framed tensors per send exist.
+/// Hands out a send's frames in part order. Full values are framed on the blocking pool, the
+/// next part while the current one is sent, so at most two framed parts per send exist.
 struct FrameStream {
     frames: DownFrames,
     next: usize,
-    /// The framing of tensor `next`, started while the one before was sent.
+    /// The framing of part `next`, started while the one before was sent.
     framing: Option<tokio::task::JoinHandle<Result<Bytes>>>,
 }
 
@@ -143,14 +143,21 @@ impl FrameStream {
     async fn next(&mut self) -> Result<Bytes> {
         let k = self.next;
         self.next += 1;
-        let (values, shapes) = match &self.frames {
+        let (values, spans) = match &self.frames {
             DownFrames::Ready(frames) => return Ok(frames[k].clone()),
-            DownFrames::Full(values, shapes) => (values, shapes),
+            DownFrames::Full(values, spans) => (values, spans),
         };
         let frame_full = |k: usize| {
-            let (values, n) = (values.clone(), shapes[k]);
+            let (values, span) = (values.clone(), spans[k]);
             tokio::task::spawn_blocking(move || -> Result<Bytes> {
-                let frame = encode_frame(Codec::F32, DEFAULT_BLOCK as u32, &[n], &values[k], 0)?;
+                let run = &values[span.tensor][span.start..span.end];
+                let frame = encode_frame(
+                    Codec::F32,
+                    DEFAULT_BLOCK as u32,
+                    &[span.len() as u64],
+                    run,
+                    0,
+                )?;
                 Ok(Bytes::from(frame))
             })
         };
@@ -158,12 +165,12 @@ impl FrameStream {
             Some(handle) => handle,
             None => frame_full(k),
         };
-        if k + 1 < values.len() {
+        if k + 1 < spans.len() {
             self.framing = Some(frame_full(k + 1));
         }
         current
             .await
-            .map_err(|e| anyhow!("framing tensor {k}: {e}"))?
+            .map_err(|e| anyhow!("framing part {k}: {e}"))?
     }
 }
 
@@ -173,9 +180,10 @@ impl FrameStream {
 /// whose frames were not kept.
 fn frame_update_once(
     slot: &mut Option<(u64, Vec<Bytes>)>,
+    plan: &FragmentPlan,
+    p: usize,
     version: u64,
     update: &EncodedUpdate,
-    shapes: &[u64],
     zstd_level: i32,
 ) -> Result<Vec<Bytes>, atoll_wire::WireError> {
     if let Some((v, frames)) = slot {
@@ -183,23 +191,20 @@ fn frame_update_once(
             return Ok(frames.clone());
         }
     }
-    let frames = frame_update(update.codec, &update.tensors, shapes, zstd_level)?;
+    let frames = frame_update(plan, p, update.codec, &update.tensors, zstd_level)?;
     *slot = Some((version, frames.clone()));
     Ok(frames)
 }
 
-/// An update's tensors as wire frames (compressed at `zstd_level`), each tensor on its own core.
+/// Fragment `p`'s encoded update as wire frames, one per part of the plan (compressed at
+/// `zstd_level`), on every core.
 pub(super) fn frame_update(
+    plan: &FragmentPlan,
+    p: usize,
     codec: Codec,
     tensors: &[Vec<u8>],
-    shapes: &[u64],
     zstd_level: i32,
 ) -> Result<Vec<Bytes>, atoll_wire::WireError> {
-    let work: Vec<_> = tensors.iter().zip(shapes).collect();
-    let threads = atoll_coordinator::parallel::available_threads();
-    atoll_coordinator::parallel::map(work, threads, |(bytes, &n)| {
-        frame_encoded(codec, DEFAULT_BLOCK as u32, &[n], bytes.clone(), zstd_level).map(Bytes::from)
-    })
-    .into_iter()
-    .collect()
+    let frames = plan.frame_parts(p, codec, tensors, zstd_level)?;
+    Ok(frames.into_iter().map(Bytes::from).collect())
 }

@@ -50,8 +50,8 @@ pub struct CoordinatorOptions {
     pub metrics: Option<SocketAddr>,
     /// Extra names or addresses the server certificate must be valid for.
     pub hosts: Vec<String>,
-    /// Largest data-plane frame accepted, in bytes; `None`: what the model's largest tensor
-    /// needs ([`crate::parts::frame_limit_for`]).
+    /// Largest data-plane frame accepted, in bytes; `None`: what the plan's largest part needs
+    /// ([`crate::parts::frame_limit_for`]).
     pub max_frame_bytes: Option<u64>,
     /// Start from a checkpoint of `checkpoint.url` instead of the run directory's own state.
     pub resume: Option<ResumeFrom>,
@@ -87,6 +87,10 @@ enum Cmd {
         reason: String,
     },
     Timer(TimerId),
+    /// A contribution whose tensors were joined from their parts on the blocking pool (a tensor
+    /// cut into parts is a copy of up to `sync.link.part_values` × parts values, which the
+    /// actor does not make itself).
+    Assembled(atoll_coordinator::syncer::Contribution),
     /// A merge handed out by the syncer came back from its blocking thread, its fragment's state
     /// file already written and its broadcast framed (or the error that stopped it).
     Merged(Result<(MergedFragment, Option<Vec<bytes::Bytes>>)>),
@@ -123,7 +127,8 @@ struct Member {
 struct Partial {
     base_version: u64,
     progress: Progress,
-    tensors: Vec<Option<Vec<f32>>>,
+    /// The parts received so far, in the plan's part order.
+    parts: Vec<Option<Vec<f32>>>,
     /// Every part so far held only finite values.
     finite: bool,
 }
@@ -131,7 +136,7 @@ struct Partial {
 struct Core {
     recipe: Recipe,
     syncer: Syncer,
-    plan: FragmentPlan,
+    plan: Arc<FragmentPlan>,
     worker: Worker,
     model_hash: String,
     start: Instant,
@@ -191,7 +196,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;
     let worker = tokio::task::block_in_place(|| Worker::without_optimizer(&recipe))?;
     let plan = worker.plan()?;
-    let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes)?;
+    let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes);
     let model_hash = worker.model_hash()?;
     let ckpt = &recipe.checkpoint;
     let ckpt_store = CheckpointStore::open(&ckpt.location(&opts.run_dir), ckpt.store_options())?;
@@ -240,6 +245,14 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         ))
     );
     crate::launcher::write_endpoint_file(&opts.run_dir, bound, &tls, metrics_addr)?;
+    let parts: usize = (0..plan.len()).map(|p| plan.part_spans(p).len()).sum();
+    let tensors = plan.tensors.len();
+    if parts > tensors {
+        tracing::info!(
+            "data plane: {tensors} tensors travel as {parts} parts of at most {} values",
+            plan.part_values
+        );
+    }
 
     let (tx, mut rx) = mpsc::channel::<Cmd>(1024);
     let merges_log = std::io::BufWriter::new(
@@ -254,7 +267,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         framed_updates: vec![None; plan.len()],
         recipe: recipe.clone(),
         syncer,
-        plan,
+        plan: Arc::new(plan),
         worker,
         model_hash,
         start: Instant::now(),
@@ -375,6 +388,10 @@ impl Core {
                 let _ = reply.send(id);
             }
             Cmd::Part { learner, part } => self.on_part(learner, part)?,
+            Cmd::Assembled(c) => {
+                let actions = self.syncer.handle(self.now(), Event::Contribution(c));
+                self.execute(actions)?;
+            }
             Cmd::BadData { learner, reason } => {
                 metrics::counter!("atoll_bad_data_total").increment(1);
                 tracing::warn!(

@@ -27,7 +27,7 @@ impl Core {
         let p = h.fragment as usize;
         if h.kind != PartKind::Contribution
             || p >= self.plan.len()
-            || h.tensors as usize != self.plan.fragments[p].tensors.len()
+            || h.parts as usize != self.plan.part_spans(p).len()
         {
             metrics::counter!("atoll_bad_data_total").increment(1);
             tracing::warn!("learner {learner} sent a part that matches no fragment of the plan");
@@ -40,24 +40,48 @@ impl Core {
                 c_steps: h.steps,
                 c_tokens: h.tokens,
             },
-            tensors: vec![None; h.tensors as usize],
+            parts: vec![None; h.parts as usize],
             finite: true,
         });
-        partial.tensors[h.tensor as usize] = Some(values);
+        partial.parts[h.part as usize] = Some(values);
         partial.finite &= finite;
-        if partial.tensors.iter().all(Option::is_some) {
+        if partial.parts.iter().all(Option::is_some) {
             let partial = self.partial.remove(&key).expect("present");
-            let c = Contribution {
-                learner,
-                fragment: p,
-                round: h.round_or_version,
-                base_version: partial.base_version,
-                progress: partial.progress,
-                delta: partial.tensors.into_iter().flatten().collect(),
-                finite: partial.finite,
+            let plan = self.plan.clone();
+            let round = h.round_or_version;
+            // Parts of the wrong length leave no tensors: the syncer rejects that as the wrong
+            // shape, as it does a whole tensor of the wrong length.
+            let assemble = move || {
+                let delta = plan
+                    .join_parts(p, partial.parts.into_iter().flatten().collect())
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("learner {learner}'s contribution: {e}");
+                        Vec::new()
+                    });
+                Contribution {
+                    learner,
+                    fragment: p,
+                    round,
+                    base_version: partial.base_version,
+                    progress: partial.progress,
+                    delta,
+                    finite: partial.finite,
+                }
             };
-            let actions = self.syncer.handle(self.now(), Event::Contribution(c));
-            self.execute(actions)?;
+            if self.plan.part_spans(p).len() == self.plan.fragments[p].tensors.len() {
+                // One part per tensor: joining moves them.
+                let actions = self
+                    .syncer
+                    .handle(self.now(), Event::Contribution(assemble()));
+                self.execute(actions)?;
+            } else {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(c) = tokio::task::spawn_blocking(assemble).await {
+                        let _ = tx.send(Cmd::Assembled(c)).await;
+                    }
+                });
+            }
         }
         Ok(())
     }
@@ -140,7 +164,7 @@ impl Core {
     /// comes back as a command.
     fn start_merge(&self, job: MergeJob) {
         let (tx, store, p) = (self.tx.clone(), self.store.clone(), job.fragment());
-        let shapes = self.plan.fragment_shapes(p);
+        let plan = self.plan.clone();
         let zstd_level = self.zstd_level;
         tokio::spawn(async move {
             let merged = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -150,7 +174,7 @@ impl Core {
                     .with_context(|| format!("saving fragment {p} after its merge"))?;
                 // A frame that fails here is framed again, and its error reported, at the send.
                 let frames = merged.encoded_update().and_then(|(codec, tensors)| {
-                    frame_update(codec, tensors, &shapes, zstd_level).ok()
+                    frame_update(&plan, p, codec, tensors, zstd_level).ok()
                 });
                 Ok((merged, frames))
             })

@@ -13,9 +13,7 @@ use atoll_coordinator::{
     Action, FinalStep, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
     TensorInfo,
 };
-use atoll_wire::{
-    decode_frame, encode_frame, frame_encoded, ErrorFeedback, FrameLimits, DEFAULT_BLOCK,
-};
+use atoll_wire::{decode_frame, encode_frame, ErrorFeedback, FrameLimits, DEFAULT_BLOCK};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -44,7 +42,10 @@ pub(super) fn simulate_diloco_family(
         .iter()
         .map(|(n, s)| TensorInfo::new(n.clone(), &s.iter().map(|&d| d as u64).collect::<Vec<_>>()))
         .collect();
-    let plan = FragmentPlan::new(tensors, fragments).map_err(|e| anyhow!("sync.fragments: {e}"))?;
+    let plan = FragmentPlan::new(tensors, fragments)
+        .map_err(|e| anyhow!("sync.fragments: {e}"))?
+        .with_part_values(sync.link.part_values)
+        .map_err(|e| anyhow!("sync.link.part_values: {e}"))?;
     let initial: Vec<Vec<f32>> = (0..learners[0].params.len())
         .map(|i| learners[0].values(i))
         .collect();
@@ -392,13 +393,10 @@ struct DownWire<'a> {
 impl DownWire<'_> {
     /// Fragment `p` in `codec`, uncompressed: a catch-up, or a broadcast without an encoded update.
     fn fragment_bytes(&self, codec: atoll_wire::Codec, p: usize) -> u64 {
-        self.plan.fragments[p]
-            .tensors
+        self.plan
+            .part_spans(p)
             .iter()
-            .map(|&i| {
-                codec.encoded_len(self.plan.tensors[i].elements() as usize, DEFAULT_BLOCK) as u64
-                    + 64
-            })
+            .map(|s| codec.encoded_len(s.len(), DEFAULT_BLOCK) as u64 + 64)
             .sum()
     }
 
@@ -411,20 +409,11 @@ impl DownWire<'_> {
         if self.zstd_level == 0 {
             return Ok(self.fragment_bytes(update.codec, p));
         }
-        let mut bytes = 0;
-        for (raw, &t) in update.tensors.iter().zip(&self.plan.fragments[p].tensors) {
-            let n = self.plan.tensors[t].elements();
-            let frame = frame_encoded(
-                update.codec,
-                DEFAULT_BLOCK as u32,
-                &[n],
-                raw.clone(),
-                self.zstd_level,
-            )
+        let frames = self
+            .plan
+            .frame_parts(p, update.codec, &update.tensors, self.zstd_level)
             .context("framing a broadcast")?;
-            bytes += frame.len() as u64;
-        }
-        Ok(bytes)
+        Ok(frames.iter().map(|f| f.len() as u64).sum())
     }
 }
 
