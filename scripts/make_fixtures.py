@@ -174,7 +174,7 @@ def main():
 
     gemma3_multimodal()
 
-    real_12b_counts()
+    real_counts()
     with open(os.path.join(OUT, "VERSIONS"), "w") as f:
         f.write(f"torch=={torch.__version__}\ntransformers=={transformers.__version__}\n")
 
@@ -210,9 +210,9 @@ def gemma3_multimodal():
     save(m, "gemma3-multimodal-tiny", seed=107)
 
 
-def real_12b_counts():
-    """Tensor element counts of the released 12B layouts, built by transformers on the meta device
-    (no weights): every state_dict entry, i.e. what the checkpoint files hold."""
+def real_counts():
+    """Tensor element counts of the released 12B and 27B layouts, built by transformers on the meta
+    device (no weights): every state_dict entry, i.e. what the checkpoint files hold."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     def count(model):
@@ -226,6 +226,18 @@ def real_12b_counts():
             vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
             num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
             sliding_window=1024, layer_types=layer_types,
+        ),
+        vision_config=dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+            patch_size=14, image_size=896, vision_use_head=False,
+        ),
+    )
+    g3_27b = Gemma3Config(
+        text_config=dict(
+            vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+            num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168,
+            sliding_window=1024,
+            layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10 + ["sliding_attention"] * 2,
         ),
         vision_config=dict(
             hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -246,16 +258,17 @@ def real_12b_counts():
         counts = {
             "gemma3-12b": count(Gemma3ForConditionalGeneration(g3)),
             "gemma4-12b": count(Gemma4UnifiedForConditionalGeneration(g4)),
+            "gemma3-27b": count(Gemma3ForConditionalGeneration(g3_27b)),
         }
-    with open(os.path.join(OUT, "param_counts_12b.json"), "w") as f:
+    with open(os.path.join(OUT, "param_counts.json"), "w") as f:
         json.dump(counts, f, indent=2)
-    print("12B tensor element counts:", counts)
+    print("tensor element counts of the released layouts:", counts)
 
 
 if __name__ == "__main__":
     if os.environ.get("ATOLL_FIXTURE") == "gemma3-multimodal-tiny":
         gemma3_multimodal()
     elif os.environ.get("ATOLL_COUNTS_ONLY"):
-        real_12b_counts()
+        real_counts()
     else:
         main()

@@ -7,10 +7,12 @@
 //!
 //! Conventions llama.cpp expects for `gemma3`:
 //! - RMSNorm weights are stored as 1 + w (the HF checkpoint stores w); they stay f32.
-//! - Attention scores are scaled by 1/sqrt(head_dim) whatever `query_pre_attn_scalar` says; when
-//!   the two differ, the ratio sqrt(head_dim / query_pre_attn_scalar) is folded into the q_norm
-//!   weights (q is RMS-normalised, then rotated: both linear in those weights), so the scores
-//!   match.
+//! - Attention scores are scaled by 1/sqrt(head_dim) whatever `query_pre_attn_scalar` says,
+//!   except in a 62-layer model (llama.cpp's "27B"), which it scales by
+//!   1/sqrt(hidden_size / num_attention_heads), Gemma 3 27B's `query_pre_attn_scalar` of 168;
+//!   where the scale llama.cpp picks differs from 1/sqrt(query_pre_attn_scalar), the ratio is
+//!   folded into the q_norm weights (q is RMS-normalised, then rotated: both linear in those
+//!   weights), so the scores match ([`llama_cpp_q_scale`]).
 //! - Sliding layers use `rope.freq_base_swa` without scaling; full layers `rope.freq_base` with
 //!   `rope.scaling.*`.
 //!
@@ -344,16 +346,17 @@ fn write_gguf(
         Stack::Text(_) => layout.stored_name(name),
         Stack::Drafter(_) => name.to_string(),
     };
-    let q_scale = if gemma3 && config.query_pre_attn_scalar != config.head_dim as f64 {
-        tracing::info!(
-            "query_pre_attn_scalar {} != head_dim {}: folding the attention scale into q_norm for llama.cpp",
-            config.query_pre_attn_scalar,
-            config.head_dim
-        );
-        (config.head_dim as f64 / config.query_pre_attn_scalar).sqrt() as f32
+    let q_scale = if gemma3 {
+        llama_cpp_q_scale(config)
     } else {
         1.0
     };
+    if q_scale != 1.0 {
+        tracing::info!(
+            "query_pre_attn_scalar {} differs from what llama.cpp scales this model's scores by: folding x{q_scale} into q_norm",
+            config.query_pre_attn_scalar,
+        );
+    }
     let mut plan = Vec::new();
     if !gemma3 {
         let freqs = gguf_gemma4::rope_freqs(config);
@@ -477,4 +480,50 @@ fn write_gguf(
         tensors: plan.len(),
         bytes,
     })
+}
+
+/// The factor a Gemma 3 export folds into q_norm so that llama.cpp's attention scale gives the
+/// model's 1/sqrt(`query_pre_attn_scalar`). llama.cpp does not read that field: it scales by
+/// 1/sqrt(head_dim), or, for a model of 62 layers (its "27B" type, after gemma_pytorch's
+/// config), by 1/sqrt(hidden_size / num_attention_heads) in integer division. Gemma 3 27B's
+/// 168 = 5376 / 32 then needs no fold; 1.0 wherever the two agree.
+pub fn llama_cpp_q_scale(config: &GemmaConfig) -> f32 {
+    let llama_cpp_dim = if config.num_hidden_layers == 62 {
+        (config.hidden_size / config.num_attention_heads) as f64
+    } else {
+        config.head_dim as f64
+    };
+    if llama_cpp_dim == config.query_pre_attn_scalar {
+        1.0
+    } else {
+        (llama_cpp_dim / config.query_pre_attn_scalar).sqrt() as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atoll_trainer::presets::preset;
+
+    /// Gemma 3 27B (62 layers, 5376 / 32 = 168 = its query_pre_attn_scalar) and 12B (256 =
+    /// head_dim) need no fold; a model whose scalar matches neither rule gets the ratio to the
+    /// rule llama.cpp applies to its layer count.
+    #[test]
+    fn the_q_norm_fold_follows_the_scale_llama_cpp_picks_by_layer_count() {
+        let gemma3_27b = preset("gemma3-27b").unwrap().config;
+        assert_eq!(gemma3_27b.num_hidden_layers, 62);
+        assert_eq!(gemma3_27b.head_dim, 128);
+        assert_eq!(llama_cpp_q_scale(&gemma3_27b), 1.0);
+        assert_eq!(
+            llama_cpp_q_scale(&preset("gemma3-12b").unwrap().config),
+            1.0
+        );
+        let mut other = gemma3_27b.clone();
+        other.query_pre_attn_scalar = 128.0;
+        assert!((llama_cpp_q_scale(&other) - (168.0f32 / 128.0).sqrt()).abs() < 1e-7);
+        let mut tiny = preset("gemma3-tiny").unwrap().config;
+        tiny.query_pre_attn_scalar = 20.0;
+        let head_dim = tiny.head_dim as f32;
+        assert!((llama_cpp_q_scale(&tiny) - (head_dim / 20.0).sqrt()).abs() < 1e-7);
+    }
 }

@@ -113,8 +113,8 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
     },
     ModelPreset {
         name: "gemma3-27b",
-        params: 27_400_000_000,
-        exact: false,
+        params: 27_432_406_640,
+        exact: true,
     },
 ];
 

@@ -32,6 +32,7 @@ pub struct ModelSection {
 pub const PRESET_NAMES: &[&str] = &[
     "gemma3-12b",
     "gemma4-12b",
+    "gemma3-27b",
     "gemma3-tiny",
     "gemma4-tiny",
     "gemma3-bench",

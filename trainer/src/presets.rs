@@ -1,4 +1,4 @@
-//! Named model configurations: the real 12B shapes and tiny ones for tests and demos.
+//! Named model configurations: the real 12B and 27B shapes and tiny ones for tests and demos.
 //!
 //! Presets are written as Hugging Face `config.json` values so they go through the same parser as
 //! checkpoints on disk.
@@ -38,14 +38,15 @@ fn five_to_one(layers: usize) -> Vec<&'static str> {
         .collect()
 }
 
-/// SigLIP-So400m/14 at 896 px (27 layers, width 1152, MLP 4304) plus the Gemma 3 multimodal projector.
-fn gemma3_12b_vision() -> u64 {
+/// SigLIP-So400m/14 at 896 px (27 layers, width 1152, MLP 4304) plus the Gemma 3 multimodal
+/// projector into a text stack of width `hidden`.
+fn gemma3_vision(hidden: u64) -> u64 {
     let (w, mlp, layers, patch, grid) = (1152u64, 4304u64, 27u64, 14u64, 64u64);
     let patch_embed = w * 3 * patch * patch + w;
     let positions = grid * grid * w;
     let layer = 2 * (2 * w) + 4 * (w * w + w) + (w * mlp + mlp) + (mlp * w + w);
     let post_ln = 2 * w;
-    let projector = w * 3840 + w;
+    let projector = w * hidden + w;
     patch_embed + positions + layers * layer + post_ln + projector
 }
 
@@ -80,7 +81,26 @@ fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
             }),
             "Gemma 3 12B (text stack; vision tower counted separately)",
             MultimodalExtras {
-                vision: gemma3_12b_vision(),
+                vision: gemma3_vision(3840),
+                audio: 0,
+            },
+        ),
+        // The 27B's attention scale is 1/sqrt(hidden / heads) = 1/sqrt(168), not 1/sqrt(head_dim).
+        "gemma3-27b" => (
+            json!({
+                "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376,
+                "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
+                "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168,
+                "sliding_window": 1024, "layer_types": five_to_one(62),
+                "max_position_embeddings": 131072,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}
+                }
+            }),
+            "Gemma 3 27B (text stack; vision tower counted separately)",
+            MultimodalExtras {
+                vision: gemma3_vision(5376),
                 audio: 0,
             },
         ),

@@ -8,13 +8,13 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-/// `param_counts_12b.json` holds the state_dict element counts transformers gives the released
-/// 12B layouts (built on the meta device by scripts/make_fixtures.py).
+/// `param_counts.json` holds the state_dict element counts transformers gives the released 12B
+/// and 27B layouts (built on the meta device by scripts/make_fixtures.py).
 #[test]
-fn twelve_b_presets_count_what_the_real_checkpoints_hold() {
-    let text = std::fs::read_to_string(fixtures().join("param_counts_12b.json")).unwrap();
+fn released_presets_count_what_the_real_checkpoints_hold() {
+    let text = std::fs::read_to_string(fixtures().join("param_counts.json")).unwrap();
     let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for name in ["gemma3-12b", "gemma4-12b"] {
+    for name in ["gemma3-12b", "gemma4-12b", "gemma3-27b"] {
         let p = preset(name).unwrap();
         let ours = p.config.num_parameters() + p.extras.vision + p.extras.audio;
         assert_eq!(ours, reference[name].as_u64().unwrap(), "{name}");
