@@ -117,8 +117,9 @@ $(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON):
 bench-export: build $(REFERENCE_VENV)/.installed
 	PYTHON=$(REFERENCE_VENV)/bin/python benchmarks/export_gguf.sh
 
-bench-gguf: build $(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON)
+bench-gguf: build $(REFERENCE_VENV)/.installed $(LLAMA_VENV)/.installed-$(LLAMA_CPP_PYTHON)
 	LLAMA_PYTHON=$(LLAMA_VENV)/bin/python benchmarks/gguf_llama_cpp.sh
+	PYTHON=$(REFERENCE_VENV)/bin/python LLAMA_PYTHON=$(LLAMA_VENV)/bin/python benchmarks/gguf_attention_scale.sh
 
 bench-diloco-robust: build
 	benchmarks/diloco_robust.sh

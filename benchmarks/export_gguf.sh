@@ -10,17 +10,7 @@ WORK=$(mktemp -d -p "${WORK:-${TMPDIR:-/tmp}}" atoll-export-bench.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 "$PYTHON" benchmarks/make_random_checkpoint.py "$WORK/ckpt" "${LAYERS:-48}"
 # A byte-level tokenizer (256 tokens); the export pads the vocabulary to the model's 262208.
-"$PYTHON" - "$WORK/tokenizer.json" <<'PY'
-import json, sys
-bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-cs, n = bs[:], 0
-for b in range(256):
-    if b not in bs:
-        bs.append(b); cs.append(256 + n); n += 1
-vocab = {chr(c): i for i, c in enumerate(cs)}
-json.dump({"version": "1.0", "added_tokens": [], "pre_tokenizer": {"type": "ByteLevel"},
-           "model": {"type": "BPE", "vocab": vocab, "merges": []}}, open(sys.argv[1], "w"))
-PY
+"$PYTHON" benchmarks/byte_level_tokenizer.py "$WORK/tokenizer.json"
 sync
 /usr/bin/time -v "$ATOLL" export "$WORK/ckpt" --format gguf --quant "${QUANT:-f16}" \
   --tokenizer "$WORK/tokenizer.json" --out "$WORK/model.gguf" 2> "$WORK/time.txt"

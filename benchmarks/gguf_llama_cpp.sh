@@ -7,18 +7,7 @@ ATOLL=${ATOLL:-target/release/atoll}
 LLAMA_PYTHON=${LLAMA_PYTHON:-$HOME/.cache/atoll/llama-venv/bin/python}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-# 256 byte-level tokens: the fixtures' ids are compared directly, the tokenizer only has to load.
-"$LLAMA_PYTHON" - "$WORK/tokenizer.json" <<'PY'
-import json, sys
-bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-cs, n = bs[:], 0
-for b in range(256):
-    if b not in bs:
-        bs.append(b); cs.append(256 + n); n += 1
-json.dump({"version": "1.0", "added_tokens": [], "pre_tokenizer": {"type": "ByteLevel"},
-           "model": {"type": "BPE", "vocab": {chr(c): i for i, c in enumerate(cs)}, "merges": []}},
-          open(sys.argv[1], "w"))
-PY
+"$LLAMA_PYTHON" benchmarks/byte_level_tokenizer.py "$WORK/tokenizer.json"
 # The MTP drafter fixture (it drafts for gemma4-tiny) as llama.cpp's gemma4-assistant, run beside its
 # target: drafted tokens and logits vs transformers' chain (the fixture's reference.safetensors).
 "$ATOLL" export tests/fixtures/gemma4-tiny --format gguf --quant f32 --tokenizer "$WORK/tokenizer.json" \
