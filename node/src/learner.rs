@@ -119,6 +119,8 @@ enum Inbound {
     Joined(Joined),
     Pulls(Vec<Pull>),
     Part(ReceivedPart),
+    /// A message whose tensors were joined from their parts by the [`PartJoiner`].
+    Assembled(PartHeader, Result<Tensors>),
     JobDone(Vec<u64>),
     Fatal(String),
 }
@@ -230,6 +232,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         error_feedback: recipe.sync.error_feedback,
         zstd_level: recipe.sync.zstd_level,
     };
+    let joiner = PartJoiner::start(plan.clone(), fatal_tx.clone())?;
     let encoder = ContributionEncoder::start(
         wire,
         plan.clone(),
@@ -246,6 +249,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         pulled_at: BTreeMap::new(),
         round_trips: (0.0, 0),
         encoder,
+        joiner,
         clock: Vec::new(),
         resume_step: 0,
         final_versions: None,
@@ -434,6 +438,8 @@ struct LearnerState {
     round_trips: (f64, u64),
     /// Encodes contributions off this thread; its frames go straight to the up link.
     encoder: ContributionEncoder<PartHeader>,
+    /// Joins messages whose tensors were cut into parts off this thread.
+    joiner: PartJoiner,
     clock: Vec<u64>,
     resume_step: u64,
     /// Set when the job is done: the versions to hold before exiting.
@@ -449,6 +455,51 @@ struct LearnerState {
 type Assembling = BTreeMap<(u8, u32, u64), (PartHeader, Vec<Option<Vec<f32>>>)>;
 /// Per-tensor values of one fragment.
 type Tensors = Vec<Vec<f32>>;
+
+/// Joins the parts of messages that cut a tensor into parts, which copies that tensor (at 12B
+/// the embedding, 4 GB), on a thread of its own rather than the training thread, one message
+/// after another in the order they completed; the tensors come back as [`Inbound::Assembled`].
+struct PartJoiner {
+    jobs: Option<std_mpsc::Sender<(PartHeader, Vec<Vec<f32>>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PartJoiner {
+    fn start(plan: FragmentPlan, inbound: std_mpsc::Sender<Inbound>) -> Result<Self> {
+        let (jobs, queue) = std_mpsc::channel::<(PartHeader, Vec<Vec<f32>>)>();
+        let thread = std::thread::Builder::new()
+            .name("atoll-joiner".into())
+            .spawn(move || {
+                for (h, parts) in queue {
+                    let tensors = plan.join_parts(h.fragment as usize, parts);
+                    let message = Inbound::Assembled(h, tensors.map_err(anyhow::Error::from));
+                    if inbound.send(message).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(PartJoiner {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    fn submit(&self, h: PartHeader, parts: Vec<Vec<f32>>) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send((h, parts)).ok())
+            .ok_or_else(|| anyhow!("the part joiner has stopped"))
+    }
+}
+
+impl Drop for PartJoiner {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// What becomes of an encoded contribution: its frames, one part each, onto the up-link queue, or
 /// the encoding error to the learner's loop.
@@ -524,6 +575,7 @@ impl LearnerState {
                 metrics::counter!("atoll_bytes_down_total").increment(part.wire_bytes);
                 self.on_part(part.header, part.values, worker)?;
             }
+            Inbound::Assembled(h, tensors) => self.on_fragment_message(h, tensors, worker)?,
             Inbound::JobDone(versions) => self.final_versions = Some(versions),
             Inbound::Fatal(_) => unreachable!("handled by the caller"),
         }
@@ -613,13 +665,26 @@ impl LearnerState {
             return Ok(());
         }
         let (h, parts) = self.assembling.remove(&key).expect("present");
-        let tensors = self
-            .plan
-            .join_parts(p, parts.into_iter().flatten().collect())
-            .with_context(|| {
-                format!("fragment {p} v{} from the coordinator", h.round_or_version)
-            })?;
-        let version = h.round_or_version;
+        let parts: Vec<Vec<f32>> = parts.into_iter().flatten().collect();
+        if parts.len() == self.plan.fragments[p].tensors.len() {
+            // One part per tensor: joining moves them.
+            let tensors = self.plan.join_parts(p, parts);
+            self.on_fragment_message(h, tensors.map_err(anyhow::Error::from), worker)
+        } else {
+            self.joiner.submit(h, parts)
+        }
+    }
+
+    /// A whole message from the coordinator: a full fragment or an encoded update.
+    fn on_fragment_message(
+        &mut self,
+        h: PartHeader,
+        tensors: Result<Tensors>,
+        worker: &mut dyn InnerLoop,
+    ) -> Result<()> {
+        let (p, version) = (h.fragment as usize, h.round_or_version);
+        let tensors =
+            tensors.with_context(|| format!("fragment {p} v{version} from the coordinator"))?;
         match h.kind {
             PartKind::Full => self.on_fragment(p, version, tensors, worker)?,
             PartKind::Update => {
