@@ -28,7 +28,7 @@ impl Core {
         }
         if req.model_hash != self.model_hash {
             return Err(Status::failed_precondition(format!(
-                "model mismatch: this learner's model hash is {} but the job's is {}; use the job's recipe",
+                "model mismatch: this learner's model hash is {} but the job's is {}; use the job's recipe (the hash covers the model's config, sync.fragments and sync.link.part_values)",
                 req.model_hash, self.model_hash
             )));
         }
