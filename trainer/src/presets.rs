@@ -65,20 +65,34 @@ fn gemma4_12b_extras() -> MultimodalExtras {
     }
 }
 
+/// The text config of a released Gemma 3 (multimodal vocabulary, 1024-token window, five sliding
+/// layers to one full, linear RoPE x8 on full layers) of the given shapes.
+fn gemma3_released(
+    hidden: u64,
+    intermediate: u64,
+    layers: usize,
+    heads: u64,
+    kv_heads: u64,
+    head_dim: u64,
+    query_pre_attn_scalar: u64,
+) -> Value {
+    json!({
+        "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "query_pre_attn_scalar": query_pre_attn_scalar, "sliding_window": 1024,
+        "layer_types": five_to_one(layers), "max_position_embeddings": 131072,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}
+        }
+    })
+}
+
 fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
     let v = match name {
         "gemma3-12b" => (
-            json!({
-                "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 3840,
-                "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
-                "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256,
-                "sliding_window": 1024, "layer_types": five_to_one(48),
-                "max_position_embeddings": 131072,
-                "rope_parameters": {
-                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}
-                }
-            }),
+            gemma3_released(3840, 15360, 48, 16, 8, 256, 256),
             "Gemma 3 12B (text stack; vision tower counted separately)",
             MultimodalExtras {
                 vision: gemma3_vision(3840),
@@ -87,17 +101,7 @@ fn preset_json(name: &str) -> Option<(Value, &'static str, MultimodalExtras)> {
         ),
         // The 27B's attention scale is 1/sqrt(hidden / heads) = 1/sqrt(168), not 1/sqrt(head_dim).
         "gemma3-27b" => (
-            json!({
-                "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376,
-                "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
-                "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168,
-                "sliding_window": 1024, "layer_types": five_to_one(62),
-                "max_position_embeddings": 131072,
-                "rope_parameters": {
-                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}
-                }
-            }),
+            gemma3_released(5376, 21504, 62, 32, 16, 128, 168),
             "Gemma 3 27B (text stack; vision tower counted separately)",
             MultimodalExtras {
                 vision: gemma3_vision(5376),
