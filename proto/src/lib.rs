@@ -7,5 +7,6 @@ pub mod v1 {
 }
 
 /// Bumped on any incompatible change to the control or data plane; a learner with another
-/// version is refused at Join.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// version is refused at Join. 2: tensors above `sync.link.part_values` travel as several parts
+/// (a 12B embedding as 15-16), where version 1 sent every tensor as one.
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -177,6 +177,21 @@ fn wrong_secret_wrong_model_and_garbage_are_refused_while_a_good_learner_works()
         let mut control = atoll_proto::client::connect(&format!("127.0.0.1:{port}"), &ca_path)
             .await
             .unwrap();
+        // A learner of the previous protocol (every tensor one part) is refused by name.
+        let old = control
+            .join(atoll_proto::v1::JoinRequest {
+                protocol_version: atoll_proto::PROTOCOL_VERSION - 1,
+                secret: SECRET.into(),
+                region: "old".into(),
+                model_hash: job_hash.clone(),
+                held_versions: vec![],
+            })
+            .await
+            .expect_err("an older protocol is refused");
+        assert!(
+            old.message().contains("incompatible protocol version 1"),
+            "{old:?}"
+        );
         let joined = control
             .join(atoll_proto::v1::JoinRequest {
                 protocol_version: atoll_proto::PROTOCOL_VERSION,
