@@ -5,7 +5,7 @@ use anyhow::{anyhow, Result};
 use atoll_coordinator::{all_finite, FragmentPlan};
 use atoll_link::data::HEADER_LEN;
 use atoll_link::PartHeader;
-use atoll_wire::{decode_frame, FrameLimits};
+use atoll_wire::{decode_frame, Codec, FrameLimits, DEFAULT_BLOCK};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -51,6 +51,26 @@ fn largest_frame(values: u64) -> u64 {
 /// header's 32 bits.
 pub fn frame_limit_for(plan: &FragmentPlan, configured: Option<u64>) -> u64 {
     configured.unwrap_or_else(|| frame_limit(plan.largest_part().1))
+}
+
+/// Refuses a configured frame limit below what the plan's largest part can make in `codec` (what
+/// learners send up): every contribution to that fragment would be refused as bad data.
+pub fn check_contribution_limit(plan: &FragmentPlan, codec: Codec, limit: u64) -> Result<()> {
+    let (_, values) = plan.largest_part();
+    let encoded = codec.encoded_len(values as usize, DEFAULT_BLOCK) as u64;
+    // zstd's worst case and a frame header (under 100 bytes) on top.
+    let needed = encoded + encoded / 128 + 4096;
+    if limit < needed {
+        return Err(anyhow!(
+            "a frame limit of {} MiB is below the {} MiB the largest contribution part needs \
+             ({values} values in {}, with zstd's worst case): raise --max-frame-mib or lower \
+             sync.link.part_values",
+            limit >> 20,
+            needed.div_ceil(1 << 20),
+            codec.name()
+        ));
+    }
+    Ok(())
 }
 
 /// Sends one part on a stream of its own and finishes it; the returned stream can be awaited
@@ -302,6 +322,35 @@ mod tests {
         }
         // A small model keeps the floor.
         assert_eq!(frame_limit(1 << 20), 1 << 30);
+    }
+
+    /// A configured limit below the largest contribution part is refused, naming both ways
+    /// out; the same limit passes once parts are small enough or the codec narrow enough.
+    #[test]
+    fn a_frame_limit_below_the_largest_contribution_part_is_refused() {
+        use atoll_coordinator::plan::TensorInfo;
+        let plan = FragmentPlan::new(
+            vec![TensorInfo::new(
+                "model.embed_tokens.weight",
+                &[262_144, 3_840],
+            )],
+            1,
+        )
+        .unwrap();
+        // 64 Mi values: 256 MiB as f32, 33 MiB in e3m0.
+        let limit = 100 << 20;
+        let err = check_contribution_limit(&plan, Codec::F32, limit)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("100 MiB")
+                && err.contains("--max-frame-mib")
+                && err.contains("part_values"),
+            "{err}"
+        );
+        assert!(check_contribution_limit(&plan, Codec::E3M0, limit).is_ok());
+        let small_parts = plan.with_part_values(16 << 20).unwrap();
+        assert!(check_contribution_limit(&small_parts, Codec::F32, limit).is_ok());
     }
 
     /// Far more bytes in flight on many streams at once than the connection's flow-control

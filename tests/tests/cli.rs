@@ -292,6 +292,31 @@ fn bad_recipes_get_one_clear_error_line() {
         &atoll(&["simulate", &ok, "--set", "sync.h=0"], d),
         "sync.h: expected a positive integer, got 0",
     );
+    assert_clean_error(
+        &atoll(&["simulate", &ok, "--set", "sync.link.part_values=1000"], d),
+        "sync.link.part_values: 1000 values per part: expected a multiple of 256",
+    );
+    // A coordinator whose frame limit could never admit the largest contribution part (gemma3-tiny's
+    // embedding, 2 MiB as f32) refuses to start rather than refuse every such contribution.
+    let job = write(
+        d,
+        "g.yaml",
+        "model: {preset: gemma3-tiny}\nsync: {codec: f32, secret: test-secret-0123456789abcdef}\n",
+    );
+    assert_clean_error(
+        &atoll(
+            &[
+                "coordinator",
+                &job,
+                "--max-frame-mib",
+                "1",
+                "--run-dir",
+                "coord",
+            ],
+            d,
+        ),
+        "a frame limit of 1 MiB is below the 3 MiB the largest contribution part needs",
+    );
     // Nothing was created for runs that failed validation before they started.
     assert!(!d.join("runs/a").exists());
 }

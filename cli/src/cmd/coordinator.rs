@@ -29,7 +29,8 @@ pub struct CoordinatorArgs {
     #[arg(long = "host")]
     hosts: Vec<String>,
     /// Largest data-plane frame this coordinator accepts from learners, in MiB, 1 to 4096
-    /// (default: what the model's largest tensor needs as f32, at least 1024).
+    /// (default: what the plan's largest part needs as f32, at least 1024); below what the
+    /// largest contribution part needs in `sync.codec`, the coordinator refuses to start.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
     max_frame_mib: Option<u64>,
     /// Start from a checkpoint of `checkpoint.url` (default <run dir>/checkpoints):

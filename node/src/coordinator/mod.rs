@@ -197,6 +197,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
     let worker = tokio::task::block_in_place(|| Worker::without_optimizer(&recipe))?;
     let plan = worker.plan()?;
     let max_frame = crate::parts::frame_limit_for(&plan, opts.max_frame_bytes);
+    crate::parts::check_contribution_limit(&plan, recipe.sync.codec.codec(), max_frame)?;
     let model_hash = worker.model_hash()?;
     let ckpt = &recipe.checkpoint;
     let ckpt_store = CheckpointStore::open(&ckpt.location(&opts.run_dir), ckpt.store_options())?;
