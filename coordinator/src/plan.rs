@@ -584,4 +584,72 @@ mod tests {
             }
         }
     }
+
+    /// Over tensor sizes around the block and the part size (empty, one value, exact multiples,
+    /// one past), the parts cover each tensor once, in order, none longer than the part size and
+    /// each starting on a block; split and joined, and framed in e3m0 and decoded, every tensor
+    /// comes back as its whole frame gives it.
+    #[test]
+    fn parts_cover_every_tensor_once_whatever_its_size() {
+        use atoll_wire::{decode_frame, encode, encode_frame, FrameLimits};
+        let sizes = [0u64, 1, 255, 256, 257, 511, 512, 513, 1000, 1024, 1025];
+        for part_values in [256u64, 512, 1024] {
+            let tensors: Vec<TensorInfo> = sizes
+                .iter()
+                .map(|&n| TensorInfo::new(format!("model.layers.0.t{n}.weight"), &[n]))
+                .collect();
+            let plan = FragmentPlan::new(tensors, 1)
+                .unwrap()
+                .with_part_values(part_values)
+                .unwrap();
+            let spans = plan.part_spans(0);
+            let values: Vec<Vec<f32>> = plan
+                .fragment_shapes(0)
+                .iter()
+                .map(|&n| atoll_wire::synthetic_outer_gradient(n as usize, n))
+                .collect();
+            for (k, tensor) in values.iter().enumerate() {
+                let mine: Vec<&PartSpan> = spans.iter().filter(|s| s.tensor == k).collect();
+                let mut next = 0;
+                for s in &mine {
+                    assert_eq!(s.start, next, "contiguous");
+                    assert!(s.len() as u64 <= part_values);
+                    assert_eq!(s.start % DEFAULT_BLOCK, 0, "starts on a block");
+                    next = s.end;
+                }
+                assert_eq!(next, tensor.len(), "covers the tensor");
+                assert_eq!(
+                    mine.len(),
+                    tensor.len().div_ceil(part_values as usize).max(1)
+                );
+            }
+            let parts: Vec<Vec<f32>> = spans
+                .iter()
+                .map(|s| values[s.tensor][s.start..s.end].to_vec())
+                .collect();
+            assert_eq!(plan.join_parts(0, parts).unwrap(), values);
+            let encoded: Vec<Vec<u8>> = values
+                .iter()
+                .map(|v| {
+                    let mut raw = Vec::new();
+                    encode(Codec::E3M0, v, DEFAULT_BLOCK, &mut raw).unwrap();
+                    raw
+                })
+                .collect();
+            let frames = plan.frame_parts(0, Codec::E3M0, &encoded, 0).unwrap();
+            let decoded = frames
+                .iter()
+                .map(|f| decode_frame(f, FrameLimits::default()).unwrap().values)
+                .collect();
+            let whole: Vec<Vec<f32>> = values
+                .iter()
+                .map(|v| {
+                    let n = [v.len() as u64];
+                    let f = encode_frame(Codec::E3M0, DEFAULT_BLOCK as u32, &n, v, 0).unwrap();
+                    decode_frame(&f, FrameLimits::default()).unwrap().values
+                })
+                .collect();
+            assert_eq!(plan.join_parts(0, decoded).unwrap(), whole, "{part_values}");
+        }
+    }
 }
