@@ -244,7 +244,9 @@ impl FragmentPlan {
     }
 
     /// Fragment `p`'s parts as wire frames, from each tensor's bytes encoded whole with `codec`
-    /// ([`Self::frame_tensor`]), framed (and compressed at `zstd_level`) on every core.
+    /// (block [`DEFAULT_BLOCK`]): a part's frame carries its run of the tensor's blocks, so the
+    /// parts decode to exactly what the whole tensor's frame would. Framed (and compressed at
+    /// `zstd_level`) a part at a time on every core.
     pub fn frame_parts(
         &self,
         p: usize,
@@ -252,57 +254,37 @@ impl FragmentPlan {
         encoded: &[Vec<u8>],
         zstd_level: i32,
     ) -> Result<Vec<Vec<u8>>, WireError> {
-        let tensors = self.fragments[p].tensors.len();
-        if encoded.len() != tensors {
+        let tensors = &self.fragments[p].tensors;
+        if encoded.len() != tensors.len() {
             return Err(WireError::ShapeMismatch {
-                elements: tensors as u64,
+                elements: tensors.len() as u64,
                 values: encoded.len() as u64,
             });
         }
-        let work: Vec<(usize, &Vec<u8>)> = encoded.iter().enumerate().collect();
-        let threads = crate::parallel::available_threads();
-        let framed = crate::parallel::map(work, threads, |(k, bytes)| {
-            self.frame_tensor(p, k, codec, bytes, zstd_level)
-        });
-        let mut frames = Vec::with_capacity(self.part_spans(p).len());
-        for tensor in framed {
-            frames.extend(tensor?);
-        }
-        Ok(frames)
-    }
-
-    /// The parts of tensor `k` of fragment `p` as wire frames, from its bytes encoded whole with
-    /// `codec` (block [`DEFAULT_BLOCK`]): a part's frame carries its run of the tensor's blocks,
-    /// so the parts decode to exactly what the whole tensor's frame would.
-    pub fn frame_tensor(
-        &self,
-        p: usize,
-        k: usize,
-        codec: Codec,
-        encoded: &[u8],
-        zstd_level: i32,
-    ) -> Result<Vec<Vec<u8>>, WireError> {
-        let n = self.tensors[self.fragments[p].tensors[k]].elements();
-        if encoded.len() != codec.encoded_len(n as usize, DEFAULT_BLOCK) {
-            return Err(WireError::ShapeMismatch {
-                elements: n,
-                values: encoded.len() as u64,
-            });
+        for (bytes, &t) in encoded.iter().zip(tensors) {
+            let n = self.tensors[t].elements();
+            if bytes.len() != codec.encoded_len(n as usize, DEFAULT_BLOCK) {
+                return Err(WireError::ShapeMismatch {
+                    elements: n,
+                    values: bytes.len() as u64,
+                });
+            }
         }
         let byte_at = |value: usize| codec.encoded_len(value, DEFAULT_BLOCK);
-        self.tensor_spans(p, k)
+        let runs: Vec<(u64, &[u8])> = self
+            .part_spans(p)
             .into_iter()
             .map(|s| {
-                let run = &encoded[byte_at(s.start)..byte_at(s.end)];
-                frame_encoded(
-                    codec,
-                    DEFAULT_BLOCK as u32,
-                    &[s.len() as u64],
-                    run,
-                    zstd_level,
-                )
+                let run = &encoded[s.tensor][byte_at(s.start)..byte_at(s.end)];
+                (s.len() as u64, run)
             })
-            .collect()
+            .collect();
+        let threads = crate::parallel::available_threads();
+        crate::parallel::map(runs, threads, |(n, run)| {
+            frame_encoded(codec, DEFAULT_BLOCK as u32, &[n], run, zstd_level)
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Fragment `p`'s tensors from its parts (in [`Self::part_spans`] order), each part's

@@ -10,7 +10,7 @@
 
 use anyhow::{anyhow, Result};
 use atoll_coordinator::{FragmentPlan, FragmentValues};
-use atoll_wire::{encode, Codec, ErrorFeedback, DEFAULT_BLOCK};
+use atoll_wire::{encode, frame_encoded, Codec, ErrorFeedback, DEFAULT_BLOCK};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -24,9 +24,11 @@ pub struct Wire {
 }
 
 /// The wire frames of fragment `p`'s contribution, one per part of the plan
-/// ([`FragmentPlan::part_spans`]): Δ = anchor − local per tensor, encoded whole through the
-/// tensor's error feedback where `wire` asks for it, then cut into its parts. Tensors are
-/// independent, so they are encoded on every core.
+/// ([`FragmentPlan::part_spans`]): Δ = anchor − local over the part's run of values, encoded
+/// through the part's error feedback where `wire` asks for it. Parts are independent (error
+/// feedback is per value, and a part is a run of whole codec blocks, so the frames are those of
+/// the whole tensor cut at block boundaries), so they are encoded on every core: a 12B
+/// embedding's 15 parts no longer go through one.
 pub fn contribution_frames(
     wire: Wire,
     plan: &FragmentPlan,
@@ -35,39 +37,50 @@ pub fn contribution_frames(
     local: &[Vec<f32>],
     feedback: &mut [ErrorFeedback],
 ) -> Result<Vec<Vec<u8>>> {
-    let tensors = plan.fragments[p].tensors.len();
-    if [anchor.len(), local.len(), feedback.len()] != [tensors; 3] {
+    let shapes = plan.fragment_shapes(p);
+    let fits = |values: &[Vec<f32>]| {
+        values.len() == shapes.len()
+            && values
+                .iter()
+                .zip(&shapes)
+                .all(|(v, &n)| v.len() as u64 == n)
+    };
+    let spans = plan.part_spans(p);
+    if !fits(anchor) || !fits(local) || feedback.len() != spans.len() {
         return Err(anyhow!(
-            "a contribution to fragment {p} has {} tensors where the plan has {tensors}",
-            local.len()
+            "a contribution to fragment {p} does not fit the plan's {} tensors ({} parts)",
+            shapes.len(),
+            spans.len()
         ));
     }
-    let work: Vec<_> = anchor
-        .iter()
-        .zip(local)
-        .zip(feedback.iter_mut())
-        .enumerate()
-        .collect();
+    let work: Vec<_> = spans.into_iter().zip(feedback.iter_mut()).collect();
     let threads = atoll_coordinator::parallel::available_threads();
-    let framed =
-        atoll_coordinator::parallel::map(work, threads, |(k, ((anchor, values), feedback))| {
-            let delta: Vec<f32> = anchor.iter().zip(values).map(|(a, x)| a - x).collect();
-            // With error feedback the codec's bytes come from the feedback state (which keeps what
-            // they leave out); they are framed as they are rather than decoded and encoded again.
-            let mut raw = Vec::new();
-            if wire.error_feedback {
-                feedback.encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)?;
-            } else {
-                encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)?;
-            }
-            drop(delta);
-            plan.frame_tensor(p, k, wire.codec, &raw, wire.zstd_level)
-        });
-    let mut frames = Vec::new();
-    for tensor in framed {
-        frames.extend(tensor?);
-    }
-    Ok(frames)
+    atoll_coordinator::parallel::map(work, threads, |(span, feedback)| {
+        let (a, x) = (
+            &anchor[span.tensor][span.start..span.end],
+            &local[span.tensor][span.start..span.end],
+        );
+        let delta: Vec<f32> = a.iter().zip(x).map(|(a, x)| a - x).collect();
+        // With error feedback the codec's bytes come from the feedback state (which keeps what
+        // they leave out); they are framed as they are rather than decoded and encoded again.
+        let mut raw = Vec::new();
+        if wire.error_feedback {
+            feedback.encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)?;
+        } else {
+            encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)?;
+        }
+        drop(delta);
+        frame_encoded(
+            wire.codec,
+            DEFAULT_BLOCK as u32,
+            &[span.len() as u64],
+            &raw,
+            wire.zstd_level,
+        )
+    })
+    .into_iter()
+    .map(|frame| frame.map_err(anyhow::Error::from))
+    .collect()
 }
 
 /// A fragment's anchor and local values to encode the Δ of, with what the caller needs to send
@@ -88,16 +101,14 @@ pub struct ContributionEncoder<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> ContributionEncoder<T> {
-    /// Frames contributions to `plan`'s fragments (one error-feedback state per tensor).
+    /// Frames contributions to `plan`'s fragments (one error-feedback state per part).
     pub fn start(
         wire: Wire,
         plan: FragmentPlan,
         mut sink: impl FnMut(T, Result<Vec<Vec<u8>>>) + Send + 'static,
     ) -> Result<Self> {
-        let mut feedback: Vec<Vec<ErrorFeedback>> = plan
-            .fragments
-            .iter()
-            .map(|f| vec![ErrorFeedback::default(); f.tensors.len()])
+        let mut feedback: Vec<Vec<ErrorFeedback>> = (0..plan.len())
+            .map(|p| vec![ErrorFeedback::default(); plan.part_spans(p).len()])
             .collect();
         let (jobs, queue) = mpsc::channel::<Job<T>>();
         let thread = std::thread::Builder::new()
@@ -220,9 +231,7 @@ mod tests {
         drop(encoder);
         let got: Vec<(u32, Vec<Vec<u8>>)> = rx.iter().collect();
 
-        let mut feedback = shapes
-            .clone()
-            .map(|s| vec![ErrorFeedback::default(); s.len()]);
+        let mut feedback = [0, 1].map(|p| vec![ErrorFeedback::default(); plan.part_spans(p).len()]);
         let want: Vec<(u32, Vec<Vec<u8>>)> = jobs
             .iter()
             .map(|&(p, seed)| {
@@ -240,7 +249,7 @@ mod tests {
             0,
             &values(3, &shapes[0]),
             &values(103, &shapes[0]),
-            &mut vec![ErrorFeedback::default(); shapes[0].len()],
+            &mut vec![ErrorFeedback::default(); plan.part_spans(0).len()],
         )
         .expect("encodes");
         assert_ne!(fresh, want[2].1);
@@ -259,7 +268,7 @@ mod tests {
         for p in 0..plan.len() {
             let shapes = plan.fragment_shapes(p);
             let (anchor, local) = (values(1, &shapes), values(2, &shapes));
-            let mut feedback = vec![ErrorFeedback::default(); shapes.len()];
+            let mut feedback = vec![ErrorFeedback::default(); plan.part_spans(p).len()];
             let frames = contribution_frames(wire, &plan, p, &anchor, &local, &mut feedback)
                 .expect("encodes");
             assert_eq!(frames.len(), plan.part_spans(p).len());
@@ -286,6 +295,46 @@ mod tests {
                     tensor,
                     &decode_frame(&whole, FrameLimits::default()).unwrap().values
                 );
+            }
+        }
+    }
+
+    /// Error feedback kept per part gives, contribution after contribution, the frames of the
+    /// whole tensor's feedback cut at block boundaries: parts change where the encoding runs,
+    /// not what it sends.
+    #[test]
+    fn per_part_feedback_equals_whole_tensor_feedback_cut_into_parts() {
+        let wire = Wire {
+            codec: Codec::Int2,
+            error_feedback: true,
+            zstd_level: 3,
+        };
+        let plan = plan();
+        for p in 0..plan.len() {
+            let shapes = plan.fragment_shapes(p);
+            let mut per_part = vec![ErrorFeedback::default(); plan.part_spans(p).len()];
+            let mut per_tensor = vec![ErrorFeedback::default(); shapes.len()];
+            for seed in 1..4 {
+                let (anchor, local) = (values(seed, &shapes), values(seed + 10, &shapes));
+                let got = contribution_frames(wire, &plan, p, &anchor, &local, &mut per_part)
+                    .expect("encodes");
+                let raws: Vec<Vec<u8>> = anchor
+                    .iter()
+                    .zip(&local)
+                    .zip(&mut per_tensor)
+                    .map(|((a, x), feedback)| {
+                        let delta: Vec<f32> = a.iter().zip(x).map(|(a, x)| a - x).collect();
+                        let mut raw = Vec::new();
+                        feedback
+                            .encode(wire.codec, &delta, DEFAULT_BLOCK, &mut raw)
+                            .unwrap();
+                        raw
+                    })
+                    .collect();
+                let want = plan
+                    .frame_parts(p, wire.codec, &raws, wire.zstd_level)
+                    .unwrap();
+                assert_eq!(got, want, "fragment {p}, contribution {seed}");
             }
         }
     }
