@@ -34,6 +34,12 @@ pub fn check_part_values(values: u64) -> Result<(), PlanError> {
     Ok(())
 }
 
+/// How many parts a tensor of `values` values travels as, parts holding at most `part_values`
+/// (an empty tensor is one empty part).
+pub fn parts_of(values: u64, part_values: u64) -> u64 {
+    values.div_ceil(part_values).max(1)
+}
+
 /// One data-plane part of a fragment: values `start..end` (row-major) of the fragment's tensor
 /// `tensor`, an index into [`Fragment::tensors`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,16 +229,30 @@ impl FragmentPlan {
         spans
     }
 
+    /// How many parts fragment `p` travels as ([`Self::part_spans`] without building them).
+    pub fn part_count(&self, p: usize) -> usize {
+        self.fragments[p]
+            .tensors
+            .iter()
+            .map(|&t| parts_of(self.tensors[t].elements(), self.part_values) as usize)
+            .sum()
+    }
+
+    /// Whether fragment `p` has a tensor cut into several parts.
+    pub fn is_cut(&self, p: usize) -> bool {
+        self.part_count(p) != self.fragments[p].tensors.len()
+    }
+
     /// The parts of tensor `k` of fragment `p`.
     fn tensor_spans(&self, p: usize, k: usize) -> Vec<PartSpan> {
-        let n = self.tensors[self.fragments[p].tensors[k]].elements() as usize;
+        let n = self.tensors[self.fragments[p].tensors[k]].elements();
         let step = self.part_values as usize;
-        let runs = n.div_ceil(step).max(1);
-        (0..runs)
+        let n_usize = n as usize;
+        (0..parts_of(n, self.part_values) as usize)
             .map(|r| PartSpan {
                 tensor: k,
                 start: r * step,
-                end: ((r + 1) * step).min(n),
+                end: ((r + 1) * step).min(n_usize),
             })
             .collect()
     }
@@ -240,7 +260,7 @@ impl FragmentPlan {
     /// How many parts the largest tensor travels as, and the values in its largest part.
     pub fn largest_part(&self) -> (u64, u64) {
         let n = self.largest_tensor();
-        (n.div_ceil(self.part_values).max(1), n.min(self.part_values))
+        (parts_of(n, self.part_values), n.min(self.part_values))
     }
 
     /// Fragment `p`'s parts as wire frames, from each tensor's bytes encoded whole with `codec`

@@ -8,11 +8,10 @@
 //! training thread goes on to its next step. It owns the error-feedback state, which nothing
 //! else reads.
 
+use crate::serial_worker::SerialWorker;
 use anyhow::{anyhow, Result};
 use atoll_coordinator::{FragmentPlan, FragmentValues};
 use atoll_wire::{encode, frame_encoded, Codec, ErrorFeedback, DEFAULT_BLOCK};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 
 /// How contributions go on the wire (the recipe's `sync.codec`, `sync.error_feedback` and
 /// `sync.zstd_level`).
@@ -96,8 +95,7 @@ struct Job<T> {
 /// reach `sink` on that thread, in the order the contributions were submitted. Dropping it
 /// finishes the contributions already submitted and ends the thread.
 pub struct ContributionEncoder<T: Send + 'static> {
-    jobs: Option<mpsc::Sender<Job<T>>>,
-    thread: Option<JoinHandle<()>>,
+    worker: SerialWorker<Job<T>>,
 }
 
 impl<T: Send + 'static> ContributionEncoder<T> {
@@ -108,34 +106,21 @@ impl<T: Send + 'static> ContributionEncoder<T> {
         mut sink: impl FnMut(T, Result<Vec<Vec<u8>>>) + Send + 'static,
     ) -> Result<Self> {
         let mut feedback: Vec<Vec<ErrorFeedback>> = (0..plan.len())
-            .map(|p| vec![ErrorFeedback::default(); plan.part_spans(p).len()])
+            .map(|p| vec![ErrorFeedback::default(); plan.part_count(p)])
             .collect();
-        let (jobs, queue) = mpsc::channel::<Job<T>>();
-        let thread = std::thread::Builder::new()
-            .name("atoll-encoder".into())
-            .spawn(move || {
-                for job in queue {
-                    let frames = match feedback.get_mut(job.fragment) {
-                        Some(states) => contribution_frames(
-                            wire,
-                            &plan,
-                            job.fragment,
-                            &job.anchor,
-                            &job.local,
-                            states,
-                        ),
-                        None => Err(anyhow!(
-                            "a contribution to fragment {}, which the plan does not have",
-                            job.fragment,
-                        )),
-                    };
-                    sink(job.tag, frames);
+        let worker = SerialWorker::start("atoll-encoder", move |job: Job<T>| {
+            let frames = match feedback.get_mut(job.fragment) {
+                Some(states) => {
+                    contribution_frames(wire, &plan, job.fragment, &job.anchor, &job.local, states)
                 }
-            })?;
-        Ok(ContributionEncoder {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
+                None => Err(anyhow!(
+                    "a contribution to fragment {}, which the plan does not have",
+                    job.fragment,
+                )),
+            };
+            sink(job.tag, frames);
+        })?;
+        Ok(ContributionEncoder { worker })
     }
 
     /// Queues fragment `fragment`'s contribution, Δ = `anchor` − `local`; returns at once.
@@ -146,25 +131,16 @@ impl<T: Send + 'static> ContributionEncoder<T> {
         local: FragmentValues,
         tag: T,
     ) -> Result<()> {
-        self.jobs
-            .as_ref()
-            .ok_or_else(|| anyhow!("the contribution encoder has stopped"))?
-            .send(Job {
-                fragment,
-                anchor,
-                local,
-                tag,
-            })
-            .map_err(|_| anyhow!("the contribution encoder has stopped"))
-    }
-}
-
-impl<T: Send + 'static> Drop for ContributionEncoder<T> {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let job = Job {
+            fragment,
+            anchor,
+            local,
+            tag,
+        };
+        if !self.worker.send(job) {
+            return Err(anyhow!("the contribution encoder has stopped"));
         }
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@
 use crate::contribution::{ContributionEncoder, Wire};
 use crate::link_tuning::link_tuning;
 use crate::parts::{receive_parts, send_part, ReceivedPart};
+use crate::serial_worker::SerialWorker;
 use crate::state::StateStore;
 use anyhow::{anyhow, Context, Result};
 use atoll_collective::RankConfig;
@@ -232,7 +233,7 @@ pub fn run(opts: LearnerOptions) -> Result<()> {
         error_feedback: recipe.sync.error_feedback,
         zstd_level: recipe.sync.zstd_level,
     };
-    let joiner = PartJoiner::start(plan.clone(), fatal_tx.clone())?;
+    let joiner = start_part_joiner(plan.clone(), fatal_tx.clone())?;
     let encoder = ContributionEncoder::start(
         wire,
         plan.clone(),
@@ -459,46 +460,17 @@ type Tensors = Vec<Vec<f32>>;
 /// Joins the parts of messages that cut a tensor into parts, which copies that tensor (at 12B
 /// the embedding, 4 GB), on a thread of its own rather than the training thread, one message
 /// after another in the order they completed; the tensors come back as [`Inbound::Assembled`].
-struct PartJoiner {
-    jobs: Option<std_mpsc::Sender<(PartHeader, Vec<Vec<f32>>)>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+type PartJoiner = SerialWorker<(PartHeader, Vec<Vec<f32>>)>;
 
-impl PartJoiner {
-    fn start(plan: FragmentPlan, inbound: std_mpsc::Sender<Inbound>) -> Result<Self> {
-        let (jobs, queue) = std_mpsc::channel::<(PartHeader, Vec<Vec<f32>>)>();
-        let thread = std::thread::Builder::new()
-            .name("atoll-joiner".into())
-            .spawn(move || {
-                for (h, parts) in queue {
-                    let tensors = plan.join_parts(h.fragment as usize, parts);
-                    let message = Inbound::Assembled(h, tensors.map_err(anyhow::Error::from));
-                    if inbound.send(message).is_err() {
-                        return;
-                    }
-                }
-            })?;
-        Ok(PartJoiner {
-            jobs: Some(jobs),
-            thread: Some(thread),
-        })
-    }
-
-    fn submit(&self, h: PartHeader, parts: Vec<Vec<f32>>) -> Result<()> {
-        self.jobs
-            .as_ref()
-            .and_then(|jobs| jobs.send((h, parts)).ok())
-            .ok_or_else(|| anyhow!("the part joiner has stopped"))
-    }
-}
-
-impl Drop for PartJoiner {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+fn start_part_joiner(plan: FragmentPlan, inbound: std_mpsc::Sender<Inbound>) -> Result<PartJoiner> {
+    Ok(SerialWorker::start(
+        "atoll-joiner",
+        move |(h, parts): (PartHeader, _)| {
+            let tensors = plan.join_parts(h.fragment as usize, parts);
+            // A learner that stopped listening is exiting: nothing waits for these tensors.
+            let _ = inbound.send(Inbound::Assembled(h, tensors.map_err(anyhow::Error::from)));
+        },
+    )?)
 }
 
 /// What becomes of an encoded contribution: its frames, one part each, onto the up-link queue, or
@@ -632,7 +604,7 @@ impl LearnerState {
                     steps: progress.c_steps,
                     tokens: progress.c_tokens,
                     part: 0,
-                    parts: self.plan.part_spans(p).len() as u32,
+                    parts: self.plan.part_count(p) as u32,
                     frame_len: 0,
                 };
                 self.encoder
@@ -651,7 +623,7 @@ impl LearnerState {
         worker: &mut dyn InnerLoop,
     ) -> Result<()> {
         let p = h.fragment as usize;
-        if p >= self.plan.len() || h.parts as usize != self.plan.part_spans(p).len() {
+        if p >= self.plan.len() || h.parts as usize != self.plan.part_count(p) {
             tracing::warn!("the coordinator sent a part for no fragment of the plan");
             return Ok(());
         }
@@ -666,12 +638,15 @@ impl LearnerState {
         }
         let (h, parts) = self.assembling.remove(&key).expect("present");
         let parts: Vec<Vec<f32>> = parts.into_iter().flatten().collect();
-        if parts.len() == self.plan.fragments[p].tensors.len() {
+        if !self.plan.is_cut(p) {
             // One part per tensor: joining moves them.
             let tensors = self.plan.join_parts(p, parts);
             self.on_fragment_message(h, tensors.map_err(anyhow::Error::from), worker)
         } else {
-            self.joiner.submit(h, parts)
+            if !self.joiner.send((h, parts)) {
+                return Err(anyhow!("the part joiner has stopped"));
+            }
+            Ok(())
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`link_tuning`]: the QUIC tuning both ends take from the recipe's `sync.link`;
 //! - [`parts`]: data-plane parts over QUIC, sent and received alike on both ends;
 //! - [`ranks`]: the ranks of a sharded learner, from a cluster launcher or started here;
+//! - [`serial_worker`]: a thread doing jobs in the order sent (the learner's encoder and joiner);
 //! - [`status`]: `atoll status` and the launcher's live display.
 
 pub mod contribution;
@@ -20,6 +21,7 @@ pub mod link_tuning;
 pub mod metrics_endpoint;
 pub mod parts;
 pub mod ranks;
+pub mod serial_worker;
 pub mod state;
 pub mod status;
 pub mod step_rate;

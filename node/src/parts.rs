@@ -36,13 +36,14 @@ const DECODE_OFF_RUNTIME_BYTES: usize = 256 * 1024;
 /// values: that part as f32 (the widest codec, and what a full fragment travels as), plus what
 /// zstd may add to incompressible bytes (under 1/128) and the frame's header; never below 1 GiB.
 fn frame_limit(largest_part: u64) -> u64 {
-    largest_frame(largest_part).max(1 << 30)
+    largest_frame(Codec::F32, largest_part, 1 << 20).max(1 << 30)
 }
 
-/// The largest frame a part of `values` values can make: f32, zstd's worst case, the header.
-fn largest_frame(values: u64) -> u64 {
-    let f32_bytes = values.saturating_mul(4);
-    f32_bytes + f32_bytes / 128 + (1 << 20)
+/// The largest frame `values` values can make in `codec`: the codec's bytes, what zstd may add
+/// to incompressible bytes (under 1/128), and `header` bytes for the frame's header.
+fn largest_frame(codec: Codec, values: u64, header: u64) -> u64 {
+    let bytes = codec.encoded_len(values as usize, DEFAULT_BLOCK) as u64;
+    bytes + bytes / 128 + header
 }
 
 /// The frame limit of a learner or coordinator of `plan`: `configured`, or what the plan's
@@ -57,9 +58,8 @@ pub fn frame_limit_for(plan: &FragmentPlan, configured: Option<u64>) -> u64 {
 /// learners send up): every contribution to that fragment would be refused as bad data.
 pub fn check_contribution_limit(plan: &FragmentPlan, codec: Codec, limit: u64) -> Result<()> {
     let (_, values) = plan.largest_part();
-    let encoded = codec.encoded_len(values as usize, DEFAULT_BLOCK) as u64;
-    // zstd's worst case and a frame header (under 100 bytes) on top.
-    let needed = encoded + encoded / 128 + 4096;
+    // A frame's header is under 100 bytes.
+    let needed = largest_frame(codec, values, 4096);
     if limit < needed {
         return Err(anyhow!(
             "a frame limit of {} MiB is below the {} MiB the largest contribution part needs \

@@ -83,7 +83,17 @@ pub fn applied_values(
 
 /// The fragment plan of a model with these trainable tensors.
 pub fn fragment_plan(tensors: Vec<TensorInfo>, recipe: &Recipe) -> Result<FragmentPlan> {
-    FragmentPlan::new(tensors, recipe.sync.fragments.0)
+    plan_with_fragments(tensors, recipe.sync.fragments.0, recipe)
+}
+
+/// The plan with `fragments` fragments and the recipe's other plan settings (classic DiLoCo
+/// syncs the whole model as one fragment whatever `sync.fragments` says).
+pub fn plan_with_fragments(
+    tensors: Vec<TensorInfo>,
+    fragments: usize,
+    recipe: &Recipe,
+) -> Result<FragmentPlan> {
+    FragmentPlan::new(tensors, fragments)
         .map_err(|e| anyhow!("sync.fragments: {e}"))?
         .with_part_values(recipe.sync.link.part_values)
         .map_err(|e| anyhow!("sync.link.part_values: {e}"))

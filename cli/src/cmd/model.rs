@@ -225,7 +225,7 @@ fn model_info(model: &str) -> Result<GemmaConfig> {
         .max();
     if let Some((values, name)) = largest {
         let part_values = atoll_coordinator::plan::DEFAULT_PART_VALUES;
-        let parts = values.div_ceil(part_values).max(1);
+        let parts = atoll_coordinator::plan::parts_of(values, part_values);
         let f32_size = |values: u64| match 4.0 * values as f64 {
             b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
             b => format!("{:.1} MB", b / 1e6),

@@ -246,7 +246,7 @@ pub async fn run(opts: CoordinatorOptions) -> Result<()> {
         ))
     );
     crate::launcher::write_endpoint_file(&opts.run_dir, bound, &tls, metrics_addr)?;
-    let parts: usize = (0..plan.len()).map(|p| plan.part_spans(p).len()).sum();
+    let parts: usize = (0..plan.len()).map(|p| plan.part_count(p)).sum();
     let tensors = plan.tensors.len();
     if parts > tensors {
         tracing::info!(

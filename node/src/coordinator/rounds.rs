@@ -27,7 +27,7 @@ impl Core {
         let p = h.fragment as usize;
         if h.kind != PartKind::Contribution
             || p >= self.plan.len()
-            || h.parts as usize != self.plan.part_spans(p).len()
+            || h.parts as usize != self.plan.part_count(p)
         {
             metrics::counter!("atoll_bad_data_total").increment(1);
             tracing::warn!("learner {learner} sent a part that matches no fragment of the plan");
@@ -68,7 +68,7 @@ impl Core {
                     finite: partial.finite,
                 }
             };
-            if self.plan.part_spans(p).len() == self.plan.fragments[p].tensors.len() {
+            if !self.plan.is_cut(p) {
                 // One part per tensor: joining moves them.
                 let actions = self
                     .syncer

@@ -7,7 +7,7 @@ use super::probe::EvalProbe;
 use super::Outcome;
 use crate::data::PackedSequences;
 use crate::recipe::{Recipe, SyncMode};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use atoll_coordinator::syncer::{Contribution, Event, Progress};
 use atoll_coordinator::{
     Action, FinalStep, FragmentPlan, LearnerProtocol, OuterOptimizer, Syncer, SyncerConfig,
@@ -42,10 +42,7 @@ pub(super) fn simulate_diloco_family(
         .iter()
         .map(|(n, s)| TensorInfo::new(n.clone(), &s.iter().map(|&d| d as u64).collect::<Vec<_>>()))
         .collect();
-    let plan = FragmentPlan::new(tensors, fragments)
-        .map_err(|e| anyhow!("sync.fragments: {e}"))?
-        .with_part_values(sync.link.part_values)
-        .map_err(|e| anyhow!("sync.link.part_values: {e}"))?;
+    let plan = crate::worker::plan_with_fragments(tensors, fragments, recipe)?;
     let initial: Vec<Vec<f32>> = (0..learners[0].params.len())
         .map(|i| learners[0].values(i))
         .collect();
